@@ -1,0 +1,7 @@
+//! Code both sides of ltsp-rs need: what the agent reads (kernel cmdline, lts.conf) and
+//! what crosses the wire (NBD, TFTP). Everything here is pure: no I/O, no syscalls.
+
+pub mod cmdline;
+pub mod ltsconf;
+pub mod nbd;
+pub mod tftp;

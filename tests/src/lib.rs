@@ -1,0 +1,1 @@
+//! See tests/*.rs: integration tests that need the built binaries and real peers.
