@@ -1,1 +1,171 @@
-fn main() {}
+//! `ltsp-server`: the command line around the library.
+
+use clap::{Args, Parser, Subcommand};
+use ltsp_server::config::{Config, Overrides};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "ltsp-server", version, about = "TFTP and NBD server for network-booted ltsp-rs nodes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve TFTP and NBD in the foreground until SIGTERM or SIGINT.
+    Serve(ServeArgs),
+    /// Load and check the configuration, print what would be served, and exit.
+    Check(ServeArgs),
+    /// Print the iPXE script the server generates from its [boot] settings.
+    Ipxe(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML settings file; every flag below overrides the file's value.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory served over TFTP (default /srv/tftp).
+    #[arg(long, value_name = "DIR")]
+    tftp_root: Option<PathBuf>,
+    /// TFTP listening address (default 0.0.0.0:69).
+    #[arg(long, value_name = "ADDR:PORT")]
+    tftp_listen: Option<SocketAddr>,
+    /// Seconds before an unacknowledged TFTP window is sent again (default 1).
+    #[arg(long, value_name = "SECS")]
+    tftp_timeout: Option<u8>,
+    /// Resends of one TFTP window before the transfer is abandoned (default 6).
+    #[arg(long, value_name = "N")]
+    tftp_retries: Option<u32>,
+    /// Largest RFC 7440 windowsize granted (default 64).
+    #[arg(long, value_name = "N")]
+    tftp_max_windowsize: Option<u16>,
+    /// TFTP transfers at once; more are told to retry (default 2048).
+    #[arg(long, value_name = "N")]
+    tftp_max_transfers: Option<usize>,
+    /// Do not serve TFTP.
+    #[arg(long)]
+    no_tftp: bool,
+    /// NBD listening address (default 0.0.0.0:10809).
+    #[arg(long, value_name = "ADDR:PORT")]
+    nbd_listen: Option<SocketAddr>,
+    /// An NBD export, NAME=PATH of a read-only image; repeatable.
+    #[arg(long = "export", value_name = "NAME=PATH")]
+    exports: Vec<String>,
+    /// Export selected by the empty name (default: the only export, if there is one).
+    #[arg(long, value_name = "NAME")]
+    default_export: Option<String>,
+    /// Seconds a client may take to finish NBD negotiation (default 10).
+    #[arg(long, value_name = "SECS")]
+    nbd_handshake_timeout: Option<u64>,
+    /// NBD connections at once; more are closed at accept (default 4096).
+    #[arg(long, value_name = "N")]
+    nbd_max_connections: Option<usize>,
+    /// Do not serve NBD.
+    #[arg(long)]
+    no_nbd: bool,
+    /// Kernel file, relative to the TFTP root, for the generated boot.ipxe.
+    #[arg(long, value_name = "PATH")]
+    boot_kernel: Option<String>,
+    /// Initramfs file, relative to the TFTP root, for the generated boot.ipxe.
+    #[arg(long, value_name = "PATH")]
+    boot_initrd: Option<String>,
+    /// Kernel command line for the generated boot.ipxe.
+    #[arg(long, value_name = "CMDLINE", allow_hyphen_values = true)]
+    boot_cmdline: Option<String>,
+}
+
+impl ServeArgs {
+    fn load(&self) -> Result<Config, ltsp_server::config::ConfigError> {
+        let o = Overrides {
+            tftp_root: self.tftp_root.clone(),
+            tftp_listen: self.tftp_listen,
+            tftp_timeout: self.tftp_timeout,
+            tftp_retries: self.tftp_retries,
+            tftp_max_windowsize: self.tftp_max_windowsize,
+            tftp_max_transfers: self.tftp_max_transfers,
+            no_tftp: self.no_tftp,
+            nbd_listen: self.nbd_listen,
+            exports: self.exports.clone(),
+            default_export: self.default_export.clone(),
+            nbd_handshake_timeout: self.nbd_handshake_timeout,
+            nbd_max_connections: self.nbd_max_connections,
+            no_nbd: self.no_nbd,
+            boot_kernel: self.boot_kernel.clone(),
+            boot_initrd: self.boot_initrd.clone(),
+            boot_cmdline: self.boot_cmdline.clone(),
+        };
+        Config::load(self.config.as_deref(), &o)
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let cli = Cli::parse();
+    let (args, action) = match &cli.command {
+        Command::Serve(a) => (a, "serve"),
+        Command::Check(a) => (a, "check"),
+        Command::Ipxe(a) => (a, "ipxe"),
+    };
+    let cfg = match args.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ltsp-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match action {
+        "check" => {
+            println!("{cfg:#?}");
+            ExitCode::SUCCESS
+        }
+        "ipxe" => match cfg.tftp.as_ref().and_then(|t| ltsp_server::tftp::ipxe_script(&t.boot)) {
+            Some(s) => {
+                print!("{s}");
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!("ltsp-server: no [boot] kernel set: nothing to generate");
+                ExitCode::from(2)
+            }
+        },
+        _ => run(cfg),
+    }
+}
+
+fn run(cfg: Config) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ltsp-server: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => log::info!("SIGTERM"),
+                        _ = int.recv() => log::info!("SIGINT"),
+                    }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        ltsp_server::serve(cfg, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ltsp-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

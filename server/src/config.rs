@@ -1,0 +1,353 @@
+//! Settings: a TOML file, then command-line flags on top. Every setting of the file is also
+//! a flag. Errors name the file, the line and the key.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("--export {0:?}: expected NAME=PATH")]
+    ExportFlag(String),
+    #[error("export {name:?}: {path}: {why}")]
+    Export {
+        name: String,
+        path: PathBuf,
+        why: String,
+    },
+    #[error("default_export {0:?} is not one of the exports")]
+    DefaultExport(String),
+    #[error("tftp root {path}: {why}")]
+    TftpRoot { path: PathBuf, why: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The file's shape. Unknown keys are errors, so a typo never goes unnoticed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub tftp: TftpFile,
+    #[serde(default)]
+    pub nbd: NbdFile,
+    #[serde(default)]
+    pub boot: BootFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TftpFile {
+    pub root: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    /// Seconds before an unacknowledged window is sent again (RFC 2349 default).
+    pub timeout: Option<u8>,
+    pub retries: Option<u32>,
+    pub max_windowsize: Option<u16>,
+    pub max_transfers: Option<usize>,
+    pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdFile {
+    pub listen: Option<SocketAddr>,
+    /// Export name to image path.
+    #[serde(default)]
+    pub exports: std::collections::BTreeMap<String, PathBuf>,
+    pub default_export: Option<String>,
+    pub handshake_timeout: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub enabled: Option<bool>,
+}
+
+/// What iPXE is told to boot: the server generates `boot.ipxe` from this, so the script
+/// always matches the files it serves.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct BootFile {
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TftpConfig {
+    pub root: PathBuf,
+    pub listen: SocketAddr,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub max_windowsize: u16,
+    pub max_transfers: usize,
+    pub boot: BootFile,
+}
+
+#[derive(Debug, Clone)]
+pub struct Export {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct NbdConfig {
+    pub listen: SocketAddr,
+    pub exports: Vec<Export>,
+    pub default_export: Option<String>,
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub tftp: Option<TftpConfig>,
+    pub nbd: Option<NbdConfig>,
+}
+
+/// Flags that override the file; `None` leaves the file's value.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub tftp_root: Option<PathBuf>,
+    pub tftp_listen: Option<SocketAddr>,
+    pub tftp_timeout: Option<u8>,
+    pub tftp_retries: Option<u32>,
+    pub tftp_max_windowsize: Option<u16>,
+    pub tftp_max_transfers: Option<usize>,
+    pub no_tftp: bool,
+    pub nbd_listen: Option<SocketAddr>,
+    pub exports: Vec<String>,
+    pub default_export: Option<String>,
+    pub nbd_handshake_timeout: Option<u64>,
+    pub nbd_max_connections: Option<usize>,
+    pub no_nbd: bool,
+    pub boot_kernel: Option<String>,
+    pub boot_initrd: Option<String>,
+    pub boot_cmdline: Option<String>,
+}
+
+pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let (line, column) = e
+            .span()
+            .map(|s| line_col(text, s.start))
+            .unwrap_or((0, 0));
+        ConfigError::Syntax {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: e.message().to_string(),
+        }
+    })
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+impl Config {
+    pub fn load(path: Option<&Path>, o: &Overrides) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                parse_file(p, &text)?
+            }
+            None => FileConfig::default(),
+        };
+        Self::build(file, o)
+    }
+
+    pub fn build(f: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
+        let tftp_enabled = !o.no_tftp && f.tftp.enabled.unwrap_or(true);
+        let tftp = if tftp_enabled {
+            let root = o
+                .tftp_root
+                .clone()
+                .or(f.tftp.root)
+                .unwrap_or_else(|| PathBuf::from("/srv/tftp"));
+            let meta = std::fs::metadata(&root).map_err(|e| ConfigError::TftpRoot {
+                path: root.clone(),
+                why: e.to_string(),
+            })?;
+            if !meta.is_dir() {
+                return Err(ConfigError::TftpRoot {
+                    path: root,
+                    why: "not a directory".into(),
+                });
+            }
+            let mut boot = f.boot;
+            if let Some(k) = &o.boot_kernel {
+                boot.kernel = Some(k.clone());
+            }
+            if let Some(i) = &o.boot_initrd {
+                boot.initrd = Some(i.clone());
+            }
+            if let Some(c) = &o.boot_cmdline {
+                boot.cmdline = Some(c.clone());
+            }
+            Some(TftpConfig {
+                root,
+                listen: o
+                    .tftp_listen
+                    .or(f.tftp.listen)
+                    .unwrap_or_else(|| "0.0.0.0:69".parse().unwrap()),
+                timeout: Duration::from_secs(o.tftp_timeout.or(f.tftp.timeout).unwrap_or(1).max(1) as u64),
+                retries: o.tftp_retries.or(f.tftp.retries).unwrap_or(6),
+                max_windowsize: o
+                    .tftp_max_windowsize
+                    .or(f.tftp.max_windowsize)
+                    .unwrap_or(64)
+                    .max(1),
+                max_transfers: o.tftp_max_transfers.or(f.tftp.max_transfers).unwrap_or(2048),
+                boot,
+            })
+        } else {
+            None
+        };
+
+        let nbd_enabled = !o.no_nbd && f.nbd.enabled.unwrap_or(true);
+        let nbd = if nbd_enabled {
+            let mut exports: Vec<Export> = f
+                .nbd
+                .exports
+                .into_iter()
+                .map(|(name, path)| Export { name, path })
+                .collect();
+            for e in &o.exports {
+                let (name, path) = e
+                    .split_once('=')
+                    .ok_or_else(|| ConfigError::ExportFlag(e.clone()))?;
+                exports.retain(|x| x.name != name);
+                exports.push(Export {
+                    name: name.to_string(),
+                    path: PathBuf::from(path),
+                });
+            }
+            for e in &exports {
+                match std::fs::metadata(&e.path) {
+                    Ok(m) if m.is_file() => {}
+                    Ok(_) => {
+                        return Err(ConfigError::Export {
+                            name: e.name.clone(),
+                            path: e.path.clone(),
+                            why: "not a regular file".into(),
+                        })
+                    }
+                    Err(err) => {
+                        return Err(ConfigError::Export {
+                            name: e.name.clone(),
+                            path: e.path.clone(),
+                            why: err.to_string(),
+                        })
+                    }
+                }
+            }
+            let default_export = o.default_export.clone().or(f.nbd.default_export);
+            if let Some(d) = &default_export {
+                if !exports.iter().any(|e| &e.name == d) {
+                    return Err(ConfigError::DefaultExport(d.clone()));
+                }
+            }
+            Some(NbdConfig {
+                listen: o
+                    .nbd_listen
+                    .or(f.nbd.listen)
+                    .unwrap_or_else(|| "0.0.0.0:10809".parse().unwrap()),
+                exports,
+                default_export,
+                handshake_timeout: Duration::from_secs(
+                    o.nbd_handshake_timeout
+                        .or(f.nbd.handshake_timeout)
+                        .unwrap_or(10),
+                ),
+                max_connections: o
+                    .nbd_max_connections
+                    .or(f.nbd.max_connections)
+                    .unwrap_or(4096),
+            })
+        } else {
+            None
+        };
+        if tftp.is_none() && nbd.is_none() {
+            return Err(ConfigError::Invalid(
+                "both TFTP and NBD are disabled: nothing to serve".into(),
+            ));
+        }
+        Ok(Config { tftp, nbd })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let p = Path::new("/etc/ltsp/server.toml");
+        let e = parse_file(p, "[tftp]\nroot = \"/srv\"\nrooot = \"/x\"\n").unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("/etc/ltsp/server.toml:3:1: "), "{s}");
+        assert!(s.contains("rooot"), "{s}");
+        let e = parse_file(p, "[nbd]\nlisten = \"nope\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("/etc/ltsp/server.toml:2:10: "), "{e}");
+    }
+
+    #[test]
+    fn flags_override_file_and_exports_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("root.img");
+        std::fs::write(&img, b"x").unwrap();
+        let f = parse_file(
+            Path::new("c.toml"),
+            &format!(
+                "[tftp]\nroot = {:?}\nlisten = \"127.0.0.1:6969\"\n[nbd]\nexports = {{ root = {:?} }}\n",
+                dir.path(),
+                img
+            ),
+        )
+        .unwrap();
+        let o = Overrides {
+            tftp_listen: Some("127.0.0.1:7000".parse().unwrap()),
+            exports: vec![format!("other={}", img.display())],
+            ..Default::default()
+        };
+        let c = Config::build(f, &o).unwrap();
+        assert_eq!(c.tftp.unwrap().listen.port(), 7000);
+        let n = c.nbd.unwrap();
+        assert_eq!(n.exports.len(), 2);
+
+        let o = Overrides {
+            no_tftp: true,
+            exports: vec!["bad=/nonexistent/file".into()],
+            ..Default::default()
+        };
+        let e = Config::build(FileConfig::default(), &o).unwrap_err();
+        assert!(e.to_string().starts_with("export \"bad\": /nonexistent/file: "), "{e}");
+        let o = Overrides {
+            no_tftp: true,
+            exports: vec!["noequals".into()],
+            ..Default::default()
+        };
+        assert!(matches!(
+            Config::build(FileConfig::default(), &o),
+            Err(ConfigError::ExportFlag(_))
+        ));
+    }
+}

@@ -1,0 +1,48 @@
+//! ltsp-server: TFTP and NBD for network-booted nodes, in one async process.
+
+pub mod config;
+pub mod nbd;
+pub mod tftp;
+
+use config::Config;
+use std::net::SocketAddr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("tftp: {0}")]
+    Tftp(#[from] tftp::TftpError),
+    #[error("nbd: bind {addr}: {source}")]
+    NbdBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Binds every listener first (so a busy port fails before anything is served), then
+/// serves until `shutdown` resolves.
+pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ServeError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(t) = cfg.tftp {
+        let root = t.root.clone();
+        let server = tftp::Server::new(t)?;
+        let sock = server.bind()?;
+        let local = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        log::info!("tftp: serving {} on {local}", root.display());
+        tasks.spawn(server.run(sock));
+    }
+    if let Some(n) = cfg.nbd {
+        let addr = n.listen;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::NbdBind { addr, source })?;
+        for e in &n.exports {
+            log::info!("nbd: export {:?} = {}", e.name, e.path.display());
+        }
+        log::info!("nbd: listening on {}", listener.local_addr().unwrap_or(addr));
+        tasks.spawn(nbd::Server::new(n).run(listener));
+    }
+    shutdown.await;
+    log::info!("shutting down");
+    tasks.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,423 @@
+//! Read-only NBD: fixed newstyle negotiation, then pipelined transmission. One task reads
+//! requests, each READ runs as its own task (so replies go out in completion order, as the
+//! kernel allows), one task writes replies and batches them into few syscalls.
+//!
+//! An export's image is opened when a client selects it and that open file is kept for the
+//! whole connection: renaming a new image over the path changes only later connections.
+
+use crate::config::{Export, NbdConfig};
+use ltsp_common::nbd::{self as w, InfoRequest};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+
+/// Transmission flags of every export: read-only, and safe to open many connections to.
+pub const EXPORT_FLAGS: u16 = w::TFLAG_HAS_FLAGS | w::TFLAG_READ_ONLY | w::TFLAG_CAN_MULTI_CONN;
+/// Requests a connection may have in flight before the server stops reading more.
+const MAX_IN_FLIGHT: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("network: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Wire(#[from] w::WireError),
+    #[error("client flags {0:#x}: expected fixed newstyle")]
+    ClientFlags(u32),
+    #[error("handshake not finished within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
+    #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
+    UnknownExport(String),
+    #[error("option {option} with length {len} over the limit")]
+    OptionTooLong { option: u32, len: u32 },
+}
+
+pub struct Server {
+    cfg: NbdConfig,
+    conns: Arc<Semaphore>,
+}
+
+/// What a connection serves once negotiated.
+pub struct Opened {
+    pub name: String,
+    pub file: File,
+    pub size: u64,
+}
+
+impl Server {
+    pub fn new(cfg: NbdConfig) -> Arc<Self> {
+        let conns = Arc::new(Semaphore::new(cfg.max_connections));
+        Arc::new(Server { cfg, conns })
+    }
+
+    pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    log::warn!("nbd: accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.conns.clone().try_acquire_owned() else {
+                log::warn!("nbd: {peer}: refused: {} connections open", self.cfg.max_connections);
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                match me.session(stream).await {
+                    Ok(Some(name)) => log::info!("nbd: {peer}: export {name:?} closed"),
+                    Ok(None) => log::debug!("nbd: {peer}: left during negotiation"),
+                    Err(e) => log::info!("nbd: {peer}: {e}"),
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    async fn session(&self, stream: TcpStream) -> Result<Option<String>, SessionError> {
+        let peer = stream.peer_addr()?;
+        let (rd, wr) = stream.into_split();
+        let mut rd = BufReader::with_capacity(256 * 1024, rd);
+        let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+        let t = self.cfg.handshake_timeout;
+        let opened = match tokio::time::timeout(t, self.negotiate(&mut rd, &mut wr)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(SessionError::HandshakeTimeout(t)),
+        };
+        let Some(opened) = opened else { return Ok(None) };
+        log::info!(
+            "nbd: {peer}: export {:?} ({} bytes) connected",
+            opened.name,
+            opened.size
+        );
+        let name = opened.name.clone();
+        transmit(rd, wr, Arc::new(opened)).await?;
+        Ok(Some(name))
+    }
+
+    fn lookup(&self, name: &str) -> Option<&Export> {
+        let name = if name.is_empty() {
+            match &self.cfg.default_export {
+                Some(d) => d.as_str(),
+                // With one export there is no doubt which one the empty name means.
+                None if self.cfg.exports.len() == 1 => return self.cfg.exports.first(),
+                None => return None,
+            }
+        } else {
+            name
+        };
+        self.cfg.exports.iter().find(|e| e.name == name)
+    }
+
+    fn open(&self, name: &str) -> Result<Opened, u32> {
+        let e = self.lookup(name).ok_or(w::REP_ERR_UNKNOWN)?;
+        let file = File::open(&e.path).map_err(|err| {
+            log::error!("nbd: export {:?}: {}: {err}", e.name, e.path.display());
+            w::REP_ERR_UNKNOWN
+        })?;
+        let size = file.metadata().map_err(|_| w::REP_ERR_UNKNOWN)?.len();
+        Ok(Opened {
+            name: e.name.clone(),
+            file,
+            size,
+        })
+    }
+
+    /// Fixed newstyle negotiation. `Ok(None)`: the client aborted or left cleanly.
+    async fn negotiate<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Option<Opened>, SessionError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        wr.write_all(&w::server_greeting()).await?;
+        wr.flush().await?;
+        let flags = rd.read_u32().await?;
+        if flags & w::CLIENT_FIXED_NEWSTYLE == 0
+            || flags & !(w::CLIENT_FIXED_NEWSTYLE | w::CLIENT_NO_ZEROES) != 0
+        {
+            return Err(SessionError::ClientFlags(flags));
+        }
+        let no_zeroes = flags & w::CLIENT_NO_ZEROES != 0;
+        loop {
+            let mut hdr = [0u8; 16];
+            match rd.read_exact(&mut hdr).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+            let h = w::parse_option_header(&hdr)?;
+            if h.len > w::MAX_OPTION_LEN {
+                // Nothing legitimate is this long; reading it would let a client pin memory.
+                let reply = w::option_reply(h.option, w::REP_ERR_TOO_BIG, b"option too long");
+                wr.write_all(&reply).await?;
+                wr.flush().await?;
+                return Err(SessionError::OptionTooLong {
+                    option: h.option,
+                    len: h.len,
+                });
+            }
+            let mut data = vec![0u8; h.len as usize];
+            rd.read_exact(&mut data).await?;
+            match h.option {
+                w::OPT_EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data).into_owned();
+                    // This option has no error reply: an unknown name can only be a close.
+                    let Ok(o) = self.open(&name) else {
+                        return Err(SessionError::UnknownExport(name));
+                    };
+                    wr.write_all(&o.size.to_be_bytes()).await?;
+                    wr.write_all(&EXPORT_FLAGS.to_be_bytes()).await?;
+                    if !no_zeroes {
+                        wr.write_all(&[0u8; 124]).await?;
+                    }
+                    wr.flush().await?;
+                    return Ok(Some(o));
+                }
+                w::OPT_ABORT => {
+                    let _ = wr.write_all(&w::option_reply(h.option, w::REP_ACK, b"")).await;
+                    let _ = wr.flush().await;
+                    return Ok(None);
+                }
+                w::OPT_LIST => {
+                    if !data.is_empty() {
+                        self.reply_err(wr, h.option, w::REP_ERR_INVALID, "LIST takes no data").await?;
+                        continue;
+                    }
+                    for e in &self.cfg.exports {
+                        let mut d = (e.name.len() as u32).to_be_bytes().to_vec();
+                        d.extend_from_slice(e.name.as_bytes());
+                        wr.write_all(&w::option_reply(h.option, w::REP_SERVER, &d)).await?;
+                    }
+                    wr.write_all(&w::option_reply(h.option, w::REP_ACK, b"")).await?;
+                }
+                w::OPT_STARTTLS => {
+                    let why = "TLS is not offered by this server";
+                    let code = if data.is_empty() { w::REP_ERR_UNSUP } else { w::REP_ERR_INVALID };
+                    self.reply_err(wr, h.option, code, why).await?;
+                }
+                w::OPT_INFO | w::OPT_GO => {
+                    let req = match w::parse_info_request(&data) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            self.reply_err(wr, h.option, w::REP_ERR_INVALID, &e.to_string()).await?;
+                            continue;
+                        }
+                    };
+                    let o = match self.open(&req.name) {
+                        Ok(o) => o,
+                        Err(code) => {
+                            let msg = format!("no export named {:?}", req.name);
+                            self.reply_err(wr, h.option, code, &msg).await?;
+                            continue;
+                        }
+                    };
+                    self.send_info(wr, h.option, &req, &o).await?;
+                    wr.write_all(&w::option_reply(h.option, w::REP_ACK, b"")).await?;
+                    wr.flush().await?;
+                    if h.option == w::OPT_GO {
+                        return Ok(Some(o));
+                    }
+                }
+                other => {
+                    let msg = format!("option {other} is not supported");
+                    self.reply_err(wr, other, w::REP_ERR_UNSUP, &msg).await?;
+                }
+            }
+            wr.flush().await?;
+        }
+    }
+
+    async fn reply_err<W: AsyncWrite + Unpin>(
+        &self,
+        wr: &mut W,
+        option: u32,
+        code: u32,
+        msg: &str,
+    ) -> std::io::Result<()> {
+        wr.write_all(&w::option_reply(option, code, msg.as_bytes())).await
+    }
+
+    async fn send_info<W: AsyncWrite + Unpin>(
+        &self,
+        wr: &mut W,
+        option: u32,
+        req: &InfoRequest,
+        o: &Opened,
+    ) -> std::io::Result<()> {
+        wr.write_all(&w::option_reply(option, w::REP_INFO, &w::info_export(o.size, EXPORT_FLAGS)))
+            .await?;
+        for &r in &req.requests {
+            let mut d = r.to_be_bytes().to_vec();
+            match r {
+                w::INFO_NAME => d.extend_from_slice(o.name.as_bytes()),
+                w::INFO_DESCRIPTION => d.extend_from_slice(describe(o).as_bytes()),
+                w::INFO_BLOCK_SIZE => {
+                    d.extend_from_slice(&1u32.to_be_bytes());
+                    d.extend_from_slice(&4096u32.to_be_bytes());
+                    d.extend_from_slice(&w::MAX_REQUEST_LEN.to_be_bytes());
+                }
+                _ => continue,
+            }
+            wr.write_all(&w::option_reply(option, w::REP_INFO, &d)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A human-readable description that also identifies the image opened: size, inode and
+/// modification time change whenever a new image is renamed into place.
+pub fn describe(o: &Opened) -> String {
+    use std::os::unix::fs::MetadataExt;
+    match o.file.metadata() {
+        Ok(m) => format!(
+            "ltsp-rs image {} size={} ino={} mtime={}",
+            o.name,
+            o.size,
+            m.ino(),
+            m.mtime()
+        ),
+        Err(_) => format!("ltsp-rs image {}", o.name),
+    }
+}
+
+/// One reply on its way to the writer: header plus data for a successful READ.
+struct Reply {
+    header: [u8; w::SIMPLE_REPLY_LEN],
+    data: Vec<u8>,
+}
+
+async fn transmit<R, W>(mut rd: R, wr: W, img: Arc<Opened>) -> Result<(), SessionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
+    let writer = tokio::spawn(write_replies(wr, rx));
+    let result = read_requests(&mut rd, &tx, &img).await;
+    // Dropping our sender lets the writer finish once every in-flight READ has replied:
+    // NBD_CMD_DISC "finishes what is in flight".
+    drop(tx);
+    let written = writer.await.unwrap_or(Ok(()));
+    result?;
+    written.map_err(SessionError::Io)
+}
+
+async fn read_requests<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    tx: &mpsc::Sender<Reply>,
+    img: &Arc<Opened>,
+) -> Result<(), SessionError> {
+    let mut hdr = [0u8; w::REQUEST_LEN];
+    let mut drain = vec![0u8; 64 * 1024];
+    loop {
+        match rd.read_exact(&mut hdr).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let req = w::parse_request(&hdr)?;
+        let error = match req.kind {
+            w::CMD_READ => {
+                if let Some(e) = check_range(&req, img.size) {
+                    e
+                } else {
+                    // Each READ is its own task: a slow one does not hold up the others.
+                    let permit = tx.clone().reserve_owned().await.map_err(|_| {
+                        std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer ended")
+                    })?;
+                    let img = img.clone();
+                    tokio::spawn(async move {
+                        let mut data = vec![0u8; req.len as usize];
+                        let error = match img.file.read_exact_at(&mut data, req.offset) {
+                            Ok(()) => 0,
+                            Err(e) => {
+                                log::error!("nbd: read {}+{}: {e}", req.offset, req.len);
+                                data = Vec::new();
+                                w::EIO
+                            }
+                        };
+                        permit.send(Reply {
+                            header: w::simple_reply(error, req.cookie),
+                            data,
+                        });
+                    });
+                    continue;
+                }
+            }
+            w::CMD_WRITE => {
+                // The payload follows the header whatever the answer: drain it, or the
+                // next "request" would be the client's data.
+                let mut left = req.len as usize;
+                while left > 0 {
+                    let n = left.min(drain.len());
+                    rd.read_exact(&mut drain[..n]).await?;
+                    left -= n;
+                }
+                w::EPERM
+            }
+            w::CMD_TRIM | w::CMD_WRITE_ZEROES => w::EPERM,
+            w::CMD_FLUSH => 0,
+            w::CMD_DISC => return Ok(()),
+            _ => w::EINVAL,
+        };
+        tx.send(Reply {
+            header: w::simple_reply(error, req.cookie),
+            data: Vec::new(),
+        })
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer ended"))?;
+    }
+}
+
+fn check_range(req: &w::Request, size: u64) -> Option<u32> {
+    let end = req.offset.checked_add(req.len as u64);
+    match end {
+        _ if req.len == 0 || req.len > w::MAX_REQUEST_LEN => Some(w::EINVAL),
+        Some(end) if end <= size => None,
+        _ => Some(w::EINVAL),
+    }
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Reply>) -> std::io::Result<()> {
+    while let Some(r) = rx.recv().await {
+        wr.write_all(&r.header).await?;
+        wr.write_all(&r.data).await?;
+        // Batch: keep writing while more replies are ready, flush when the queue is empty.
+        while let Ok(r) = rx.try_recv() {
+            wr.write_all(&r.header).await?;
+            wr.write_all(&r.data).await?;
+        }
+        wr.flush().await?;
+    }
+    wr.flush().await?;
+    wr.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_checks() {
+        let r = |offset, len| w::Request {
+            flags: 0,
+            kind: w::CMD_READ,
+            cookie: 1,
+            offset,
+            len,
+        };
+        assert_eq!(check_range(&r(0, 4096), 8192), None);
+        assert_eq!(check_range(&r(4096, 4096), 8192), None);
+        assert_eq!(check_range(&r(4097, 4096), 8192), Some(w::EINVAL));
+        assert_eq!(check_range(&r(u64::MAX, 4096), 8192), Some(w::EINVAL));
+        assert_eq!(check_range(&r(0, 0), 8192), Some(w::EINVAL));
+        assert_eq!(check_range(&r(0, w::MAX_REQUEST_LEN + 1), u64::MAX), Some(w::EINVAL));
+    }
+}

@@ -1,0 +1,541 @@
+//! Read-only TFTP: one listening socket; each transfer a task with its own socket bound to
+//! the address the request was sent to (a fresh TID, RFC 1350 §4), so replies leave from
+//! the address the client talked to even on a multi-homed server.
+
+use crate::config::{BootFile, TftpConfig};
+use ltsp_common::tftp::{self, Packet};
+use std::fs::File;
+use std::io::IoSliceMut;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TftpError {
+    #[error("bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("tftp root {path}: {source}")]
+    Root {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("socket option: {0}")]
+    SockOpt(nix::Error),
+}
+
+/// Refusals sent to a client as TFTP ERROR packets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: u16,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(code: u16, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// What a path in a request names, once made safe: relative, `/`-separated, without `..`.
+pub fn normalise_path(name: &str) -> Result<String, Refusal> {
+    // PXE ROMs of some vendors send `\`: treat it as a separator, then apply the same rules.
+    let name = name.replace('\\', "/");
+    let mut parts = Vec::new();
+    for part in name.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                return Err(Refusal::new(tftp::ERR_ACCESS, "'..' is not allowed in paths"));
+            }
+            p => parts.push(p),
+        }
+    }
+    if parts.is_empty() {
+        return Err(Refusal::new(tftp::ERR_NOT_FOUND, "empty file name"));
+    }
+    Ok(parts.join("/"))
+}
+
+/// Opens `rel` below `root` so that no `..`, absolute symlink or symlink chain can leave it
+/// (openat2 RESOLVE_BENEATH), and only regular files are served.
+pub fn open_beneath(root: &File, rel: &str) -> Result<(File, u64), Refusal> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let fd = rustix::fs::openat2(
+        root.as_fd(),
+        rel,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR => {
+            Refusal::new(tftp::ERR_NOT_FOUND, "file not found")
+        }
+        rustix::io::Errno::XDEV | rustix::io::Errno::LOOP => {
+            Refusal::new(tftp::ERR_ACCESS, "path leaves the TFTP root")
+        }
+        e => Refusal::new(tftp::ERR_ACCESS, format!("cannot open: {e}")),
+    })?;
+    let file = File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|e| Refusal::new(tftp::ERR_ACCESS, format!("cannot stat: {e}")))?;
+    if !meta.is_file() {
+        return Err(Refusal::new(tftp::ERR_ACCESS, "not a regular file"));
+    }
+    Ok((file, meta.len()))
+}
+
+/// The bytes a transfer sends: a file read in place, or a buffer (generated files and
+/// netascii conversions).
+enum Source {
+    File(File, u64),
+    Memory(Vec<u8>),
+}
+
+impl Source {
+    fn len(&self) -> u64 {
+        match self {
+            Source::File(_, n) => *n,
+            Source::Memory(v) => v.len() as u64,
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        match self {
+            Source::File(f, len) => {
+                let want = buf.len().min(len.saturating_sub(offset) as usize);
+                let mut done = 0;
+                while done < want {
+                    let n = f.read_at(&mut buf[done..want], offset + done as u64)?;
+                    if n == 0 {
+                        // The file shrank under us: end the transfer honestly.
+                        return Err(std::io::Error::other("file shrank during transfer"));
+                    }
+                    done += n;
+                }
+                Ok(done)
+            }
+            Source::Memory(v) => {
+                let start = (offset as usize).min(v.len());
+                let n = buf.len().min(v.len() - start);
+                buf[..n].copy_from_slice(&v[start..start + n]);
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// LF -> CR LF and CR -> CR NUL (RFC 1350 netascii).
+pub fn to_netascii(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + data.len() / 16);
+    for &b in data {
+        match b {
+            b'\n' => out.extend_from_slice(b"\r\n"),
+            b'\r' => out.extend_from_slice(b"\r\0"),
+            b => out.push(b),
+        }
+    }
+    out
+}
+
+/// The iPXE script the server generates from its `[boot]` settings, or None if unset.
+pub fn ipxe_script(boot: &BootFile) -> Option<String> {
+    let kernel = boot.kernel.as_deref()?;
+    let mut s = String::from("#!ipxe\n# Generated by ltsp-server from its [boot] settings.\n");
+    let cmdline = boot.cmdline.as_deref().unwrap_or("");
+    let initrd_name = boot
+        .initrd
+        .as_deref()
+        .map(|i| i.rsplit('/').next().unwrap_or(i).to_string());
+    s.push_str(&format!(
+        "kernel {kernel} initrd={} BOOTIF=01-${{netX/mac:hexhyp}} {cmdline}\n",
+        initrd_name.as_deref().unwrap_or("")
+    ));
+    if let Some(i) = &boot.initrd {
+        s.push_str(&format!("initrd {i}\n"));
+    }
+    s.push_str("boot\n");
+    Some(s)
+}
+
+pub struct Server {
+    cfg: TftpConfig,
+    root: File,
+    slots: Arc<Semaphore>,
+}
+
+impl Server {
+    pub fn new(cfg: TftpConfig) -> Result<Arc<Self>, TftpError> {
+        let root = File::open(&cfg.root).map_err(|source| TftpError::Root {
+            path: cfg.root.clone(),
+            source,
+        })?;
+        let slots = Arc::new(Semaphore::new(cfg.max_transfers));
+        Ok(Arc::new(Server { cfg, root, slots }))
+    }
+
+    /// Binds the listening socket; separate from [`Server::run`] so callers learn the port.
+    pub fn bind(&self) -> Result<UdpSocket, TftpError> {
+        let addr = self.cfg.listen;
+        let std = std::net::UdpSocket::bind(addr).map_err(|source| TftpError::Bind { addr, source })?;
+        use nix::sys::socket::{setsockopt, sockopt};
+        if addr.is_ipv4() {
+            setsockopt(&std, sockopt::Ipv4PacketInfo, &true).map_err(TftpError::SockOpt)?;
+        } else {
+            setsockopt(&std, sockopt::Ipv6RecvPacketInfo, &true).map_err(TftpError::SockOpt)?;
+        }
+        std.set_nonblocking(true).map_err(|source| TftpError::Bind { addr, source })?;
+        UdpSocket::from_std(std).map_err(|source| TftpError::Bind { addr, source })
+    }
+
+    pub async fn run(self: Arc<Self>, sock: UdpSocket) {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let (n, peer, local) = match recv_with_dst(&sock, &mut buf).await {
+                Ok(x) => x,
+                Err(e) => {
+                    log::warn!("tftp: receive: {e}");
+                    continue;
+                }
+            };
+            let packet = match tftp::decode(&buf[..n]) {
+                Ok(p) => p,
+                Err(e) => {
+                    log::debug!("tftp: {peer}: ignored malformed packet: {e}");
+                    continue;
+                }
+            };
+            match packet {
+                Packet::Rrq(req) => {
+                    let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                        log::warn!("tftp: {peer}: refused {:?}: too many transfers", req.filename);
+                        let _ = sock
+                            .send_to(&tftp::error(tftp::ERR_UNDEFINED, "server busy, retry"), peer)
+                            .await;
+                        continue;
+                    };
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        me.transfer(req, peer, local).await;
+                        drop(permit);
+                    });
+                }
+                Packet::Wrq(req) => {
+                    log::info!("tftp: {peer}: refused write of {:?}", req.filename);
+                    let _ = sock
+                        .send_to(&tftp::error(tftp::ERR_ACCESS, "read-only server"), peer)
+                        .await;
+                }
+                // Stray DATA/ACK/ERROR on the listening port belong to no transfer.
+                _ => log::debug!("tftp: {peer}: ignored non-request packet on the listening port"),
+            }
+        }
+    }
+
+    fn open(&self, filename: &str, mode: &str) -> Result<Source, Refusal> {
+        let rel = normalise_path(filename)?;
+        let src = if rel == "boot.ipxe" && self.cfg.boot.kernel.is_some() {
+            Source::Memory(ipxe_script(&self.cfg.boot).unwrap_or_default().into_bytes())
+        } else {
+            let (f, len) = open_beneath(&self.root, &rel)?;
+            Source::File(f, len)
+        };
+        match mode {
+            "octet" => Ok(src),
+            "netascii" => {
+                let mut data = vec![0u8; src.len() as usize];
+                src.read_at(&mut data, 0)
+                    .map_err(|e| Refusal::new(tftp::ERR_ACCESS, e.to_string()))?;
+                Ok(Source::Memory(to_netascii(&data)))
+            }
+            m => Err(Refusal::new(
+                tftp::ERR_ILLEGAL_OP,
+                format!("transfer mode {m:?} not supported"),
+            )),
+        }
+    }
+
+    async fn transfer(&self, req: tftp::Request, peer: SocketAddr, local: IpAddr) {
+        let started = std::time::Instant::now();
+        let sock = match bind_reply_socket(local) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("tftp: {peer}: cannot bind reply socket on {local}: {e}");
+                return;
+            }
+        };
+        let src = match self.open(&req.filename, &req.mode) {
+            Ok(s) => s,
+            Err(r) => {
+                log::info!("tftp: {peer}: {:?}: {}", req.filename, r.message);
+                let _ = sock.send_to(&tftp::error(r.code, &r.message), peer).await;
+                return;
+            }
+        };
+        let default_timeout = self.cfg.timeout.as_secs().clamp(1, 255) as u8;
+        let (neg, mut accepted) = tftp::negotiate(&req, default_timeout, self.cfg.max_windowsize);
+        for (k, v) in &mut accepted {
+            if k == "tsize" {
+                *v = src.len().to_string();
+            }
+        }
+        let mut t = Transfer {
+            sock,
+            peer,
+            src,
+            blksize: neg.blksize as usize,
+            window: neg.windowsize as u64,
+            timeout: Duration::from_secs(neg.timeout_secs as u64),
+            retries: self.cfg.retries,
+        };
+        match t.run(&accepted).await {
+            Ok(()) => log::info!(
+                "tftp: {peer}: sent {:?} ({} bytes, blksize {}, windowsize {}) in {:.3}s",
+                req.filename,
+                t.src.len(),
+                t.blksize,
+                t.window,
+                started.elapsed().as_secs_f64()
+            ),
+            Err(e) => log::warn!("tftp: {peer}: {:?}: {e}", req.filename),
+        }
+    }
+}
+
+fn bind_reply_socket(local: IpAddr) -> std::io::Result<UdpSocket> {
+    let std = std::net::UdpSocket::bind(SocketAddr::new(local, 0))?;
+    std.set_nonblocking(true)?;
+    UdpSocket::from_std(std)
+}
+
+/// Receives one datagram with the local address it was sent to (IP_PKTINFO).
+async fn recv_with_dst(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, IpAddr)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
+    let fallback = sock.local_addr()?.ip();
+    sock.async_io(Interest::READABLE, || {
+        let mut iov = [IoSliceMut::new(buf)];
+        let mut cmsg = nix::cmsg_space!(nix::libc::in6_pktinfo);
+        let msg = recvmsg::<SockaddrStorage>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(std::io::Error::from)?;
+        let mut local = fallback;
+        for c in msg.cmsgs().map_err(std::io::Error::from)? {
+            match c {
+                ControlMessageOwned::Ipv4PacketInfo(pi) => {
+                    local = IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(pi.ipi_addr.s_addr)));
+                }
+                ControlMessageOwned::Ipv6PacketInfo(pi) => {
+                    local = IpAddr::V6(std::net::Ipv6Addr::from(pi.ipi6_addr.s6_addr));
+                }
+                _ => {}
+            }
+        }
+        let peer = msg
+            .address
+            .and_then(|a: SockaddrStorage| {
+                a.as_sockaddr_in()
+                    .map(|s| SocketAddr::from(std::net::SocketAddrV4::from(*s)))
+                    .or_else(|| a.as_sockaddr_in6().map(|s| SocketAddr::from(std::net::SocketAddrV6::from(*s))))
+            })
+            .ok_or_else(|| std::io::Error::other("datagram without a source address"))?;
+        Ok((msg.bytes, peer, local))
+    })
+    .await
+}
+
+#[derive(Debug, thiserror::Error)]
+enum TransferError {
+    #[error("no acknowledgement after {0} tries")]
+    Timeout(u32),
+    #[error("client sent error {code}: {message}")]
+    Client { code: u16, message: String },
+    #[error("network: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+struct Transfer {
+    sock: UdpSocket,
+    peer: SocketAddr,
+    src: Source,
+    blksize: usize,
+    window: u64,
+    timeout: Duration,
+    retries: u32,
+}
+
+enum Ack {
+    /// The client acknowledged up to this (full, 64-bit) block number.
+    Upto(u64),
+    Timeout,
+}
+
+impl Transfer {
+    async fn run(&mut self, oack: &[(String, String)]) -> Result<(), TransferError> {
+        // Blocks are numbered from 1; the last one is shorter than blksize (maybe empty).
+        let last_block = self.src.len() / self.blksize as u64 + 1;
+        if !oack.is_empty() {
+            let pkt = tftp::oack(oack);
+            let mut tries = 0;
+            loop {
+                self.sock.send_to(&pkt, self.peer).await?;
+                match self.wait_ack(0, 0).await? {
+                    Ack::Upto(0) => break,
+                    Ack::Upto(_) => unreachable!("wait_ack bounds the answer by the blocks sent"),
+                    Ack::Timeout => {
+                        tries += 1;
+                        if tries > self.retries {
+                            return Err(TransferError::Timeout(tries));
+                        }
+                    }
+                }
+            }
+        }
+        let mut acked: u64 = 0;
+        let mut tries = 0;
+        let mut pkt = vec![0u8; 4 + self.blksize];
+        loop {
+            let end = (acked + self.window).min(last_block);
+            for b in acked + 1..=end {
+                pkt[..4].copy_from_slice(&tftp::data_header(b as u16));
+                let n = self
+                    .src
+                    .read_at(&mut pkt[4..], (b - 1) * self.blksize as u64)?;
+                self.sock.send_to(&pkt[..4 + n], self.peer).await?;
+            }
+            match self.wait_ack(acked, end).await? {
+                Ack::Upto(n) => {
+                    acked = n;
+                    tries = 0;
+                    if acked == last_block {
+                        return Ok(());
+                    }
+                }
+                Ack::Timeout => {
+                    tries += 1;
+                    if tries > self.retries {
+                        return Err(TransferError::Timeout(tries));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for an ACK that moves the window: one for a block in (`acked`, `sent`].
+    /// Stale and duplicate ACKs are ignored, so they never trigger a resend (no Sorcerer's
+    /// Apprentice storm). Datagrams from another port get ERROR 5 and change nothing.
+    async fn wait_ack(&self, acked: u64, sent: u64) -> Result<Ack, TransferError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut buf = [0u8; 1024];
+        loop {
+            let r = tokio::time::timeout_at(deadline, self.sock.recv_from(&mut buf)).await;
+            let Ok(r) = r else { return Ok(Ack::Timeout) };
+            let (n, from) = r?;
+            if from != self.peer {
+                let _ = self
+                    .sock
+                    .send_to(&tftp::error(tftp::ERR_UNKNOWN_TID, "unknown transfer ID"), from)
+                    .await;
+                continue;
+            }
+            match tftp::decode(&buf[..n]) {
+                Ok(Packet::Ack { block }) => {
+                    if sent == 0 {
+                        if block == 0 {
+                            return Ok(Ack::Upto(0));
+                        }
+                        continue;
+                    }
+                    // Map the 16-bit number onto the blocks in flight (they span < 65536).
+                    let base = acked + 1;
+                    let offset = (block as u64).wrapping_sub(base) & 0xffff;
+                    if base + offset <= sent {
+                        return Ok(Ack::Upto(base + offset));
+                    }
+                }
+                Ok(Packet::Error { code, message }) => {
+                    return Err(TransferError::Client { code, message })
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Used by tests and the CLI to check a path without a running server.
+pub fn check_path(root: &Path, name: &str) -> Result<u64, Refusal> {
+    let dir = File::open(root).map_err(|e| Refusal::new(tftp::ERR_ACCESS, e.to_string()))?;
+    let rel = normalise_path(name)?;
+    open_beneath(&dir, &rel).map(|(_, n)| n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_rules() {
+        assert_eq!(normalise_path("/boot/vmlinuz").unwrap(), "boot/vmlinuz");
+        assert_eq!(normalise_path("//a/./b").unwrap(), "a/b");
+        assert_eq!(normalise_path("\\pxelinux.0").unwrap(), "pxelinux.0");
+        for bad in ["../etc/passwd", "a/../../b", "..\\..\\etc\\passwd", "/", ""] {
+            assert!(normalise_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn symlinks_and_specials_below_root() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("ok"), b"hello").unwrap();
+        std::fs::write(d.path().join("secret"), b"no").unwrap();
+        std::os::unix::fs::symlink("ok", root.join("inside")).unwrap();
+        std::os::unix::fs::symlink("../secret", root.join("rel-escape")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("secret"), root.join("abs-escape")).unwrap();
+        std::fs::create_dir(root.join("dir")).unwrap();
+        assert_eq!(check_path(&root, "ok"), Ok(5));
+        assert_eq!(check_path(&root, "inside"), Ok(5));
+        for bad in ["rel-escape", "abs-escape"] {
+            assert_eq!(check_path(&root, bad).unwrap_err().code, tftp::ERR_ACCESS, "{bad}");
+        }
+        assert_eq!(check_path(&root, "dir").unwrap_err().code, tftp::ERR_ACCESS);
+        assert_eq!(check_path(&root, "missing").unwrap_err().code, tftp::ERR_NOT_FOUND);
+    }
+
+    #[test]
+    fn netascii_conversion() {
+        assert_eq!(to_netascii(b"a\nb\rc"), b"a\r\nb\r\0c");
+    }
+
+    #[test]
+    fn ipxe_script_from_settings() {
+        let s = ipxe_script(&BootFile {
+            kernel: Some("vmlinuz".into()),
+            initrd: Some("initrd.img".into()),
+            cmdline: Some("root=/dev/nbd0 nbdroot=:root".into()),
+        })
+        .unwrap();
+        assert!(s.starts_with("#!ipxe\n"));
+        assert!(s.contains("kernel vmlinuz initrd=initrd.img BOOTIF=01-${netX/mac:hexhyp} root=/dev/nbd0"));
+        assert!(s.contains("\ninitrd initrd.img\nboot\n"));
+        assert!(ipxe_script(&BootFile::default()).is_none());
+    }
+}
