@@ -1,1 +1,164 @@
-//! See tests/*.rs: integration tests that need the built binaries and real peers.
+//! Helpers for the tests in `tests/tests/`: they run the project's real binaries against
+//! real peers (curl, atftp, tftp-hpa, nbdinfo, nbdcopy, qemu-io, dnsmasq, QEMU).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Path of a workspace binary, built (once per test process) so it is never stale.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "ltsp-server", "-p", "ltsp-agent"])
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo build");
+        assert!(st.success(), "cargo build of the binaries failed");
+    });
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("target"));
+    target.join("debug").join(name)
+}
+
+/// A peer the set-up installs. Missing is a failed test, not a skip: `scripts/setup`
+/// installs every one, so absence means the set-up is broken.
+pub fn tool(name: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{name} is not installed: run scripts/setup");
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A running `ltsp-server serve`, killed on drop; its stderr is kept for assertions.
+pub struct ServerProc {
+    child: Child,
+    pub tftp: Option<SocketAddr>,
+    pub nbd: Option<SocketAddr>,
+    log: Arc<Mutex<String>>,
+}
+
+impl ServerProc {
+    /// Starts the server with `args` after `serve`. Listeners default to loopback port 0;
+    /// the real ports are read back from the log.
+    pub fn start(args: &[&str]) -> ServerProc {
+        let mut cmd = Command::new(bin("ltsp-server"));
+        cmd.arg("serve");
+        if !args.iter().any(|a| a.starts_with("--tftp-listen") || *a == "--no-tftp") {
+            cmd.args(["--tftp-listen", "127.0.0.1:0"]);
+        }
+        if !args.iter().any(|a| a.starts_with("--nbd-listen") || *a == "--no-nbd") {
+            cmd.args(["--nbd-listen", "127.0.0.1:0"]);
+        }
+        cmd.args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start ltsp-server");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let l2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = l2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let want_tftp = !args.contains(&"--no-tftp");
+        let want_nbd = !args.contains(&"--no-nbd");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (mut tftp, mut nbd) = (None, None);
+        while Instant::now() < deadline {
+            {
+                let l = log.lock().unwrap();
+                for line in l.lines() {
+                    if let Some(a) = line.split(" on ").nth(1).filter(|_| line.contains("tftp: serving")) {
+                        tftp = a.trim().parse().ok();
+                    }
+                    if let Some(a) = line.split("nbd: listening on ").nth(1) {
+                        nbd = a.trim().parse().ok();
+                    }
+                }
+            }
+            if (tftp.is_some() || !want_tftp) && (nbd.is_some() || !want_nbd) {
+                return ServerProc { child, tftp, nbd, log };
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("ltsp-server exited with {st}:\n{}", log.lock().unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        panic!("ltsp-server did not start:\n{}", log.lock().unwrap());
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits; returns whether it exited with success.
+    pub fn terminate(mut self) -> bool {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Runs a command, returning (success, stdout, stderr).
+pub fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,355 @@
+//! ltsp-server's TFTP against real clients (curl, tftp-hpa, atftp) and a raw client that
+//! checks the protocol details real clients hide.
+
+use ltsp_common::tftp::{self as t, Packet};
+use ltsp_tests::{pattern, run, tool, ServerProc};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    files: Vec<(String, Vec<u8>)>,
+}
+
+/// Files at the sizes that break TFTP servers: empty, around one block, exact multiples
+/// of each block size, and over 32 MiB (65535 blocks of 512: block numbers roll over).
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let sizes = [0, 1, 511, 512, 513, 1468 * 3, 8192 * 4, 100_000, 33 * 1024 * 1024 + 7];
+    let mut files = Vec::new();
+    for (i, n) in sizes.into_iter().enumerate() {
+        let name = format!("f{n}");
+        let data = pattern(n, i as u64 + 1);
+        std::fs::write(dir.path().join(&name), &data).unwrap();
+        files.push((name, data));
+    }
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(dir.path().join("sub/nested"), b"nested file\n").unwrap();
+    Fixture { dir, files }
+}
+
+fn server(root: &Path, extra: &[&str]) -> ServerProc {
+    let mut args = vec!["--tftp-root", root.to_str().unwrap(), "--no-nbd"];
+    args.extend_from_slice(extra);
+    ServerProc::start(&args)
+}
+
+fn check(out: &Path, want: &[u8], what: &str) {
+    let got = std::fs::read(out).unwrap_or_else(|e| panic!("{what}: no output file: {e}"));
+    assert!(got.len() == want.len() && got == want, "{what}: {} bytes, want {}", got.len(), want.len());
+}
+
+#[test]
+fn curl_every_size_at_three_block_sizes() {
+    let fx = fixture();
+    let s = server(fx.dir.path(), &[]);
+    let a = s.tftp.unwrap();
+    let out = tempfile::tempdir().unwrap();
+    for blksize in ["512", "1468", "8192"] {
+        // curl 7.88 fails on an empty file against tftpd-hpa too (getpeername errno 107);
+        // size 0 is covered by tftp-hpa and atftp below.
+        for (name, data) in fx.files.iter().filter(|(_, d)| !d.is_empty()) {
+            let dst = out.path().join(format!("{name}.{blksize}"));
+            let (ok, _, err) = run(Command::new(tool("curl"))
+                .args(["-sS", "--tftp-blksize", blksize, "-o"])
+                .arg(&dst)
+                .arg(format!("tftp://{a}/{name}")));
+            assert!(ok, "curl {name} blksize {blksize}: {err}");
+            check(&dst, data, &format!("curl {name} blksize {blksize}"));
+        }
+    }
+    assert!(s.log().contains("blksize 8192"));
+}
+
+#[test]
+fn tftp_hpa_and_atftp_with_windowsize() {
+    let fx = fixture();
+    let s = server(fx.dir.path(), &[]);
+    let a = s.tftp.unwrap();
+    let out = tempfile::tempdir().unwrap();
+    for (name, data) in fx.files.iter().filter(|(n, _)| n != "f34603015") {
+        let dst = out.path().join(format!("{name}.hpa"));
+        let (ok, _, err) = run(Command::new(tool("tftp"))
+            .args([&a.ip().to_string(), &a.port().to_string(), "-m", "binary", "-c", "get", name])
+            .arg(&dst));
+        assert!(ok, "tftp-hpa {name}: {err}");
+        check(&dst, data, &format!("tftp-hpa {name}"));
+    }
+    for (name, data) in &fx.files {
+        let dst = out.path().join(format!("{name}.atftp"));
+        let (ok, _, err) = run(Command::new(tool("atftp"))
+            .args(["--option", "windowsize 16", "--option", "blksize 1468", "--option", "tsize 0", "-g", "-r", name, "-l"])
+            .arg(&dst)
+            .args([&a.ip().to_string(), &a.port().to_string()]));
+        assert!(ok, "atftp {name}: {err}");
+        check(&dst, data, &format!("atftp windowsize 16 {name}"));
+    }
+    assert!(s.log().contains("windowsize 16"), "the server never granted windowsize 16");
+}
+
+#[test]
+fn netascii_round_trips_through_tftp_hpa() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = b"line one\nline two\r\nbare cr\rend\n".repeat(100);
+    std::fs::write(dir.path().join("text"), &text).unwrap();
+    let s = server(dir.path(), &[]);
+    let a = s.tftp.unwrap();
+    let dst = dir.path().join("out");
+    let (ok, _, err) = run(Command::new(tool("tftp"))
+        .args([&a.ip().to_string(), &a.port().to_string(), "-m", "ascii", "-c", "get", "text"])
+        .arg(&dst));
+    assert!(ok, "{err}");
+    check(&dst, &text, "netascii");
+}
+
+/// A minimal client that shows what the server sends, packet by packet.
+struct Raw {
+    sock: UdpSocket,
+    server: SocketAddr,
+}
+
+impl Raw {
+    fn new(server: SocketAddr) -> Raw {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        Raw { sock, server }
+    }
+
+    fn rrq(&self, name: &str, opts: &[(&str, String)]) {
+        self.sock.send_to(&t::rrq(name, "octet", opts), self.server).unwrap();
+    }
+
+    fn recv(&self) -> Option<(Vec<u8>, SocketAddr)> {
+        let mut buf = vec![0u8; 70000];
+        let (n, from) = self.sock.recv_from(&mut buf).ok()?;
+        buf.truncate(n);
+        Some((buf, from))
+    }
+
+    fn expect_error(&self, name: &str) -> (u16, String) {
+        self.rrq(name, &[]);
+        let (b, _) = self.recv().expect("an answer");
+        match t::decode(&b).unwrap() {
+            Packet::Error { code, message } => (code, message),
+            p => panic!("{name}: expected an error, got {p:?}"),
+        }
+    }
+}
+
+#[test]
+fn escapes_and_non_files_are_refused_with_the_right_codes() {
+    let top = tempfile::tempdir().unwrap();
+    let root = top.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(top.path().join("secret"), b"secret").unwrap();
+    std::fs::write(root.join("ok"), b"fine").unwrap();
+    std::os::unix::fs::symlink("../secret", root.join("up")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", root.join("abs")).unwrap();
+    std::os::unix::fs::symlink("ok", root.join("good-link")).unwrap();
+    std::fs::create_dir(root.join("d")).unwrap();
+    nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let s = server(&root, &[]);
+    let raw = Raw::new(s.tftp.unwrap());
+    for (name, code) in [
+        ("../secret", t::ERR_ACCESS),
+        ("/../secret", t::ERR_ACCESS),
+        ("d/../../secret", t::ERR_ACCESS),
+        ("..\\secret", t::ERR_ACCESS),
+        ("up", t::ERR_ACCESS),
+        ("abs", t::ERR_ACCESS),
+        ("d", t::ERR_ACCESS),
+        ("fifo", t::ERR_ACCESS),
+        ("missing", t::ERR_NOT_FOUND),
+    ] {
+        assert_eq!(raw.expect_error(name).0, code, "{name}");
+    }
+    // Allowed: a leading '/', and a symlink that stays inside.
+    for name in ["/ok", "good-link", "\\ok"] {
+        raw.rrq(name, &[]);
+        let (b, from) = raw.recv().unwrap();
+        assert!(matches!(t::decode(&b).unwrap(), Packet::Data { block: 1, data } if data == b"fine"), "{name}");
+        raw.sock.send_to(&t::ack(1), from).unwrap();
+    }
+    // WRQ: refused, read-only server.
+    let mut wrq = t::rrq("new", "octet", &[]);
+    wrq[1] = t::OP_WRQ as u8;
+    raw.sock.send_to(&wrq, raw.server).unwrap();
+    let (b, _) = raw.recv().unwrap();
+    assert!(matches!(t::decode(&b).unwrap(), Packet::Error { code: t::ERR_ACCESS, .. }));
+    // Mode "mail" is refused as an illegal operation.
+    raw.sock.send_to(&t::rrq("ok", "mail", &[]), raw.server).unwrap();
+    let (b, _) = raw.recv().unwrap();
+    assert!(matches!(t::decode(&b).unwrap(), Packet::Error { code: t::ERR_ILLEGAL_OP, .. }));
+}
+
+#[test]
+fn replies_come_from_a_fresh_port_on_the_address_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), pattern(3000, 9)).unwrap();
+    // Listen on every address; ask on 127.0.0.2: the reply must come from 127.0.0.2.
+    let s = server(dir.path(), &["--tftp-listen", "0.0.0.0:0"]);
+    let port = s.tftp.unwrap().port();
+    let raw = Raw::new(format!("127.0.0.2:{port}").parse().unwrap());
+    raw.rrq("f", &[]);
+    let (b, from) = raw.recv().unwrap();
+    assert!(matches!(t::decode(&b).unwrap(), Packet::Data { block: 1, .. }));
+    assert_eq!(from.ip().to_string(), "127.0.0.2");
+    assert_ne!(from.port(), port, "reply must come from a new transfer ID");
+    // A stranger writing to the transfer port gets ERROR 5; the transfer goes on.
+    let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+    stranger.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stranger.send_to(&t::ack(1), from).unwrap();
+    let mut buf = [0u8; 600];
+    let (n, _) = stranger.recv_from(&mut buf).unwrap();
+    assert!(matches!(t::decode(&buf[..n]).unwrap(), Packet::Error { code: t::ERR_UNKNOWN_TID, .. }));
+    raw.sock.send_to(&t::ack(1), from).unwrap();
+    let (b, _) = raw.recv().unwrap();
+    assert!(matches!(t::decode(&b).unwrap(), Packet::Data { block: 2, .. }));
+}
+
+#[test]
+fn duplicate_acks_cause_no_resends_and_options_are_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(512 * 40 + 100, 3);
+    std::fs::write(dir.path().join("f"), &data).unwrap();
+    let s = server(dir.path(), &["--tftp-timeout", "2"]);
+    let raw = Raw::new(s.tftp.unwrap());
+    raw.rrq("f", &[("tsize", "0".into()), ("blksize", "512".into()), ("bogus", "1".into())]);
+    let (b, from) = raw.recv().unwrap();
+    match t::decode(&b).unwrap() {
+        Packet::Oack(o) => assert_eq!(
+            o,
+            vec![("tsize".into(), data.len().to_string()), ("blksize".into(), "512".into())]
+        ),
+        p => panic!("expected OACK, got {p:?}"),
+    }
+    raw.sock.send_to(&t::ack(0), from).unwrap();
+    raw.sock.send_to(&t::ack(0), from).unwrap();
+    let mut got = Vec::new();
+    let mut blocks = Vec::new();
+    loop {
+        let (b, _) = raw.recv().expect("data");
+        let Packet::Data { block, data } = t::decode(&b).unwrap() else { panic!() };
+        blocks.push(block);
+        got.extend_from_slice(data);
+        // Every ACK twice: a naive server answers each duplicate with a resend.
+        raw.sock.send_to(&t::ack(block), from).unwrap();
+        raw.sock.send_to(&t::ack(block), from).unwrap();
+        if data.len() < 512 {
+            break;
+        }
+    }
+    assert_eq!(got, data);
+    let want: Vec<u16> = (1..=41).collect();
+    assert_eq!(blocks, want, "each block exactly once");
+    raw.sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    assert!(raw.recv().is_none(), "nothing after the last block");
+}
+
+#[test]
+fn unanswered_transfers_resend_a_bounded_number_of_times() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), pattern(5000, 4)).unwrap();
+    let s = server(dir.path(), &["--tftp-retries", "2"]);
+    let raw = Raw::new(s.tftp.unwrap());
+    raw.rrq("f", &[("timeout", "1".into())]);
+    let (b, from) = raw.recv().unwrap();
+    assert!(matches!(t::decode(&b).unwrap(), Packet::Oack(_)));
+    raw.sock.send_to(&t::ack(0), from).unwrap();
+    let start = Instant::now();
+    let mut copies = 0;
+    while let Some((b, _)) = raw.recv() {
+        assert!(matches!(t::decode(&b).unwrap(), Packet::Data { block: 1, .. }));
+        copies += 1;
+    }
+    assert_eq!(copies, 3, "first send plus two retries");
+    assert!(start.elapsed() >= Duration::from_secs(2));
+    assert!(s.log().contains("no acknowledgement after 3 tries"), "{}", s.log());
+}
+
+#[test]
+fn windowed_transfer_recovers_from_a_lost_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(1000 * 20 + 5, 5);
+    std::fs::write(dir.path().join("f"), &data).unwrap();
+    let s = server(dir.path(), &[]);
+    let raw = Raw::new(s.tftp.unwrap());
+    raw.rrq("f", &[("blksize", "1000".into()), ("windowsize", "8".into())]);
+    let (_, from) = raw.recv().unwrap();
+    raw.sock.send_to(&t::ack(0), from).unwrap();
+    let mut got: Vec<u8> = Vec::new();
+    let mut next: u16 = 1;
+    let mut dropped = false;
+    loop {
+        let (b, _) = raw.recv().expect("data");
+        let Packet::Data { block, data: d } = t::decode(&b).unwrap() else { panic!() };
+        if block == 5 && !dropped {
+            dropped = true; // pretend block 5 was lost
+            continue;
+        }
+        if block != next {
+            // Out of sequence: RFC 7440 says ACK the last in-order block.
+            raw.sock.send_to(&t::ack(next - 1), from).unwrap();
+            // Swallow the rest of this window.
+            continue;
+        }
+        got.extend_from_slice(d);
+        next += 1;
+        if d.len() < 1000 {
+            raw.sock.send_to(&t::ack(block), from).unwrap();
+            break;
+        }
+        if block % 8 == 0 {
+            raw.sock.send_to(&t::ack(block), from).unwrap();
+        }
+    }
+    assert!(dropped);
+    assert_eq!(got, data);
+}
+
+#[test]
+fn garbage_floods_do_not_stop_a_real_client() {
+    let fx = fixture();
+    let s = server(fx.dir.path(), &[]);
+    let a = s.tftp.unwrap();
+    let flood = std::thread::spawn(move || {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut x = 1u32;
+        for i in 0..20_000u32 {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let len = (x % 700) as usize;
+            let mut pkt = pattern(len, i as u64);
+            if i % 3 == 0 && pkt.len() > 2 {
+                pkt[0] = 0;
+                pkt[1] = (x % 8) as u8; // plausible opcodes with junk bodies
+            }
+            let _ = sock.send_to(&pkt, a);
+        }
+    });
+    let out = tempfile::tempdir().unwrap();
+    let (name, data) = &fx.files[7];
+    let dst = out.path().join("x");
+    let (ok, _, err) = run(Command::new(tool("curl"))
+        .args(["-sS", "--tftp-blksize", "1468", "-o"])
+        .arg(&dst)
+        .arg(format!("tftp://{a}/{name}")));
+    flood.join().unwrap();
+    assert!(ok, "{err}");
+    check(&dst, data, "during a flood");
+    // And after it.
+    let (ok, _, err) = run(Command::new(tool("curl"))
+        .args(["-sS", "-o"])
+        .arg(&dst)
+        .arg(format!("tftp://{a}/sub/nested")));
+    assert!(ok, "{err}");
+    check(&dst, b"nested file\n", "after a flood");
+}
+
+#[test]
+fn sigterm_stops_the_server_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path(), &[]);
+    assert!(s.terminate(), "ltsp-server did not exit 0 on SIGTERM");
+}
