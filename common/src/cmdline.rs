@@ -146,7 +146,9 @@ fn split_host_port(s: &str) -> Result<(&str, Option<&str>), String> {
         };
     }
     if s.matches(':').count() > 1 {
-        return Err(format!("{s:?}: write an IPv6 address in brackets, [addr]:port"));
+        return Err(format!(
+            "{s:?}: write an IPv6 address in brackets, [addr]:port"
+        ));
     }
     Ok(match s.split_once(':') {
         Some((h, p)) => (h, Some(p)),
@@ -220,7 +222,9 @@ pub fn parse_ip(v: &str) -> Result<IpConfig, String> {
         })),
         ("off" | "none", None) => Err(format!("{v:?}: autoconf off needs a client address")),
         (a, Some(_)) if a != "off" && a != "none" => Ok(IpConfig::Dhcp { device }),
-        (a, _) => Err(format!("{v:?}: autoconf {a:?} is not one of dhcp, on, any, off, none")),
+        (a, _) => Err(format!(
+            "{v:?}: autoconf {a:?} is not one of dhcp, on, any, off, none"
+        )),
     }
 }
 
@@ -431,7 +435,12 @@ impl Cmdline {
             "conf" => self.conf_path = Some(val.to_string()),
             "arch" => self.arch = val.to_string(),
             "overlay-size" => {
-                if val.is_empty() || !val.trim_end_matches(['%', 'k', 'K', 'm', 'M', 'g', 'G']).bytes().all(|b| b.is_ascii_digit()) {
+                if val.is_empty()
+                    || !val
+                        .trim_end_matches(['%', 'k', 'K', 'm', 'M', 'g', 'G'])
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                {
                     self.warnings.push(format!(
                         "{full}: expected a tmpfs size such as 50% or 2G; using {}",
                         self.overlay_size
@@ -445,9 +454,10 @@ impl Cmdline {
             "dead-timeout" => self.dead_timeout = secs(&mut self.warnings, val, self.dead_timeout),
             "retries" => match val.parse() {
                 Ok(n) => self.retries = n,
-                Err(_) => self
-                    .warnings
-                    .push(format!("{full}: expected a whole number; using {}", self.retries)),
+                Err(_) => self.warnings.push(format!(
+                    "{full}: expected a whole number; using {}",
+                    self.retries
+                )),
             },
             "nbd-connections" => match val.parse::<u32>() {
                 Ok(n @ 1..=16) => self.nbd_connections = n,
@@ -520,9 +530,8 @@ mod tests {
 
     #[test]
     fn kernel_quoting() {
-        let (p, init) = split(
-            "a=1 b=\"x y=z\" \"c=quoted whole\" flag d=e=f  -- single --weird \"q q\"",
-        );
+        let (p, init) =
+            split("a=1 b=\"x y=z\" \"c=quoted whole\" flag d=e=f  -- single --weird \"q q\"");
         let p: Vec<(&str, Option<&str>)> =
             p.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
         assert_eq!(
@@ -552,7 +561,10 @@ mod tests {
             ("192.0.2.1:1234/root", t(Some("192.0.2.1"), 1234, "root")),
             ("srv:ltsp_amd64", t(Some("srv"), 10809, "ltsp_amd64")),
             (":ltsp_amd64", t(None, 10809, "ltsp_amd64")),
-            ("[2001:db8::1]:10809/img", t(Some("2001:db8::1"), 10809, "img")),
+            (
+                "[2001:db8::1]:10809/img",
+                t(Some("2001:db8::1"), 10809, "img"),
+            ),
             ("[2001:db8::1]/img", t(Some("2001:db8::1"), 10809, "img")),
             ("192.0.2.1,10810", t(Some("192.0.2.1"), 10810, "")),
             ("192.0.2.1,root,nbd0", t(Some("192.0.2.1"), 10809, "root")),
@@ -634,7 +646,10 @@ mod tests {
             "nbd://192.0.2.1:10809/img"
         );
         let c = Cmdline::parse("root=/dev/nbd0 ltsp.server=192.0.2.9");
-        assert_eq!(c.nbd_targets(Some("192.0.2.1"))[0].host.as_deref(), Some("192.0.2.9"));
+        assert_eq!(
+            c.nbd_targets(Some("192.0.2.1"))[0].host.as_deref(),
+            Some("192.0.2.9")
+        );
         assert!(!Cmdline::parse("root=/dev/sda1").wants_network_root());
     }
 }

@@ -85,12 +85,18 @@ pub fn parse(file: &str, text: &str) -> LtsConf {
             let name = rest[..close].trim();
             let after = rest[close + 1..].trim_start();
             if name.is_empty() {
-                err(indent + 1, "section header: expected a name between '[' and ']'".into());
+                err(
+                    indent + 1,
+                    "section header: expected a name between '[' and ']'".into(),
+                );
                 continue;
             }
             if !after.is_empty() && !after.starts_with('#') {
                 let col = line.len() - after.len() + 1;
-                err(col, format!("expected end of line after section header, found {after:?}"));
+                err(
+                    col,
+                    format!("expected end of line after section header, found {after:?}"),
+                );
                 continue;
             }
             conf.sections.push(Section {
@@ -101,7 +107,10 @@ pub fn parse(file: &str, text: &str) -> LtsConf {
             continue;
         }
         let Some(eq) = body.find('=') else {
-            err(indent + 1, "expected 'KEY = value' or a [section] header".into());
+            err(
+                indent + 1,
+                "expected 'KEY = value' or a [section] header".into(),
+            );
             continue;
         };
         let key = body[..eq].trim();
@@ -152,7 +161,10 @@ fn parse_value(text: &str) -> Result<String, (usize, String)> {
     let body = &text[lead..];
     if let Some(inner) = body.strip_prefix('"') {
         let Some(last) = inner.rfind('"') else {
-            return Err((lead, "unterminated double quote: expected a closing '\"'".into()));
+            return Err((
+                lead,
+                "unterminated double quote: expected a closing '\"'".into(),
+            ));
         };
         let after = inner[last + 1..].trim_start();
         if !after.is_empty() && !after.starts_with('#') {
@@ -563,8 +575,14 @@ mod tests {
             ("[default]\nA = b\n", Some("b")),
             ("[default]\nA\t=\tb\t\n", Some("b")),
             ("[default]\nA=b c  d  # comment\n", Some("b c  d")),
-            ("[default]\nA = \"x # not a comment\"\n", Some("x # not a comment")),
-            ("[default]\nA = \"say \"hi\" there\" # c\n", Some("say \"hi\" there")),
+            (
+                "[default]\nA = \"x # not a comment\"\n",
+                Some("x # not a comment"),
+            ),
+            (
+                "[default]\nA = \"say \"hi\" there\" # c\n",
+                Some("say \"hi\" there"),
+            ),
             ("[default]\n  a = lower key\n", Some("lower key")),
             ("[DEFAULT]   \nA = 1\n", Some("1")),
             ("[ default ]\nA = 1\n", Some("1")),
@@ -583,9 +601,15 @@ mod tests {
 
     #[test]
     fn errors_have_position_and_expectation() {
-        let c = parse("f.conf", "A = 1\n[default]\nB\n[x\nC = \"open\nD = \"a\" b\n[]\nE-F = 1\nOK = 1\n");
+        let c = parse(
+            "f.conf",
+            "A = 1\n[default]\nB\n[x\nC = \"open\nD = \"a\" b\n[]\nE-F = 1\nOK = 1\n",
+        );
         let got: Vec<(usize, usize)> = c.errors.iter().map(|e| (e.line, e.column)).collect();
-        assert_eq!(got, vec![(1, 1), (3, 1), (4, 1), (5, 5), (6, 9), (7, 1), (8, 2)]);
+        assert_eq!(
+            got,
+            vec![(1, 1), (3, 1), (4, 1), (5, 5), (6, 9), (7, 1), (8, 2)]
+        );
         assert!(c.errors[0].message.contains("before any section"));
         assert!(c.errors[1].message.contains("expected 'KEY = value'"));
         assert!(c.errors[2].message.contains("expected ']'"));
@@ -635,17 +659,46 @@ D = glob-host
         assert!(c.errors.is_empty());
         let cases = [
             // Exact hostname beats IP and MAC; globs come after exact + LIKEs.
-            (id(Some("node1"), Some("192.0.2.10"), Some("aa:bb:cc:dd:ee:ff")), "host", "glob-ip", "default", "glob-host"),
+            (
+                id(Some("node1"), Some("192.0.2.10"), Some("aa:bb:cc:dd:ee:ff")),
+                "host",
+                "glob-ip",
+                "default",
+                "glob-host",
+            ),
             // No host section: IP is exact.
-            (id(Some("other"), Some("192.0.2.10"), Some("aa-bb-cc-dd-ee-ff")), "ip", "glob-ip", "default", "glob-ip"),
+            (
+                id(Some("other"), Some("192.0.2.10"), Some("aa-bb-cc-dd-ee-ff")),
+                "ip",
+                "glob-ip",
+                "default",
+                "glob-ip",
+            ),
             // Uppercase MAC section matches lowercase MAC; LIKE chain kube -> base.
-            (id(None, Some("198.51.100.1"), Some("aa:bb:cc:dd:ee:ff")), "mac", "kube", "base", "default"),
-            (id(None, None, None), "default", "default", "default", "default"),
+            (
+                id(None, Some("198.51.100.1"), Some("aa:bb:cc:dd:ee:ff")),
+                "mac",
+                "kube",
+                "base",
+                "default",
+            ),
+            (
+                id(None, None, None),
+                "default",
+                "default",
+                "default",
+                "default",
+            ),
         ];
         for (who, a, b, cc, d) in cases {
             let r = c.resolve(&who);
             assert_eq!(
-                (r.get("A").unwrap(), r.get("B").unwrap(), r.get("C").unwrap(), r.get("D").unwrap()),
+                (
+                    r.get("A").unwrap(),
+                    r.get("B").unwrap(),
+                    r.get("C").unwrap(),
+                    r.get("D").unwrap()
+                ),
                 (a, b, cc, d),
                 "{who:?} via {:?}",
                 r.sections
@@ -664,12 +717,17 @@ D = glob-host
 
     #[test]
     fn like_cycle_is_reported_not_hung() {
-        let c = parse("t", "[a]\nLIKE = b\nX = a\n[b]\nLIKE = a\nY = b\n[default]\nZ = d\n");
+        let c = parse(
+            "t",
+            "[a]\nLIKE = b\nX = a\n[b]\nLIKE = a\nY = b\n[default]\nZ = d\n",
+        );
         let r = c.resolve(&id(Some("a"), None, None));
         assert_eq!(r.sections, vec!["a", "b", "default"]);
         assert_eq!(r.get("Y"), Some("b"));
         assert_eq!(r.get("Z"), Some("d"));
-        assert!(matches!(&r.problems[..], [ResolveError::LikeCycle { line: 5, chain, .. }] if chain == "a -> b -> a"));
+        assert!(
+            matches!(&r.problems[..], [ResolveError::LikeCycle { line: 5, chain, .. }] if chain == "a -> b -> a")
+        );
         let c = parse("t", "[a]\nLIKE = a\n");
         assert_eq!(c.resolve(&id(Some("a"), None, None)).problems.len(), 1);
         let c = parse("t", "[a]\nLIKE = nope\n");
@@ -687,7 +745,10 @@ D = glob-host
         );
         let r = c.resolve(&Identity::default());
         let keys: Vec<&str> = r.list("RCFILE_").iter().map(|(k, _)| *k).collect();
-        assert_eq!(keys, vec!["RCFILE_01_X", "RCFILE_02", "RCFILE_2", "RCFILE_10"]);
+        assert_eq!(
+            keys,
+            vec!["RCFILE_01_X", "RCFILE_02", "RCFILE_2", "RCFILE_10"]
+        );
     }
 
     #[test]
@@ -700,7 +761,11 @@ D = glob-host
             ("192.0.2.[!0-5]", "192.0.2.7", true),
             ("192.0.2.[!0-9]", "192.0.2.7", false),
             ("aa:bb:*", "AA:BB:CC", true),
-            ("*a*a*a*a*a*b", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", false),
+            (
+                "*a*a*a*a*a*b",
+                "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                false,
+            ),
             ("[x", "[x", true),
         ] {
             assert_eq!(glob_match(p, t), want, "{p} vs {t}");

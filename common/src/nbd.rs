@@ -149,7 +149,9 @@ pub struct InfoRequest {
 pub fn parse_info_request(data: &[u8]) -> Result<InfoRequest, WireError> {
     let take = |d: &[u8], n: usize| -> Result<(), WireError> {
         if d.len() < n {
-            Err(WireError::Malformed("INFO/GO payload shorter than its lengths"))
+            Err(WireError::Malformed(
+                "INFO/GO payload shorter than its lengths",
+            ))
         } else {
             Ok(())
         }
@@ -164,7 +166,9 @@ pub fn parse_info_request(data: &[u8]) -> Result<InfoRequest, WireError> {
     let n = u16::from_be_bytes(rest[..2].try_into().unwrap()) as usize;
     let rest = &rest[2..];
     if rest.len() != n * 2 {
-        return Err(WireError::Malformed("INFO/GO request count does not match its length"));
+        return Err(WireError::Malformed(
+            "INFO/GO request count does not match its length",
+        ));
     }
     let requests = rest
         .chunks_exact(2)
@@ -317,7 +321,11 @@ mod tests {
         let h = parse_option_reply_header(r[..20].try_into().unwrap()).unwrap();
         assert_eq!((h.option, h.reply, h.len), (OPT_GO, REP_ACK, 0));
         let mut info = ExportInfo::default();
-        apply_info_reply(&mut info, &info_export(1 << 30, TFLAG_HAS_FLAGS | TFLAG_READ_ONLY)).unwrap();
+        apply_info_reply(
+            &mut info,
+            &info_export(1 << 30, TFLAG_HAS_FLAGS | TFLAG_READ_ONLY),
+        )
+        .unwrap();
         assert_eq!(info.size, 1 << 30);
         assert_eq!(info.flags, 3);
     }

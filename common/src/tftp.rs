@@ -105,7 +105,9 @@ pub fn decode(b: &[u8]) -> Result<Packet<'_>, DecodeError> {
         OP_OACK => {
             let fields = strings(body)?;
             if fields.len() % 2 != 0 {
-                return Err(DecodeError::OptionWithoutValue(fields.last().unwrap().clone()));
+                return Err(DecodeError::OptionWithoutValue(
+                    fields.last().unwrap().clone(),
+                ));
             }
             Ok(Packet::Oack(
                 fields
@@ -261,7 +263,10 @@ mod tests {
         assert_eq!(r.mode, "octet");
         assert_eq!(
             r.options,
-            vec![("blksize".into(), "1468".into()), ("tsize".into(), "0".into())]
+            vec![
+                ("blksize".into(), "1468".into()),
+                ("tsize".into(), "0".into())
+            ]
         );
     }
 

@@ -139,10 +139,7 @@ pub struct Overrides {
 
 pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     toml::from_str(text).map_err(|e| {
-        let (line, column) = e
-            .span()
-            .map(|s| line_col(text, s.start))
-            .unwrap_or((0, 0));
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
         ConfigError::Syntax {
             path: path.to_path_buf(),
             line,
@@ -208,14 +205,19 @@ impl Config {
                     .tftp_listen
                     .or(f.tftp.listen)
                     .unwrap_or_else(|| "0.0.0.0:69".parse().unwrap()),
-                timeout: Duration::from_secs(o.tftp_timeout.or(f.tftp.timeout).unwrap_or(1).max(1) as u64),
+                timeout: Duration::from_secs(
+                    o.tftp_timeout.or(f.tftp.timeout).unwrap_or(1).max(1) as u64
+                ),
                 retries: o.tftp_retries.or(f.tftp.retries).unwrap_or(6),
                 max_windowsize: o
                     .tftp_max_windowsize
                     .or(f.tftp.max_windowsize)
                     .unwrap_or(64)
                     .max(1),
-                max_transfers: o.tftp_max_transfers.or(f.tftp.max_transfers).unwrap_or(2048),
+                max_transfers: o
+                    .tftp_max_transfers
+                    .or(f.tftp.max_transfers)
+                    .unwrap_or(2048),
                 boot,
             })
         } else {
@@ -306,7 +308,10 @@ mod tests {
         assert!(s.starts_with("/etc/ltsp/server.toml:3:1: "), "{s}");
         assert!(s.contains("rooot"), "{s}");
         let e = parse_file(p, "[nbd]\nlisten = \"nope\"\n").unwrap_err();
-        assert!(e.to_string().starts_with("/etc/ltsp/server.toml:2:10: "), "{e}");
+        assert!(
+            e.to_string().starts_with("/etc/ltsp/server.toml:2:10: "),
+            "{e}"
+        );
     }
 
     #[test]
@@ -339,7 +344,11 @@ mod tests {
             ..Default::default()
         };
         let e = Config::build(FileConfig::default(), &o).unwrap_err();
-        assert!(e.to_string().starts_with("export \"bad\": /nonexistent/file: "), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("export \"bad\": /nonexistent/file: "),
+            "{e}"
+        );
         let o = Overrides {
             no_tftp: true,
             exports: vec!["noequals".into()],

@@ -20,7 +20,10 @@ pub enum ServeError {
 
 /// Binds every listener first (so a busy port fails before anything is served), then
 /// serves until `shutdown` resolves.
-pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ServeError> {
+pub async fn serve(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServeError> {
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(t) = cfg.tftp {
         let root = t.root.clone();
@@ -38,7 +41,10 @@ pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()>)
         for e in &n.exports {
             log::info!("nbd: export {:?} = {}", e.name, e.path.display());
         }
-        log::info!("nbd: listening on {}", listener.local_addr().unwrap_or(addr));
+        log::info!(
+            "nbd: listening on {}",
+            listener.local_addr().unwrap_or(addr)
+        );
         tasks.spawn(nbd::Server::new(n).run(listener));
     }
     shutdown.await;

@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "ltsp-server", version, about = "TFTP and NBD server for network-booted ltsp-rs nodes")]
+#[command(
+    name = "ltsp-server",
+    version,
+    about = "TFTP and NBD server for network-booted ltsp-rs nodes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -124,7 +128,11 @@ fn main() -> ExitCode {
             println!("{cfg:#?}");
             ExitCode::SUCCESS
         }
-        "ipxe" => match cfg.tftp.as_ref().and_then(|t| ltsp_server::tftp::ipxe_script(&t.boot)) {
+        "ipxe" => match cfg
+            .tftp
+            .as_ref()
+            .and_then(|t| ltsp_server::tftp::ipxe_script(&t.boot))
+        {
             Some(s) => {
                 print!("{s}");
                 ExitCode::SUCCESS
@@ -139,7 +147,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cfg: Config) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ltsp-server: cannot start the runtime: {e}");
@@ -149,7 +160,10 @@ fn run(cfg: Config) -> ExitCode {
     let result = rt.block_on(async {
         let shutdown = async {
             use tokio::signal::unix::{signal, SignalKind};
-            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
                 (Ok(mut term), Ok(mut int)) => {
                     tokio::select! {
                         _ = term.recv() => log::info!("SIGTERM"),

@@ -65,7 +65,10 @@ impl Server {
                 }
             };
             let Ok(permit) = self.conns.clone().try_acquire_owned() else {
-                log::warn!("nbd: {peer}: refused: {} connections open", self.cfg.max_connections);
+                log::warn!(
+                    "nbd: {peer}: refused: {} connections open",
+                    self.cfg.max_connections
+                );
                 continue;
             };
             let me = self.clone();
@@ -91,7 +94,9 @@ impl Server {
             Ok(r) => r?,
             Err(_) => return Err(SessionError::HandshakeTimeout(t)),
         };
-        let Some(opened) = opened else { return Ok(None) };
+        let Some(opened) = opened else {
+            return Ok(None);
+        };
         log::info!(
             "nbd: {peer}: export {:?} ({} bytes) connected",
             opened.name,
@@ -146,6 +151,8 @@ impl Server {
         }
         let no_zeroes = flags & w::CLIENT_NO_ZEROES != 0;
         loop {
+            // Every reply is out before the client is expected to send its next option.
+            wr.flush().await?;
             let mut hdr = [0u8; 16];
             match rd.read_exact(&mut hdr).await {
                 Ok(_) => {}
@@ -181,32 +188,42 @@ impl Server {
                     return Ok(Some(o));
                 }
                 w::OPT_ABORT => {
-                    let _ = wr.write_all(&w::option_reply(h.option, w::REP_ACK, b"")).await;
+                    let _ = wr
+                        .write_all(&w::option_reply(h.option, w::REP_ACK, b""))
+                        .await;
                     let _ = wr.flush().await;
                     return Ok(None);
                 }
                 w::OPT_LIST => {
                     if !data.is_empty() {
-                        self.reply_err(wr, h.option, w::REP_ERR_INVALID, "LIST takes no data").await?;
+                        self.reply_err(wr, h.option, w::REP_ERR_INVALID, "LIST takes no data")
+                            .await?;
                         continue;
                     }
                     for e in &self.cfg.exports {
                         let mut d = (e.name.len() as u32).to_be_bytes().to_vec();
                         d.extend_from_slice(e.name.as_bytes());
-                        wr.write_all(&w::option_reply(h.option, w::REP_SERVER, &d)).await?;
+                        wr.write_all(&w::option_reply(h.option, w::REP_SERVER, &d))
+                            .await?;
                     }
-                    wr.write_all(&w::option_reply(h.option, w::REP_ACK, b"")).await?;
+                    wr.write_all(&w::option_reply(h.option, w::REP_ACK, b""))
+                        .await?;
                 }
                 w::OPT_STARTTLS => {
                     let why = "TLS is not offered by this server";
-                    let code = if data.is_empty() { w::REP_ERR_UNSUP } else { w::REP_ERR_INVALID };
+                    let code = if data.is_empty() {
+                        w::REP_ERR_UNSUP
+                    } else {
+                        w::REP_ERR_INVALID
+                    };
                     self.reply_err(wr, h.option, code, why).await?;
                 }
                 w::OPT_INFO | w::OPT_GO => {
                     let req = match w::parse_info_request(&data) {
                         Ok(r) => r,
                         Err(e) => {
-                            self.reply_err(wr, h.option, w::REP_ERR_INVALID, &e.to_string()).await?;
+                            self.reply_err(wr, h.option, w::REP_ERR_INVALID, &e.to_string())
+                                .await?;
                             continue;
                         }
                     };
@@ -219,7 +236,8 @@ impl Server {
                         }
                     };
                     self.send_info(wr, h.option, &req, &o).await?;
-                    wr.write_all(&w::option_reply(h.option, w::REP_ACK, b"")).await?;
+                    wr.write_all(&w::option_reply(h.option, w::REP_ACK, b""))
+                        .await?;
                     wr.flush().await?;
                     if h.option == w::OPT_GO {
                         return Ok(Some(o));
@@ -230,7 +248,6 @@ impl Server {
                     self.reply_err(wr, other, w::REP_ERR_UNSUP, &msg).await?;
                 }
             }
-            wr.flush().await?;
         }
     }
 
@@ -241,7 +258,8 @@ impl Server {
         code: u32,
         msg: &str,
     ) -> std::io::Result<()> {
-        wr.write_all(&w::option_reply(option, code, msg.as_bytes())).await
+        wr.write_all(&w::option_reply(option, code, msg.as_bytes()))
+            .await
     }
 
     async fn send_info<W: AsyncWrite + Unpin>(
@@ -251,8 +269,12 @@ impl Server {
         req: &InfoRequest,
         o: &Opened,
     ) -> std::io::Result<()> {
-        wr.write_all(&w::option_reply(option, w::REP_INFO, &w::info_export(o.size, EXPORT_FLAGS)))
-            .await?;
+        wr.write_all(&w::option_reply(
+            option,
+            w::REP_INFO,
+            &w::info_export(o.size, EXPORT_FLAGS),
+        ))
+        .await?;
         for &r in &req.requests {
             let mut d = r.to_be_bytes().to_vec();
             match r {
@@ -265,7 +287,8 @@ impl Server {
                 }
                 _ => continue,
             }
-            wr.write_all(&w::option_reply(option, w::REP_INFO, &d)).await?;
+            wr.write_all(&w::option_reply(option, w::REP_INFO, &d))
+                .await?;
         }
         Ok(())
     }
@@ -385,7 +408,10 @@ fn check_range(req: &w::Request, size: u64) -> Option<u32> {
     }
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Reply>) -> std::io::Result<()> {
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Reply>,
+) -> std::io::Result<()> {
     while let Some(r) = rx.recv().await {
         wr.write_all(&r.header).await?;
         wr.write_all(&r.data).await?;
@@ -418,6 +444,9 @@ mod tests {
         assert_eq!(check_range(&r(4097, 4096), 8192), Some(w::EINVAL));
         assert_eq!(check_range(&r(u64::MAX, 4096), 8192), Some(w::EINVAL));
         assert_eq!(check_range(&r(0, 0), 8192), Some(w::EINVAL));
-        assert_eq!(check_range(&r(0, w::MAX_REQUEST_LEN + 1), u64::MAX), Some(w::EINVAL));
+        assert_eq!(
+            check_range(&r(0, w::MAX_REQUEST_LEN + 1), u64::MAX),
+            Some(w::EINVAL)
+        );
     }
 }

@@ -58,7 +58,10 @@ pub fn normalise_path(name: &str) -> Result<String, Refusal> {
         match part {
             "" | "." => {}
             ".." => {
-                return Err(Refusal::new(tftp::ERR_ACCESS, "'..' is not allowed in paths"));
+                return Err(Refusal::new(
+                    tftp::ERR_ACCESS,
+                    "'..' is not allowed in paths",
+                ));
             }
             p => parts.push(p),
         }
@@ -191,14 +194,16 @@ impl Server {
     /// Binds the listening socket; separate from [`Server::run`] so callers learn the port.
     pub fn bind(&self) -> Result<UdpSocket, TftpError> {
         let addr = self.cfg.listen;
-        let std = std::net::UdpSocket::bind(addr).map_err(|source| TftpError::Bind { addr, source })?;
+        let std =
+            std::net::UdpSocket::bind(addr).map_err(|source| TftpError::Bind { addr, source })?;
         use nix::sys::socket::{setsockopt, sockopt};
         if addr.is_ipv4() {
             setsockopt(&std, sockopt::Ipv4PacketInfo, &true).map_err(TftpError::SockOpt)?;
         } else {
             setsockopt(&std, sockopt::Ipv6RecvPacketInfo, &true).map_err(TftpError::SockOpt)?;
         }
-        std.set_nonblocking(true).map_err(|source| TftpError::Bind { addr, source })?;
+        std.set_nonblocking(true)
+            .map_err(|source| TftpError::Bind { addr, source })?;
         UdpSocket::from_std(std).map_err(|source| TftpError::Bind { addr, source })
     }
 
@@ -222,9 +227,15 @@ impl Server {
             match packet {
                 Packet::Rrq(req) => {
                     let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-                        log::warn!("tftp: {peer}: refused {:?}: too many transfers", req.filename);
+                        log::warn!(
+                            "tftp: {peer}: refused {:?}: too many transfers",
+                            req.filename
+                        );
                         let _ = sock
-                            .send_to(&tftp::error(tftp::ERR_UNDEFINED, "server busy, retry"), peer)
+                            .send_to(
+                                &tftp::error(tftp::ERR_UNDEFINED, "server busy, retry"),
+                                peer,
+                            )
                             .await;
                         continue;
                     };
@@ -323,7 +334,10 @@ fn bind_reply_socket(local: IpAddr) -> std::io::Result<UdpSocket> {
 }
 
 /// Receives one datagram with the local address it was sent to (IP_PKTINFO).
-async fn recv_with_dst(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, IpAddr)> {
+async fn recv_with_dst(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr, IpAddr)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
     let fallback = sock.local_addr()?.ip();
     sock.async_io(Interest::READABLE, || {
@@ -353,7 +367,10 @@ async fn recv_with_dst(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usi
             .and_then(|a: SockaddrStorage| {
                 a.as_sockaddr_in()
                     .map(|s| SocketAddr::from(std::net::SocketAddrV4::from(*s)))
-                    .or_else(|| a.as_sockaddr_in6().map(|s| SocketAddr::from(std::net::SocketAddrV6::from(*s))))
+                    .or_else(|| {
+                        a.as_sockaddr_in6()
+                            .map(|s| SocketAddr::from(std::net::SocketAddrV6::from(*s)))
+                    })
             })
             .ok_or_else(|| std::io::Error::other("datagram without a source address"))?;
         Ok((msg.bytes, peer, local))
@@ -451,7 +468,10 @@ impl Transfer {
             if from != self.peer {
                 let _ = self
                     .sock
-                    .send_to(&tftp::error(tftp::ERR_UNKNOWN_TID, "unknown transfer ID"), from)
+                    .send_to(
+                        &tftp::error(tftp::ERR_UNKNOWN_TID, "unknown transfer ID"),
+                        from,
+                    )
                     .await;
                 continue;
             }
@@ -514,10 +534,17 @@ mod tests {
         assert_eq!(check_path(&root, "ok"), Ok(5));
         assert_eq!(check_path(&root, "inside"), Ok(5));
         for bad in ["rel-escape", "abs-escape"] {
-            assert_eq!(check_path(&root, bad).unwrap_err().code, tftp::ERR_ACCESS, "{bad}");
+            assert_eq!(
+                check_path(&root, bad).unwrap_err().code,
+                tftp::ERR_ACCESS,
+                "{bad}"
+            );
         }
         assert_eq!(check_path(&root, "dir").unwrap_err().code, tftp::ERR_ACCESS);
-        assert_eq!(check_path(&root, "missing").unwrap_err().code, tftp::ERR_NOT_FOUND);
+        assert_eq!(
+            check_path(&root, "missing").unwrap_err().code,
+            tftp::ERR_NOT_FOUND
+        );
     }
 
     #[test]
@@ -534,7 +561,9 @@ mod tests {
         })
         .unwrap();
         assert!(s.starts_with("#!ipxe\n"));
-        assert!(s.contains("kernel vmlinuz initrd=initrd.img BOOTIF=01-${netX/mac:hexhyp} root=/dev/nbd0"));
+        assert!(s.contains(
+            "kernel vmlinuz initrd=initrd.img BOOTIF=01-${netX/mac:hexhyp} root=/dev/nbd0"
+        ));
         assert!(s.contains("\ninitrd initrd.img\nboot\n"));
         assert!(ipxe_script(&BootFile::default()).is_none());
     }

@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Path of a workspace binary, built (once per test process) so it is never stale.
@@ -60,10 +63,16 @@ impl ServerProc {
     pub fn start(args: &[&str]) -> ServerProc {
         let mut cmd = Command::new(bin("ltsp-server"));
         cmd.arg("serve");
-        if !args.iter().any(|a| a.starts_with("--tftp-listen") || *a == "--no-tftp") {
+        if !args
+            .iter()
+            .any(|a| a.starts_with("--tftp-listen") || *a == "--no-tftp")
+        {
             cmd.args(["--tftp-listen", "127.0.0.1:0"]);
         }
-        if !args.iter().any(|a| a.starts_with("--nbd-listen") || *a == "--no-nbd") {
+        if !args
+            .iter()
+            .any(|a| a.starts_with("--nbd-listen") || *a == "--no-nbd")
+        {
             cmd.args(["--nbd-listen", "127.0.0.1:0"]);
         }
         cmd.args(args)
@@ -90,7 +99,11 @@ impl ServerProc {
             {
                 let l = log.lock().unwrap();
                 for line in l.lines() {
-                    if let Some(a) = line.split(" on ").nth(1).filter(|_| line.contains("tftp: serving")) {
+                    if let Some(a) = line
+                        .split(" on ")
+                        .nth(1)
+                        .filter(|_| line.contains("tftp: serving"))
+                    {
                         tftp = a.trim().parse().ok();
                     }
                     if let Some(a) = line.split("nbd: listening on ").nth(1) {
@@ -99,7 +112,12 @@ impl ServerProc {
                 }
             }
             if (tftp.is_some() || !want_tftp) && (nbd.is_some() || !want_nbd) {
-                return ServerProc { child, tftp, nbd, log };
+                return ServerProc {
+                    child,
+                    tftp,
+                    nbd,
+                    log,
+                };
             }
             if let Ok(Some(st)) = child.try_wait() {
                 panic!("ltsp-server exited with {st}:\n{}", log.lock().unwrap());
@@ -107,6 +125,7 @@ impl ServerProc {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = child.kill();
+        let _ = child.wait();
         panic!("ltsp-server did not start:\n{}", log.lock().unwrap());
     }
 
@@ -120,7 +139,9 @@ impl ServerProc {
 
     /// Sends SIGTERM and waits; returns whether it exited with success.
     pub fn terminate(mut self) -> bool {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(st)) = self.child.try_wait() {

@@ -17,7 +17,17 @@ struct Fixture {
 /// of each block size, and over 32 MiB (65535 blocks of 512: block numbers roll over).
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let sizes = [0, 1, 511, 512, 513, 1468 * 3, 8192 * 4, 100_000, 33 * 1024 * 1024 + 7];
+    let sizes = [
+        0,
+        1,
+        511,
+        512,
+        513,
+        1468 * 3,
+        8192 * 4,
+        100_000,
+        33 * 1024 * 1024 + 7,
+    ];
     let mut files = Vec::new();
     for (i, n) in sizes.into_iter().enumerate() {
         let name = format!("f{n}");
@@ -38,7 +48,12 @@ fn server(root: &Path, extra: &[&str]) -> ServerProc {
 
 fn check(out: &Path, want: &[u8], what: &str) {
     let got = std::fs::read(out).unwrap_or_else(|e| panic!("{what}: no output file: {e}"));
-    assert!(got.len() == want.len() && got == want, "{what}: {} bytes, want {}", got.len(), want.len());
+    assert!(
+        got.len() == want.len() && got == want,
+        "{what}: {} bytes, want {}",
+        got.len(),
+        want.len()
+    );
 }
 
 #[test]
@@ -72,7 +87,15 @@ fn tftp_hpa_and_atftp_with_windowsize() {
     for (name, data) in fx.files.iter().filter(|(n, _)| n != "f34603015") {
         let dst = out.path().join(format!("{name}.hpa"));
         let (ok, _, err) = run(Command::new(tool("tftp"))
-            .args([&a.ip().to_string(), &a.port().to_string(), "-m", "binary", "-c", "get", name])
+            .args([
+                &a.ip().to_string(),
+                &a.port().to_string(),
+                "-m",
+                "binary",
+                "-c",
+                "get",
+                name,
+            ])
             .arg(&dst));
         assert!(ok, "tftp-hpa {name}: {err}");
         check(&dst, data, &format!("tftp-hpa {name}"));
@@ -80,13 +103,27 @@ fn tftp_hpa_and_atftp_with_windowsize() {
     for (name, data) in &fx.files {
         let dst = out.path().join(format!("{name}.atftp"));
         let (ok, _, err) = run(Command::new(tool("atftp"))
-            .args(["--option", "windowsize 16", "--option", "blksize 1468", "--option", "tsize 0", "-g", "-r", name, "-l"])
+            .args([
+                "--option",
+                "windowsize 16",
+                "--option",
+                "blksize 1468",
+                "--option",
+                "tsize 0",
+                "-g",
+                "-r",
+                name,
+                "-l",
+            ])
             .arg(&dst)
             .args([&a.ip().to_string(), &a.port().to_string()]));
         assert!(ok, "atftp {name}: {err}");
         check(&dst, data, &format!("atftp windowsize 16 {name}"));
     }
-    assert!(s.log().contains("windowsize 16"), "the server never granted windowsize 16");
+    assert!(
+        s.log().contains("windowsize 16"),
+        "the server never granted windowsize 16"
+    );
 }
 
 #[test]
@@ -98,7 +135,15 @@ fn netascii_round_trips_through_tftp_hpa() {
     let a = s.tftp.unwrap();
     let dst = dir.path().join("out");
     let (ok, _, err) = run(Command::new(tool("tftp"))
-        .args([&a.ip().to_string(), &a.port().to_string(), "-m", "ascii", "-c", "get", "text"])
+        .args([
+            &a.ip().to_string(),
+            &a.port().to_string(),
+            "-m",
+            "ascii",
+            "-c",
+            "get",
+            "text",
+        ])
         .arg(&dst));
     assert!(ok, "{err}");
     check(&dst, &text, "netascii");
@@ -118,7 +163,9 @@ impl Raw {
     }
 
     fn rrq(&self, name: &str, opts: &[(&str, String)]) {
-        self.sock.send_to(&t::rrq(name, "octet", opts), self.server).unwrap();
+        self.sock
+            .send_to(&t::rrq(name, "octet", opts), self.server)
+            .unwrap();
     }
 
     fn recv(&self) -> Option<(Vec<u8>, SocketAddr)> {
@@ -169,7 +216,10 @@ fn escapes_and_non_files_are_refused_with_the_right_codes() {
     for name in ["/ok", "good-link", "\\ok"] {
         raw.rrq(name, &[]);
         let (b, from) = raw.recv().unwrap();
-        assert!(matches!(t::decode(&b).unwrap(), Packet::Data { block: 1, data } if data == b"fine"), "{name}");
+        assert!(
+            matches!(t::decode(&b).unwrap(), Packet::Data { block: 1, data } if data == b"fine"),
+            "{name}"
+        );
         raw.sock.send_to(&t::ack(1), from).unwrap();
     }
     // WRQ: refused, read-only server.
@@ -177,11 +227,25 @@ fn escapes_and_non_files_are_refused_with_the_right_codes() {
     wrq[1] = t::OP_WRQ as u8;
     raw.sock.send_to(&wrq, raw.server).unwrap();
     let (b, _) = raw.recv().unwrap();
-    assert!(matches!(t::decode(&b).unwrap(), Packet::Error { code: t::ERR_ACCESS, .. }));
+    assert!(matches!(
+        t::decode(&b).unwrap(),
+        Packet::Error {
+            code: t::ERR_ACCESS,
+            ..
+        }
+    ));
     // Mode "mail" is refused as an illegal operation.
-    raw.sock.send_to(&t::rrq("ok", "mail", &[]), raw.server).unwrap();
+    raw.sock
+        .send_to(&t::rrq("ok", "mail", &[]), raw.server)
+        .unwrap();
     let (b, _) = raw.recv().unwrap();
-    assert!(matches!(t::decode(&b).unwrap(), Packet::Error { code: t::ERR_ILLEGAL_OP, .. }));
+    assert!(matches!(
+        t::decode(&b).unwrap(),
+        Packet::Error {
+            code: t::ERR_ILLEGAL_OP,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -194,19 +258,33 @@ fn replies_come_from_a_fresh_port_on_the_address_asked() {
     let raw = Raw::new(format!("127.0.0.2:{port}").parse().unwrap());
     raw.rrq("f", &[]);
     let (b, from) = raw.recv().unwrap();
-    assert!(matches!(t::decode(&b).unwrap(), Packet::Data { block: 1, .. }));
+    assert!(matches!(
+        t::decode(&b).unwrap(),
+        Packet::Data { block: 1, .. }
+    ));
     assert_eq!(from.ip().to_string(), "127.0.0.2");
     assert_ne!(from.port(), port, "reply must come from a new transfer ID");
     // A stranger writing to the transfer port gets ERROR 5; the transfer goes on.
     let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
-    stranger.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stranger
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     stranger.send_to(&t::ack(1), from).unwrap();
     let mut buf = [0u8; 600];
     let (n, _) = stranger.recv_from(&mut buf).unwrap();
-    assert!(matches!(t::decode(&buf[..n]).unwrap(), Packet::Error { code: t::ERR_UNKNOWN_TID, .. }));
+    assert!(matches!(
+        t::decode(&buf[..n]).unwrap(),
+        Packet::Error {
+            code: t::ERR_UNKNOWN_TID,
+            ..
+        }
+    ));
     raw.sock.send_to(&t::ack(1), from).unwrap();
     let (b, _) = raw.recv().unwrap();
-    assert!(matches!(t::decode(&b).unwrap(), Packet::Data { block: 2, .. }));
+    assert!(matches!(
+        t::decode(&b).unwrap(),
+        Packet::Data { block: 2, .. }
+    ));
 }
 
 #[test]
@@ -216,12 +294,22 @@ fn duplicate_acks_cause_no_resends_and_options_are_acknowledged() {
     std::fs::write(dir.path().join("f"), &data).unwrap();
     let s = server(dir.path(), &["--tftp-timeout", "2"]);
     let raw = Raw::new(s.tftp.unwrap());
-    raw.rrq("f", &[("tsize", "0".into()), ("blksize", "512".into()), ("bogus", "1".into())]);
+    raw.rrq(
+        "f",
+        &[
+            ("tsize", "0".into()),
+            ("blksize", "512".into()),
+            ("bogus", "1".into()),
+        ],
+    );
     let (b, from) = raw.recv().unwrap();
     match t::decode(&b).unwrap() {
         Packet::Oack(o) => assert_eq!(
             o,
-            vec![("tsize".into(), data.len().to_string()), ("blksize".into(), "512".into())]
+            vec![
+                ("tsize".into(), data.len().to_string()),
+                ("blksize".into(), "512".into())
+            ]
         ),
         p => panic!("expected OACK, got {p:?}"),
     }
@@ -231,7 +319,9 @@ fn duplicate_acks_cause_no_resends_and_options_are_acknowledged() {
     let mut blocks = Vec::new();
     loop {
         let (b, _) = raw.recv().expect("data");
-        let Packet::Data { block, data } = t::decode(&b).unwrap() else { panic!() };
+        let Packet::Data { block, data } = t::decode(&b).unwrap() else {
+            panic!()
+        };
         blocks.push(block);
         got.extend_from_slice(data);
         // Every ACK twice: a naive server answers each duplicate with a resend.
@@ -244,7 +334,9 @@ fn duplicate_acks_cause_no_resends_and_options_are_acknowledged() {
     assert_eq!(got, data);
     let want: Vec<u16> = (1..=41).collect();
     assert_eq!(blocks, want, "each block exactly once");
-    raw.sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    raw.sock
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     assert!(raw.recv().is_none(), "nothing after the last block");
 }
 
@@ -261,12 +353,19 @@ fn unanswered_transfers_resend_a_bounded_number_of_times() {
     let start = Instant::now();
     let mut copies = 0;
     while let Some((b, _)) = raw.recv() {
-        assert!(matches!(t::decode(&b).unwrap(), Packet::Data { block: 1, .. }));
+        assert!(matches!(
+            t::decode(&b).unwrap(),
+            Packet::Data { block: 1, .. }
+        ));
         copies += 1;
     }
     assert_eq!(copies, 3, "first send plus two retries");
     assert!(start.elapsed() >= Duration::from_secs(2));
-    assert!(s.log().contains("no acknowledgement after 3 tries"), "{}", s.log());
+    assert!(
+        s.log().contains("no acknowledgement after 3 tries"),
+        "{}",
+        s.log()
+    );
 }
 
 #[test]
@@ -276,7 +375,10 @@ fn windowed_transfer_recovers_from_a_lost_block() {
     std::fs::write(dir.path().join("f"), &data).unwrap();
     let s = server(dir.path(), &[]);
     let raw = Raw::new(s.tftp.unwrap());
-    raw.rrq("f", &[("blksize", "1000".into()), ("windowsize", "8".into())]);
+    raw.rrq(
+        "f",
+        &[("blksize", "1000".into()), ("windowsize", "8".into())],
+    );
     let (_, from) = raw.recv().unwrap();
     raw.sock.send_to(&t::ack(0), from).unwrap();
     let mut got: Vec<u8> = Vec::new();
@@ -284,7 +386,9 @@ fn windowed_transfer_recovers_from_a_lost_block() {
     let mut dropped = false;
     loop {
         let (b, _) = raw.recv().expect("data");
-        let Packet::Data { block, data: d } = t::decode(&b).unwrap() else { panic!() };
+        let Packet::Data { block, data: d } = t::decode(&b).unwrap() else {
+            panic!()
+        };
         if block == 5 && !dropped {
             dropped = true; // pretend block 5 was lost
             continue;

@@ -1,0 +1,380 @@
+//! ltsp-server's NBD against real clients (nbdinfo, nbdcopy, qemu-io) and a raw client for
+//! the protocol corners and hostile behaviour that real clients never show.
+
+use ltsp_common::nbd as w;
+use ltsp_tests::{pattern, run, tool, ServerProc};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const SIZE: usize = 8 * 1024 * 1024 + 4096;
+
+struct Fx {
+    dir: tempfile::TempDir,
+    root: Vec<u8>,
+    s: ServerProc,
+}
+
+fn start(extra: &[&str]) -> Fx {
+    let dir = tempfile::tempdir().unwrap();
+    let root = pattern(SIZE, 11);
+    std::fs::write(dir.path().join("root.img"), &root).unwrap();
+    std::fs::write(dir.path().join("other.img"), pattern(65536, 12)).unwrap();
+    let a = format!("root={}", dir.path().join("root.img").display());
+    let b = format!("other={}", dir.path().join("other.img").display());
+    let mut args = vec![
+        "--no-tftp",
+        "--export",
+        &a,
+        "--export",
+        &b,
+        "--default-export",
+        "root",
+    ];
+    args.extend_from_slice(extra);
+    let s = ServerProc::start(&args);
+    Fx { dir, root, s }
+}
+
+fn uri(a: SocketAddr, export: &str) -> String {
+    format!("nbd://{a}/{export}")
+}
+
+#[test]
+fn nbdinfo_sees_size_flags_and_list() {
+    let fx = start(&[]);
+    let a = fx.s.nbd.unwrap();
+    let (ok, out, err) = run(Command::new(tool("nbdinfo")).args(["--size", &uri(a, "root")]));
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), SIZE.to_string());
+    // nbdinfo --is/--can exit 0 for true, 2 for false.
+    let st = |args: &[&str]| {
+        Command::new(tool("nbdinfo"))
+            .args(args)
+            .status()
+            .unwrap()
+            .code()
+    };
+    assert_eq!(st(&["--is", "read-only", &uri(a, "root")]), Some(0));
+    assert_eq!(st(&["--can", "multi-conn", &uri(a, "root")]), Some(0));
+    assert_eq!(st(&["--can", "write", &uri(a, "root")]), Some(2));
+    let (ok, out, err) = run(Command::new(tool("nbdinfo")).args(["--list", &format!("nbd://{a}")]));
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("export=\"root\"") && out.contains("export=\"other\""),
+        "{out}"
+    );
+    // The empty name selects the default export.
+    let (ok, out, _) = run(Command::new(tool("nbdinfo")).args(["--size", &format!("nbd://{a}")]));
+    assert!(ok);
+    assert_eq!(out.trim(), SIZE.to_string());
+    let (ok, _, err) = run(Command::new(tool("nbdinfo")).args(["--size", &uri(a, "nope")]));
+    assert!(!ok, "unknown export must fail");
+    assert!(
+        err.to_lowercase().contains("unknown") || err.contains("nope"),
+        "{err}"
+    );
+}
+
+#[test]
+fn nbdcopy_whole_export_is_byte_identical() {
+    let fx = start(&[]);
+    let a = fx.s.nbd.unwrap();
+    let out = fx.dir.path().join("copy");
+    for conns in ["1", "4"] {
+        let (ok, _, err) = run(Command::new(tool("nbdcopy"))
+            .args(["--connections", conns, "--requests", "64", &uri(a, "root")])
+            .arg(&out));
+        assert!(ok, "nbdcopy: {err}");
+        assert!(
+            std::fs::read(&out).unwrap() == fx.root,
+            "copy with {conns} connections differs"
+        );
+    }
+}
+
+#[test]
+fn qemu_io_write_is_refused_and_read_works() {
+    let fx = start(&[]);
+    let a = fx.s.nbd.unwrap();
+    let (ok, out, err) =
+        run(Command::new(tool("qemu-io")).args(["-f", "raw", &uri(a, "root"), "-c", "write 0 4k"]));
+    assert!(!ok, "write must be refused: {out}");
+    assert!(
+        err.contains("Permission denied")
+            || err.contains("read-only")
+            || out.contains("Permission denied"),
+        "{err}{out}"
+    );
+    let (ok, out, err) = run(Command::new(tool("qemu-io")).args([
+        "-r",
+        "-f",
+        "raw",
+        &uri(a, "root"),
+        "-c",
+        "read -P 0 0 1",
+    ]));
+    // The first byte of the pattern is not zero: qemu-io's pattern check must say so.
+    assert!(ok || out.contains("Pattern verification failed"), "{err}");
+    assert!(out.contains("Pattern verification failed"), "{out}");
+}
+
+/// A raw fixed-newstyle client.
+struct Raw {
+    s: TcpStream,
+}
+
+impl Raw {
+    fn connect(a: SocketAddr) -> Raw {
+        let mut s = TcpStream::connect(a).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).unwrap();
+        assert_eq!(g, w::server_greeting());
+        s.write_all(&(w::CLIENT_FIXED_NEWSTYLE | w::CLIENT_NO_ZEROES).to_be_bytes())
+            .unwrap();
+        Raw { s }
+    }
+
+    fn option(&mut self, opt: u32, data: &[u8]) {
+        self.s
+            .write_all(&w::option_header(opt, data.len() as u32))
+            .unwrap();
+        self.s.write_all(data).unwrap();
+    }
+
+    fn reply(&mut self) -> (w::OptionReplyHeader, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).unwrap();
+        let h = w::parse_option_reply_header(&h).unwrap();
+        let mut d = vec![0u8; h.len as usize];
+        self.s.read_exact(&mut d).unwrap();
+        (h, d)
+    }
+
+    /// NBD_OPT_GO; returns what the server said about the export.
+    fn go(&mut self, name: &str, infos: &[u16]) -> Result<w::ExportInfo, u32> {
+        self.option(w::OPT_GO, &w::info_request(name, infos));
+        let mut info = w::ExportInfo::default();
+        loop {
+            let (h, d) = self.reply();
+            match h.reply {
+                w::REP_INFO => w::apply_info_reply(&mut info, &d).unwrap(),
+                w::REP_ACK => return Ok(info),
+                e => return Err(e),
+            }
+        }
+    }
+
+    fn request(&mut self, kind: u16, cookie: u64, offset: u64, len: u32) {
+        let r = w::Request {
+            flags: 0,
+            kind,
+            cookie,
+            offset,
+            len,
+        };
+        self.s.write_all(&w::encode_request(&r)).unwrap();
+    }
+
+    /// A simple reply: (error, cookie).
+    fn simple(&mut self) -> (u32, u64) {
+        let mut b = [0u8; 16];
+        self.s.read_exact(&mut b).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(b[..4].try_into().unwrap()),
+            w::SIMPLE_REPLY_MAGIC
+        );
+        (
+            u32::from_be_bytes(b[4..8].try_into().unwrap()),
+            u64::from_be_bytes(b[8..].try_into().unwrap()),
+        )
+    }
+
+    fn read(&mut self, offset: u64, len: u32) -> Vec<u8> {
+        self.request(w::CMD_READ, 7, offset, len);
+        let (e, c) = self.simple();
+        assert_eq!((e, c), (0, 7));
+        let mut d = vec![0u8; len as usize];
+        self.s.read_exact(&mut d).unwrap();
+        d
+    }
+
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+#[test]
+fn negotiation_corners() {
+    let fx = start(&[]);
+    let a = fx.s.nbd.unwrap();
+    let mut c = Raw::connect(a);
+    // Unknown option: ERR_UNSUP and the negotiation goes on.
+    c.option(42, b"whatever");
+    assert_eq!(c.reply().0.reply, w::REP_ERR_UNSUP);
+    // STARTTLS: refused properly, still negotiating.
+    c.option(w::OPT_STARTTLS, b"");
+    assert_eq!(c.reply().0.reply, w::REP_ERR_UNSUP);
+    // INFO on a missing export, then a malformed one.
+    c.option(w::OPT_INFO, &w::info_request("missing", &[]));
+    assert_eq!(c.reply().0.reply, w::REP_ERR_UNKNOWN);
+    c.option(w::OPT_INFO, &[0, 0, 0, 9, b'x']);
+    assert_eq!(c.reply().0.reply, w::REP_ERR_INVALID);
+    // LIST with data is invalid.
+    c.option(w::OPT_LIST, b"x");
+    assert_eq!(c.reply().0.reply, w::REP_ERR_INVALID);
+    // INFO with name, description and block size; then GO.
+    c.option(
+        w::OPT_INFO,
+        &w::info_request(
+            "other",
+            &[w::INFO_NAME, w::INFO_DESCRIPTION, w::INFO_BLOCK_SIZE],
+        ),
+    );
+    let mut info = w::ExportInfo::default();
+    let mut name = None;
+    loop {
+        let (h, d) = c.reply();
+        if h.reply == w::REP_ACK {
+            break;
+        }
+        assert_eq!(h.reply, w::REP_INFO);
+        if u16::from_be_bytes([d[0], d[1]]) == w::INFO_NAME {
+            name = Some(String::from_utf8(d[2..].to_vec()).unwrap());
+        }
+        w::apply_info_reply(&mut info, &d).unwrap();
+    }
+    assert_eq!(name.as_deref(), Some("other"));
+    assert_eq!(info.size, 65536);
+    assert!(info.description.unwrap().contains("other"));
+    assert_eq!(info.block_size, Some((1, 4096, w::MAX_REQUEST_LEN)));
+    let info = c.go("", &[]).unwrap();
+    assert_eq!(info.size, SIZE as u64);
+    assert_eq!(
+        info.flags,
+        w::TFLAG_HAS_FLAGS | w::TFLAG_READ_ONLY | w::TFLAG_CAN_MULTI_CONN
+    );
+    assert_eq!(c.read(4096, 4096), fx.root[4096..8192]);
+
+    // EXPORT_NAME (old clients) with NO_ZEROES: size and flags only.
+    let mut c = Raw::connect(a);
+    c.option(w::OPT_EXPORT_NAME, b"root");
+    let mut b = [0u8; 10];
+    c.s.read_exact(&mut b).unwrap();
+    assert_eq!(u64::from_be_bytes(b[..8].try_into().unwrap()), SIZE as u64);
+    assert_eq!(c.read(0, 512), fx.root[..512]);
+    // ABORT: ACK, then the server closes.
+    let mut c = Raw::connect(a);
+    c.option(w::OPT_ABORT, b"");
+    assert_eq!(c.reply().0.reply, w::REP_ACK);
+    assert!(c.closed());
+}
+
+#[test]
+fn transmission_rules() {
+    let fx = start(&[]);
+    let a = fx.s.nbd.unwrap();
+    let mut c = Raw::connect(a);
+    c.go("root", &[]).unwrap();
+    // WRITE: EPERM, and the payload is drained (the next request still parses).
+    c.request(w::CMD_WRITE, 1, 0, 100_000);
+    c.s.write_all(&vec![0xAAu8; 100_000]).unwrap();
+    assert_eq!(c.simple(), (w::EPERM, 1));
+    c.request(w::CMD_TRIM, 2, 0, 4096);
+    assert_eq!(c.simple(), (w::EPERM, 2));
+    // Out of range and oversized reads: EINVAL, connection stays usable.
+    c.request(w::CMD_READ, 3, SIZE as u64 - 10, 11);
+    assert_eq!(c.simple(), (w::EINVAL, 3));
+    c.request(w::CMD_READ, 4, u64::MAX - 1, 4096);
+    assert_eq!(c.simple(), (w::EINVAL, 4));
+    c.request(w::CMD_READ, 5, 0, w::MAX_REQUEST_LEN + 1);
+    assert_eq!(c.simple(), (w::EINVAL, 5));
+    assert_eq!(c.read(SIZE as u64 - 10, 10), fx.root[SIZE - 10..]);
+    // 128 pipelined reads then DISC: every one answered (any order), then close.
+    let mut want = std::collections::HashMap::new();
+    for i in 0..128u64 {
+        let off = (i * 65_537) % (SIZE as u64 - 4096);
+        c.request(w::CMD_READ, 1000 + i, off, 4096);
+        want.insert(1000 + i, off as usize);
+    }
+    c.request(w::CMD_DISC, 0, 0, 0);
+    for _ in 0..128 {
+        let (e, cookie) = c.simple();
+        assert_eq!(e, 0);
+        let off = want.remove(&cookie).expect("a cookie we sent, once");
+        let mut d = vec![0u8; 4096];
+        c.s.read_exact(&mut d).unwrap();
+        assert!(d == fx.root[off..off + 4096], "data for cookie {cookie}");
+    }
+    assert!(want.is_empty());
+    assert!(c.closed(), "server closes after DISC");
+}
+
+#[test]
+fn hostile_clients_do_not_hurt_a_good_one() {
+    let fx = start(&["--nbd-handshake-timeout", "2"]);
+    let a = fx.s.nbd.unwrap();
+    // Oversized option length: ERR_TOO_BIG, then closed without reading 4 GiB.
+    let mut big = Raw::connect(a);
+    big.s
+        .write_all(&w::option_header(w::OPT_GO, u32::MAX))
+        .unwrap();
+    assert_eq!(big.reply().0.reply, w::REP_ERR_TOO_BIG);
+    assert!(big.closed());
+    // Bad client flags: closed.
+    let mut bad = TcpStream::connect(a).unwrap();
+    bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut g = [0u8; 18];
+    bad.read_exact(&mut g).unwrap();
+    bad.write_all(&0xffff_ffffu32.to_be_bytes()).unwrap();
+    assert!(matches!(bad.read(&mut g), Ok(0) | Err(_)));
+    // Garbage instead of an option header: closed.
+    let mut junk = Raw::connect(a);
+    junk.s.write_all(&pattern(64, 5)).unwrap();
+    assert!(junk.closed());
+    // A half-sent handshake is dropped after the handshake timeout.
+    let mut half = Raw::connect(a);
+    half.s
+        .write_all(&w::option_header(w::OPT_GO, 20)[..10])
+        .unwrap();
+    let t0 = Instant::now();
+    assert!(half.closed());
+    assert!(t0.elapsed() >= Duration::from_secs(1) && t0.elapsed() < Duration::from_secs(8));
+    // 1,000 idle connections (past the handshake timeout they are gone; during it they
+    // hold slots): a real client still gets through meanwhile.
+    let idle: Vec<TcpStream> = (0..1000).map(|_| TcpStream::connect(a).unwrap()).collect();
+    let out = fx.dir.path().join("copy");
+    let (ok, _, err) = run(Command::new(tool("nbdcopy"))
+        .args([&uri(a, "root")])
+        .arg(&out));
+    assert!(ok, "{err}");
+    assert!(std::fs::read(&out).unwrap() == fx.root);
+    drop(idle);
+    let log = fx.s.log();
+    assert!(log.contains("handshake not finished"), "{log}");
+}
+
+#[test]
+fn an_image_renamed_over_the_export_only_affects_new_connections() {
+    let fx = start(&[]);
+    let a = fx.s.nbd.unwrap();
+    let mut old = Raw::connect(a);
+    let before = old.go("root", &[w::INFO_DESCRIPTION]).unwrap();
+    // The operator's image update: write a new file, rename it over the old path.
+    let new_img = pattern(SIZE * 2, 99);
+    let tmp = fx.dir.path().join("root.img.new");
+    std::fs::write(&tmp, &new_img).unwrap();
+    std::fs::rename(&tmp, fx.dir.path().join("root.img")).unwrap();
+    // The running node keeps reading the bytes it started with.
+    assert_eq!(old.read(0, 65536), fx.root[..65536]);
+    assert_eq!(old.read(SIZE as u64 - 4096, 4096), fx.root[SIZE - 4096..]);
+    // A node connecting now gets the new image, with a different identity.
+    let mut new = Raw::connect(a);
+    let after = new.go("root", &[w::INFO_DESCRIPTION]).unwrap();
+    assert_eq!(after.size, (SIZE * 2) as u64);
+    assert_ne!(before.description, after.description);
+    assert_eq!(new.read(0, 65536), new_img[..65536]);
+}
