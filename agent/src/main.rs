@@ -1,1 +1,265 @@
-fn main() {}
+//! `ltsp-agent`: PID 1 of a standalone initramfs, the worker of the initramfs-tools boot
+//! script, and the operator's commands to see and apply a node's configuration.
+
+use clap::{Args, Parser, Subcommand};
+use ltsp_agent::boot::{self, Layout, Mode};
+use ltsp_agent::{apply, config, failure, system};
+use ltsp_common::cmdline::{Cmdline, OnFailure, OPTIONS};
+use ltsp_common::ltsconf::Identity;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "ltsp-agent",
+    version,
+    about = "ltsp-rs early-boot agent: boots a node from the network; shows and applies lts.conf"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the configuration lts.conf gives one client, one KEY="value" per line (as getltscfg -a).
+    Config(Inputs),
+    /// Write into a root directory what the boot would write (fstab, rc.local, hosts, services...).
+    Apply {
+        #[command(flatten)]
+        inputs: Inputs,
+        /// The root directory to change.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        /// The boot NIC's name, marked unmanaged for the image's network managers.
+        #[arg(long, value_name = "IFACE")]
+        iface: Option<String>,
+        /// The boot server's IPv4 address (named `server` in /etc/hosts).
+        #[arg(long, value_name = "IP")]
+        server: Option<std::net::Ipv4Addr>,
+        /// A DNS server, as DHCP would give it; repeatable.
+        #[arg(long, value_name = "IP")]
+        dns: Vec<std::net::Ipv4Addr>,
+    },
+    /// Boot as the initramfs-tools worker: set up the network root at --root and return.
+    Boot {
+        /// Where initramfs-tools expects the root ($rootmnt).
+        #[arg(long, default_value = "/root")]
+        root: String,
+    },
+    /// Print every kernel cmdline option the agent reads, with its default.
+    Options,
+}
+
+#[derive(Args)]
+struct Inputs {
+    /// The lts.conf to read.
+    #[arg(long, value_name = "FILE")]
+    lts_conf: PathBuf,
+    /// A file holding a kernel command line: its ltsp.KEY= overrides apply.
+    #[arg(long, value_name = "FILE")]
+    cmdline: Option<PathBuf>,
+    /// The client's MAC address.
+    #[arg(long)]
+    mac: Option<String>,
+    /// The client's IPv4 address.
+    #[arg(long)]
+    ip: Option<std::net::Ipv4Addr>,
+    /// The client's host name.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Also print which sections applied, strongest first (to stderr).
+    #[arg(long)]
+    explain: bool,
+}
+
+impl Inputs {
+    fn load(&self) -> Result<config::NodeConfig, String> {
+        let text = std::fs::read_to_string(&self.lts_conf)
+            .map_err(|e| format!("{}: {e}", self.lts_conf.display()))?;
+        let cmd = match &self.cmdline {
+            Some(p) => Cmdline::parse(
+                std::fs::read_to_string(p)
+                    .map_err(|e| format!("{}: {e}", p.display()))?
+                    .trim(),
+            ),
+            None => Cmdline::default(),
+        };
+        let id = Identity {
+            hostname: self.hostname.clone(),
+            ip: self.ip.map(|i| i.to_string()),
+            mac: self.mac.clone(),
+        };
+        let name = self.lts_conf.display().to_string();
+        let c = config::resolve(Some((&name, &text)), &cmd, &id);
+        if self.explain {
+            eprintln!("sections applied: {}", c.resolved.sections.join(" > "));
+        }
+        Ok(c)
+    }
+}
+
+fn main() -> ExitCode {
+    if std::process::id() == 1 {
+        pid1();
+    }
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config(inputs) => {
+            ltsp_agent::log::init_stderr(false);
+            match inputs.load() {
+                Ok(c) => {
+                    print!("{}", c.resolved.to_shell());
+                    report_problems(&c)
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Apply {
+            inputs,
+            root,
+            iface,
+            server,
+            dns,
+        } => {
+            ltsp_agent::log::init_stderr(false);
+            let c = match inputs.load() {
+                Ok(c) => c,
+                Err(e) => return fail(&e),
+            };
+            let node = apply::Node {
+                ip: inputs.ip,
+                mac: inputs.mac.clone(),
+                iface,
+                server,
+                hostname: inputs.hostname.clone(),
+                dns,
+                domain: None,
+            };
+            match apply::apply(&root, &c.resolved, &node) {
+                Ok(r) => {
+                    for w in &r.written {
+                        println!("wrote {w}");
+                    }
+                    for m in &r.masked {
+                        println!("masked {m}");
+                    }
+                    for p in apply::preinit_commands(&c.resolved) {
+                        println!("preinit (run at boot): {p}");
+                    }
+                    for w in &r.warnings {
+                        eprintln!("ltsp-agent: warning: {w}");
+                    }
+                    report_problems(&c)
+                }
+                Err(e) => fail(&e.to_string()),
+            }
+        }
+        Command::Boot { root } => worker(&root),
+        Command::Options => {
+            println!("| option | default | meaning |\n|---|---|---|");
+            for (name, default, meaning) in OPTIONS {
+                println!("| `{name}` | {default} | {meaning} |");
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn report_problems(c: &config::NodeConfig) -> ExitCode {
+    for p in &c.problems {
+        eprintln!("ltsp-agent: {p}");
+    }
+    if c.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("ltsp-agent: {msg}");
+    ExitCode::from(2)
+}
+
+const DEFAULT_FAILURE: OnFailure = OnFailure::Reboot(Duration::from_secs(60));
+
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        log::error!("internal error: {info}");
+    }));
+}
+
+/// PID 1: never returns, never panics out.
+fn pid1() -> ! {
+    ltsp_agent::log::init_boot(false);
+    install_panic_hook();
+    let r = std::panic::catch_unwind(|| {
+        boot::boot(
+            &system::Real,
+            &mut boot::RealPlatform,
+            Mode::Pid1,
+            &Layout::real("/root"),
+        )
+    });
+    match r {
+        Ok(Ok(_)) => unreachable_boot(),
+        Ok(Err(f)) => {
+            let (e, on_failure) = *f;
+            failure::report(e.step(), &e.to_string(), e.hint());
+            failure::act(on_failure.unwrap_or(DEFAULT_FAILURE))
+        }
+        Err(_) => {
+            failure::report(
+                "agent",
+                "internal error (see the line above)",
+                "report it with the console log",
+            );
+            failure::act(DEFAULT_FAILURE)
+        }
+    }
+}
+
+fn unreachable_boot() -> ! {
+    failure::report(
+        "init",
+        "boot returned without exec",
+        "report it with the console log",
+    );
+    failure::act(DEFAULT_FAILURE)
+}
+
+/// The initramfs-tools worker: exit 0 with the root mounted, else non-zero so the boot
+/// script can fall back to initramfs-tools' own panic shell.
+fn worker(root: &str) -> ExitCode {
+    ltsp_agent::log::init_boot(false);
+    install_panic_hook();
+    let r = std::panic::catch_unwind(|| {
+        boot::boot(
+            &system::Real,
+            &mut boot::RealPlatform,
+            Mode::Worker,
+            &Layout::real(root),
+        )
+    });
+    match r {
+        Ok(Ok(_)) => ExitCode::SUCCESS,
+        Ok(Err(f)) => {
+            let (e, on_failure) = *f;
+            failure::report(e.step(), &e.to_string(), e.hint());
+            match on_failure.unwrap_or(DEFAULT_FAILURE) {
+                OnFailure::Shell => ExitCode::from(1),
+                other => failure::act(other),
+            }
+        }
+        Err(_) => {
+            failure::report(
+                "agent",
+                "internal error (see the line above)",
+                "report it with the console log",
+            );
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,927 @@
+//! The whole boot, from the initramfs's first instruction to exec of the real init, as one
+//! function over named steps. The steps that touch the machine go through [`System`]; the
+//! network ones through [`Platform`], so the plan is unit-tested with fakes.
+
+use crate::apply::{self, Node};
+use crate::config::{self, NodeConfig};
+use crate::modules::{self, Modules};
+use crate::nbd::{handshake, netlink};
+use crate::net::{self, NetInfo};
+use crate::system::System;
+use crate::{log as blog, rootfs, switch_root, tftp};
+use ltsp_common::cmdline::{Cmdline, NbdTarget, OnFailure};
+use ltsp_common::ltsconf::Identity;
+use nix::mount::MsFlags;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Which entry point runs the boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `/init` of a standalone initramfs: mounts the API filesystems, switches root and
+    /// execs init itself.
+    Pid1,
+    /// Called by the initramfs-tools boot script, which already mounted /dev, /proc, /sys
+    /// and /run and will switch root itself: the root is left mounted at `newroot`.
+    Worker,
+}
+
+/// Where things are; the real paths at boot, temporary directories in tests.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub run: String,
+    pub newroot: String,
+    pub proc_cmdline: PathBuf,
+    pub modules: PathBuf,
+    pub sysfs: PathBuf,
+}
+
+impl Layout {
+    pub fn real(newroot: &str) -> Layout {
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Layout {
+            run: "/run".into(),
+            newroot: newroot.into(),
+            proc_cmdline: "/proc/cmdline".into(),
+            modules: Path::new("/lib/modules").join(release),
+            sysfs: "/sys".into(),
+        }
+    }
+}
+
+/// The network side of the boot: real sockets at boot, scripted answers in tests.
+pub trait Platform {
+    fn bring_up(&mut self, cmd: &Cmdline, deadline: Instant) -> Result<NetInfo, net::NetError>;
+    fn fetch(&mut self, server: SocketAddr, path: &str) -> Result<Vec<u8>, tftp::FetchError>;
+    /// Negotiates with `target` and hands the connections to the kernel as /dev/nbd`index`.
+    fn attach_nbd(
+        &mut self,
+        target: &NbdTarget,
+        index: u32,
+        cmd: &Cmdline,
+    ) -> Result<NbdAttached, NbdError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdAttached {
+    pub device: String,
+    pub size: u64,
+    pub connections: u32,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    #[error(transparent)]
+    Handshake(#[from] handshake::HandshakeError),
+    #[error(transparent)]
+    Netlink(#[from] netlink::NbdNetlinkError),
+    #[error("{target}: connection {n} got another image ({got:?}) than the first ({want:?}): was it replaced during the boot?")]
+    ImageChanged {
+        target: String,
+        n: u32,
+        got: Option<String>,
+        want: Option<String>,
+    },
+    #[error("{device} did not show its size within {secs} s after NBD_CMD_CONNECT")]
+    DeviceTimeout { device: String, secs: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("mount {fstype} on {target}: {source}")]
+    EarlyMount {
+        fstype: &'static str,
+        target: String,
+        source: std::io::Error,
+    },
+    #[error("reading {path}: {source}")]
+    Cmdline {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the kernel cmdline asks for no network root (root=/dev/nbd0 or nbdroot=...)")]
+    NotNetworkRoot,
+    #[error(transparent)]
+    Net(#[from] net::NetError),
+    #[error("no NBD server answered with a usable export; last error: {0}")]
+    Nbd(NbdError),
+    #[error(transparent)]
+    Root(#[from] rootfs::RootError),
+    #[error(transparent)]
+    Apply(#[from] apply::ApplyError),
+    #[error(transparent)]
+    Switch(#[from] switch_root::SwitchError),
+    #[error("exec {init}: {source}")]
+    Exec {
+        init: String,
+        source: std::io::Error,
+    },
+}
+
+impl BootError {
+    /// The step's name, as the console reports it.
+    pub fn step(&self) -> &'static str {
+        match self {
+            BootError::EarlyMount { .. } => "mounts",
+            BootError::Cmdline { .. } | BootError::NotNetworkRoot => "cmdline",
+            BootError::Net(_) => "net",
+            BootError::Nbd(_) => "nbd",
+            BootError::Root(_) => "root",
+            BootError::Apply(_) => "apply",
+            BootError::Switch(_) => "switch",
+            BootError::Exec { .. } => "init",
+        }
+    }
+
+    /// What the operator should look at.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            BootError::Net(net::NetError::Dhcp(_)) => {
+                "the DHCP server (is it running, does it serve this network?)"
+            }
+            BootError::Net(_) => "the NIC, its driver in the initramfs, the cable, BOOTIF= and ip=",
+            BootError::Nbd(_) => {
+                "that ltsp-server runs, the nbdroot= host/port/export, and firewalls on port 10809"
+            }
+            BootError::Root(_) => {
+                "that the export is a squashfs image and the initramfs has squashfs and overlay"
+            }
+            BootError::Exec { .. } => "init= and that the image has /sbin/init",
+            _ => "",
+        }
+    }
+}
+
+/// Calls `f` until it succeeds, the deadline passes or `max_tries` (0: unlimited) are
+/// used, sleeping 0.25, 0.5, 1, 2, 4, 5, 5... s between tries.
+pub fn retry<T, E: std::fmt::Display>(
+    what: &str,
+    deadline: Instant,
+    max_tries: u32,
+    mut f: impl FnMut(u32) -> Result<T, E>,
+) -> Result<T, E> {
+    let mut delay = Duration::from_millis(250);
+    let mut n = 0;
+    loop {
+        n += 1;
+        match f(n) {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                let out_of_time = Instant::now() + delay >= deadline;
+                if out_of_time || (max_tries > 0 && n >= max_tries) {
+                    return Err(e);
+                }
+                log::warn!(
+                    "{what}: try {n} failed: {e}; again in {:.2} s",
+                    delay.as_secs_f64()
+                );
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// The boot timeline: (step, seconds since kernel start).
+#[derive(Debug, Default, Clone)]
+pub struct Timeline(pub Vec<(&'static str, f64)>);
+
+impl Timeline {
+    fn mark(&mut self, step: &'static str) {
+        let t = blog::uptime();
+        log::info!("{step}");
+        self.0.push((step, t));
+    }
+
+    pub fn render(&self) -> String {
+        self.0
+            .iter()
+            .map(|(s, t)| format!("{s}={t:.3}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+pub struct Booted {
+    pub cmdline: Cmdline,
+    pub net: NetInfo,
+    pub config: NodeConfig,
+    pub nbd: NbdAttached,
+    pub timeline: Timeline,
+}
+
+/// The boot. Returns only in [`Mode::Worker`] (root mounted at `newroot`), or on error;
+/// in [`Mode::Pid1`] success ends in exec of init.
+///
+/// The error half says what failed and what the cmdline wants done about it (unknown
+/// when the cmdline itself could not be read).
+pub type Failed = Box<(BootError, Option<OnFailure>)>;
+
+pub fn boot(
+    sys: &dyn System,
+    p: &mut dyn Platform,
+    mode: Mode,
+    l: &Layout,
+) -> Result<Booted, Failed> {
+    let mut tl = Timeline::default();
+    tl.mark("start");
+    if mode == Mode::Pid1 {
+        early_mounts(sys, l).map_err(|e| Box::new((e, None)))?;
+        blog::reopen();
+    }
+    let cmd = read_cmdline(l).map_err(|e| Box::new((e, None)))?;
+    let on_failure = cmd.on_failure;
+    let fail = move |e: BootError| Box::new((e, Some(on_failure)));
+    for w in &cmd.warnings {
+        log::warn!("kernel cmdline: {w}");
+    }
+    if !cmd.wants_network_root() {
+        return Err(fail(BootError::NotNetworkRoot));
+    }
+    let deadline = Instant::now() + cmd.timeout;
+
+    pause_at(&cmd, "modules");
+    tl.mark("modules");
+    load_modules(sys, l, &cmd);
+
+    pause_at(&cmd, "net");
+    tl.mark("net");
+    let net = retry("net", deadline, cmd.retries, |_| p.bring_up(&cmd, deadline))
+        .map_err(|e| fail(e.into()))?;
+    tl.mark("net-up");
+    write_run_files(l, &net);
+
+    pause_at(&cmd, "ltsconf");
+    tl.mark("ltsconf");
+    let server = cmd
+        .server
+        .clone()
+        .or(net.lease.next_server.map(|s| s.to_string()));
+    let mut conf_text = fetch_lts_conf(p, &cmd, &net, server.as_deref());
+
+    pause_at(&cmd, "nbd");
+    tl.mark("nbd");
+    let index = nbd_index(&cmd);
+    let targets = cmd.nbd_targets(server.as_deref());
+    let attached = retry("nbd", deadline, cmd.retries, |_| {
+        let mut last = None;
+        for t in &targets {
+            match p.attach_nbd(t, index, &cmd) {
+                Ok(a) => return Ok(a),
+                Err(e) => {
+                    log::warn!("nbd: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("at least one target"))
+    })
+    .map_err(|e| fail(BootError::Nbd(e)))?;
+    tl.mark("nbd-connected");
+
+    pause_at(&cmd, "root");
+    rootfs::mount_root(sys, &attached.device, &cmd.overlay_size, &l.run, &l.newroot)
+        .map_err(|e| fail(e.into()))?;
+    tl.mark("root-mounted");
+
+    pause_at(&cmd, "apply");
+    if conf_text.is_none() {
+        let p = Path::new(&l.newroot).join("etc/lts.conf");
+        conf_text = std::fs::read_to_string(&p)
+            .ok()
+            .map(|t| ("/etc/lts.conf (image)".to_string(), t));
+    }
+    let id = Identity {
+        hostname: net.lease.hostname.clone(),
+        ip: Some(net.lease.ip.to_string()),
+        mac: Some(net.mac.clone()),
+    };
+    let config = config::resolve(
+        conf_text.as_ref().map(|(n, t)| (n.as_str(), t.as_str())),
+        &cmd,
+        &id,
+    );
+    for problem in &config.problems {
+        log::warn!("lts.conf: {problem} (the boot goes on with what could be read)");
+    }
+    log::info!(
+        "lts.conf: sections applied: {}",
+        config.resolved.sections.join(", ")
+    );
+    let node = Node {
+        ip: Some(net.lease.ip),
+        mac: Some(net.mac.clone()),
+        iface: Some(net.iface.clone()),
+        server: server.as_deref().and_then(|s| s.parse().ok()),
+        hostname: net.lease.hostname.clone(),
+        dns: net.lease.dns.clone(),
+        domain: net.lease.domain.clone(),
+    };
+    let report =
+        apply::apply(Path::new(&l.newroot), &config.resolved, &node).map_err(|e| fail(e.into()))?;
+    for w in &report.warnings {
+        log::warn!("apply: {w}");
+    }
+    log::info!(
+        "apply: wrote {}; masked {}",
+        report.written.join(" "),
+        report.masked.join(" ")
+    );
+    tl.mark("applied");
+
+    let preinit = apply::preinit_commands(&config.resolved);
+    let env = boot_env(&cmd, &net, &config, &attached, server.as_deref());
+    let _ = std::fs::write(format!("{}/ltsp/boot.env", l.run), env_file(&env));
+
+    let booted = Booted {
+        cmdline: cmd.clone(),
+        net,
+        config,
+        nbd: attached,
+        timeline: tl.clone(),
+    };
+    match mode {
+        Mode::Worker => {
+            // initramfs-tools moves the mounts and execs init; PREINIT runs chrooted now.
+            if !preinit.is_empty() {
+                run_preinit(sys, Some(&l.newroot), &preinit_argv(&preinit), &env);
+            }
+            tl.mark("handover");
+            log::info!("timeline: {}", tl.render());
+            Ok(Booted {
+                timeline: tl,
+                ..booted
+            })
+        }
+        Mode::Pid1 => {
+            pause_at(&cmd, "switch");
+            switch_root::switch_root(sys, &l.newroot).map_err(|e| fail(e.into()))?;
+            tl.mark("switched");
+            pause_at(&cmd, "preinit");
+            if !preinit.is_empty() {
+                run_preinit(sys, None, &preinit_argv(&preinit), &env);
+            }
+            pause_at(&cmd, "init");
+            tl.mark("exec-init");
+            log::info!("timeline: {}", tl.render());
+            let _ = std::fs::write("/run/ltsp/timeline", format!("{}\n", tl.render()));
+            let mut argv = vec![cmd.init.clone()];
+            argv.extend(cmd.init_args.iter().cloned());
+            close_inherited_fds();
+            let err = sys.exec(&argv, &init_env());
+            Err(fail(BootError::Exec {
+                init: cmd.init.clone(),
+                source: err,
+            }))
+        }
+    }
+}
+
+fn early_mounts(sys: &dyn System, l: &Layout) -> Result<(), BootError> {
+    let m = |src: &str, target: &str, fstype: &'static str, flags: MsFlags, data: &str| {
+        let _ = sys.mkdir(target);
+        sys.mount(src, target, fstype, flags, data)
+            .map_err(|source| BootError::EarlyMount {
+                fstype,
+                target: target.into(),
+                source,
+            })
+    };
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    m("proc", "/proc", "proc", nosuid, "")?;
+    m("sysfs", "/sys", "sysfs", nosuid, "")?;
+    m(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        "mode=0755",
+    )?;
+    // systemd's initrd interface: /run a tmpfs, mode 0755, carried into the new root.
+    m(
+        "tmpfs",
+        &l.run,
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        "mode=0755",
+    )?;
+    Ok(())
+}
+
+fn read_cmdline(l: &Layout) -> Result<Cmdline, BootError> {
+    let text = std::fs::read_to_string(&l.proc_cmdline).map_err(|source| BootError::Cmdline {
+        path: l.proc_cmdline.display().to_string(),
+        source,
+    })?;
+    let cmd = Cmdline::parse(text.trim());
+    if cmd.debug {
+        log::set_max_level(log::LevelFilter::Debug);
+    }
+    Ok(cmd)
+}
+
+/// NIC drivers for the devices present, then nbd, squashfs, overlay and `ltsp.modules=`.
+/// A module that fails is logged; the step that needs it then fails with its own reason.
+fn load_modules(sys: &dyn System, l: &Layout, cmd: &Cmdline) {
+    let mut m = match Modules::open(&l.modules) {
+        Ok(m) => m,
+        Err(e) => {
+            log::warn!("modules: {e}; relying on built-in drivers");
+            return;
+        }
+    };
+    let nics = modules::load_nic_drivers(&mut m, sys, &l.sysfs);
+    let mut loaded = nics;
+    for name in ["nbd", "squashfs", "overlay"]
+        .into_iter()
+        .map(str::to_string)
+        .chain(cmd.modules.iter().cloned())
+    {
+        match m.load(sys, &name) {
+            Ok(v) => loaded.extend(v),
+            Err(e) => log::warn!("modules: {e}"),
+        }
+    }
+    log::info!(
+        "modules: loaded {}",
+        if loaded.is_empty() {
+            "none".into()
+        } else {
+            loaded.join(" ")
+        }
+    );
+}
+
+fn write_run_files(l: &Layout, net: &NetInfo) {
+    let _ = std::fs::create_dir_all(format!("{}/ltsp", l.run));
+    let path = format!("{}/net-{}.conf", l.run, net.iface);
+    if let Err(e) = std::fs::write(&path, net::net_conf(net, blog::uptime())) {
+        log::warn!("writing {path}: {e}");
+    }
+}
+
+/// lts.conf by TFTP: `ltsp.conf=`, else next to the boot file, else /ltsp/<arch>/lts.conf.
+/// None when the server has none: the image's /etc/lts.conf is read after the root mount.
+fn fetch_lts_conf(
+    p: &mut dyn Platform,
+    cmd: &Cmdline,
+    net: &NetInfo,
+    server: Option<&str>,
+) -> Option<(String, String)> {
+    let paths: Vec<String> = match cmd.conf_path.as_deref() {
+        Some("none") => return None,
+        Some(path) => vec![path.to_string()],
+        None => {
+            let mut v = Vec::new();
+            if let Some(dir) = net
+                .lease
+                .bootfile
+                .as_deref()
+                .and_then(|b| b.rsplit_once('/'))
+                .map(|(d, _)| d)
+            {
+                v.push(format!("{dir}/lts.conf"));
+            }
+            v.push(format!("/ltsp/{}/lts.conf", cmd.arch));
+            v
+        }
+    };
+    let Some(addr) = server.and_then(|s| s.parse::<std::net::IpAddr>().ok()) else {
+        log::warn!("lts.conf: no boot server known: using the image's /etc/lts.conf");
+        return None;
+    };
+    for path in paths {
+        match p.fetch(SocketAddr::new(addr, 69), &path) {
+            Ok(bytes) => {
+                log::info!("lts.conf: {} bytes from tftp://{addr}{}", bytes.len(), path);
+                return Some((
+                    format!("tftp://{addr}{path}"),
+                    String::from_utf8_lossy(&bytes).into_owned(),
+                ));
+            }
+            Err(e) => log::info!("lts.conf: {e}"),
+        }
+    }
+    log::info!("lts.conf: none on the server: the image's /etc/lts.conf is used if it has one");
+    None
+}
+
+fn nbd_index(cmd: &Cmdline) -> u32 {
+    cmd.root
+        .as_deref()
+        .and_then(|r| r.strip_prefix("/dev/nbd"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What PREINIT commands and the root system learn about the boot (also /run/ltsp/boot.env).
+fn boot_env(
+    cmd: &Cmdline,
+    net: &NetInfo,
+    config: &NodeConfig,
+    nbd: &NbdAttached,
+    server: Option<&str>,
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
+        ("DEVICE".into(), net.iface.clone()),
+        ("IPV4ADDR".into(), net.lease.ip.to_string()),
+        ("MAC".into(), net.mac.clone()),
+        ("SERVER".into(), server.unwrap_or("").into()),
+        ("NBD_DEVICE".into(), nbd.device.clone()),
+        (
+            "NBD_SERVER".into(),
+            cmd.nbd_targets(server)
+                .first()
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
+        ),
+    ];
+    if let Some(h) = apply::hostname(
+        &config.resolved,
+        &Node {
+            ip: Some(net.lease.ip),
+            mac: Some(net.mac.clone()),
+            hostname: net.lease.hostname.clone(),
+            ..Default::default()
+        },
+    ) {
+        env.push(("HOSTNAME".into(), h));
+    }
+    for (k, v) in config.resolved.all() {
+        env.push((k.to_string(), v.to_string()));
+    }
+    env
+}
+
+fn env_file(env: &[(String, String)]) -> String {
+    env.iter()
+        .filter(|(k, _)| k != "PATH")
+        .map(|(k, v)| format!("{k}=\"{}\"\n", ltsp_common::ltsconf::shell_escape_dq(v)))
+        .collect()
+}
+
+fn preinit_argv(cmds: &[String]) -> Vec<String> {
+    vec!["/bin/sh".into(), "-c".into(), cmds.join("\n")]
+}
+
+/// PREINIT_* as LTSP ran them: one shell, failures logged, the boot goes on.
+fn run_preinit(sys: &dyn System, root: Option<&str>, argv: &[String], env: &[(String, String)]) {
+    match sys.run(root, argv, env) {
+        Ok(0) => log::info!("preinit: done"),
+        Ok(code) => log::warn!("preinit: commands exited with {code}; the boot goes on"),
+        Err(e) => log::warn!("preinit: cannot run {}: {e}; the boot goes on", argv[0]),
+    }
+}
+
+/// init gets the kernel's environment, not ours.
+fn init_env() -> Vec<(String, String)> {
+    std::env::vars().collect()
+}
+
+/// No descriptor of ours may leak into init: everything above stderr gets close-on-exec.
+fn close_inherited_fds() {
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        let fds: Vec<i32> = dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|&fd| fd > 2)
+            .collect();
+        for fd in fds {
+            // SAFETY: F_SETFD on a descriptor number only changes its flags; invalid ones
+            // (like the one read_dir used) just fail.
+            unsafe {
+                nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
+/// `ltsp.break=STEP`: a shell before the step, for debugging a node by hand.
+fn pause_at(cmd: &Cmdline, step: &str) {
+    if cmd.breaks.iter().any(|b| b == step) {
+        crate::failure::shell(&format!("ltsp.break={step}"));
+    }
+}
+
+/// The real network side.
+pub struct RealPlatform;
+
+impl Platform for RealPlatform {
+    fn bring_up(&mut self, cmd: &Cmdline, deadline: Instant) -> Result<NetInfo, net::NetError> {
+        net::bring_up(cmd, deadline)
+    }
+
+    fn fetch(&mut self, server: SocketAddr, path: &str) -> Result<Vec<u8>, tftp::FetchError> {
+        tftp::fetch(server, path, Duration::from_millis(500), 4, 1 << 20)
+    }
+
+    fn attach_nbd(
+        &mut self,
+        t: &NbdTarget,
+        index: u32,
+        cmd: &Cmdline,
+    ) -> Result<NbdAttached, NbdError> {
+        let first = handshake::connect(t, Duration::from_secs(5))?;
+        let info = first.info.clone();
+        log::info!(
+            "nbd: {t}: {} bytes, flags {:#x}, {}",
+            info.size,
+            info.flags,
+            info.description.as_deref().unwrap_or("no description")
+        );
+        let mut conns = vec![first];
+        if info.flags & ltsp_common::nbd::TFLAG_CAN_MULTI_CONN != 0 {
+            for n in 1..cmd.nbd_connections {
+                let c = handshake::connect(t, Duration::from_secs(5))?;
+                // Every connection must reach the same bytes.
+                if c.info.description != info.description || c.info.size != info.size {
+                    return Err(NbdError::ImageChanged {
+                        target: t.to_string(),
+                        n,
+                        got: c.info.description,
+                        want: info.description,
+                    });
+                }
+                conns.push(c);
+            }
+        }
+        let mut g = netlink::Genl::open()?;
+        let cfg = netlink::DeviceConfig {
+            index,
+            size: info.size,
+            block_size: 4096,
+            server_flags: info.flags as u64,
+            timeout_secs: cmd.nbd_timeout.as_secs(),
+            dead_conn_timeout_secs: cmd.dead_timeout.as_secs(),
+            backend: info.description.clone(),
+        };
+        let socks: Vec<&std::net::TcpStream> = conns.iter().map(|c| &c.stream).collect();
+        g.connect(&cfg, &socks)?;
+        let device = format!("/dev/nbd{index}");
+        let size_file = format!("/sys/block/nbd{index}/size");
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let sectors: u64 = std::fs::read_to_string(&size_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
+            if sectors > 0 && Path::new(&device).exists() {
+                break;
+            }
+            if Instant::now() > until {
+                return Err(NbdError::DeviceTimeout { device, secs: 10 });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // The kernel holds its own references to the sockets; ours close here.
+        Ok(NbdAttached {
+            device,
+            size: info.size,
+            connections: conns.len() as u32,
+            description: info.description,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::dhcp::Lease;
+    use crate::system::Recorder;
+    use std::net::Ipv4Addr;
+
+    struct FakePlatform {
+        conf: Option<String>,
+        nbd_failures: u32,
+        fetched: Vec<String>,
+        attached: Vec<String>,
+    }
+
+    impl Platform for FakePlatform {
+        fn bring_up(
+            &mut self,
+            _cmd: &Cmdline,
+            _deadline: Instant,
+        ) -> Result<NetInfo, net::NetError> {
+            Ok(NetInfo {
+                iface: "ens3".into(),
+                index: 2,
+                mac: "52:54:00:12:34:56".into(),
+                proto: "dhcp",
+                lease: Lease {
+                    ip: Ipv4Addr::new(192, 0, 2, 10),
+                    prefix: 24,
+                    next_server: Some(Ipv4Addr::new(192, 0, 2, 1)),
+                    ..Default::default()
+                },
+                dhcp_wait: Duration::ZERO,
+            })
+        }
+        fn fetch(&mut self, server: SocketAddr, path: &str) -> Result<Vec<u8>, tftp::FetchError> {
+            self.fetched.push(format!("{server}{path}"));
+            self.conf
+                .clone()
+                .map(String::into_bytes)
+                .ok_or(tftp::FetchError::NotFound { path: path.into() })
+        }
+        fn attach_nbd(
+            &mut self,
+            t: &NbdTarget,
+            index: u32,
+            _cmd: &Cmdline,
+        ) -> Result<NbdAttached, NbdError> {
+            self.attached.push(t.to_string());
+            if self.nbd_failures > 0 {
+                self.nbd_failures -= 1;
+                return Err(NbdError::DeviceTimeout {
+                    device: "x".into(),
+                    secs: 0,
+                });
+            }
+            Ok(NbdAttached {
+                device: format!("/dev/nbd{index}"),
+                size: 1 << 20,
+                connections: 2,
+                description: None,
+            })
+        }
+    }
+
+    fn layout(d: &Path, cmdline: &str) -> Layout {
+        std::fs::write(d.join("cmdline"), cmdline).unwrap();
+        std::fs::create_dir_all(d.join("run")).unwrap();
+        std::fs::create_dir_all(d.join("root")).unwrap();
+        Layout {
+            run: d.join("run").display().to_string(),
+            newroot: d.join("root").display().to_string(),
+            proc_cmdline: d.join("cmdline"),
+            modules: d.join("modules"),
+            sysfs: d.join("sys"),
+        }
+    }
+
+    #[test]
+    fn pid1_plan_mounts_switches_runs_preinit_and_execs_init() {
+        let d = tempfile::tempdir().unwrap();
+        let l = layout(d.path(), "root=/dev/nbd0 nbdroot=:img ltsp.overlay-size=1G init=/lib/systemd/systemd -- --unit=x");
+        let sys = Recorder::default();
+        let mut p = FakePlatform {
+            conf: Some(
+                "[default]\nPREINIT_02 = echo two\nPREINIT_01 = echo one\nRCFILE_1 = echo rc\n"
+                    .into(),
+            ),
+            nbd_failures: 1,
+            fetched: vec![],
+            attached: vec![],
+        };
+        let r = boot(&sys, &mut p, Mode::Pid1, &l);
+        let (e, _) = *r.err().expect("the recorded exec 'fails'");
+        assert!(matches!(e, BootError::Exec { .. }));
+        let (run, root) = (&l.run, &l.newroot);
+        let lower = format!("{run}/rootfs/lower");
+        let rw = format!("{run}/rootfs/rw");
+        let want = vec![
+            "mkdir /proc".to_string(),
+            "mount proc /proc proc MS_NOSUID | MS_NODEV | MS_NOEXEC".into(),
+            "mkdir /sys".into(),
+            "mount sysfs /sys sysfs MS_NOSUID | MS_NODEV | MS_NOEXEC".into(),
+            "mkdir /dev".into(),
+            "mount devtmpfs /dev devtmpfs MS_NOSUID mode=0755".into(),
+            format!("mkdir {run}"),
+            format!("mount tmpfs {run} tmpfs MS_NOSUID | MS_NODEV mode=0755"),
+            format!("mkdir {lower}"),
+            format!("mkdir {rw}"),
+            format!("mkdir {root}"),
+            format!("mount /dev/nbd0 {lower} squashfs MS_RDONLY"),
+            format!("mount tmpfs {rw} tmpfs MS_NOSUID | MS_NODEV mode=0755,size=1G"),
+            format!("mkdir {rw}/upper"),
+            format!("mkdir {rw}/work"),
+            format!("mount overlay {root} overlay (empty) lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work"),
+            format!("mkdir {root}/rofs"),
+            format!("mount {lower} {root}/rofs  MS_BIND"),
+            "mount none /  MS_REC | MS_PRIVATE".into(),
+            format!("mkdir {root}/dev"),
+            format!("mount /dev {root}/dev  MS_MOVE"),
+            format!("mkdir {root}/proc"),
+            format!("mount /proc {root}/proc  MS_MOVE"),
+            format!("mkdir {root}/sys"),
+            format!("mount /sys {root}/sys  MS_MOVE"),
+            format!("mkdir {root}/run"),
+            format!("mount /run {root}/run  MS_MOVE"),
+            format!("chdir {root}"),
+            format!("free_initramfs except {root}"),
+            format!("mount {root} /  MS_MOVE"),
+            "chroot .".into(),
+            "chdir /".into(),
+            "run /bin/sh | -c | echo one\necho two".into(),
+            "exec /lib/systemd/systemd --unit=x".into(),
+        ];
+        assert_eq!(sys.calls(), want);
+        // The NBD step was retried after its first failure, against the DHCP server.
+        assert_eq!(
+            p.attached,
+            vec!["nbd://192.0.2.1:10809/img", "nbd://192.0.2.1:10809/img"]
+        );
+        assert_eq!(p.fetched, vec!["192.0.2.1:69/ltsp/amd64/lts.conf"]);
+        // The configuration went into the new root; the boot's files into /run.
+        assert!(std::fs::read_to_string(format!("{root}/etc/rc.local"))
+            .unwrap()
+            .ends_with("echo rc\n"));
+        assert!(std::fs::read_to_string(format!("{run}/net-ens3.conf"))
+            .unwrap()
+            .contains("IPV4ADDR='192.0.2.10'"));
+        assert!(std::fs::read_to_string(format!("{run}/ltsp/boot.env"))
+            .unwrap()
+            .contains("HOSTNAME=\"ltsp10\""));
+    }
+
+    #[test]
+    fn worker_mode_leaves_the_switch_to_initramfs_tools() {
+        let d = tempfile::tempdir().unwrap();
+        let l = layout(
+            d.path(),
+            "root=/dev/nbd0 nbdroot=192.0.2.9/img ltsp.conf=none",
+        );
+        std::fs::create_dir_all(format!("{}/etc", l.newroot)).unwrap();
+        std::fs::write(
+            format!("{}/etc/lts.conf", l.newroot),
+            "[default]\nPREINIT_1 = true\nHOSTNAME = from-image\n",
+        )
+        .unwrap();
+        let sys = Recorder::default();
+        let mut p = FakePlatform {
+            conf: None,
+            nbd_failures: 0,
+            fetched: vec![],
+            attached: vec![],
+        };
+        let b = boot(&sys, &mut p, Mode::Worker, &l)
+            .unwrap_or_else(|f| panic!("worker returns: {}", f.0));
+        let calls = sys.calls();
+        assert!(
+            !calls.iter().any(|c| c.starts_with("mount proc")
+                || c.contains("MS_MOVE")
+                || c.starts_with("exec")),
+            "{calls:#?}"
+        );
+        assert_eq!(
+            calls.last().unwrap(),
+            &format!("run in {} /bin/sh | -c | true", l.newroot)
+        );
+        assert!(p.fetched.is_empty(), "ltsp.conf=none fetches nothing");
+        assert_eq!(p.attached, vec!["nbd://192.0.2.9:10809/img"]);
+        assert_eq!(b.config.resolved.get("HOSTNAME"), Some("from-image"));
+    }
+
+    #[test]
+    fn failures_name_their_step() {
+        let d = tempfile::tempdir().unwrap();
+        let l = layout(d.path(), "quiet");
+        let sys = Recorder::default();
+        let mut p = FakePlatform {
+            conf: None,
+            nbd_failures: 0,
+            fetched: vec![],
+            attached: vec![],
+        };
+        let (e, _) = *boot(&sys, &mut p, Mode::Worker, &l).err().unwrap();
+        assert_eq!(e.step(), "cmdline");
+
+        let l = layout(d.path(), "root=/dev/nbd0 ltsp.timeout=1");
+        let sys = Recorder {
+            failures: vec!["squashfs".into()],
+            ..Default::default()
+        };
+        let (e, _) = *boot(&sys, &mut p, Mode::Worker, &l).err().unwrap();
+        assert_eq!(e.step(), "root");
+        assert!(
+            e.to_string().contains("is the export a squashfs image"),
+            "{e}"
+        );
+
+        let mut p = FakePlatform {
+            conf: None,
+            nbd_failures: 100,
+            fetched: vec![],
+            attached: vec![],
+        };
+        let t0 = Instant::now();
+        let (e, _) = *boot(&Recorder::default(), &mut p, Mode::Worker, &l)
+            .err()
+            .unwrap();
+        assert_eq!(e.step(), "nbd");
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "the deadline bounds the retries"
+        );
+        assert!(e.hint().contains("ltsp-server"));
+    }
+}

@@ -1,0 +1,63 @@
+//! When the boot cannot go on: say which step failed, why and what to check, then do what
+//! the cmdline asked (shell, reboot after N seconds, halt). As PID 1 this never returns:
+//! PID 1 exiting panics the kernel with a message nobody can act on.
+
+use ltsp_common::cmdline::OnFailure;
+use std::time::Duration;
+
+pub fn report(step: &str, why: &str, hint: &str) {
+    log::error!("step `{step}` failed: {why}");
+    if !hint.is_empty() {
+        log::error!("check: {hint}");
+    }
+}
+
+fn has_shell() -> Option<&'static str> {
+    ["/bin/sh", "/usr/bin/sh", "/bin/busybox"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+}
+
+/// Runs an interactive shell on the console, if the initramfs has one. Returns whether one ran.
+pub fn shell(reason: &str) -> bool {
+    let Some(sh) = has_shell() else {
+        log::error!("no shell in this initramfs ({reason})");
+        return false;
+    };
+    log::error!("starting a shell ({reason}); leave it to continue");
+    let mut c = std::process::Command::new(sh);
+    if sh.ends_with("busybox") {
+        c.arg("sh");
+    }
+    let _ = c.status();
+    true
+}
+
+pub fn act(on_failure: OnFailure) -> ! {
+    match on_failure {
+        OnFailure::Shell => {
+            shell("ltsp.on-failure=shell");
+            log::error!("shell left: rebooting in 5 s");
+            reboot(Duration::from_secs(5))
+        }
+        OnFailure::Reboot(d) => reboot(d),
+        OnFailure::Halt => {
+            log::error!("halting (ltsp.on-failure=halt)");
+            let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_HALT_SYSTEM);
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }
+}
+
+fn reboot(after: Duration) -> ! {
+    log::error!("rebooting in {} s (ltsp.on-failure)", after.as_secs());
+    std::thread::sleep(after);
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    // Not PID 1, or no permission: nothing left to do but wait.
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}

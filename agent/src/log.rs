@@ -1,0 +1,99 @@
+//! Logging for PID 1: every line to the console and to /dev/kmsg (so it lands in the
+//! journal after switch root), stamped with seconds since the kernel started, which is
+//! what the boot timeline is measured in.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::Mutex;
+
+pub struct BootLogger {
+    console: Mutex<Option<File>>,
+    kmsg: Mutex<Option<File>>,
+    debug: bool,
+}
+
+/// Seconds since boot (CLOCK_BOOTTIME), the clock dmesg uses.
+pub fn uptime() -> f64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+        .unwrap_or(0.0)
+}
+
+impl log::Log for BootLogger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level()
+            <= if self.debug {
+                log::Level::Debug
+            } else {
+                log::Level::Info
+            }
+    }
+
+    fn log(&self, r: &log::Record) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let t = uptime();
+        let level = match r.level() {
+            log::Level::Error => "ERROR ",
+            log::Level::Warn => "WARNING ",
+            _ => "",
+        };
+        let line = format!("ltsp-agent [{t:9.3}] {level}{}\n", r.args());
+        if let Some(c) = self
+            .console
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            let _ = c.write_all(line.as_bytes());
+        } else {
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
+        if let Some(k) = self.kmsg.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            let prio = match r.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                _ => 7,
+            };
+            let _ = k.write_all(format!("<{prio}>ltsp-agent: {level}{}\n", r.args()).as_bytes());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: std::sync::OnceLock<BootLogger> = std::sync::OnceLock::new();
+
+/// Boot logging: console and kmsg once /dev is mounted (call [`reopen`] then).
+pub fn init_boot(debug: bool) {
+    let l = LOGGER.get_or_init(|| BootLogger {
+        console: Mutex::new(None),
+        kmsg: Mutex::new(None),
+        debug,
+    });
+    let _ = log::set_logger(l);
+    log::set_max_level(log::LevelFilter::Debug);
+    reopen();
+}
+
+/// (Re)opens /dev/console and /dev/kmsg; harmless before /dev exists.
+pub fn reopen() {
+    if let Some(l) = LOGGER.get() {
+        let open = |p: &str| std::fs::OpenOptions::new().write(true).open(p).ok();
+        *l.console.lock().unwrap_or_else(|p| p.into_inner()) = open("/dev/console");
+        *l.kmsg.lock().unwrap_or_else(|p| p.into_inner()) = open("/dev/kmsg");
+    }
+}
+
+/// For the operator commands: plain stderr.
+pub fn init_stderr(debug: bool) {
+    let l = LOGGER.get_or_init(|| BootLogger {
+        console: Mutex::new(None),
+        kmsg: Mutex::new(None),
+        debug,
+    });
+    let _ = log::set_logger(l);
+    log::set_max_level(log::LevelFilter::Debug);
+}

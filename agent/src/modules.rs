@@ -1,0 +1,278 @@
+//! Kernel modules: by name with their dependencies from `modules.dep`, and NIC drivers for
+//! the devices present, matched through `modules.alias` against each device's modalias.
+
+use crate::system::System;
+use ltsp_common::ltsconf::glob_match;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("module {0}: not in modules.dep (is it in the initramfs?)")]
+    Unknown(String),
+    #[error("module {name} ({path}): {source}")]
+    Load {
+        name: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// `virtio-net` and `virtio_net` are the same module to the kernel.
+pub fn canonical(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    let stem = file.split(".ko").next().unwrap_or(file);
+    canonical(stem)
+}
+
+#[derive(Debug, Default)]
+pub struct Modules {
+    dir: PathBuf,
+    /// name -> (path relative to dir, dependencies as listed)
+    dep: HashMap<String, (String, Vec<String>)>,
+    builtin: BTreeSet<String>,
+    aliases: Vec<(String, String)>,
+    loaded: BTreeSet<String>,
+}
+
+impl Modules {
+    /// Reads `modules.dep`, `modules.builtin` and `modules.alias` below `dir`
+    /// (`/lib/modules/$(uname -r)`). Only `modules.dep` is required.
+    pub fn open(dir: &Path) -> Result<Modules, ModuleError> {
+        let read = |name: &str| std::fs::read_to_string(dir.join(name));
+        let dep_text = read("modules.dep").map_err(|source| ModuleError::Read {
+            path: dir.join("modules.dep"),
+            source,
+        })?;
+        let mut m = Modules::parse(
+            &dep_text,
+            &read("modules.builtin").unwrap_or_default(),
+            &read("modules.alias").unwrap_or_default(),
+        );
+        m.dir = dir.to_path_buf();
+        Ok(m)
+    }
+
+    pub fn parse(dep: &str, builtin: &str, alias: &str) -> Modules {
+        let mut m = Modules::default();
+        for line in dep.lines() {
+            let Some((path, deps)) = line.split_once(':') else {
+                continue;
+            };
+            let deps = deps.split_whitespace().map(str::to_string).collect();
+            m.dep.insert(module_name(path), (path.to_string(), deps));
+        }
+        m.builtin = builtin.lines().map(module_name).collect();
+        m.aliases = alias
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                (it.next() == Some("alias")).then_some(())?;
+                Some((it.next()?.to_string(), canonical(it.next()?)))
+            })
+            .collect();
+        m
+    }
+
+    /// Loads `name` after its dependencies (deepest first, as modprobe does).
+    /// Built-in and already loaded modules are skipped. Returns the modules loaded.
+    pub fn load(&mut self, sys: &dyn System, name: &str) -> Result<Vec<String>, ModuleError> {
+        let name = canonical(name);
+        if self.builtin.contains(&name) || self.loaded.contains(&name) {
+            return Ok(Vec::new());
+        }
+        let (path, deps) = self
+            .dep
+            .get(&name)
+            .cloned()
+            .ok_or_else(|| ModuleError::Unknown(name.clone()))?;
+        let mut done = Vec::new();
+        // modules.dep lists every dependency, the ones needed first last.
+        for d in deps.iter().rev() {
+            let dn = module_name(d);
+            if self.loaded.contains(&dn) {
+                continue;
+            }
+            let p = self.dir.join(d);
+            sys.load_module(&p, "")
+                .map_err(|source| ModuleError::Load {
+                    name: dn.clone(),
+                    path: p,
+                    source,
+                })?;
+            self.loaded.insert(dn.clone());
+            done.push(dn);
+        }
+        let p = self.dir.join(&path);
+        let params = if name == "nbd" { "nbds_max=4" } else { "" };
+        sys.load_module(&p, params)
+            .map_err(|source| ModuleError::Load {
+                name: name.clone(),
+                path: p,
+                source,
+            })?;
+        self.loaded.insert(name.clone());
+        done.push(name);
+        Ok(done)
+    }
+
+    /// Modules whose `modules.alias` pattern matches `modalias`.
+    pub fn for_alias(&self, modalias: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .aliases
+            .iter()
+            .filter(|(pat, _)| glob_match(pat, modalias))
+            .map(|(_, m)| m.clone())
+            .collect();
+        v.dedup();
+        v
+    }
+}
+
+/// Whether a device's modalias is a network device or the bus a NIC hangs off: PCI base
+/// class 02 (network controller), and virtio device id 1 (net).
+pub fn is_nic_alias(modalias: &str) -> bool {
+    (modalias.starts_with("pci:") && modalias.contains("bc02"))
+        || modalias.starts_with("virtio:d00000001v")
+}
+
+/// Modaliases of the devices on the PCI and virtio buses below `sys` (`/sys`).
+pub fn device_aliases(sys_root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for bus in ["pci", "virtio"] {
+        let Ok(devs) = std::fs::read_dir(sys_root.join("bus").join(bus).join("devices")) else {
+            continue;
+        };
+        for d in devs.flatten() {
+            if let Ok(a) = std::fs::read_to_string(d.path().join("modalias")) {
+                out.push(a.trim().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Loads drivers for the NICs present. Two rounds: a virtio NIC appears on the virtio bus
+/// only once virtio_pci is loaded. Failures are logged: one bad driver must not stop the
+/// boot when another NIC may carry it.
+pub fn load_nic_drivers(m: &mut Modules, sys: &dyn System, sys_root: &Path) -> Vec<String> {
+    let mut loaded = Vec::new();
+    for _ in 0..2 {
+        let mut new = false;
+        for alias in device_aliases(sys_root).iter().filter(|a| is_nic_alias(a)) {
+            for module in m.for_alias(alias) {
+                match m.load(sys, &module) {
+                    Ok(l) if !l.is_empty() => {
+                        new = true;
+                        loaded.extend(l);
+                    }
+                    Ok(_) => {}
+                    Err(e) => log::warn!("modules: {e}"),
+                }
+            }
+        }
+        if !new {
+            break;
+        }
+        // Let the bus probe the new driver's devices before the next round.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    loaded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::system::Recorder;
+
+    const DEP: &str = "\
+kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko
+kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
+kernel/net/core/failover.ko:
+kernel/drivers/virtio/virtio_pci.ko.zst: kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+kernel/drivers/virtio/virtio_pci_modern_dev.ko:
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/virtio/virtio.ko:
+kernel/drivers/block/nbd.ko:
+kernel/drivers/net/ethernet/intel/e1000e/e1000e.ko.xz:
+";
+    const ALIAS: &str = "\
+alias pci:v00001AF4d*sv*sd*bc*sc*i* virtio_pci
+alias virtio:d00000001v* virtio_net
+alias pci:v00008086d000010D3sv*sd*bc*sc*i* e1000e
+alias pci:v00008086d00002922sv*sd*bc*sc*i* ahci
+";
+
+    #[test]
+    fn dependencies_load_first_deepest_first() {
+        let sys = Recorder::default();
+        let mut m = Modules::parse(DEP, "kernel/fs/overlayfs/overlay.ko\n", ALIAS);
+        m.dir = PathBuf::from("/lib/modules/6.1");
+        let l = m.load(&sys, "virtio-net").unwrap();
+        assert_eq!(l, vec!["failover", "net_failover", "virtio_net"]);
+        assert_eq!(
+            sys.calls(),
+            vec![
+                "load /lib/modules/6.1/kernel/net/core/failover.ko",
+                "load /lib/modules/6.1/kernel/drivers/net/net_failover.ko",
+                "load /lib/modules/6.1/kernel/drivers/net/virtio_net.ko",
+            ]
+        );
+        // Loaded and built-in modules are not loaded again.
+        assert!(m.load(&sys, "virtio_net").unwrap().is_empty());
+        assert!(m.load(&sys, "overlay").unwrap().is_empty());
+        assert!(matches!(m.load(&sys, "nope"), Err(ModuleError::Unknown(_))));
+        // Compressed modules keep their path; nbd gets its device count.
+        m.load(&sys, "virtio_pci").unwrap();
+        m.load(&sys, "nbd").unwrap();
+        let calls = sys.calls();
+        assert!(calls.contains(
+            &"load /lib/modules/6.1/kernel/drivers/virtio/virtio_pci.ko.zst".to_string()
+        ));
+        assert_eq!(
+            calls.last().unwrap(),
+            "load /lib/modules/6.1/kernel/drivers/block/nbd.ko nbds_max=4"
+        );
+    }
+
+    #[test]
+    fn nic_aliases_pick_network_drivers_only() {
+        let m = Modules::parse(DEP, "", ALIAS);
+        let virtio_net_pci = "pci:v00001AF4d00001000sv00001AF4sd00000001bc02sc00i00";
+        let e1000e = "pci:v00008086d000010D3sv00008086sd0000A01Fbc02sc00i00";
+        let ahci = "pci:v00008086d00002922sv00001AF4sd00001100bc01sc06i01";
+        assert!(is_nic_alias(virtio_net_pci) && is_nic_alias(e1000e) && !is_nic_alias(ahci));
+        assert!(is_nic_alias("virtio:d00000001v00001AF4"));
+        assert!(!is_nic_alias("virtio:d00000002v00001AF4"));
+        assert_eq!(m.for_alias(virtio_net_pci), vec!["virtio_pci"]);
+        assert_eq!(m.for_alias(e1000e), vec!["e1000e"]);
+        assert_eq!(m.for_alias("virtio:d00000001v00001AF4"), vec!["virtio_net"]);
+    }
+
+    #[test]
+    fn real_sysfs_layout_is_read() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = d.path().join("bus/pci/devices/0000:00:03.0");
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(
+            dev.join("modalias"),
+            "pci:v00001AF4d00001000sv00001AF4sd00000001bc02sc00i00\n",
+        )
+        .unwrap();
+        assert_eq!(device_aliases(d.path()).len(), 1);
+        let sys = Recorder::default();
+        let mut m = Modules::parse(DEP, "", ALIAS);
+        let loaded = load_nic_drivers(&mut m, &sys, d.path());
+        assert_eq!(loaded.last().map(String::as_str), Some("virtio_pci"));
+    }
+}

@@ -1,0 +1,243 @@
+//! The seam between the boot logic and the kernel: every syscall that changes the machine
+//! (mounts, chroot, module loading, exec) goes through [`System`]. [`Real`] makes the
+//! syscalls; [`Recorder`] records them so the boot plan is unit-tested without root.
+
+use nix::mount::MsFlags;
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::ffi::CString;
+use std::io;
+use std::path::Path;
+
+pub trait System {
+    fn mount(
+        &self,
+        source: &str,
+        target: &str,
+        fstype: &str,
+        flags: MsFlags,
+        data: &str,
+    ) -> io::Result<()>;
+    fn mkdir(&self, path: &str) -> io::Result<()>;
+    fn chdir(&self, path: &str) -> io::Result<()>;
+    fn chroot(&self, path: &str) -> io::Result<()>;
+    fn exists(&self, path: &str) -> bool;
+    /// finit_module; `Ok` also when the module is already loaded.
+    fn load_module(&self, path: &Path, params: &str) -> io::Result<()>;
+    /// Deletes the initramfs's files (same device as `/`, not below other mounts).
+    fn free_initramfs(&self, keep: &str) -> io::Result<()>;
+    /// Runs a program to completion (chrooted into `root` if given); returns its exit code.
+    fn run(&self, root: Option<&str>, argv: &[String], env: &[(String, String)])
+        -> io::Result<i32>;
+    /// Replaces this process; returns only on failure.
+    fn exec(&self, argv: &[String], env: &[(String, String)]) -> io::Error;
+}
+
+pub struct Real;
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in argument"))
+}
+
+impl System for Real {
+    fn mount(
+        &self,
+        source: &str,
+        target: &str,
+        fstype: &str,
+        flags: MsFlags,
+        data: &str,
+    ) -> io::Result<()> {
+        let fstype = (!fstype.is_empty()).then_some(fstype);
+        let data = (!data.is_empty()).then_some(data);
+        nix::mount::mount(Some(source), target, fstype, flags, data).map_err(io::Error::from)
+    }
+
+    fn mkdir(&self, path: &str) -> io::Result<()> {
+        std::fs::create_dir_all(path)
+    }
+
+    fn chdir(&self, path: &str) -> io::Result<()> {
+        nix::unistd::chdir(path).map_err(io::Error::from)
+    }
+
+    fn chroot(&self, path: &str) -> io::Result<()> {
+        nix::unistd::chroot(path).map_err(io::Error::from)
+    }
+
+    fn exists(&self, path: &str) -> bool {
+        Path::new(path).exists()
+    }
+
+    fn load_module(&self, path: &Path, params: &str) -> io::Result<()> {
+        use nix::kmod::{finit_module, ModuleInitFlags};
+        let f = std::fs::File::open(path)?;
+        let name = path.to_string_lossy();
+        // Compressed modules are decompressed by the kernel (CONFIG_MODULE_DECOMPRESS).
+        let flags = if name.ends_with(".ko") {
+            ModuleInitFlags::empty()
+        } else {
+            ModuleInitFlags::from_bits_retain(4) // MODULE_INIT_COMPRESSED_FILE
+        };
+        match finit_module(&f, &cstr(params)?, flags) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn free_initramfs(&self, keep: &str) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::symlink_metadata("/")?.dev();
+        fn walk(dir: &Path, dev: u64, keep: &Path) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                let Ok(m) = std::fs::symlink_metadata(&p) else {
+                    continue;
+                };
+                if p == keep || m.dev() != dev {
+                    continue;
+                }
+                if m.is_dir() {
+                    walk(&p, dev, keep);
+                    let _ = std::fs::remove_dir(&p);
+                } else {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+        walk(Path::new("/"), dev, Path::new(keep));
+        Ok(())
+    }
+
+    fn run(
+        &self,
+        root: Option<&str>,
+        argv: &[String],
+        env: &[(String, String)],
+    ) -> io::Result<i32> {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..]).env_clear().envs(env.iter().cloned());
+        if let Some(root) = root {
+            let root = cstr(root)?;
+            // SAFETY: between fork and exec only async-signal-safe calls (chroot, chdir).
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::unistd::chroot(root.as_c_str())?;
+                    nix::unistd::chdir("/")?;
+                    Ok(())
+                });
+            }
+        }
+        let st = cmd.status()?;
+        Ok(st
+            .code()
+            .unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)))
+    }
+
+    fn exec(&self, argv: &[String], env: &[(String, String)]) -> io::Error {
+        let args: io::Result<Vec<CString>> = argv.iter().map(|a| cstr(a)).collect();
+        let envs: io::Result<Vec<CString>> =
+            env.iter().map(|(k, v)| cstr(&format!("{k}={v}"))).collect();
+        match (args, envs) {
+            (Ok(a), Ok(e)) if !a.is_empty() => match nix::unistd::execve(&a[0], &a, &e) {
+                Ok(never) => match never {},
+                Err(err) => err.into(),
+            },
+            (Err(e), _) | (_, Err(e)) => e,
+            _ => io::Error::new(io::ErrorKind::InvalidInput, "empty argv"),
+        }
+    }
+}
+
+/// Records every call as one line; `exists` answers from a set of paths, and calls whose
+/// text contains one of `failures` fail with EIO. The boot plan is then a list of strings.
+#[derive(Default)]
+pub struct Recorder {
+    pub calls: RefCell<Vec<String>>,
+    pub present: RefCell<BTreeSet<String>>,
+    pub failures: Vec<String>,
+}
+
+impl Recorder {
+    fn record(&self, call: String) -> io::Result<()> {
+        let fail = self.failures.iter().any(|f| call.contains(f.as_str()));
+        self.calls.borrow_mut().push(call);
+        if fail {
+            Err(io::Error::from_raw_os_error(5))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.borrow().clone()
+    }
+}
+
+impl System for Recorder {
+    fn mount(
+        &self,
+        source: &str,
+        target: &str,
+        fstype: &str,
+        flags: MsFlags,
+        data: &str,
+    ) -> io::Result<()> {
+        let names: Vec<&str> = flags.iter_names().map(|(n, _)| n).collect();
+        let flags = if names.is_empty() {
+            "(empty)".to_string()
+        } else {
+            names.join(" | ")
+        };
+        let r = self.record(
+            format!("mount {source} {target} {fstype} {flags} {data}")
+                .trim_end()
+                .to_string(),
+        );
+        if r.is_ok() {
+            self.present.borrow_mut().insert(target.to_string());
+        }
+        r
+    }
+    fn mkdir(&self, path: &str) -> io::Result<()> {
+        self.present.borrow_mut().insert(path.to_string());
+        self.record(format!("mkdir {path}"))
+    }
+    fn chdir(&self, path: &str) -> io::Result<()> {
+        self.record(format!("chdir {path}"))
+    }
+    fn chroot(&self, path: &str) -> io::Result<()> {
+        self.record(format!("chroot {path}"))
+    }
+    fn exists(&self, path: &str) -> bool {
+        self.present.borrow().contains(path)
+    }
+    fn load_module(&self, path: &Path, params: &str) -> io::Result<()> {
+        self.record(
+            format!("load {} {params}", path.display())
+                .trim_end()
+                .to_string(),
+        )
+    }
+    fn free_initramfs(&self, keep: &str) -> io::Result<()> {
+        self.record(format!("free_initramfs except {keep}"))
+    }
+    fn run(
+        &self,
+        root: Option<&str>,
+        argv: &[String],
+        _env: &[(String, String)],
+    ) -> io::Result<i32> {
+        let within = root.map(|r| format!("in {r} ")).unwrap_or_default();
+        self.record(format!("run {within}{}", argv.join(" | ")))
+            .map(|_| 0)
+    }
+    fn exec(&self, argv: &[String], _env: &[(String, String)]) -> io::Error {
+        let _ = self.record(format!("exec {}", argv.join(" ")));
+        io::Error::other("recorded exec")
+    }
+}
