@@ -165,7 +165,7 @@ pub fn ipxe_script(boot: &BootFile) -> Option<String> {
         .as_deref()
         .map(|i| i.rsplit('/').next().unwrap_or(i).to_string());
     s.push_str(&format!(
-        "kernel {kernel} initrd={} BOOTIF=01-${{netX/mac:hexhyp}} {cmdline}\n",
+        "kernel {kernel} initrd={} BOOTIF=01-${{netX/mac:hexhyp}} ltsp.server=${{next-server}} {cmdline}\n",
         initrd_name.as_deref().unwrap_or("")
     ));
     if let Some(i) = &boot.initrd {

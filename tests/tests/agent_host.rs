@@ -1,0 +1,173 @@
+//! The agent's real code on the host: the overlay root over a loop-mounted squashfs (as
+//! root; skipped cleanly otherwise), and the NBD handshake against ltsp-server and
+//! against nbd-server.
+
+use ltsp_agent::nbd::handshake;
+use ltsp_agent::{rootfs, system};
+use ltsp_common::cmdline::NbdTarget;
+use ltsp_tests::{is_root, pattern, run, tool, ServerProc};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+struct Mounted {
+    points: Vec<String>,
+    loopdev: Option<String>,
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        for p in self.points.iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(p).status();
+        }
+        if let Some(l) = &self.loopdev {
+            let _ = Command::new("losetup").arg("-d").arg(l).status();
+        }
+    }
+}
+
+#[test]
+fn overlay_root_over_a_loop_mounted_squashfs() {
+    if !is_root() {
+        eprintln!("skipped: needs root for loop devices and mounts");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    std::fs::create_dir_all(src.join("etc/ssh")).unwrap();
+    std::fs::write(src.join("etc/hostname"), "image\n").unwrap();
+    std::fs::write(src.join("etc/ssh/sshd_config"), "Port 22\n").unwrap();
+    let img = d.path().join("root.squashfs");
+    let (ok, _, err) = run(Command::new(tool("mksquashfs")).arg(&src).arg(&img).args([
+        "-comp",
+        "zstd",
+        "-quiet",
+        "-noappend",
+    ]));
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(Command::new(tool("losetup"))
+        .args(["-f", "--show", "-r"])
+        .arg(&img));
+    assert!(ok, "{err}");
+    let mut guard = Mounted {
+        points: vec![],
+        loopdev: Some(out.trim().to_string()),
+    };
+    let run_dir = d.path().join("run").display().to_string();
+    let newroot = d.path().join("root").display().to_string();
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let lower = rootfs::lower_dir(&run_dir);
+    let rw = rootfs::rw_dir(&run_dir);
+    guard.points = vec![
+        lower.clone(),
+        rw.clone(),
+        newroot.clone(),
+        format!("{newroot}/rofs"),
+    ];
+    rootfs::mount_root(&system::Real, out.trim(), "16M", &run_dir, &newroot).expect("mount_root");
+
+    let root = Path::new(&newroot);
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/hostname")).unwrap(),
+        "image\n"
+    );
+    // Writes land in the tmpfs, never in the image.
+    std::fs::write(root.join("etc/hostname"), "node\n").unwrap();
+    std::fs::write(root.join("new-file"), "x").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&rw).join("upper/etc/hostname")).unwrap(),
+        "node\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("rofs/etc/hostname")).unwrap(),
+        "image\n"
+    );
+    assert!(
+        std::fs::write(root.join("rofs/x"), "y").is_err(),
+        "the lower layer is read-only"
+    );
+    // The fixture's RCFILE_01 copies from /rofs/etc/ssh: it must be there.
+    assert!(root.join("rofs/etc/ssh/sshd_config").exists());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(newroot.as_str()))
+        .expect("overlay mounted");
+    assert!(line.contains(" - overlay overlay "), "{line}");
+    let tmpfs = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(rw.as_str()))
+        .unwrap();
+    assert!(tmpfs.contains("size=16384k"), "{tmpfs}");
+}
+
+fn target(addr: std::net::SocketAddr, export: &str) -> NbdTarget {
+    NbdTarget {
+        host: Some(addr.ip().to_string()),
+        port: addr.port(),
+        export: export.into(),
+    }
+}
+
+#[test]
+fn handshake_against_ltsp_server() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("img"), pattern(1 << 20, 1)).unwrap();
+    let s = ServerProc::start(&[
+        "--no-tftp",
+        "--export",
+        &format!("root={}", d.path().join("img").display()),
+    ]);
+    let c = handshake::connect(&target(s.nbd.unwrap(), "root"), Duration::from_secs(5)).unwrap();
+    assert_eq!(c.info.size, 1 << 20);
+    assert!(c.info.description.unwrap().contains("ltsp-rs image root"));
+    let e = handshake::connect(&target(s.nbd.unwrap(), "missing"), Duration::from_secs(5))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("does not exist"), "{e}");
+    let dead = NbdTarget {
+        host: Some("127.0.0.1".into()),
+        port: 1,
+        export: String::new(),
+    };
+    assert!(matches!(
+        handshake::connect(&dead, Duration::from_secs(2)),
+        Err(handshake::HandshakeError::Connect { .. })
+    ));
+}
+
+#[test]
+fn handshake_against_nbd_server() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("img");
+    std::fs::write(&img, pattern(2 << 20, 2)).unwrap();
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let conf = d.path().join("nbd.conf");
+    std::fs::write(
+        &conf,
+        format!("[generic]\nlistenaddr = 127.0.0.1\nport = {port}\nallowlist = true\n[root]\nexportname = {}\nreadonly = true\n", img.display()),
+    )
+    .unwrap();
+    let mut child = Command::new(tool("nbd-server"))
+        .args(["-C"])
+        .arg(&conf)
+        .arg("-d")
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut result = None;
+    for _ in 0..100 {
+        match handshake::connect(&target(addr, "root"), Duration::from_secs(5)) {
+            Ok(c) => {
+                result = Some(c);
+                break;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let c = result.expect("handshake with nbd-server");
+    assert_eq!(c.info.size, 2 << 20);
+    assert!(c.info.flags & ltsp_common::nbd::TFLAG_READ_ONLY != 0);
+}
