@@ -160,7 +160,13 @@ fn main() -> ExitCode {
         Command::Options => {
             println!("| option | default | meaning |\n|---|---|---|");
             for (name, default, meaning) in OPTIONS {
-                println!("| `{name}` | {default} | {meaning} |");
+                let cell = |s: &str| s.replace('|', "\\|");
+                println!(
+                    "| `{}` | {} | {} |",
+                    cell(name),
+                    cell(default),
+                    cell(meaning)
+                );
             }
             ExitCode::SUCCESS
         }

@@ -263,7 +263,7 @@ pub const OPTIONS: &[(&str, &str, &str)] = &[
     ("ltsp.conf=", "(boot file dir)/lts.conf, /ltsp/<arch>/lts.conf", "path of lts.conf on the TFTP server; `none` uses only /etc/lts.conf of the image"),
     ("ltsp.arch=", "amd64", "the <arch> in /ltsp/<arch>/lts.conf"),
     ("ltsp.overlay-size=", "50%", "size of the tmpfs that takes the node's writes (tmpfs `size=`)"),
-    ("ltsp.timeout=", "120", "seconds each network step (link, DHCP, NBD) keeps retrying before it fails"),
+    ("ltsp.timeout=", "120", "seconds, from the agent's start, that the network steps (link, DHCP, NBD) keep retrying before the boot fails"),
     ("ltsp.retries=", "0", "at most this many attempts per network step (0: only the timeout limits)"),
     ("ltsp.on-failure=", "reboot:60", "`shell`, `halt`, or `reboot[:SECONDS]` once a step failed for good"),
     ("ltsp.debug=", "0", "`1`: log every decision, not only the steps"),

@@ -1,0 +1,130 @@
+//! End to end: a node PXE-boots under QEMU from ltsp-server (TFTP, then NBD) into
+//! systemd, with the lts.conf served by TFTP, and reboots cleanly with nothing kept.
+//! Both initramfs flavours. Needs root (network namespace, tap, chroot).
+
+use ltsp_tests::{is_root, workspace_root};
+use std::process::Command;
+use std::sync::Mutex;
+
+/// One QEMU at a time: they share the prepared artifacts and two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn boot(flavour: &str) -> String {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let out = Command::new("python3")
+        .arg(workspace_root().join("qemu/boot"))
+        .args(["--flavour", flavour, "--timeout", "300", "--reboot"])
+        .args([
+            "--run",
+            "systemctl show -p ExecStart --value ltsp-e2e.service",
+        ])
+        .args(["--run", "cat /etc/fstab"])
+        .args([
+            "--run",
+            "systemctl is-enabled apt-daily.timer ssh.service 2>&1",
+        ])
+        .args(["--run", "cat /run/rofs-hostname"])
+        .args([
+            "--run",
+            "ls /dev/nbd0 && cat /sys/block/nbd0/backend 2>/dev/null; echo",
+        ])
+        .output()
+        .expect("run qemu/boot");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "qemu/boot {flavour} failed:\n{}\n{}",
+        tail(&text),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(80)..].join("\n")
+}
+
+fn check<'a>(out: &'a str, name: &str) -> &'a str {
+    let key = format!("CHECK {name}=");
+    out.lines()
+        .find_map(|l| l.strip_prefix(key.as_str()))
+        .unwrap_or_else(|| panic!("no {key} in output:\n{}", tail(out)))
+}
+
+fn pos(out: &str, marker: &str) -> usize {
+    out.find(marker)
+        .unwrap_or_else(|| panic!("{marker} not on the console:\n{}", tail(out)))
+}
+
+fn assert_node(out: &str) {
+    assert_eq!(check(out, "root"), "overlay overlay", "/ is an overlay");
+    assert_eq!(
+        check(out, "lower"),
+        "squashfs /dev/nbd0",
+        "over a squashfs on /dev/nbd0"
+    );
+    assert_eq!(
+        check(out, "hostname"),
+        "k8s-node-1",
+        "HOSTNAME from the MAC section"
+    );
+    assert_eq!(check(out, "state"), "running", "systemd not degraded");
+    assert_eq!(check(out, "failed"), "", "no failed units");
+    // PREINIT ran in the new root before systemd read the unit it edits.
+    assert!(check(out, "run0").contains("marker=EDITED-BY-PREINIT"));
+    assert!(!out.contains("LTSP-E2E-UNIT marker=ORIGINAL"));
+    // FSTAB_* with the missing nofail disk, in order.
+    assert!(check(out, "run1").contains("/dev/disk/by-label/ltsp-data /var/lib/data ext4 nofail"));
+    // Default pruning masked apt-daily; KEEP_SYSTEM_SERVICES names survive (ssh absent here).
+    assert!(
+        check(out, "run2").starts_with("masked"),
+        "{}",
+        check(out, "run2")
+    );
+    // RCFILE_02 copied from the read-only lower layer at /rofs.
+    assert_eq!(check(out, "run3"), "image");
+    // Console order: PREINIT, then rc.local's lines in natural key order, then the unit.
+    let (p, r1, r10, u) = (
+        pos(out, "LTSP-PREINIT ran"),
+        pos(out, "LTSP-RCFILE-01 first"),
+        pos(out, "LTSP-RCFILE-10 kubeadm join stand-in from k8s-node-1"),
+        pos(out, "LTSP-E2E-UNIT marker=EDITED-BY-PREINIT"),
+    );
+    assert!(
+        p < r1 && r1 < r10 && r10 < u,
+        "markers out of order: {p} {r1} {r10} {u}"
+    );
+    // The reboot was clean and nothing written to / survived it.
+    assert!(out.contains("reboot: Restarting system"));
+    assert_eq!(check(out, "persisted"), "no");
+    assert!(out.contains("TIMELINE multi-user2="));
+}
+
+#[test]
+fn standalone_initramfs_boots_into_systemd_and_reboots_clean() {
+    if !is_root() {
+        eprintln!("skipped: QEMU boots need root");
+        return;
+    }
+    let out = boot("standalone");
+    assert_node(&out);
+    assert!(
+        out.contains("ltsp-agent [") && out.contains("] exec-init"),
+        "PID 1 path"
+    );
+}
+
+#[test]
+fn initramfs_tools_flavour_boots_into_systemd_and_reboots_clean() {
+    if !is_root() {
+        eprintln!("skipped: QEMU boots need root");
+        return;
+    }
+    let out = boot("initramfs-tools");
+    assert_node(&out);
+    assert!(
+        out.contains("] handover"),
+        "the worker path handed over to initramfs-tools"
+    );
+}
