@@ -74,7 +74,11 @@ pub fn init_boot(debug: bool) {
         debug,
     });
     let _ = log::set_logger(l);
-    log::set_max_level(log::LevelFilter::Debug);
+    log::set_max_level(if l.debug {
+        log::LevelFilter::Debug
+    } else {
+        log::LevelFilter::Info
+    });
     reopen();
 }
 
@@ -95,5 +99,9 @@ pub fn init_stderr(debug: bool) {
         debug,
     });
     let _ = log::set_logger(l);
-    log::set_max_level(log::LevelFilter::Debug);
+    log::set_max_level(if l.debug {
+        log::LevelFilter::Debug
+    } else {
+        log::LevelFilter::Info
+    });
 }
