@@ -233,6 +233,7 @@ pub fn boot(
         early_mounts(sys, l).map_err(|e| Box::new((e, None)))?;
         blog::reopen();
     }
+    let kmsg_limit = blog::lift_kmsg_limit();
     let cmd = read_cmdline(l).map_err(|e| Box::new((e, None)))?;
     let on_failure = cmd.on_failure;
     let fail = move |e: BootError| Box::new((e, Some(on_failure)));
@@ -351,6 +352,7 @@ pub fn boot(
                 run_preinit(sys, Some(&l.newroot), &preinit_argv(&preinit), &env);
             }
             tl.mark("handover");
+            blog::restore_kmsg_limit(kmsg_limit);
             log::info!("timeline: {}", tl.render());
             Ok(Booted {
                 timeline: tl,
@@ -371,6 +373,7 @@ pub fn boot(
             let _ = std::fs::write("/run/ltsp/timeline", format!("{}\n", tl.render()));
             let mut argv = vec![cmd.init.clone()];
             argv.extend(cmd.init_args.iter().cloned());
+            blog::restore_kmsg_limit(kmsg_limit);
             close_inherited_fds();
             let err = sys.exec(&argv, &init_env());
             Err(fail(BootError::Exec {

@@ -21,12 +21,8 @@ pub fn uptime() -> f64 {
 
 impl log::Log for BootLogger {
     fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level()
-            <= if self.debug {
-                log::Level::Debug
-            } else {
-                log::Level::Info
-            }
+        // `ltsp.debug=1` raises the level once the cmdline has been read.
+        m.level() <= log::max_level()
     }
 
     fn log(&self, r: &log::Record) {
@@ -104,4 +100,19 @@ pub fn init_stderr(debug: bool) {
     } else {
         log::LevelFilter::Info
     });
+}
+
+/// The kernel rate-limits /dev/kmsg writes (10 lines per 5 s): a boot's log would be cut.
+/// Returns the previous setting, for [`restore_kmsg_limit`] before exec of init.
+pub fn lift_kmsg_limit() -> Option<String> {
+    let path = "/proc/sys/kernel/printk_devkmsg";
+    let prev = std::fs::read_to_string(path).ok()?;
+    std::fs::write(path, "on\n").ok()?;
+    Some(prev)
+}
+
+pub fn restore_kmsg_limit(prev: Option<String>) {
+    if let Some(p) = prev {
+        let _ = std::fs::write("/proc/sys/kernel/printk_devkmsg", p);
+    }
 }

@@ -173,6 +173,21 @@ pub fn lease_of(m: &Message) -> Lease {
     l
 }
 
+/// An empty BOOTREQUEST. Built by decoding bytes because dhcproto's constructors go
+/// through `Message::default()`, which draws a random xid: early in boot that blocks in
+/// getrandom() until the kernel's CRNG is seeded (a whole second under QEMU TCG).
+fn blank_request(xid: u32, mac: &[u8; 6]) -> Message {
+    let mut b = vec![0u8; 240];
+    b[0] = 1; // BOOTREQUEST
+    b[1] = 1; // Ethernet
+    b[2] = 6;
+    b[4..8].copy_from_slice(&xid.to_be_bytes());
+    b[28..34].copy_from_slice(mac);
+    b[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    b.push(255);
+    Message::decode(&mut dhcproto::Decoder::new(&b)).expect("a well-formed BOOTP header")
+}
+
 fn request_message(
     kind: MessageType,
     xid: u32,
@@ -180,9 +195,7 @@ fn request_message(
     secs: u16,
     offer: Option<&Message>,
 ) -> Message {
-    let z = Ipv4Addr::UNSPECIFIED;
-    let mut m = Message::new_with_id(xid, z, z, z, z, mac);
-    m.set_opcode(Opcode::BootRequest);
+    let mut m = blank_request(xid, mac);
     m.set_flags(Flags::default().set_broadcast());
     m.set_secs(secs);
     let o = m.opts_mut();
@@ -222,14 +235,12 @@ impl PacketSocket {
     fn open(ifindex: u32) -> io::Result<PacketSocket> {
         use nix::libc;
         let proto = (libc::ETH_P_IP as u16).to_be();
+        // Protocol 0 here and the real one in bind(): the socket is then hooked into the
+        // stack once, for this NIC only. Created with ETH_P_IP it would be hooked for all
+        // NICs first, and bind() would wait an RCU grace period to unhook it (a whole
+        // second under QEMU TCG).
         // SAFETY: plain socket(2) call; the result is checked before it is wrapped.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                proto as i32,
-            )
-        };
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -323,7 +334,8 @@ pub fn acquire(
     let started = Instant::now();
     let xid: u32 = std::process::id().wrapping_mul(2_654_435_761)
         ^ (u32::from_be_bytes([mac[2], mac[3], mac[4], mac[5]]));
-    let mut wait = Duration::from_secs(1);
+    // Short first retransmissions: a DISCOVER lost while the link settles costs little.
+    let mut wait = Duration::from_millis(250);
     let mut tries = 0;
     let mut buf = vec![0u8; 2048];
     let sock_err = |source| DhcpError::Socket {
@@ -414,6 +426,18 @@ mod tests {
         let mut tcp = f.clone();
         tcp[9] = 6;
         assert!(unframe(&tcp).is_none());
+    }
+
+    #[test]
+    fn requests_carry_xid_mac_and_options() {
+        let mac = [0x52, 0x54, 0, 1, 2, 3];
+        let m = request_message(MessageType::Discover, 0xabcd, &mac, 3, None);
+        let back = Message::from_bytes(&m.to_vec().unwrap()).unwrap();
+        assert_eq!(back.xid(), 0xabcd);
+        assert_eq!(back.opcode(), Opcode::BootRequest);
+        assert_eq!(&back.chaddr()[..6], &mac);
+        assert!(back.flags().broadcast());
+        assert_eq!(back.opts().msg_type(), Some(MessageType::Discover));
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub struct Link {
     pub mac: Option<String>,
     pub up: bool,
     pub carrier: bool,
+    /// Operationally up: the kernel's transmit queue is running.
+    pub running: bool,
     pub loopback: bool,
 }
 
@@ -102,9 +104,21 @@ impl Rtnl {
     }
 
     pub fn set_up(&mut self, index: u32) -> io::Result<()> {
+        self.set_flag_up(index, true)
+    }
+
+    pub fn set_down(&mut self, index: u32) -> io::Result<()> {
+        self.set_flag_up(index, false)
+    }
+
+    fn set_flag_up(&mut self, index: u32, up: bool) -> io::Result<()> {
         let mut m = LinkMessage::default();
         m.header.index = index;
-        m.header.flags = LinkFlags::Up;
+        m.header.flags = if up {
+            LinkFlags::Up
+        } else {
+            LinkFlags::empty()
+        };
         m.header.change_mask = LinkFlags::Up;
         self.request(RouteNetlinkMessage::SetLink(m), NLM_F_ACK)
             .map(drop)
@@ -162,7 +176,11 @@ fn link_of(l: &LinkMessage) -> Link {
         name: String::new(),
         mac: None,
         up: l.header.flags.contains(LinkFlags::Up),
+        // IFF_RUNNING, not just IFF_LOWER_UP: carrier is set at once, but the kernel starts
+        // the NIC's queue only when linkwatch runs (up to a second later); a DHCP
+        // DISCOVER sent in between is silently dropped.
         carrier: l.header.flags.contains(LinkFlags::LowerUp),
+        running: l.header.flags.contains(LinkFlags::Running),
         loopback: l.header.flags.contains(LinkFlags::Loopback),
     };
     for a in &l.attributes {

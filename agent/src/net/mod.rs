@@ -110,6 +110,13 @@ pub fn bring_up(cmd: &Cmdline, deadline: Instant) -> Result<NetInfo, NetError> {
     };
     let mac = chosen.mac.clone().unwrap_or_default();
     log::info!("net: {} ({mac}) has carrier", chosen.name);
+    if !chosen.running {
+        // The NIC was opened before its driver reported carrier, so the kernel starts its
+        // transmit queue only at linkwatch's next run, up to a second away, and drops what
+        // is sent until then. Opened again now that carrier is on, the queue starts at once.
+        rt.set_down(chosen.index)?;
+        rt.set_up(chosen.index)?;
+    }
     let (lease, proto, dhcp_wait) = match &cmd.ip {
         IpConfig::Static(s) => {
             let lease = dhcp::Lease {
