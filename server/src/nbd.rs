@@ -8,9 +8,13 @@
 use crate::config::{Export, NbdConfig};
 use ltsp_common::nbd::{self as w, InfoRequest};
 use std::fs::File;
+use std::io::IoSlice;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -18,6 +22,8 @@ use tokio::sync::{mpsc, Semaphore};
 pub const EXPORT_FLAGS: u16 = w::TFLAG_HAS_FLAGS | w::TFLAG_READ_ONLY | w::TFLAG_CAN_MULTI_CONN;
 /// Requests a connection may have in flight before the server stops reading more.
 const MAX_IN_FLIGHT: usize = 256;
+/// Replies gathered into one writev.
+const BATCH: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -103,7 +109,9 @@ impl Server {
             opened.size
         );
         let name = opened.name.clone();
-        transmit(rd, wr, Arc::new(opened)).await?;
+        // Replies are written with writev straight to the socket, not through the buffer.
+        wr.flush().await?;
+        transmit(rd, wr.into_inner(), Arc::new(opened)).await?;
         Ok(Some(name))
     }
 
@@ -314,16 +322,22 @@ pub fn describe(o: &Opened) -> String {
 struct Reply {
     header: [u8; w::SIMPLE_REPLY_LEN],
     data: Vec<u8>,
+    /// A large READ sent with sendfile(2) by the writer: (image, offset, length).
+    file: Option<(Arc<Opened>, u64, u32)>,
 }
 
-async fn transmit<R, W>(mut rd: R, wr: W, img: Arc<Opened>) -> Result<(), SessionError>
+/// READs at least this large go page cache -> socket with sendfile (one copy less);
+/// smaller ones are read into pooled buffers and batched into one writev.
+const SENDFILE_MIN: u32 = 64 * 1024;
+
+async fn transmit<R>(mut rd: R, wr: OwnedWriteHalf, img: Arc<Opened>) -> Result<(), SessionError>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
-    let writer = tokio::spawn(write_replies(wr, rx));
-    let result = read_requests(&mut rd, &tx, &img).await;
+    let pool = Arc::new(Pool::default());
+    let writer = tokio::spawn(write_replies(wr, rx, pool.clone()));
+    let result = read_requests(&mut rd, &tx, &img, &pool).await;
     // Dropping our sender lets the writer finish once every in-flight READ has replied:
     // NBD_CMD_DISC "finishes what is in flight".
     drop(tx);
@@ -336,6 +350,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
     rd: &mut R,
     tx: &mpsc::Sender<Reply>,
     img: &Arc<Opened>,
+    pool: &Arc<Pool>,
 ) -> Result<(), SessionError> {
     let mut hdr = [0u8; w::REQUEST_LEN];
     let mut drain = vec![0u8; 64 * 1024];
@@ -350,14 +365,26 @@ async fn read_requests<R: AsyncRead + Unpin>(
             w::CMD_READ => {
                 if let Some(e) = check_range(&req, img.size) {
                     e
+                } else if req.len >= SENDFILE_MIN {
+                    tx.send(Reply {
+                        header: w::simple_reply(0, req.cookie),
+                        data: Vec::new(),
+                        file: Some((img.clone(), req.offset, req.len)),
+                    })
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer ended")
+                    })?;
+                    continue;
                 } else {
                     // Each READ is its own task: a slow one does not hold up the others.
                     let permit = tx.clone().reserve_owned().await.map_err(|_| {
                         std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer ended")
                     })?;
                     let img = img.clone();
+                    let pool = pool.clone();
                     tokio::spawn(async move {
-                        let mut data = vec![0u8; req.len as usize];
+                        let mut data = pool.get(req.len as usize);
                         let error = match img.file.read_exact_at(&mut data, req.offset) {
                             Ok(()) => 0,
                             Err(e) => {
@@ -369,6 +396,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                         permit.send(Reply {
                             header: w::simple_reply(error, req.cookie),
                             data,
+                            file: None,
                         });
                     });
                     continue;
@@ -393,6 +421,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
         tx.send(Reply {
             header: w::simple_reply(error, req.cookie),
             data: Vec::new(),
+            file: None,
         })
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer ended"))?;
@@ -408,22 +437,147 @@ fn check_range(req: &w::Request, size: u64) -> Option<u32> {
     }
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(
-    mut wr: W,
+async fn write_replies(
+    mut wr: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Reply>,
+    pool: Arc<Pool>,
 ) -> std::io::Result<()> {
+    let mut batch: Vec<Reply> = Vec::with_capacity(BATCH);
     while let Some(r) = rx.recv().await {
-        wr.write_all(&r.header).await?;
-        wr.write_all(&r.data).await?;
-        // Batch: keep writing while more replies are ready, flush when the queue is empty.
-        while let Ok(r) = rx.try_recv() {
-            wr.write_all(&r.header).await?;
-            wr.write_all(&r.data).await?;
+        batch.push(r);
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
         }
-        wr.flush().await?;
+        // Runs of buffered replies go out in one writev (one syscall for many small
+        // replies); a sendfile reply is its header with MSG_MORE, then the file's pages.
+        let mut i = 0;
+        while i < batch.len() {
+            let j = batch[i..]
+                .iter()
+                .position(|r| r.file.is_some())
+                .map_or(batch.len(), |k| i + k);
+            if j > i {
+                write_buffered(&mut wr, &batch[i..j]).await?;
+            }
+            if j < batch.len() {
+                let (img, offset, len) = batch[j].file.clone().expect("a sendfile reply");
+                send_with_more(&wr, &batch[j].header).await?;
+                send_file(&wr, &img.file, offset, len as usize).await?;
+                i = j + 1;
+            } else {
+                i = j;
+            }
+        }
+        for r in batch.drain(..) {
+            pool.put(r.data);
+        }
     }
-    wr.flush().await?;
     wr.shutdown().await
+}
+
+async fn write_buffered(wr: &mut OwnedWriteHalf, replies: &[Reply]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(replies.len() * 2);
+    for r in replies {
+        slices.push(IoSlice::new(&r.header));
+        if !r.data.is_empty() {
+            slices.push(IoSlice::new(&r.data));
+        }
+    }
+    let mut bufs = &mut slices[..];
+    while !bufs.is_empty() {
+        let n = wr.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
+/// The reply header, with MSG_MORE so it leaves in the same segment as the data after it.
+async fn send_with_more(wr: &OwnedWriteHalf, mut b: &[u8]) -> std::io::Result<()> {
+    use nix::sys::socket::{send, MsgFlags};
+    let sock = wr.as_ref();
+    while !b.is_empty() {
+        sock.writable().await?;
+        match sock.try_io(Interest::WRITABLE, || {
+            send(
+                sock.as_raw_fd(),
+                b,
+                MsgFlags::from_bits_retain(nix::libc::MSG_MORE) | MsgFlags::MSG_NOSIGNAL,
+            )
+            .map_err(std::io::Error::from)
+        }) {
+            Ok(n) => b = &b[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `len` bytes of `file` from `offset` into the socket, without a copy through user space.
+/// The header already promised the data: a short or failed read ends the connection.
+async fn send_file(
+    wr: &OwnedWriteHalf,
+    file: &File,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<()> {
+    let sock = wr.as_ref();
+    let mut off = offset as i64;
+    let mut left = len;
+    while left > 0 {
+        sock.writable().await?;
+        match sock.try_io(Interest::WRITABLE, || {
+            nix::sys::sendfile::sendfile64(sock, file, Some(&mut off), left)
+                .map_err(std::io::Error::from)
+        }) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "image shorter than its size",
+                ))
+            }
+            Ok(n) => left -= n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Read buffers reused across requests: a fresh 256 KiB allocation per READ would be
+/// mmap'ed, faulted in page by page and unmapped again.
+#[derive(Default)]
+struct Pool(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    fn get(&self, len: usize) -> Vec<u8> {
+        let mut b = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        // Shrinking is free; only growth is zero-filled. The read overwrites all `len`
+        // bytes before any is sent.
+        b.resize(len, 0);
+        b
+    }
+
+    fn put(&self, b: Vec<u8>) {
+        if b.capacity() == 0 {
+            return;
+        }
+        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if v.len() < MAX_IN_FLIGHT {
+            v.push(b);
+        }
+    }
 }
 
 #[cfg(test)]
