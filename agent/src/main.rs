@@ -48,6 +48,13 @@ enum Command {
         #[arg(long, default_value = "/root")]
         root: String,
     },
+    /// Bring up the boot NIC as the boot would (driver already loaded), and print what it
+    /// learnt in /run/net-IFACE.conf format: try a site's DHCP from a node's point of view.
+    Net {
+        /// Kernel-cmdline options to use (BOOTIF=, ip=, ltsp.timeout=...).
+        #[arg(long, default_value = "")]
+        cmdline: String,
+    },
     /// Print every kernel cmdline option the agent reads, with its default.
     Options,
 }
@@ -157,6 +164,22 @@ fn main() -> ExitCode {
             }
         }
         Command::Boot { root } => worker(&root),
+        Command::Net { cmdline } => {
+            ltsp_agent::log::init_stderr(false);
+            let cmd = Cmdline::parse(&cmdline);
+            for w in &cmd.warnings {
+                eprintln!("ltsp-agent: {w}");
+            }
+            let deadline = std::time::Instant::now() + cmd.timeout;
+            match ltsp_agent::net::bring_up(&cmd, deadline) {
+                Ok(n) => {
+                    print!("{}", ltsp_agent::net::net_conf(&n, 0.0));
+                    println!("DHCP_WAIT_MS='{}'", n.dhcp_wait.as_millis());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e.to_string()),
+            }
+        }
         Command::Options => {
             println!("| option | default | meaning |\n|---|---|---|");
             for (name, default, meaning) in OPTIONS {

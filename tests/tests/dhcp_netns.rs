@@ -1,0 +1,146 @@
+//! The agent's DHCP client against dnsmasq, across a veth pair between two network
+//! namespaces the test creates (192.0.2.0/24, the documentation range). Needs root.
+
+use ltsp_tests::{bin, is_root, run, tool};
+use std::process::{Command, Stdio};
+
+struct Netns(Vec<String>);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let (ok, _, err) = run(Command::new(tool("ip")).args(args));
+    assert!(ok, "ip {args:?}: {err}");
+}
+
+#[test]
+fn dhcp_against_dnsmasq_gives_a_permanent_address() {
+    if !is_root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    let id = std::process::id();
+    let (srv, cli) = (format!("ltsp-dhcp-s{id}"), format!("ltsp-dhcp-c{id}"));
+    let _guard = Netns(vec![srv.clone(), cli.clone()]);
+    ip(&["netns", "add", &srv]);
+    ip(&["netns", "add", &cli]);
+    ip(&[
+        "-n", &srv, "link", "add", "veth0", "type", "veth", "peer", "name", "eth7", "netns", &cli,
+    ]);
+    ip(&["-n", &srv, "addr", "add", "192.0.2.1/24", "dev", "veth0"]);
+    ip(&["-n", &srv, "link", "set", "veth0", "up"]);
+    ip(&[
+        "-n",
+        &cli,
+        "link",
+        "set",
+        "eth7",
+        "address",
+        "52:54:00:aa:bb:cc",
+    ]);
+    let d = tempfile::tempdir().unwrap();
+    let mut dns = Command::new(tool("ip"))
+        .args([
+            "netns",
+            "exec",
+            &srv,
+            "dnsmasq",
+            "-k",
+            "--conf-file=/dev/null",
+            "--port=0",
+            "--interface=veth0",
+            "--bind-interfaces",
+        ])
+        .args([
+            "--dhcp-range=192.0.2.50,192.0.2.60,255.255.255.0,1h",
+            "--dhcp-option=option:router,192.0.2.1",
+            "--dhcp-option=option:dns-server,192.0.2.53",
+        ])
+        .args([
+            "--dhcp-host=52:54:00:aa:bb:cc,node-aa",
+            "--no-ping",
+            "--user=root",
+        ])
+        .arg(format!(
+            "--dhcp-leasefile={}",
+            d.path().join("leases").display()
+        ))
+        .arg(format!("--pid-file={}", d.path().join("pid").display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (ok, out, err) = run(Command::new(tool("ip"))
+        .args(["netns", "exec", &cli])
+        .arg(bin("ltsp-agent"))
+        .args([
+            "net",
+            "--cmdline",
+            "BOOTIF=01-52-54-00-aa-bb-cc ltsp.timeout=20",
+        ]));
+    let _ = dns.kill();
+    let _ = dns.wait();
+    assert!(ok, "{err}\n{out}");
+    assert!(out.contains("DEVICE='eth7'\n"), "{out}");
+    assert!(out.contains("PROTO='dhcp'\n"));
+    let addr = out
+        .lines()
+        .find_map(|l| l.strip_prefix("IPV4ADDR='"))
+        .unwrap()
+        .trim_end_matches('\'');
+    let last: u8 = addr.rsplit('.').next().unwrap().parse().unwrap();
+    assert!(
+        addr.starts_with("192.0.2.") && (50..=60).contains(&last),
+        "{addr}"
+    );
+    assert!(out.contains("IPV4GATEWAY='192.0.2.1'\n") && out.contains("IPV4DNS0='192.0.2.53'\n"));
+    assert!(out.contains("HOSTNAME='node-aa'\n"), "{out}");
+    assert!(out.contains("ROOTSERVER='192.0.2.1'\n") || out.contains("ROOTSERVER='0.0.0.0'\n"));
+    // The root lives on this address: it must never expire.
+    let (_, show, _) = run(Command::new(tool("ip")).args(["-n", &cli, "addr", "show", "eth7"]));
+    assert!(show.contains(&format!("inet {addr}/24")), "{show}");
+    assert!(
+        show.contains("valid_lft forever preferred_lft forever"),
+        "{show}"
+    );
+    let (_, routes, _) = run(Command::new(tool("ip")).args(["-n", &cli, "route"]));
+    assert!(
+        routes.contains("default via 192.0.2.1 dev eth7"),
+        "{routes}"
+    );
+}
+
+#[test]
+fn no_dhcp_server_fails_with_a_clear_message_within_the_deadline() {
+    if !is_root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    let id = std::process::id();
+    let (srv, cli) = (format!("ltsp-nodhcp-s{id}"), format!("ltsp-nodhcp-c{id}"));
+    let _guard = Netns(vec![srv.clone(), cli.clone()]);
+    ip(&["netns", "add", &srv]);
+    ip(&["netns", "add", &cli]);
+    ip(&[
+        "-n", &srv, "link", "add", "veth0", "type", "veth", "peer", "name", "eth7", "netns", &cli,
+    ]);
+    ip(&["-n", &srv, "link", "set", "veth0", "up"]);
+    let t0 = std::time::Instant::now();
+    let (ok, _, err) = run(Command::new(tool("ip"))
+        .args(["netns", "exec", &cli])
+        .arg(bin("ltsp-agent"))
+        .args(["net", "--cmdline", "ltsp.timeout=3"]));
+    assert!(!ok);
+    assert!(err.contains("no DHCP answer on eth7"), "{err}");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(8),
+        "bounded by ltsp.timeout"
+    );
+}
