@@ -562,7 +562,7 @@ mod tests {
         .unwrap();
         assert!(s.starts_with("#!ipxe\n"));
         assert!(s.contains(
-            "kernel vmlinuz initrd=initrd.img BOOTIF=01-${netX/mac:hexhyp} root=/dev/nbd0"
+            "kernel vmlinuz initrd=initrd.img BOOTIF=01-${netX/mac:hexhyp} ltsp.server=${next-server} root=/dev/nbd0"
         ));
         assert!(s.contains("\ninitrd initrd.img\nboot\n"));
         assert!(ipxe_script(&BootFile::default()).is_none());
