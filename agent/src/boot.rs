@@ -222,7 +222,7 @@ pub struct Booted {
 pub type Failed = Box<(BootError, Option<OnFailure>)>;
 
 pub fn boot(
-    sys: &dyn System,
+    sys: &(dyn System + Sync),
     p: &mut dyn Platform,
     mode: Mode,
     l: &Layout,
@@ -247,22 +247,18 @@ pub fn boot(
 
     pause_at(&cmd, "modules");
     tl.mark("modules");
-    load_modules(sys, l, &cmd);
-
-    pause_at(&cmd, "net");
-    tl.mark("net");
-    let net = retry("net", deadline, cmd.retries, |_| p.bring_up(&cmd, deadline))
-        .map_err(|e| fail(e.into()))?;
-    tl.mark("net-up");
-    write_run_files(l, &net);
-
-    pause_at(&cmd, "ltsconf");
-    tl.mark("ltsconf");
-    let server = cmd
-        .server
-        .clone()
-        .or(net.lease.next_server.map(|s| s.to_string()));
-    let mut conf_text = fetch_lts_conf(p, &cmd, &net, server.as_deref());
+    let mods = load_nic_modules(sys, l);
+    // The root's modules load while the network comes up: carrier, DHCP and TFTP waits
+    // leave the CPU idle. Joined before the NBD step, which needs them.
+    let (net, mut conf_text, server) = std::thread::scope(|scope| {
+        let storage = scope.spawn(|| load_storage_modules(sys, mods, &cmd));
+        let r = network_steps(p, &cmd, deadline, &mut tl, l);
+        if storage.join().is_err() {
+            log::error!("modules: the loading thread panicked");
+        }
+        r
+    })
+    .map_err(fail)?;
 
     pause_at(&cmd, "nbd");
     tl.mark("nbd");
@@ -384,6 +380,32 @@ pub fn boot(
     }
 }
 
+/// Boot NIC up, then lts.conf fetched: returns the NIC, lts.conf (name, text) if the
+/// server had one, and the boot server.
+type NetStep = (NetInfo, Option<(String, String)>, Option<String>);
+
+fn network_steps(
+    p: &mut dyn Platform,
+    cmd: &Cmdline,
+    deadline: Instant,
+    tl: &mut Timeline,
+    l: &Layout,
+) -> Result<NetStep, BootError> {
+    pause_at(cmd, "net");
+    tl.mark("net");
+    let net = retry("net", deadline, cmd.retries, |_| p.bring_up(cmd, deadline))?;
+    tl.mark("net-up");
+    write_run_files(l, &net);
+    pause_at(cmd, "ltsconf");
+    tl.mark("ltsconf");
+    let server = cmd
+        .server
+        .clone()
+        .or(net.lease.next_server.map(|s| s.to_string()));
+    let conf = fetch_lts_conf(p, cmd, &net, server.as_deref());
+    Ok((net, conf, server))
+}
+
 fn early_mounts(sys: &dyn System, l: &Layout) -> Result<(), BootError> {
     let m = |src: &str, target: &str, fstype: &'static str, flags: MsFlags, data: &str| {
         let _ = sys.mkdir(target);
@@ -427,18 +449,32 @@ fn read_cmdline(l: &Layout) -> Result<Cmdline, BootError> {
     Ok(cmd)
 }
 
-/// NIC drivers for the devices present, then nbd, squashfs, overlay and `ltsp.modules=`.
-/// A module that fails is logged; the step that needs it then fails with its own reason.
-fn load_modules(sys: &dyn System, l: &Layout, cmd: &Cmdline) {
+/// NIC drivers for the devices present. Returns the module index for the storage step.
+fn load_nic_modules(sys: &dyn System, l: &Layout) -> Option<Modules> {
     let mut m = match Modules::open(&l.modules) {
         Ok(m) => m,
         Err(e) => {
             log::warn!("modules: {e}; relying on built-in drivers");
-            return;
+            return None;
         }
     };
     let nics = modules::load_nic_drivers(&mut m, sys, &l.sysfs);
-    let mut loaded = nics;
+    log::info!(
+        "modules: NIC drivers {}",
+        if nics.is_empty() {
+            "none needed".into()
+        } else {
+            nics.join(" ")
+        }
+    );
+    Some(m)
+}
+
+/// nbd, squashfs, overlay and `ltsp.modules=`. A module that fails is logged; the step
+/// that needs it then fails with its own reason.
+fn load_storage_modules(sys: &dyn System, m: Option<Modules>, cmd: &Cmdline) {
+    let Some(mut m) = m else { return };
+    let mut loaded = Vec::new();
     for name in ["nbd", "squashfs", "overlay"]
         .into_iter()
         .map(str::to_string)

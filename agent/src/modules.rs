@@ -168,6 +168,7 @@ pub fn device_aliases(sys_root: &Path) -> Vec<String> {
 pub fn load_nic_drivers(m: &mut Modules, sys: &dyn System, sys_root: &Path) -> Vec<String> {
     let mut loaded = Vec::new();
     for _ in 0..2 {
+        let before = device_aliases(sys_root);
         let mut new = false;
         for alias in device_aliases(sys_root).iter().filter(|a| is_nic_alias(a)) {
             for module in m.for_alias(alias) {
@@ -184,8 +185,12 @@ pub fn load_nic_drivers(m: &mut Modules, sys: &dyn System, sys_root: &Path) -> V
         if !new {
             break;
         }
-        // Let the bus probe the new driver's devices before the next round.
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        // A bus driver (virtio_pci) registers its devices while it loads; wait briefly
+        // only if they have not appeared yet.
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(50);
+        while device_aliases(sys_root) == before && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
     loaded
 }

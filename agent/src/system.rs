@@ -3,11 +3,11 @@
 //! syscalls; [`Recorder`] records them so the boot plan is unit-tested without root.
 
 use nix::mount::MsFlags;
-use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::io;
 use std::path::Path;
+use std::sync::Mutex;
 
 pub trait System {
     fn mount(
@@ -157,15 +157,15 @@ impl System for Real {
 /// text contains one of `failures` fail with EIO. The boot plan is then a list of strings.
 #[derive(Default)]
 pub struct Recorder {
-    pub calls: RefCell<Vec<String>>,
-    pub present: RefCell<BTreeSet<String>>,
+    pub calls: Mutex<Vec<String>>,
+    pub present: Mutex<BTreeSet<String>>,
     pub failures: Vec<String>,
 }
 
 impl Recorder {
     fn record(&self, call: String) -> io::Result<()> {
         let fail = self.failures.iter().any(|f| call.contains(f.as_str()));
-        self.calls.borrow_mut().push(call);
+        self.calls.lock().unwrap().push(call);
         if fail {
             Err(io::Error::from_raw_os_error(5))
         } else {
@@ -174,7 +174,7 @@ impl Recorder {
     }
 
     pub fn calls(&self) -> Vec<String> {
-        self.calls.borrow().clone()
+        self.calls.lock().unwrap().clone()
     }
 }
 
@@ -199,12 +199,12 @@ impl System for Recorder {
                 .to_string(),
         );
         if r.is_ok() {
-            self.present.borrow_mut().insert(target.to_string());
+            self.present.lock().unwrap().insert(target.to_string());
         }
         r
     }
     fn mkdir(&self, path: &str) -> io::Result<()> {
-        self.present.borrow_mut().insert(path.to_string());
+        self.present.lock().unwrap().insert(path.to_string());
         self.record(format!("mkdir {path}"))
     }
     fn chdir(&self, path: &str) -> io::Result<()> {
@@ -214,7 +214,7 @@ impl System for Recorder {
         self.record(format!("chroot {path}"))
     }
     fn exists(&self, path: &str) -> bool {
-        self.present.borrow().contains(path)
+        self.present.lock().unwrap().contains(path)
     }
     fn load_module(&self, path: &Path, params: &str) -> io::Result<()> {
         self.record(
