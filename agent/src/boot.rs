@@ -115,6 +115,8 @@ pub enum BootError {
     Apply(#[from] apply::ApplyError),
     #[error(transparent)]
     Switch(#[from] switch_root::SwitchError),
+    #[error("internal error in the agent")]
+    Panicked,
     #[error("exec {init}: {source}")]
     Exec {
         init: String,
@@ -134,6 +136,7 @@ impl BootError {
             BootError::Apply(_) => "apply",
             BootError::Switch(_) => "switch",
             BootError::Exec { .. } => "init",
+            BootError::Panicked => "agent",
         }
     }
 
@@ -214,13 +217,12 @@ pub struct Booted {
     pub timeline: Timeline,
 }
 
-/// The boot. Returns only in [`Mode::Worker`] (root mounted at `newroot`), or on error;
-/// in [`Mode::Pid1`] success ends in exec of init.
-///
-/// The error half says what failed and what the cmdline wants done about it (unknown
-/// when the cmdline itself could not be read).
+/// A failed boot: what failed, and what the cmdline wants done about it (unknown when
+/// the cmdline itself could not be read).
 pub type Failed = Box<(BootError, Option<OnFailure>)>;
 
+/// The boot. Returns only in [`Mode::Worker`] (root mounted at `newroot`), or on error;
+/// in [`Mode::Pid1`] success ends in exec of init.
 pub fn boot(
     sys: &(dyn System + Sync),
     p: &mut dyn Platform,

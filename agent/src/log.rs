@@ -9,7 +9,6 @@ use std::sync::Mutex;
 pub struct BootLogger {
     console: Mutex<Option<File>>,
     kmsg: Mutex<Option<File>>,
-    debug: bool,
 }
 
 /// Seconds since boot (CLOCK_BOOTTIME), the clock dmesg uses.
@@ -64,17 +63,7 @@ static LOGGER: std::sync::OnceLock<BootLogger> = std::sync::OnceLock::new();
 
 /// Boot logging: console and kmsg once /dev is mounted (call [`reopen`] then).
 pub fn init_boot(debug: bool) {
-    let l = LOGGER.get_or_init(|| BootLogger {
-        console: Mutex::new(None),
-        kmsg: Mutex::new(None),
-        debug,
-    });
-    let _ = log::set_logger(l);
-    log::set_max_level(if l.debug {
-        log::LevelFilter::Debug
-    } else {
-        log::LevelFilter::Info
-    });
+    init_stderr(debug);
     reopen();
 }
 
@@ -87,15 +76,14 @@ pub fn reopen() {
     }
 }
 
-/// For the operator commands: plain stderr.
+/// For the operator commands: stderr only (until [`reopen`]).
 pub fn init_stderr(debug: bool) {
     let l = LOGGER.get_or_init(|| BootLogger {
         console: Mutex::new(None),
         kmsg: Mutex::new(None),
-        debug,
     });
     let _ = log::set_logger(l);
-    log::set_max_level(if l.debug {
+    log::set_max_level(if debug {
         log::LevelFilter::Debug
     } else {
         log::LevelFilter::Info

@@ -214,30 +214,23 @@ fn fail(msg: &str) -> ExitCode {
 
 const DEFAULT_FAILURE: OnFailure = OnFailure::Reboot(Duration::from_secs(60));
 
-fn install_panic_hook() {
-    std::panic::set_hook(Box::new(|info| {
-        log::error!("internal error: {info}");
-    }));
-}
-
-/// PID 1: never returns, never panics out.
-fn pid1() -> ! {
+/// Runs the boot with logging and a panic hook; a panic becomes a reported failure.
+fn run_boot(mode: Mode, root: &str) -> Option<boot::Failed> {
     ltsp_agent::log::init_boot(false);
-    install_panic_hook();
+    std::panic::set_hook(Box::new(|info| log::error!("internal error: {info}")));
     let r = std::panic::catch_unwind(|| {
         boot::boot(
             &system::Real,
             &mut boot::RealPlatform,
-            Mode::Pid1,
-            &Layout::real("/root"),
+            mode,
+            &Layout::real(root),
         )
     });
     match r {
-        Ok(Ok(_)) => unreachable_boot(),
+        Ok(Ok(_)) => None,
         Ok(Err(f)) => {
-            let (e, on_failure) = *f;
-            failure::report(e.step(), &e.to_string(), e.hint());
-            failure::act(on_failure.unwrap_or(DEFAULT_FAILURE))
+            failure::report(f.0.step(), &f.0.to_string(), f.0.hint());
+            Some(f)
         }
         Err(_) => {
             failure::report(
@@ -245,50 +238,32 @@ fn pid1() -> ! {
                 "internal error (see the line above)",
                 "report it with the console log",
             );
-            failure::act(DEFAULT_FAILURE)
+            Some(Box::new((boot::BootError::Panicked, None)))
         }
     }
 }
 
-fn unreachable_boot() -> ! {
-    failure::report(
-        "init",
-        "boot returned without exec",
-        "report it with the console log",
-    );
-    failure::act(DEFAULT_FAILURE)
+/// PID 1: never returns, never panics out. Success ends in exec of init, inside boot.
+fn pid1() -> ! {
+    let f = run_boot(Mode::Pid1, "/root");
+    if f.is_none() {
+        failure::report(
+            "init",
+            "boot returned without exec",
+            "report it with the console log",
+        );
+    }
+    failure::act(f.and_then(|f| f.1).unwrap_or(DEFAULT_FAILURE))
 }
 
 /// The initramfs-tools worker: exit 0 with the root mounted, else non-zero so the boot
 /// script can fall back to initramfs-tools' own panic shell.
 fn worker(root: &str) -> ExitCode {
-    ltsp_agent::log::init_boot(false);
-    install_panic_hook();
-    let r = std::panic::catch_unwind(|| {
-        boot::boot(
-            &system::Real,
-            &mut boot::RealPlatform,
-            Mode::Worker,
-            &Layout::real(root),
-        )
-    });
-    match r {
-        Ok(Ok(_)) => ExitCode::SUCCESS,
-        Ok(Err(f)) => {
-            let (e, on_failure) = *f;
-            failure::report(e.step(), &e.to_string(), e.hint());
-            match on_failure.unwrap_or(DEFAULT_FAILURE) {
-                OnFailure::Shell => ExitCode::from(1),
-                other => failure::act(other),
-            }
-        }
-        Err(_) => {
-            failure::report(
-                "agent",
-                "internal error (see the line above)",
-                "report it with the console log",
-            );
-            ExitCode::from(1)
-        }
+    match run_boot(Mode::Worker, root) {
+        None => ExitCode::SUCCESS,
+        Some(f) => match f.1.unwrap_or(DEFAULT_FAILURE) {
+            OnFailure::Shell => ExitCode::from(1),
+            other => failure::act(other),
+        },
     }
 }

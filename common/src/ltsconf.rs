@@ -33,6 +33,15 @@ impl Section {
             .map(|e| e.value.as_deref())
     }
 
+    /// The line of the LIKE that applies (the last one), else the header's.
+    fn like_line(&self) -> usize {
+        self.entries
+            .iter()
+            .rev()
+            .find(|e| e.key == "LIKE")
+            .map_or(self.line, |e| e.line)
+    }
+
     fn is_glob(&self) -> bool {
         self.name.contains(['*', '?', '['])
     }
@@ -385,12 +394,7 @@ impl LtsConf {
         let name = name.to_ascii_lowercase();
         if stack.contains(&name) {
             let section = self.merged(stack.last().map_or(&name, |s| s));
-            let line = section
-                .entries
-                .iter()
-                .rev()
-                .find(|e| e.key == "LIKE")
-                .map_or(section.line, |e| e.line);
+            let line = section.like_line();
             let mut chain = stack.clone();
             chain.push(name);
             problems.push(ResolveError::LikeCycle {
@@ -407,12 +411,7 @@ impl LtsConf {
         let section = self.merged(&name);
         if let Some(Some(like)) = section.get("LIKE") {
             let like = like.trim().to_string();
-            let line = section
-                .entries
-                .iter()
-                .rev()
-                .find(|e| e.key == "LIKE")
-                .map_or(section.line, |e| e.line);
+            let line = section.like_line();
             if self.find(&like).is_none() {
                 problems.push(ResolveError::LikeMissing {
                     file: self.file.clone(),
