@@ -128,3 +128,45 @@ fn initramfs_tools_flavour_boots_into_systemd_and_reboots_clean() {
         "the worker path handed over to initramfs-tools"
     );
 }
+
+#[test]
+fn a_missing_export_is_reported_with_its_step_and_the_node_halts_as_asked() {
+    if !is_root() {
+        eprintln!("skipped: QEMU boots need root");
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let out = Command::new("python3")
+        .arg(workspace_root().join("qemu/boot"))
+        .args([
+            "--nbdroot",
+            ":no-such-export",
+            "--cmdline",
+            "ltsp.timeout=5",
+            "--expect-failure",
+            "nbd",
+            "--timeout",
+            "150",
+        ])
+        .output()
+        .expect("run qemu/boot");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", tail(&text));
+    // Which step, why, what to check; retried until the deadline, then halted.
+    assert!(
+        text.contains("export \"no-such-export\" does not exist on the server"),
+        "{}",
+        tail(&text)
+    );
+    assert!(
+        text.contains("check: that ltsp-server runs, the nbdroot= host/port/export"),
+        "{}",
+        tail(&text)
+    );
+    assert!(
+        text.contains("nbd: try 1 failed"),
+        "retried with backoff: {}",
+        tail(&text)
+    );
+    assert!(text.contains("reboot: System halted"));
+}
