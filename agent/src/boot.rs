@@ -451,6 +451,14 @@ fn read_cmdline(l: &Layout) -> Result<Cmdline, BootError> {
     Ok(cmd)
 }
 
+fn names_or(names: &[String], none: &str) -> String {
+    if names.is_empty() {
+        none.to_string()
+    } else {
+        names.join(" ")
+    }
+}
+
 /// NIC drivers for the devices present. Returns the module index for the storage step.
 fn load_nic_modules(sys: &dyn System, l: &Layout) -> Option<Modules> {
     let mut m = match Modules::open(&l.modules) {
@@ -461,14 +469,7 @@ fn load_nic_modules(sys: &dyn System, l: &Layout) -> Option<Modules> {
         }
     };
     let nics = modules::load_nic_drivers(&mut m, sys, &l.sysfs);
-    log::info!(
-        "modules: NIC drivers {}",
-        if nics.is_empty() {
-            "none needed".into()
-        } else {
-            nics.join(" ")
-        }
-    );
+    log::info!("modules: NIC drivers {}", names_or(&nics, "none needed"));
     Some(m)
 }
 
@@ -487,14 +488,7 @@ fn load_storage_modules(sys: &dyn System, m: Option<Modules>, cmd: &Cmdline) {
             Err(e) => log::warn!("modules: {e}"),
         }
     }
-    log::info!(
-        "modules: loaded {}",
-        if loaded.is_empty() {
-            "none".into()
-        } else {
-            loaded.join(" ")
-        }
-    );
+    log::info!("modules: loaded {}", names_or(&loaded, "none"));
 }
 
 fn write_run_files(l: &Layout, net: &NetInfo) {

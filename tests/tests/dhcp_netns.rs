@@ -19,22 +19,29 @@ fn ip(args: &[&str]) {
     assert!(ok, "ip {args:?}: {err}");
 }
 
+/// Two namespaces joined by a veth pair: `veth0` (server side, up) and `eth7` (client
+/// side, left down for the agent). Removed when the guard drops.
+fn pair(tag: &str) -> (Netns, String, String) {
+    let id = std::process::id();
+    let (srv, cli) = (format!("ltsp-{tag}-s{id}"), format!("ltsp-{tag}-c{id}"));
+    let guard = Netns(vec![srv.clone(), cli.clone()]);
+    ip(&["netns", "add", &srv]);
+    ip(&["netns", "add", &cli]);
+    ip(&[
+        "-n", &srv, "link", "add", "veth0", "type", "veth", "peer", "name", "eth7", "netns", &cli,
+    ]);
+    ip(&["-n", &srv, "link", "set", "veth0", "up"]);
+    (guard, srv, cli)
+}
+
 #[test]
 fn dhcp_against_dnsmasq_gives_a_permanent_address() {
     if !is_root() {
         eprintln!("skipped: network namespaces need root");
         return;
     }
-    let id = std::process::id();
-    let (srv, cli) = (format!("ltsp-dhcp-s{id}"), format!("ltsp-dhcp-c{id}"));
-    let _guard = Netns(vec![srv.clone(), cli.clone()]);
-    ip(&["netns", "add", &srv]);
-    ip(&["netns", "add", &cli]);
-    ip(&[
-        "-n", &srv, "link", "add", "veth0", "type", "veth", "peer", "name", "eth7", "netns", &cli,
-    ]);
+    let (_guard, srv, cli) = pair("dhcp");
     ip(&["-n", &srv, "addr", "add", "192.0.2.1/24", "dev", "veth0"]);
-    ip(&["-n", &srv, "link", "set", "veth0", "up"]);
     ip(&[
         "-n",
         &cli,
@@ -123,15 +130,7 @@ fn no_dhcp_server_fails_with_a_clear_message_within_the_deadline() {
         eprintln!("skipped: network namespaces need root");
         return;
     }
-    let id = std::process::id();
-    let (srv, cli) = (format!("ltsp-nodhcp-s{id}"), format!("ltsp-nodhcp-c{id}"));
-    let _guard = Netns(vec![srv.clone(), cli.clone()]);
-    ip(&["netns", "add", &srv]);
-    ip(&["netns", "add", &cli]);
-    ip(&[
-        "-n", &srv, "link", "add", "veth0", "type", "veth", "peer", "name", "eth7", "netns", &cli,
-    ]);
-    ip(&["-n", &srv, "link", "set", "veth0", "up"]);
+    let (_guard, _srv, cli) = pair("nodhcp");
     let t0 = std::time::Instant::now();
     let (ok, _, err) = run(Command::new(tool("ip"))
         .args(["netns", "exec", &cli])
