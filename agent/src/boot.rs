@@ -5,7 +5,7 @@
 use crate::apply::{self, Node};
 use crate::config::{self, NodeConfig};
 use crate::modules::{self, Modules};
-use crate::nbd::{handshake, netlink};
+use crate::nbd::{handshake, netlink, reconnect};
 use crate::net::{self, NetInfo};
 use crate::system::System;
 use crate::{log as blog, rootfs, switch_root, tftp};
@@ -71,6 +71,8 @@ pub struct NbdAttached {
     pub size: u64,
     pub connections: u32,
     pub description: Option<String>,
+    /// The image's content hash (or description): what a reconnect must find again.
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -266,11 +268,11 @@ pub fn boot(
     tl.mark("nbd");
     let index = nbd_index(&cmd);
     let targets = cmd.nbd_targets(server.as_deref());
-    let attached = retry("nbd", deadline, cmd.retries, |_| {
+    let (current, attached) = retry("nbd", deadline, cmd.retries, |_| {
         let mut last = None;
-        for t in &targets {
+        for (i, t) in targets.iter().enumerate() {
             match p.attach_nbd(t, index, &cmd) {
-                Ok(a) => return Ok(a),
+                Ok(a) => return Ok((i, a)),
                 Err(e) => {
                     log::warn!("nbd: {e}");
                     last = Some(e);
@@ -281,6 +283,9 @@ pub fn boot(
     })
     .map_err(|e| fail(BootError::Nbd(e)))?;
     tl.mark("nbd-connected");
+    if cmd.reconnect {
+        start_reconnect_helper(sys, &attached, index, targets, current);
+    }
 
     pause_at(&cmd, "root");
     rootfs::mount_root(sys, &attached.device, &cmd.overlay_size, &l.run, &l.newroot)
@@ -406,6 +411,30 @@ fn network_steps(
         .or(net.lease.next_server.map(|s| s.to_string()));
     let conf = fetch_lts_conf(p, cmd, &net, server.as_deref());
     Ok((net, conf, server))
+}
+
+/// Started now, from the initramfs, so it outlives the switch and never reads the root it
+/// repairs; `@` in argv[0] keeps systemd's shutdown from killing it (ROOT_STORAGE_DAEMONS).
+fn start_reconnect_helper(
+    sys: &dyn System,
+    a: &NbdAttached,
+    index: u32,
+    targets: Vec<NbdTarget>,
+    current: usize,
+) {
+    let w = reconnect::Watch {
+        index,
+        size: a.size,
+        identity: a.identity.clone(),
+        targets,
+        current,
+    };
+    match sys.spawn("@ltsp-nbd-watch", &w.to_args()) {
+        Ok(pid) => log::info!("nbd: reconnect helper started (pid {pid})"),
+        Err(e) => {
+            log::warn!("nbd: reconnect helper not started: {e}; a dead connection will stay dead")
+        }
+    }
 }
 
 fn early_mounts(sys: &dyn System, l: &Layout) -> Result<(), BootError> {
@@ -696,7 +725,7 @@ impl Platform for RealPlatform {
             server_flags: info.flags as u64,
             timeout_secs: cmd.nbd_timeout.as_secs(),
             dead_conn_timeout_secs: cmd.dead_timeout.as_secs(),
-            backend: info.description.clone(),
+            backend: info.identity().map(str::to_string),
         };
         let socks: Vec<&std::net::TcpStream> = conns.iter().map(|c| &c.stream).collect();
         g.connect(&cfg, &socks)?;
@@ -721,6 +750,7 @@ impl Platform for RealPlatform {
             device,
             size: info.size,
             connections: conns.len() as u32,
+            identity: info.identity().map(str::to_string),
             description: info.description,
         })
     }
@@ -786,6 +816,7 @@ mod tests {
                 size: 1 << 20,
                 connections: 2,
                 description: None,
+                identity: Some("blake3:00".into()),
             })
         }
     }
@@ -832,6 +863,9 @@ mod tests {
             "mount devtmpfs /dev devtmpfs MS_NOSUID mode=0755".into(),
             format!("mkdir {run}"),
             format!("mount tmpfs {run} tmpfs MS_NOSUID | MS_NODEV mode=0755"),
+            "spawn @ltsp-nbd-watch nbd-watch --index=0 --size=1048576 --identity=blake3:00 \
+             --target=nbd://192.0.2.1:10809/img"
+                .into(),
             format!("mkdir {lower}"),
             format!("mkdir {rw}"),
             format!("mkdir {root}"),

@@ -57,6 +57,27 @@ enum Command {
     },
     /// Print every kernel cmdline option the agent reads, with its default.
     Options,
+    /// Keep an NBD root alive: answer the kernel's link-dead events with a new connection
+    /// to the same image (the server in use, then the others), as NBD_CMD_RECONFIGURE.
+    /// The boot starts it; it runs until the node powers off.
+    NbdWatch {
+        /// The device: N of /dev/nbdN.
+        #[arg(long, default_value_t = 0)]
+        index: u32,
+        /// The export's size in bytes; a server offering another size is refused.
+        #[arg(long)]
+        size: u64,
+        /// The image identity (content hash) the boot saw; other bytes are refused.
+        #[arg(long)]
+        identity: Option<String>,
+        /// A server, as nbdroot= takes it; the first is the one in use. Repeatable.
+        #[arg(long = "target", required = true, value_parser = parse_target)]
+        targets: Vec<ltsp_common::cmdline::NbdTarget>,
+    },
+}
+
+fn parse_target(s: &str) -> Result<ltsp_common::cmdline::NbdTarget, String> {
+    ltsp_common::cmdline::parse_nbdroot(s)
 }
 
 #[derive(Args)]
@@ -178,6 +199,26 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e.to_string()),
+            }
+        }
+        Command::NbdWatch {
+            index,
+            size,
+            identity,
+            targets,
+        } => {
+            ltsp_agent::log::init_boot(false);
+            ltsp_agent::nbd::reconnect::harden();
+            let w = ltsp_agent::nbd::reconnect::Watch {
+                index,
+                size,
+                identity,
+                targets,
+                current: 0,
+            };
+            match ltsp_agent::nbd::reconnect::run(w) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("nbd-watch: {e}")),
             }
         }
         Command::Options => {

@@ -29,6 +29,8 @@ pub trait System {
     /// Runs a program to completion (chrooted into `root` if given); returns its exit code.
     fn run(&self, root: Option<&str>, argv: &[String], env: &[(String, String)])
         -> io::Result<i32>;
+    /// Starts this program again as a detached helper named `argv0`; returns its pid.
+    fn spawn(&self, argv0: &str, args: &[String]) -> io::Result<u32>;
     /// Replaces this process; returns only on failure.
     fn exec(&self, argv: &[String], env: &[(String, String)]) -> io::Error;
 }
@@ -138,6 +140,22 @@ impl System for Real {
             .unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)))
     }
 
+    fn spawn(&self, argv0: &str, args: &[String]) -> io::Result<u32> {
+        use std::os::unix::process::CommandExt;
+        use std::process::{Command, Stdio};
+        // /proc/self/exe: the binary this process runs, even once its file is deleted.
+        // Its own process group: signals for the boot script's group do not reach it.
+        Command::new("/proc/self/exe")
+            .arg0(argv0)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map(|c| c.id())
+    }
+
     fn exec(&self, argv: &[String], env: &[(String, String)]) -> io::Error {
         let args: io::Result<Vec<CString>> = argv.iter().map(|a| cstr(a)).collect();
         let envs: io::Result<Vec<CString>> =
@@ -225,6 +243,10 @@ impl System for Recorder {
     }
     fn free_initramfs(&self, keep: &str) -> io::Result<()> {
         self.record(format!("free_initramfs except {keep}"))
+    }
+    fn spawn(&self, argv0: &str, args: &[String]) -> io::Result<u32> {
+        self.record(format!("spawn {argv0} {}", args.join(" ")))
+            .map(|_| 4242)
     }
     fn run(
         &self,

@@ -251,6 +251,19 @@ pub struct ExportInfo {
     pub block_size: Option<(u32, u32, u32)>,
 }
 
+impl ExportInfo {
+    /// What identifies the image's bytes: ltsp-server's `id=` content hash in the
+    /// description, else the whole description (other servers), else nothing.
+    pub fn identity(&self) -> Option<&str> {
+        let d = self.description.as_deref()?;
+        Some(
+            d.split_whitespace()
+                .find_map(|w| w.strip_prefix("id="))
+                .unwrap_or(d),
+        )
+    }
+}
+
 /// Applies one NBD_REP_INFO payload to `info`; unknown info types are skipped.
 pub fn apply_info_reply(info: &mut ExportInfo, data: &[u8]) -> Result<(), WireError> {
     if data.len() < 2 {
@@ -278,6 +291,16 @@ pub fn apply_info_reply(info: &mut ExportInfo, data: &[u8]) -> Result<(), WireEr
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn identity_is_the_content_hash_when_there_is_one() {
+        let mut i = super::ExportInfo::default();
+        assert_eq!(i.identity(), None);
+        i.description = Some("some other server's words".into());
+        assert_eq!(i.identity(), Some("some other server's words"));
+        i.description = Some("ltsp-rs image root size=512 id=blake3:ab12".into());
+        assert_eq!(i.identity(), Some("blake3:ab12"));
+    }
+
     use super::*;
 
     #[test]

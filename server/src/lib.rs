@@ -1,6 +1,7 @@
 //! ltsp-server: TFTP and NBD for network-booted nodes, in one async process.
 
 pub mod config;
+pub mod identity;
 pub mod nbd;
 pub mod tftp;
 

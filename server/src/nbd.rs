@@ -6,6 +6,7 @@
 //! whole connection: renaming a new image over the path changes only later connections.
 
 use crate::config::{Export, NbdConfig};
+use crate::identity::Identities;
 use ltsp_common::nbd::{self as w, InfoRequest};
 use std::fs::File;
 use std::io::IoSlice;
@@ -44,6 +45,7 @@ pub enum SessionError {
 pub struct Server {
     cfg: NbdConfig,
     conns: Arc<Semaphore>,
+    ids: Identities,
 }
 
 /// What a connection serves once negotiated.
@@ -56,10 +58,37 @@ pub struct Opened {
 impl Server {
     pub fn new(cfg: NbdConfig) -> Arc<Self> {
         let conns = Arc::new(Semaphore::new(cfg.max_connections));
-        Arc::new(Server { cfg, conns })
+        Arc::new(Server {
+            cfg,
+            conns,
+            ids: Identities::default(),
+        })
+    }
+
+    /// Hashes every export now, so the first node does not wait for it.
+    fn hash_exports(self: &Arc<Self>) {
+        for e in self.cfg.exports.clone() {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let t = std::time::Instant::now();
+                let id = match File::open(&e.path) {
+                    Ok(f) => me.ids.of(&f).await,
+                    Err(err) => Err(err),
+                };
+                match id {
+                    Ok(id) => log::info!(
+                        "nbd: export {:?}: {id} (hashed in {:.2} s)",
+                        e.name,
+                        t.elapsed().as_secs_f64()
+                    ),
+                    Err(err) => log::warn!("nbd: export {:?}: {}: {err}", e.name, e.path.display()),
+                }
+            });
+        }
     }
 
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        self.hash_exports();
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(x) => x,
@@ -287,7 +316,16 @@ impl Server {
             let mut d = r.to_be_bytes().to_vec();
             match r {
                 w::INFO_NAME => d.extend_from_slice(o.name.as_bytes()),
-                w::INFO_DESCRIPTION => d.extend_from_slice(describe(o).as_bytes()),
+                w::INFO_DESCRIPTION => {
+                    let id = match self.ids.of(&o.file).await {
+                        Ok(id) => Some(id),
+                        Err(e) => {
+                            log::error!("nbd: export {:?}: hashing the image: {e}", o.name);
+                            None
+                        }
+                    };
+                    d.extend_from_slice(describe(o, id.as_deref()).as_bytes())
+                }
                 w::INFO_BLOCK_SIZE => {
                     d.extend_from_slice(&1u32.to_be_bytes());
                     d.extend_from_slice(&4096u32.to_be_bytes());
@@ -302,19 +340,12 @@ impl Server {
     }
 }
 
-/// A human-readable description that also identifies the image opened: size, inode and
-/// modification time change whenever a new image is renamed into place.
-pub fn describe(o: &Opened) -> String {
-    use std::os::unix::fs::MetadataExt;
-    match o.file.metadata() {
-        Ok(m) => format!(
-            "ltsp-rs image {} size={} ino={} mtime={}",
-            o.name,
-            o.size,
-            m.ino(),
-            m.mtime()
-        ),
-        Err(_) => format!("ltsp-rs image {}", o.name),
+/// A human-readable description that also identifies the image's bytes: `id=` is the
+/// content hash ([`crate::identity`]), equal on every server that has a copy.
+pub fn describe(o: &Opened, id: Option<&str>) -> String {
+    match id {
+        Some(id) => format!("ltsp-rs image {} size={} id={id}", o.name, o.size),
+        None => format!("ltsp-rs image {} size={}", o.name, o.size),
     }
 }
 

@@ -68,6 +68,7 @@ pub fn connect(t: &NbdTarget, timeout: Duration) -> Result<Connected, HandshakeE
     };
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_nodelay(true).map_err(io)?;
+    keepalive(&stream).map_err(io)?;
     let info = negotiate(&stream, &t.export, &target)?;
     stream.set_read_timeout(None).map_err(io)?;
     if info.size == 0 || info.size % 512 != 0 {
@@ -77,6 +78,17 @@ pub fn connect(t: &NbdTarget, timeout: Duration) -> Result<Connected, HandshakeE
         });
     }
     Ok(Connected { stream, info, addr })
+}
+
+/// A server that vanishes without a FIN (power loss, cable) is noticed on an idle
+/// connection within about 25 s, so the reconnect helper gets to work.
+fn keepalive(s: &TcpStream) -> std::io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(s, sockopt::KeepAlive, &true)?;
+    setsockopt(s, sockopt::TcpKeepIdle, &10)?;
+    setsockopt(s, sockopt::TcpKeepInterval, &5)?;
+    setsockopt(s, sockopt::TcpKeepCount, &3)?;
+    Ok(())
 }
 
 /// The negotiation itself, over any stream (unit-tested against in-memory scripts).

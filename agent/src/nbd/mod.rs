@@ -3,3 +3,4 @@
 
 pub mod handshake;
 pub mod netlink;
+pub mod reconnect;

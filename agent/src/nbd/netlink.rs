@@ -11,6 +11,11 @@ const GENL_ID_CTRL: u16 = 0x10;
 const CTRL_CMD_GETFAMILY: u8 = 3;
 const CTRL_ATTR_FAMILY_ID: u16 = 1;
 const CTRL_ATTR_FAMILY_NAME: u16 = 2;
+const CTRL_ATTR_MCAST_GROUPS: u16 = 7;
+const CTRL_ATTR_MCAST_GRP_NAME: u16 = 1;
+const CTRL_ATTR_MCAST_GRP_ID: u16 = 2;
+/// The group the kernel multicasts NBD_CMD_LINK_DEAD to.
+const NBD_MCAST_GROUP: &[u8] = b"nbd_mc_group";
 const NLMSG_ERROR: u16 = 2;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
@@ -18,6 +23,7 @@ const NLM_F_ACK: u16 = 4;
 pub const NBD_CMD_CONNECT: u8 = 1;
 pub const NBD_CMD_DISCONNECT: u8 = 2;
 pub const NBD_CMD_RECONFIGURE: u8 = 3;
+pub const NBD_CMD_LINK_DEAD: u8 = 4;
 pub const NBD_ATTR_INDEX: u16 = 1;
 pub const NBD_ATTR_SIZE_BYTES: u16 = 2;
 pub const NBD_ATTR_BLOCK_SIZE_BYTES: u16 = 3;
@@ -35,6 +41,8 @@ pub enum NbdNetlinkError {
     Socket(io::Error),
     #[error("the kernel has no `nbd` netlink family: is the nbd module loaded?")]
     NoFamily,
+    #[error("the kernel's `nbd` family has no multicast group: no NBD_CMD_LINK_DEAD events")]
+    NoGroup,
     #[error("NBD_CMD_{cmd} for /dev/nbd{index}: {source}")]
     Command {
         cmd: &'static str,
@@ -127,9 +135,52 @@ pub fn parse_attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
     out
 }
 
+/// The family's id and its multicast group's, from a CTRL_CMD_GETFAMILY reply.
+pub fn parse_family(reply: &[u8]) -> (Option<u16>, Option<u32>) {
+    let (mut family, mut group) = (None, None);
+    for (k, v) in parse_attrs(reply) {
+        match k {
+            CTRL_ATTR_FAMILY_ID if v.len() >= 2 => family = Some(u16::from_ne_bytes([v[0], v[1]])),
+            CTRL_ATTR_MCAST_GROUPS => {
+                for (_, grp) in parse_attrs(v) {
+                    let a = parse_attrs(grp);
+                    let name = a.iter().find(|(k, _)| *k == CTRL_ATTR_MCAST_GRP_NAME);
+                    let id = a.iter().find(|(k, _)| *k == CTRL_ATTR_MCAST_GRP_ID);
+                    if let (Some((_, n)), Some((_, id))) = (name, id) {
+                        if n.strip_suffix(b"\0").unwrap_or(n) == NBD_MCAST_GROUP && id.len() >= 4 {
+                            group = Some(u32::from_ne_bytes(id[..4].try_into().unwrap()));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (family, group)
+}
+
+/// The devices named by the NBD_CMD_LINK_DEAD messages in one netlink datagram.
+pub fn parse_link_dead(mut b: &[u8], family: u16) -> Vec<u32> {
+    let mut out = Vec::new();
+    while b.len() >= 20 {
+        let len = (u32::from_ne_bytes(b[..4].try_into().unwrap()) as usize).clamp(16, b.len());
+        let kind = u16::from_ne_bytes([b[4], b[5]]);
+        if kind == family && len >= 20 && b[16] == NBD_CMD_LINK_DEAD {
+            for (k, v) in parse_attrs(&b[20..len]) {
+                if k == NBD_ATTR_INDEX && v.len() >= 4 {
+                    out.push(u32::from_ne_bytes(v[..4].try_into().unwrap()));
+                }
+            }
+        }
+        b = &b[((len + 3) & !3).min(b.len())..];
+    }
+    out
+}
+
 pub struct Genl {
     sock: Socket,
     family: u16,
+    group: Option<u32>,
     seq: u32,
 }
 
@@ -143,6 +194,7 @@ impl Genl {
         let mut g = Genl {
             sock,
             family: 0,
+            group: None,
             seq: 0,
         };
         let name = attr(CTRL_ATTR_FAMILY_NAME, b"nbd\0");
@@ -156,16 +208,36 @@ impl Genl {
                 }
             })?;
         for r in replies {
-            for (k, v) in parse_attrs(&r) {
-                if k == CTRL_ATTR_FAMILY_ID && v.len() >= 2 {
-                    g.family = u16::from_ne_bytes([v[0], v[1]]);
-                }
-            }
+            let (family, group) = parse_family(&r);
+            g.family = family.unwrap_or(g.family);
+            g.group = group.or(g.group);
         }
         if g.family == 0 {
             return Err(NbdNetlinkError::NoFamily);
         }
         Ok(g)
+    }
+
+    /// Turns this socket into a listener for NBD_CMD_LINK_DEAD (use another for commands:
+    /// a command's replies and the events would interleave).
+    pub fn subscribe(&mut self) -> Result<(), NbdNetlinkError> {
+        let group = self.group.ok_or(NbdNetlinkError::NoGroup)?;
+        self.sock
+            .add_membership(group)
+            .map_err(NbdNetlinkError::Socket)
+    }
+
+    /// Blocks until link-dead events arrive; returns the devices they name (one entry per
+    /// dead connection).
+    pub fn wait_link_dead(&mut self) -> io::Result<Vec<u32>> {
+        let mut buf = vec![0u8; 16384];
+        loop {
+            let n = self.sock.recv(&mut &mut buf[..], 0)?;
+            let dead = parse_link_dead(&buf[..n], self.family);
+            if !dead.is_empty() {
+                return Ok(dead);
+            }
+        }
     }
 
     /// Sends a request; returns the attribute payloads of its replies, or the error.
@@ -273,6 +345,39 @@ mod tests {
                 (NBD_ATTR_INDEX, &[0u8, 0, 0, 0][..]),
                 (NBD_ATTR_BACKEND_IDENTIFIER, &b"abcde\0"[..])
             ]
+        );
+    }
+
+    #[test]
+    fn family_reply_gives_id_and_multicast_group() {
+        let mut grp = attr(CTRL_ATTR_MCAST_GRP_NAME, b"nbd_mc_group\0");
+        grp.extend(attr(CTRL_ATTR_MCAST_GRP_ID, &9u32.to_ne_bytes()));
+        let mut reply = attr(CTRL_ATTR_FAMILY_NAME, b"nbd\0");
+        reply.extend(attr(CTRL_ATTR_FAMILY_ID, &0x1bu16.to_ne_bytes()));
+        reply.extend(attr(CTRL_ATTR_MCAST_GROUPS, &attr(1, &grp)));
+        assert_eq!(parse_family(&reply), (Some(0x1b), Some(9)));
+        let without = attr(CTRL_ATTR_FAMILY_ID, &0x1bu16.to_ne_bytes());
+        assert_eq!(parse_family(&without), (Some(0x1b), None));
+    }
+
+    #[test]
+    fn link_dead_events_name_their_device() {
+        // Two events in one datagram (both connections of nbd0 died), then one for nbd3,
+        // and a message of another family that must be ignored.
+        let ev = |fam: u16, cmd: u8, idx: u32| {
+            let mut m = message(fam, cmd, 1, 0, &attr(NBD_ATTR_INDEX, &idx.to_ne_bytes()));
+            m.resize((m.len() + 3) & !3, 0);
+            m
+        };
+        let mut d = ev(0x1b, NBD_CMD_LINK_DEAD, 0);
+        d.extend(ev(0x1b, NBD_CMD_LINK_DEAD, 0));
+        d.extend(ev(0x1c, NBD_CMD_LINK_DEAD, 7));
+        d.extend(ev(0x1b, NBD_CMD_CONNECT, 5));
+        d.extend(ev(0x1b, NBD_CMD_LINK_DEAD, 3));
+        assert_eq!(parse_link_dead(&d, 0x1b), vec![0, 0, 3]);
+        assert!(
+            parse_link_dead(&d[..10], 0x1b).is_empty(),
+            "a truncated datagram"
         );
     }
 

@@ -1,0 +1,341 @@
+"""The QEMU test bed shared by qemu/boot and qemu/fault: a network namespace with a bridge,
+tap, dnsmasq and ltsp-server (Bed), and a node under QEMU TCG booting from it by
+firmware PXE, its serial console streamed and driven (Node)."""
+import argparse
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOP = os.path.dirname(HERE)
+SERVER_IP = "192.0.2.1"
+SERVER2_IP = "192.0.2.2"
+MAC = "52:54:00:12:34:56"
+
+
+def log(msg):
+    print(f"qemu/boot: {msg}", flush=True)
+
+
+def sh(*cmd, **kw):
+    return subprocess.run(cmd, check=True, **kw)
+
+
+class Fail(Exception):
+    pass
+
+
+def build(args):
+    env = dict(os.environ)
+    env["PATH"] = os.path.expanduser("~/.cargo/bin") + ":" + env.get("PATH", "")
+    if not args.no_build:
+        log("building ltsp-server (release) and ltsp-agent (static, musl)")
+        sh("cargo", "build", "--quiet", "--release", "-p", "ltsp-server", cwd=TOP, env=env)
+        sh("cargo", "build", "--quiet", "--profile", "agent", "--target", "x86_64-unknown-linux-musl",
+           "-p", "ltsp-agent", cwd=TOP, env=env)
+    agent = os.path.join(TOP, "target/x86_64-unknown-linux-musl/agent/ltsp-agent")
+    server = os.path.join(TOP, "target/release/ltsp-server")
+    sh(os.path.join(HERE, "prepare"), agent)
+    work = os.environ.get("LTSP_QEMU_WORK", os.path.join(HERE, "work"))
+    return server, os.path.join(work, "artifacts")
+
+
+class Bed:
+    """The network namespace with its bridge, tap, dnsmasq and ltsp-server."""
+
+    def __init__(self, artifacts, server_bin, lts_conf, flavour, extra_cmdline, stock=None, nbdroot=":root",
+                 dhcp="all", nbd=True, second_server=False):
+        """dhcp: "all", or "pxe-only" (dnsmasq answers iPXE but not the agent); nbd: False
+        serves TFTP only; second_server: a second ltsp-server on SERVER2_IP exporting a
+        copy of the image (another file, same bytes)."""
+        self.ns = f"ltsp-qemu-{os.getpid()}"
+        self.dir = tempfile.mkdtemp(prefix="ltsp-qemu-")
+        self.procs = []
+        self.art = artifacts
+        self.server_bin = server_bin
+        self.lts_conf = lts_conf
+        self.flavour = flavour
+        self.extra = extra_cmdline
+        self.stock = stock
+        self.nbdroot = nbdroot
+        self.dhcp = dhcp
+        self.nbd = nbd
+        self.second_server = second_server
+        self.server_log = os.path.join(self.dir, "server.log")
+        self.server2_log = os.path.join(self.dir, "server2.log")
+        self.dnsmasq_log = os.path.join(self.dir, "dnsmasq.log")
+
+    def ip(self, *a):
+        sh("ip", "-n", self.ns, *a)
+
+    def start(self):
+        sh("ip", "netns", "add", self.ns)
+        self.ip("link", "set", "lo", "up")
+        self.ip("link", "add", "br0", "type", "bridge")
+        self.ip("addr", "add", f"{SERVER_IP}/24", "dev", "br0")
+        # An IPv6 prefix with router advertisements: iPXE otherwise waits ~13 s for IPv6
+        # router discovery to time out.
+        self.ip("addr", "add", "2001:db8:1::1/64", "dev", "br0", "nodad")
+        self.ip("tuntap", "add", "tap0", "mode", "tap")
+        self.ip("link", "set", "tap0", "master", "br0")
+        self.ip("link", "set", "tap0", "up")
+        self.ip("link", "set", "br0", "up")
+        tftp = os.path.join(self.dir, "tftp")
+        d = os.path.join(tftp, "ltsp/amd64")
+        os.makedirs(d)
+        initrd = "initrd-standalone.img" if self.flavour == "standalone" else "initrd-initramfs-tools.img"
+        art = self.art
+        if self.stock:
+            art, initrd = self.stock, "initrd.img"
+        shutil.copy(os.path.join(art, "vmlinuz"), os.path.join(d, "vmlinuz"))
+        shutil.copy(os.path.join(art, initrd), os.path.join(d, "initrd.img"))
+        if self.lts_conf:
+            shutil.copy(self.lts_conf, os.path.join(d, "lts.conf"))
+        cmdline = f"console=ttyS0,115200 root=/dev/nbd0 nbdroot={self.nbdroot} ltsp.on-failure=halt"
+        if self.flavour == "initramfs-tools":
+            cmdline += " boot=ltsp"
+        if self.stock:
+            # nbd-client's initramfs script; `,nbd0` because it reads `server,name` as a port.
+            cmdline = f"console=ttyS0,115200 root=/dev/nbd0 nbdroot={SERVER_IP},root,nbd0 ip=dhcp rootfstype=squashfs ro"
+        if self.extra:
+            cmdline += " " + self.extra
+        self.squashfs = os.path.join(self.dir, "root.squashfs")
+        shutil.copy(os.path.join(self.stock or self.art, "root.squashfs"), self.squashfs)
+        self.tftp = tftp
+        self.start_server(tftp, cmdline)
+        if self.second_server:
+            self.ip("addr", "add", f"{SERVER2_IP}/24", "dev", "br0")
+            self.squashfs2 = os.path.join(self.dir, "root2.squashfs")
+            shutil.copy(self.squashfs, self.squashfs2)
+            self.start_server2()
+        if self.stock:
+            conf = os.path.join(self.dir, "nbd-server.conf")
+            with open(conf, "w") as f:
+                f.write(f"[generic]\nlistenaddr = {SERVER_IP}\nport = 10809\nuser = root\ngroup = root\n"
+                        f"[root]\nexportname = {self.squashfs}\nreadonly = true\n")
+            self.nbd_pid = os.path.join(self.dir, "nbd-server.pid")
+            sh("ip", "netns", "exec", self.ns, "nbd-server", "-C", conf, "-p", self.nbd_pid)
+        dns = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, "dnsmasq", "--keep-in-foreground", "--log-facility=-",
+             "--conf-file=/dev/null", "--port=0", "--interface=br0", "--bind-interfaces",
+             "--dhcp-range=192.0.2.100,192.0.2.199,255.255.255.0,12h", "--dhcp-leasefile=" + os.path.join(self.dir, "leases"),
+             "--dhcp-userclass=set:ipxe,iPXE", f"--dhcp-boot=tag:ipxe,boot.ipxe,,{SERVER_IP}",
+             "--dhcp-option-force=tag:ipxe,encap:175,176,1", "--no-ping", "--log-dhcp",
+             "--enable-ra", "--dhcp-range=::,constructor:br0,ra-only", "--pid-file=" + os.path.join(self.dir, "dnsmasq.pid")]
+            + (["--dhcp-ignore=tag:!ipxe"] if self.dhcp == "pxe-only" else []),
+            stdout=open(self.dnsmasq_log, "w"), stderr=subprocess.STDOUT)
+        self.procs.append(dns)
+        self.server_cmdline = cmdline
+
+    def start_server(self, tftp, cmdline):
+        nbd = (["--no-nbd"] if self.stock or not self.nbd else
+               ["--nbd-listen", f"{SERVER_IP}:10809", "--export", f"root={self.squashfs}"])
+        self.server_args = ["serve", "--tftp-root", tftp, "--tftp-listen", f"{SERVER_IP}:69", *nbd,
+                            "--boot-kernel", "ltsp/amd64/vmlinuz", "--boot-initrd", "ltsp/amd64/initrd.img",
+                            "--boot-cmdline", cmdline]
+        ready = "nbd: listening" if nbd[0] != "--no-nbd" else "tftp: serving"
+        self.server = self.launch(self.server_args, self.server_log, ready)
+
+    def start_server2(self):
+        self.server2 = self.launch(["serve", "--no-tftp", "--nbd-listen", f"{SERVER2_IP}:10809",
+                                    "--export", f"root={self.squashfs2}"], self.server2_log, "nbd: listening")
+
+    def restart_server(self):
+        """Starts the (killed) first server again with the same settings."""
+        ready = "nbd: listening" if self.nbd and not self.stock else "tftp: serving"
+        self.server = self.launch(self.server_args, self.server_log, ready)
+
+    def launch(self, args, logfile, ready):
+        """Starts an ltsp-server; returns once its log shows `ready` one more time."""
+        before = open(logfile).read().count(ready) if os.path.exists(logfile) else 0
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns, self.server_bin, *args],
+                             stdout=open(logfile, "a"), stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if open(logfile).read().count(ready) > before:
+                return p
+            if p.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise Fail("ltsp-server did not start: " + open(logfile).read()[-2000:])
+
+    def stop(self):
+        pidfile = getattr(self, "nbd_pid", None)
+        if pidfile and os.path.exists(pidfile):
+            try:
+                os.kill(int(open(pidfile).read().strip()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+        subprocess.run(["ip", "netns", "exec", self.ns, "pkill", "-f", "nbd-server"], capture_output=True)
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+
+
+class Node:
+    """QEMU with the serial console on a pipe; lines are stamped with seconds since start."""
+
+    def __init__(self, bed, memory, firmware):
+        cmd = ["ip", "netns", "exec", bed.ns, "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory),
+               "-smp", "1", "-nodefaults", "-vga", "none", "-display", "none", "-no-user-config",
+               "-chardev", "stdio,id=s0,signal=off", "-serial", "chardev:s0", "-boot", "n",
+               "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
+               "-device", f"virtio-net-pci,netdev=n0,mac={MAC}"]
+        self.t0 = time.time()
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.buf = b""
+        self.lines = []  # (seconds since start, text)
+        self.seen = 0  # lines examined by wait_for
+        self.partial = ""
+
+    def now(self):
+        return time.time() - self.t0
+
+    def pump(self, timeout):
+        """Reads what the console printed within `timeout`; returns new complete lines."""
+        r, _, _ = select.select([self.p.stdout], [], [], timeout)
+        new = []
+        if r:
+            data = os.read(self.p.stdout.fileno(), 65536)
+            if not data:
+                raise Fail(f"QEMU exited (status {self.p.wait()})")
+            self.buf += data
+            *complete, self.buf = self.buf.split(b"\n")
+            for raw in complete:
+                text = raw.decode("utf-8", "replace").replace("\r", "")
+                text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+                t = self.now()
+                self.lines.append((t, text))
+                new.append((t, text))
+                print(f"[{t:8.3f}] {text}", flush=True)
+        return new
+
+    def wait_for(self, pattern, deadline, fail_patterns=()):
+        """Waits for a console line matching `pattern`. Lines are examined in order from
+        where the previous wait stopped, so lines that arrived in one read with an
+        earlier match are not skipped."""
+        rx = re.compile(pattern)
+        while True:
+            while self.seen < len(self.lines):
+                t, line = self.lines[self.seen]
+                self.seen += 1
+                for fp, why in fail_patterns:
+                    if re.search(fp, line):
+                        raise Fail(f"{why}: {line.strip()}")
+                if rx.search(line):
+                    return t, line
+            # A prompt has no newline: look at the partial line too.
+            tail = self.buf.decode("utf-8", "replace")
+            if rx.search(tail):
+                return self.now(), tail
+            left = deadline - time.time()
+            if left <= 0:
+                raise Fail(f"timed out waiting for {pattern!r}")
+            self.pump(min(left, 0.5))
+
+    def type(self, text):
+        self.p.stdin.write(text.encode())
+        self.p.stdin.flush()
+
+    def run(self, command, deadline):
+        """Runs a shell command on the node's serial root shell; returns its output."""
+        tag = f"@@{int(time.time() * 1000) % 100000}"
+        self.seen = len(self.lines)  # only what the command prints from now on
+        self.type(f"echo {tag}-B; {command}; echo; echo {tag}-E\n")
+        out = []
+        inside = False
+        while True:
+            while self.seen < len(self.lines):
+                line = self.lines[self.seen][1]
+                self.seen += 1
+                # The prompt may precede a marker on its line.
+                if line.rstrip().endswith(f"{tag}-E"):
+                    return "\n".join(out)
+                if inside:
+                    out.append(line)
+                if line.rstrip().endswith(f"{tag}-B"):
+                    inside = True
+            left = deadline - time.time()
+            if left <= 0:
+                raise Fail(f"timed out running {command!r}")
+            self.pump(min(left, 0.5))
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+FAILS = [
+    (r"Kernel panic", "kernel panic"),
+    (r"ltsp-agent .*step `\w+` failed", "ltsp-agent failed"),
+    (r"ALERT! ", "initramfs-tools dropped to its shell"),
+]
+MULTI_USER = r"Reached target .*(Multi-User System|multi-user\.target)"
+PROMPT = r"root@[\w.-]+:~# ?$"
+
+
+def boot_once(node, bed, deadline, marks, n):
+    """Waits for one boot to reach multi-user and the root shell; records the timeline."""
+    start = node.now() if n > 1 else 0.0
+    t, _ = node.wait_for(MULTI_USER, deadline, FAILS)
+    marks[f"multi-user{'' if n == 1 else n}"] = t
+    node.wait_for(PROMPT, deadline, FAILS)
+    node.type("export TERM=dumb PS1='root@node:~# '; stty -echo cols 200\n")
+    node.wait_for(PROMPT, deadline)
+    return start
+
+
+def timeline(node, bed, marks):
+    """Seconds from QEMU start for each milestone, from the console, the server and dnsmasq."""
+    lines = node.lines
+    kstart = None
+    for t, line in lines:
+        m = re.match(r"\[\s*(\d+\.\d+)\] Run /init as init process", line)
+        if m:
+            kstart = t - float(m.group(1))
+            break
+    dhcp = None
+    for line in open(bed.dnsmasq_log):
+        if "DHCPACK" in line and dhcp is None:
+            dhcp = True
+    agent = {}
+    for t, line in lines:
+        m = re.match(r"ltsp-agent \[\s*(\d+\.\d+)\] (\S+)$", line)
+        if m and kstart is not None and m.group(2) not in agent:
+            agent[m.group(2)] = kstart + float(m.group(1))
+    out = {}
+    if dhcp:
+        # dnsmasq logs without sub-second stamps; the server logs the first TFTP transfer.
+        for t, line in lines:
+            if "ltsp-agent" in line:
+                break
+    srv = open(bed.server_log).read()
+    out["kernel-start"] = kstart
+    out["agent-start"] = agent.get("start")
+    out["net-up"] = agent.get("net-up")
+    out["nbd-connected"] = agent.get("nbd-connected")
+    out["exec-init"] = agent.get("exec-init") or agent.get("handover")
+    for t, line in lines:
+        m = re.match(r"\[\s*(\d+\.\d+)\] systemd\[1\]: systemd \d+", line)
+        if m and kstart is not None:
+            out["systemd-start"] = kstart + float(m.group(1))
+            break
+    out.update(marks)
+    return out, agent, srv
+
+
