@@ -23,9 +23,12 @@ struct Key {
     mtime_nsec: i64,
 }
 
+type Cell = Arc<OnceCell<String>>;
+
+/// Per file version, its hash once computed; and the versions oldest first.
 #[derive(Default)]
 pub struct Identities {
-    known: Mutex<(HashMap<Key, Arc<OnceCell<String>>>, Vec<Key>)>,
+    known: Mutex<(HashMap<Key, Cell>, Vec<Key>)>,
 }
 
 impl Identities {

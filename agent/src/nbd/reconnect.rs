@@ -131,7 +131,7 @@ pub fn replace<D: Dialer>(
                 Some(e) => {
                     // The first failure of each server, then every 20th round, so a long
                     // outage does not flood the console.
-                    if round % 20 == 0 {
+                    if round.is_multiple_of(20) {
                         log::warn!("nbd-watch: {e}");
                     }
                     last = Some(e);
