@@ -224,10 +224,11 @@ class Node:
                 print(f"[{t:8.3f}] {text}", flush=True)
         return new
 
-    def wait_for(self, pattern, deadline, fail_patterns=()):
+    def wait_for(self, pattern, deadline, fail_patterns=(), partial=False):
         """Waits for a console line matching `pattern`. Lines are examined in order from
         where the previous wait stopped, so lines that arrived in one read with an
-        earlier match are not skipped."""
+        earlier match are not skipped. `partial`: also match the unfinished last line
+        (a prompt has no newline)."""
         rx = re.compile(pattern)
         while True:
             while self.seen < len(self.lines):
@@ -238,9 +239,8 @@ class Node:
                         raise Fail(f"{why}: {line.strip()}")
                 if rx.search(line):
                     return t, line
-            # A prompt has no newline: look at the partial line too.
             tail = self.buf.decode("utf-8", "replace")
-            if rx.search(tail):
+            if partial and rx.search(tail):
                 return self.now(), tail
             left = deadline - time.time()
             if left <= 0:
@@ -294,9 +294,9 @@ def boot_once(node, bed, deadline, marks, n):
     start = node.now() if n > 1 else 0.0
     t, _ = node.wait_for(MULTI_USER, deadline, FAILS)
     marks[f"multi-user{'' if n == 1 else n}"] = t
-    node.wait_for(PROMPT, deadline, FAILS)
+    node.wait_for(PROMPT, deadline, FAILS, partial=True)
     node.type("export TERM=dumb PS1='root@node:~# '; stty -echo cols 200\n")
-    node.wait_for(PROMPT, deadline)
+    node.wait_for(PROMPT, deadline, partial=True)
     return start
 
 
