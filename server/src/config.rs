@@ -58,6 +58,8 @@ pub struct TftpFile {
     pub retries: Option<u32>,
     pub max_windowsize: Option<u16>,
     pub max_transfers: Option<usize>,
+    /// Transfers one client address may have at once (0: no limit).
+    pub max_transfers_per_client: Option<usize>,
     pub enabled: Option<bool>,
 }
 
@@ -71,6 +73,10 @@ pub struct NbdFile {
     pub default_export: Option<String>,
     pub handshake_timeout: Option<u64>,
     pub max_connections: Option<usize>,
+    /// Connections one client address may have open (0: no limit).
+    pub max_connections_per_client: Option<usize>,
+    /// Seconds without a request before a connection is closed (0: never).
+    pub idle_timeout: Option<u64>,
     pub enabled: Option<bool>,
 }
 
@@ -92,6 +98,7 @@ pub struct TftpConfig {
     pub retries: u32,
     pub max_windowsize: u16,
     pub max_transfers: usize,
+    pub max_transfers_per_client: usize,
     pub boot: BootFile,
 }
 
@@ -108,6 +115,9 @@ pub struct NbdConfig {
     pub default_export: Option<String>,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    /// None: connections are never closed for idleness.
+    pub idle_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -125,12 +135,15 @@ pub struct Overrides {
     pub tftp_retries: Option<u32>,
     pub tftp_max_windowsize: Option<u16>,
     pub tftp_max_transfers: Option<usize>,
+    pub tftp_max_transfers_per_client: Option<usize>,
     pub no_tftp: bool,
     pub nbd_listen: Option<SocketAddr>,
     pub exports: Vec<String>,
     pub default_export: Option<String>,
     pub nbd_handshake_timeout: Option<u64>,
     pub nbd_max_connections: Option<usize>,
+    pub nbd_max_connections_per_client: Option<usize>,
+    pub nbd_idle_timeout: Option<u64>,
     pub no_nbd: bool,
     pub boot_kernel: Option<String>,
     pub boot_initrd: Option<String>,
@@ -218,6 +231,10 @@ impl Config {
                     .tftp_max_transfers
                     .or(f.tftp.max_transfers)
                     .unwrap_or(2048),
+                max_transfers_per_client: o
+                    .tftp_max_transfers_per_client
+                    .or(f.tftp.max_transfers_per_client)
+                    .unwrap_or(16),
                 boot,
             })
         } else {
@@ -283,6 +300,14 @@ impl Config {
                     .nbd_max_connections
                     .or(f.nbd.max_connections)
                     .unwrap_or(4096),
+                max_connections_per_client: o
+                    .nbd_max_connections_per_client
+                    .or(f.nbd.max_connections_per_client)
+                    .unwrap_or(64),
+                idle_timeout: match o.nbd_idle_timeout.or(f.nbd.idle_timeout).unwrap_or(0) {
+                    0 => None,
+                    s => Some(Duration::from_secs(s)),
+                },
             })
         } else {
             None

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod identity;
+pub mod limits;
 pub mod nbd;
 pub mod tftp;
 

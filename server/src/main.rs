@@ -50,6 +50,9 @@ struct ServeArgs {
     /// TFTP transfers at once; more are told to retry (default 2048).
     #[arg(long, value_name = "N")]
     tftp_max_transfers: Option<usize>,
+    /// TFTP transfers one client address may have at once; 0: no limit (default 16).
+    #[arg(long, value_name = "N")]
+    tftp_max_transfers_per_client: Option<usize>,
     /// Do not serve TFTP.
     #[arg(long)]
     no_tftp: bool,
@@ -68,6 +71,13 @@ struct ServeArgs {
     /// NBD connections at once; more are closed at accept (default 4096).
     #[arg(long, value_name = "N")]
     nbd_max_connections: Option<usize>,
+    /// NBD connections one client address may have open; 0: no limit (default 64).
+    #[arg(long, value_name = "N")]
+    nbd_max_connections_per_client: Option<usize>,
+    /// Seconds without a request before an NBD connection is closed; 0: never (default).
+    /// A node's kernel reconnects through its helper, so this only frees idle sockets.
+    #[arg(long, value_name = "SECS")]
+    nbd_idle_timeout: Option<u64>,
     /// Do not serve NBD.
     #[arg(long)]
     no_nbd: bool,
@@ -91,12 +101,15 @@ impl ServeArgs {
             tftp_retries: self.tftp_retries,
             tftp_max_windowsize: self.tftp_max_windowsize,
             tftp_max_transfers: self.tftp_max_transfers,
+            tftp_max_transfers_per_client: self.tftp_max_transfers_per_client,
             no_tftp: self.no_tftp,
             nbd_listen: self.nbd_listen,
             exports: self.exports.clone(),
             default_export: self.default_export.clone(),
             nbd_handshake_timeout: self.nbd_handshake_timeout,
             nbd_max_connections: self.nbd_max_connections,
+            nbd_max_connections_per_client: self.nbd_max_connections_per_client,
+            nbd_idle_timeout: self.nbd_idle_timeout,
             no_nbd: self.no_nbd,
             boot_kernel: self.boot_kernel.clone(),
             boot_initrd: self.boot_initrd.clone(),

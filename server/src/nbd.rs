@@ -7,6 +7,7 @@
 
 use crate::config::{Export, NbdConfig};
 use crate::identity::Identities;
+use crate::limits::PerClient;
 use ltsp_common::nbd::{self as w, InfoRequest};
 use std::fs::File;
 use std::io::IoSlice;
@@ -38,6 +39,8 @@ pub enum SessionError {
     HandshakeTimeout(std::time::Duration),
     #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
     UnknownExport(String),
+    #[error("no request for {0:?}: closed as idle")]
+    Idle(std::time::Duration),
     #[error("option {option} with length {len} over the limit")]
     OptionTooLong { option: u32, len: u32 },
 }
@@ -45,6 +48,7 @@ pub enum SessionError {
 pub struct Server {
     cfg: NbdConfig,
     conns: Arc<Semaphore>,
+    per_client: Arc<PerClient>,
     ids: Identities,
 }
 
@@ -58,9 +62,11 @@ pub struct Opened {
 impl Server {
     pub fn new(cfg: NbdConfig) -> Arc<Self> {
         let conns = Arc::new(Semaphore::new(cfg.max_connections));
+        let per_client = PerClient::new(cfg.max_connections_per_client);
         Arc::new(Server {
             cfg,
             conns,
+            per_client,
             ids: Identities::default(),
         })
     }
@@ -106,8 +112,17 @@ impl Server {
                 );
                 continue;
             };
+            let Some(slot) = self.per_client.try_acquire(peer.ip()) else {
+                log::warn!(
+                    "nbd: {peer}: refused: {} connections open from {}",
+                    self.cfg.max_connections_per_client,
+                    peer.ip()
+                );
+                continue;
+            };
             let me = self.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let _ = stream.set_nodelay(true);
                 match me.session(stream).await {
                     Ok(Some(name)) => log::info!("nbd: {peer}: export {name:?} closed"),
@@ -140,7 +155,7 @@ impl Server {
         let name = opened.name.clone();
         // Replies are written with writev straight to the socket, not through the buffer.
         wr.flush().await?;
-        transmit(rd, wr.into_inner(), Arc::new(opened)).await?;
+        transmit(rd, wr.into_inner(), Arc::new(opened), self.cfg.idle_timeout).await?;
         Ok(Some(name))
     }
 
@@ -361,14 +376,19 @@ struct Reply {
 /// smaller ones are read into pooled buffers and batched into one writev.
 const SENDFILE_MIN: u32 = 64 * 1024;
 
-async fn transmit<R>(mut rd: R, wr: OwnedWriteHalf, img: Arc<Opened>) -> Result<(), SessionError>
+async fn transmit<R>(
+    mut rd: R,
+    wr: OwnedWriteHalf,
+    img: Arc<Opened>,
+    idle: Option<std::time::Duration>,
+) -> Result<(), SessionError>
 where
     R: AsyncRead + Unpin,
 {
     let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
     let pool = Arc::new(Pool::default());
     let writer = tokio::spawn(write_replies(wr, rx, pool.clone()));
-    let result = read_requests(&mut rd, &tx, &img, &pool).await;
+    let result = read_requests(&mut rd, &tx, &img, &pool, idle).await;
     // Dropping our sender lets the writer finish once every in-flight READ has replied:
     // NBD_CMD_DISC "finishes what is in flight".
     drop(tx);
@@ -382,11 +402,20 @@ async fn read_requests<R: AsyncRead + Unpin>(
     tx: &mpsc::Sender<Reply>,
     img: &Arc<Opened>,
     pool: &Arc<Pool>,
+    idle: Option<std::time::Duration>,
 ) -> Result<(), SessionError> {
     let mut hdr = [0u8; w::REQUEST_LEN];
     let mut drain = vec![0u8; 64 * 1024];
     loop {
-        match rd.read_exact(&mut hdr).await {
+        let next = match idle {
+            None => rd.read_exact(&mut hdr).await,
+            Some(t) => match tokio::time::timeout(t, rd.read_exact(&mut hdr)).await {
+                Ok(r) => r,
+                // What is in flight is still answered (as for DISC), then the close.
+                Err(_) => return Err(SessionError::Idle(t)),
+            },
+        };
+        match next {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e.into()),

@@ -179,6 +179,7 @@ pub struct Server {
     cfg: TftpConfig,
     root: File,
     slots: Arc<Semaphore>,
+    per_client: Arc<crate::limits::PerClient>,
 }
 
 impl Server {
@@ -188,7 +189,13 @@ impl Server {
             source,
         })?;
         let slots = Arc::new(Semaphore::new(cfg.max_transfers));
-        Ok(Arc::new(Server { cfg, root, slots }))
+        let per_client = crate::limits::PerClient::new(cfg.max_transfers_per_client);
+        Ok(Arc::new(Server {
+            cfg,
+            root,
+            slots,
+            per_client,
+        }))
     }
 
     /// Binds the listening socket; separate from [`Server::run`] so callers learn the port.
@@ -239,10 +246,28 @@ impl Server {
                             .await;
                         continue;
                     };
+                    let Some(slot) = self.per_client.try_acquire(peer.ip()) else {
+                        log::warn!(
+                            "tftp: {peer}: refused {:?}: {} transfers open from {}",
+                            req.filename,
+                            self.cfg.max_transfers_per_client,
+                            peer.ip()
+                        );
+                        let _ = sock
+                            .send_to(
+                                &tftp::error(
+                                    tftp::ERR_UNDEFINED,
+                                    "too many transfers from you, retry",
+                                ),
+                                peer,
+                            )
+                            .await;
+                        continue;
+                    };
                     let me = self.clone();
                     tokio::spawn(async move {
                         me.transfer(req, peer, local).await;
-                        drop(permit);
+                        drop((permit, slot));
                     });
                 }
                 Packet::Wrq(req) => {

@@ -2,7 +2,7 @@
 //! the protocol corners and hostile behaviour that real clients never show.
 
 use ltsp_common::nbd as w;
-use ltsp_tests::{pattern, run, tool, ServerProc};
+use ltsp_tests::{connect_from, pattern, run, tool, ServerProc};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
@@ -315,7 +315,13 @@ fn transmission_rules() {
 
 #[test]
 fn hostile_clients_do_not_hurt_a_good_one() {
-    let fx = start(&["--nbd-handshake-timeout", "2"]);
+    // No per-client limit here: this is about the global behaviour under 1,000 sockets.
+    let fx = start(&[
+        "--nbd-handshake-timeout",
+        "2",
+        "--nbd-max-connections-per-client",
+        "0",
+    ]);
     let a = fx.s.nbd.unwrap();
     // Oversized option length: ERR_TOO_BIG, then closed without reading 4 GiB.
     let mut big = Raw::connect(a);
@@ -355,6 +361,60 @@ fn hostile_clients_do_not_hurt_a_good_one() {
     drop(idle);
     let log = fx.s.log();
     assert!(log.contains("handshake not finished"), "{log}");
+}
+
+#[test]
+fn one_address_cannot_take_every_connection_slot() {
+    let fx = start(&[
+        "--nbd-max-connections-per-client",
+        "8",
+        "--nbd-handshake-timeout",
+        "30",
+    ]);
+    let a = fx.s.nbd.unwrap();
+    // Another machine (127.0.0.2) opens 1,000 connections and sits on them.
+    let other: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..1000 {
+        let s = connect_from(other, a).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        held.push(s);
+    }
+    // Its first 8 got a greeting; the rest were closed at once.
+    let mut greeted = 0;
+    let mut closed = 0;
+    for s in held.iter_mut() {
+        let mut g = [0u8; 18];
+        match s.read_exact(&mut g) {
+            Ok(()) => greeted += 1,
+            Err(_) => closed += 1,
+        }
+    }
+    assert_eq!((greeted, closed), (8, 992));
+    // A node on another address is served as if nothing happened.
+    let out = fx.dir.path().join("copy");
+    let (ok, _, err) = run(Command::new(tool("nbdcopy"))
+        .args([&uri(a, "root")])
+        .arg(&out));
+    assert!(ok, "{err}");
+    assert!(std::fs::read(&out).unwrap() == fx.root);
+    assert!(fx
+        .s
+        .log()
+        .contains("refused: 8 connections open from 127.0.0.2"));
+}
+
+#[test]
+fn an_idle_connection_is_closed_when_asked() {
+    let fx = start(&["--nbd-idle-timeout", "1"]);
+    let a = fx.s.nbd.unwrap();
+    let mut c = Raw::connect(a);
+    c.go("root", &[]).unwrap();
+    assert_eq!(c.read(0, 4096), fx.root[..4096]);
+    let t0 = Instant::now();
+    assert!(c.closed(), "an idle connection stays open");
+    assert!(t0.elapsed() >= Duration::from_millis(900));
+    assert!(fx.s.log_has("closed as idle"), "{}", fx.s.log());
 }
 
 #[test]

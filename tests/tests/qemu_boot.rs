@@ -103,7 +103,11 @@ fn assert_node(out: &str) {
     assert!(out.contains("TIMELINE multi-user2="));
     // The kernel knows the image by its content hash, and the reconnect helper runs,
     // marked for systemd with '@'.
-    assert!(check(out, "run4").contains("blake3:"), "{}", check(out, "run4"));
+    assert!(
+        check(out, "run4").contains("blake3:"),
+        "{}",
+        check(out, "run4")
+    );
     assert!(
         check(out, "run5").starts_with("@ltsp-nbd-watch nbd-watch --index=0"),
         "{}",

@@ -46,7 +46,9 @@ fn has(out: &str, what: &str) {
 
 #[test]
 fn server_restart_is_a_non_event_for_a_running_node() {
-    let Some(out) = fault("server-restart") else { return };
+    let Some(out) = fault("server-restart") else {
+        return;
+    };
     has(&out, "replaced via nbd://192.0.2.1");
     has(&out, "checksums equal");
     has(&out, "kernel I/O errors 0");
@@ -63,7 +65,9 @@ fn a_node_fails_over_to_the_second_server() {
 
 #[test]
 fn an_image_update_leaves_running_nodes_alone_and_reaches_rebooted_ones() {
-    let Some(out) = fault("image-swap") else { return };
+    let Some(out) = fault("image-swap") else {
+        return;
+    };
     has(&out, "image-swap (running node)");
     has(&out, "checksums equal");
     has(&out, "after reboot /ltsp-image-version=2");
@@ -79,7 +83,9 @@ fn no_dhcp_answer_is_reported_and_the_node_halts() {
 
 #[test]
 fn an_nbd_server_down_at_boot_reboots_the_node_until_it_is_back() {
-    let Some(out) = fault("server-down-at-boot") else { return };
+    let Some(out) = fault("server-down-at-boot") else {
+        return;
+    };
     has(&out, "step `nbd` failed");
     has(&out, "Connection refused");
     has(&out, "rebooting in 3 s");
@@ -88,9 +94,14 @@ fn an_nbd_server_down_at_boot_reboots_the_node_until_it_is_back() {
 
 #[test]
 fn a_missing_export_is_named_and_the_node_halts() {
-    let Some(out) = fault("bad-export") else { return };
+    let Some(out) = fault("bad-export") else {
+        return;
+    };
     has(&out, "export \"nosuch\" does not exist on the server");
-    has(&out, "check: that ltsp-server runs, the nbdroot= host/port/export");
+    has(
+        &out,
+        "check: that ltsp-server runs, the nbdroot= host/port/export",
+    );
     has(&out, "reboot: System halted");
     // Retried with backoff before giving up.
     assert!(out.contains("nbd: try 1 failed"));
@@ -98,7 +109,9 @@ fn a_missing_export_is_named_and_the_node_halts() {
 
 #[test]
 fn a_malformed_lts_conf_is_logged_with_its_line_and_the_node_boots() {
-    let Some(out) = fault("bad-ltsconf") else { return };
+    let Some(out) = fault("bad-ltsconf") else {
+        return;
+    };
     has(&out, "lts.conf:3:1: section header: expected ']'");
     has(&out, "lts.conf:5:1: expected 'KEY = value'");
 }

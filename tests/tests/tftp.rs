@@ -419,7 +419,9 @@ fn garbage_floods_do_not_stop_a_real_client() {
     let s = server(fx.dir.path(), &[]);
     let a = s.tftp.unwrap();
     let flood = std::thread::spawn(move || {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // From another machine (any 127.x is this host) and from the client's own address.
+        let other = UdpSocket::bind("127.0.0.2:0").unwrap();
+        let same = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut x = 1u32;
         for i in 0..20_000u32 {
             x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
@@ -429,7 +431,7 @@ fn garbage_floods_do_not_stop_a_real_client() {
                 pkt[0] = 0;
                 pkt[1] = (x % 8) as u8; // plausible opcodes with junk bodies
             }
-            let _ = sock.send_to(&pkt, a);
+            let _ = if i % 2 == 0 { &other } else { &same }.send_to(&pkt, a);
         }
     });
     let out = tempfile::tempdir().unwrap();
