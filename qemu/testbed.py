@@ -2,6 +2,7 @@
 tap, dnsmasq and ltsp-server (Bed), and a node under QEMU TCG booting from it by
 firmware PXE, its serial console streamed and driven (Node)."""
 import argparse
+import glob
 import os
 import re
 import select
@@ -32,16 +33,21 @@ class Fail(Exception):
 
 
 def build(args):
+    """Builds both binaries and the Debian packages (scripts/package), then the test image
+    with the agent installed from its .deb (qemu/prepare). Returns (server, artifacts)."""
     env = dict(os.environ)
     env["PATH"] = os.path.expanduser("~/.cargo/bin") + ":" + env.get("PATH", "")
-    if not args.no_build:
-        log("building ltsp-server (release) and ltsp-agent (static, musl)")
-        sh("cargo", "build", "--quiet", "--release", "-p", "ltsp-server", cwd=TOP, env=env)
-        sh("cargo", "build", "--quiet", "--profile", "agent", "--target", "x86_64-unknown-linux-musl",
-           "-p", "ltsp-agent", cwd=TOP, env=env)
     agent = os.path.join(TOP, "target/x86_64-unknown-linux-musl/agent/ltsp-agent")
     server = os.path.join(TOP, "target/release/ltsp-server")
-    sh(os.path.join(HERE, "prepare"), agent)
+    debs = sorted(glob.glob(os.path.join(TOP, "target/debian/ltsp-agent_*_amd64.deb")))
+    deb = debs[-1] if debs else None
+    if not args.no_build or not deb:
+        log("building ltsp-server (release), ltsp-agent (static, musl) and their .deb packages")
+        out = subprocess.run([os.path.join(TOP, "scripts/package")], cwd=TOP, env=env, check=True,
+                             capture_output=True, text=True).stdout.split()
+        deb = next(p for p in out if "ltsp-agent_" in p)
+        deb = deb if os.path.isabs(deb) else os.path.join(TOP, deb)
+    sh(os.path.join(HERE, "prepare"), deb, agent)
     work = os.environ.get("LTSP_QEMU_WORK", os.path.join(HERE, "work"))
     return server, os.path.join(work, "artifacts")
 

@@ -46,6 +46,15 @@ pub struct FileConfig {
     pub nbd: NbdFile,
     #[serde(default)]
     pub boot: BootFile,
+    #[serde(default)]
+    pub http: HttpFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFile {
+    /// Status endpoints (/healthz, /metrics, /nodes); off unless set.
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -124,6 +133,7 @@ pub struct NbdConfig {
 pub struct Config {
     pub tftp: Option<TftpConfig>,
     pub nbd: Option<NbdConfig>,
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// Flags that override the file; `None` leaves the file's value.
@@ -145,6 +155,7 @@ pub struct Overrides {
     pub nbd_max_connections_per_client: Option<usize>,
     pub nbd_idle_timeout: Option<u64>,
     pub no_nbd: bool,
+    pub http_listen: Option<SocketAddr>,
     pub boot_kernel: Option<String>,
     pub boot_initrd: Option<String>,
     pub boot_cmdline: Option<String>,
@@ -317,13 +328,32 @@ impl Config {
                 "both TFTP and NBD are disabled: nothing to serve".into(),
             ));
         }
-        Ok(Config { tftp, nbd })
+        Ok(Config {
+            tftp,
+            nbd,
+            http_listen: o.http_listen.or(f.http.listen),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_packaged_default_configuration_parses() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/server.toml");
+        let f = parse_file(&p, &std::fs::read_to_string(&p).unwrap()).unwrap();
+        assert_eq!(f.tftp.root.as_deref(), Some(Path::new("/srv/tftp")));
+        assert_eq!(
+            f.nbd.exports.get("root").map(PathBuf::as_path),
+            Some(Path::new("/srv/ltsp/root.squashfs"))
+        );
+        assert_eq!(
+            f.boot.cmdline.as_deref(),
+            Some("root=/dev/nbd0 nbdroot=:root")
+        );
+    }
 
     #[test]
     fn errors_name_file_line_and_key() {

@@ -4,6 +4,7 @@ pub mod config;
 pub mod identity;
 pub mod limits;
 pub mod nbd;
+pub mod status;
 pub mod tftp;
 
 use config::Config;
@@ -13,6 +14,11 @@ use std::net::SocketAddr;
 pub enum ServeError {
     #[error("tftp: {0}")]
     Tftp(#[from] tftp::TftpError),
+    #[error("http: bind {addr}: {source}")]
+    HttpBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("nbd: bind {addr}: {source}")]
     NbdBind {
         addr: SocketAddr,
@@ -27,9 +33,24 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let mut tasks = tokio::task::JoinSet::new();
+    let exports = cfg
+        .nbd
+        .iter()
+        .flat_map(|n| n.exports.iter().map(|e| e.name.clone()));
+    let status = status::Status::new(exports);
+    if let Some(addr) = cfg.http_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::HttpBind { addr, source })?;
+        log::info!(
+            "http: /healthz /metrics /nodes on {}",
+            listener.local_addr().unwrap_or(addr)
+        );
+        tasks.spawn(status::serve_http(status.clone(), listener));
+    }
     if let Some(t) = cfg.tftp {
         let root = t.root.clone();
-        let server = tftp::Server::new(t)?;
+        let server = tftp::Server::new(t, status.clone())?;
         let sock = server.bind()?;
         let local = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
         log::info!("tftp: serving {} on {local}", root.display());
@@ -47,7 +68,7 @@ pub async fn serve(
             "nbd: listening on {}",
             listener.local_addr().unwrap_or(addr)
         );
-        tasks.spawn(nbd::Server::new(n).run(listener));
+        tasks.spawn(nbd::Server::new(n, status.clone()).run(listener));
     }
     shutdown.await;
     log::info!("shutting down");

@@ -25,6 +25,34 @@ enum Command {
     Check(ServeArgs),
     /// Print the iPXE script the server generates from its [boot] settings.
     Ipxe(ServeArgs),
+    /// List the nodes a running server has seen (its /nodes endpoint): address, NBD
+    /// connections, export, last file fetched, last seen.
+    Status {
+        /// The server's --http-listen address.
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
+        server: SocketAddr,
+    },
+}
+
+/// GET over plain HTTP/1.0 from a status endpoint; returns the body of a 200.
+fn http_get(server: SocketAddr, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(5);
+    let mut s = std::net::TcpStream::connect_timeout(&server, timeout)
+        .map_err(|e| format!("{server}: {e} (is ltsp-server running with --http-listen?)"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {server}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .map_err(|e| format!("{server}: {e}"))?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.lines().next().unwrap_or("");
+    if status.split_whitespace().nth(1) == Some("200") {
+        Ok(body.to_string())
+    } else {
+        Err(format!("{server}{path}: {status}: {}", body.trim()))
+    }
 }
 
 #[derive(Args)]
@@ -81,6 +109,9 @@ struct ServeArgs {
     /// Do not serve NBD.
     #[arg(long)]
     no_nbd: bool,
+    /// Address for /healthz, /metrics and /nodes over HTTP (default: off).
+    #[arg(long, value_name = "ADDR:PORT")]
+    http_listen: Option<SocketAddr>,
     /// Kernel file, relative to the TFTP root, for the generated boot.ipxe.
     #[arg(long, value_name = "PATH")]
     boot_kernel: Option<String>,
@@ -111,6 +142,7 @@ impl ServeArgs {
             nbd_max_connections_per_client: self.nbd_max_connections_per_client,
             nbd_idle_timeout: self.nbd_idle_timeout,
             no_nbd: self.no_nbd,
+            http_listen: self.http_listen,
             boot_kernel: self.boot_kernel.clone(),
             boot_initrd: self.boot_initrd.clone(),
             boot_cmdline: self.boot_cmdline.clone(),
@@ -128,6 +160,18 @@ fn main() -> ExitCode {
         Command::Serve(a) => (a, "serve"),
         Command::Check(a) => (a, "check"),
         Command::Ipxe(a) => (a, "ipxe"),
+        Command::Status { server } => {
+            return match http_get(*server, "/nodes") {
+                Ok(body) => {
+                    print!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ltsp-server: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
     };
     let cfg = match args.load() {
         Ok(c) => c,

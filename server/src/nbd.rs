@@ -8,6 +8,7 @@
 use crate::config::{Export, NbdConfig};
 use crate::identity::Identities;
 use crate::limits::PerClient;
+use crate::status::Status;
 use ltsp_common::nbd::{self as w, InfoRequest};
 use std::fs::File;
 use std::io::IoSlice;
@@ -47,6 +48,7 @@ pub enum SessionError {
 
 pub struct Server {
     cfg: NbdConfig,
+    status: Arc<Status>,
     conns: Arc<Semaphore>,
     per_client: Arc<PerClient>,
     ids: Identities,
@@ -60,11 +62,12 @@ pub struct Opened {
 }
 
 impl Server {
-    pub fn new(cfg: NbdConfig) -> Arc<Self> {
+    pub fn new(cfg: NbdConfig, status: Arc<Status>) -> Arc<Self> {
         let conns = Arc::new(Semaphore::new(cfg.max_connections));
         let per_client = PerClient::new(cfg.max_connections_per_client);
         Arc::new(Server {
             cfg,
+            status,
             conns,
             per_client,
             ids: Identities::default(),
@@ -82,11 +85,14 @@ impl Server {
                     Err(err) => Err(err),
                 };
                 match id {
-                    Ok(id) => log::info!(
-                        "nbd: export {:?}: {id} (hashed in {:.2} s)",
-                        e.name,
-                        t.elapsed().as_secs_f64()
-                    ),
+                    Ok(id) => {
+                        log::info!(
+                            "nbd: export {:?}: {id} (hashed in {:.2} s)",
+                            e.name,
+                            t.elapsed().as_secs_f64()
+                        );
+                        me.status.export_ready(&e.name, &id);
+                    }
                     Err(err) => log::warn!("nbd: export {:?}: {}: {err}", e.name, e.path.display()),
                 }
             });
@@ -155,7 +161,17 @@ impl Server {
         let name = opened.name.clone();
         // Replies are written with writev straight to the socket, not through the buffer.
         wr.flush().await?;
-        transmit(rd, wr.into_inner(), Arc::new(opened), self.cfg.idle_timeout).await?;
+        self.status.nbd_connected(peer.ip(), &name);
+        let r = transmit(
+            rd,
+            wr.into_inner(),
+            Arc::new(opened),
+            self.cfg.idle_timeout,
+            &self.status,
+        )
+        .await;
+        self.status.nbd_closed(peer.ip());
+        r?;
         Ok(Some(name))
     }
 
@@ -381,6 +397,7 @@ async fn transmit<R>(
     wr: OwnedWriteHalf,
     img: Arc<Opened>,
     idle: Option<std::time::Duration>,
+    status: &Status,
 ) -> Result<(), SessionError>
 where
     R: AsyncRead + Unpin,
@@ -388,7 +405,7 @@ where
     let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
     let pool = Arc::new(Pool::default());
     let writer = tokio::spawn(write_replies(wr, rx, pool.clone()));
-    let result = read_requests(&mut rd, &tx, &img, &pool, idle).await;
+    let result = read_requests(&mut rd, &tx, &img, &pool, idle, status).await;
     // Dropping our sender lets the writer finish once every in-flight READ has replied:
     // NBD_CMD_DISC "finishes what is in flight".
     drop(tx);
@@ -403,6 +420,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
     img: &Arc<Opened>,
     pool: &Arc<Pool>,
     idle: Option<std::time::Duration>,
+    status: &Status,
 ) -> Result<(), SessionError> {
     let mut hdr = [0u8; w::REQUEST_LEN];
     let mut drain = vec![0u8; 64 * 1024];
@@ -426,6 +444,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 if let Some(e) = check_range(&req, img.size) {
                     e
                 } else if req.len >= SENDFILE_MIN {
+                    status.nbd_read(req.len);
                     tx.send(Reply {
                         header: w::simple_reply(0, req.cookie),
                         data: Vec::new(),
@@ -437,6 +456,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                     })?;
                     continue;
                 } else {
+                    status.nbd_read(req.len);
                     let permit = tx.clone().reserve_owned().await.map_err(|_| {
                         std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer ended")
                     })?;

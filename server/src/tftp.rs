@@ -180,10 +180,14 @@ pub struct Server {
     root: File,
     slots: Arc<Semaphore>,
     per_client: Arc<crate::limits::PerClient>,
+    status: Arc<crate::status::Status>,
 }
 
 impl Server {
-    pub fn new(cfg: TftpConfig) -> Result<Arc<Self>, TftpError> {
+    pub fn new(
+        cfg: TftpConfig,
+        status: Arc<crate::status::Status>,
+    ) -> Result<Arc<Self>, TftpError> {
         let root = File::open(&cfg.root).map_err(|source| TftpError::Root {
             path: cfg.root.clone(),
             source,
@@ -195,6 +199,7 @@ impl Server {
             root,
             slots,
             per_client,
+            status,
         }))
     }
 
@@ -317,6 +322,7 @@ impl Server {
         let src = match self.open(&req.filename, &req.mode) {
             Ok(s) => s,
             Err(r) => {
+                self.status.tftp_done(peer.ip(), &req.filename, 0, false);
                 log::info!("tftp: {peer}: {:?}: {}", req.filename, r.message);
                 let _ = sock.send_to(&tftp::error(r.code, &r.message), peer).await;
                 return;
@@ -338,11 +344,15 @@ impl Server {
             timeout: Duration::from_secs(neg.timeout_secs as u64),
             retries: self.cfg.retries,
         };
-        match t.run(&accepted).await {
+        let r = t.run(&accepted).await;
+        let len = t.src.len();
+        self.status
+            .tftp_done(peer.ip(), &req.filename, len, r.is_ok());
+        match r {
             Ok(()) => log::info!(
                 "tftp: {peer}: sent {:?} ({} bytes, blksize {}, windowsize {}) in {:.3}s",
                 req.filename,
-                t.src.len(),
+                len,
                 t.blksize,
                 t.window,
                 started.elapsed().as_secs_f64()

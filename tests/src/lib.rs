@@ -54,6 +54,8 @@ pub struct ServerProc {
     child: Child,
     pub tftp: Option<SocketAddr>,
     pub nbd: Option<SocketAddr>,
+    /// The status endpoints, when started with --http-listen.
+    pub http: Option<SocketAddr>,
     log: Arc<Mutex<String>>,
 }
 
@@ -94,7 +96,7 @@ impl ServerProc {
         let want_tftp = !args.contains(&"--no-tftp");
         let want_nbd = !args.contains(&"--no-nbd");
         let deadline = Instant::now() + Duration::from_secs(20);
-        let (mut tftp, mut nbd) = (None, None);
+        let (mut tftp, mut nbd, mut http) = (None, None, None);
         while Instant::now() < deadline {
             {
                 let l = log.lock().unwrap();
@@ -109,6 +111,9 @@ impl ServerProc {
                     if let Some(a) = line.split("nbd: listening on ").nth(1) {
                         nbd = a.trim().parse().ok();
                     }
+                    if let Some(a) = line.split("/nodes on ").nth(1) {
+                        http = a.trim().parse().ok();
+                    }
                 }
             }
             if (tftp.is_some() || !want_tftp) && (nbd.is_some() || !want_nbd) {
@@ -116,6 +121,7 @@ impl ServerProc {
                     child,
                     tftp,
                     nbd,
+                    http,
                     log,
                 };
             }

@@ -173,6 +173,14 @@ pub fn lease_of(m: &Message) -> Lease {
     l
 }
 
+/// What one received frame says, if it is a DHCP reply to port 68: its xid, message type
+/// and lease. Everything a hostile DHCP server sends goes through here (fuzzed).
+pub fn parse_reply(p: &[u8]) -> Option<(u32, Option<MessageType>, Lease)> {
+    let payload = unframe(p)?;
+    let m = Message::decode(&mut dhcproto::Decoder::new(payload)).ok()?;
+    Some((m.xid(), m.opts().msg_type(), lease_of(&m)))
+}
+
 /// An empty BOOTREQUEST. Built by decoding bytes because dhcproto's constructors go
 /// through `Message::default()`, which draws a random xid: early in boot that blocks in
 /// getrandom() until the kernel's CRNG is seeded (a whole second under QEMU TCG).
@@ -438,6 +446,20 @@ mod tests {
         assert_eq!(&back.chaddr()[..6], &mac);
         assert!(back.flags().broadcast());
         assert_eq!(back.opts().msg_type(), Some(MessageType::Discover));
+    }
+
+    #[test]
+    fn parse_reply_reads_the_fuzz_seed_and_survives_its_truncations() {
+        let seed = include_bytes!("../../../common/fuzz/corpus/dhcp_reply/seed-ack");
+        let (xid, kind, l) = parse_reply(seed).expect("a framed ACK");
+        assert_eq!(xid, 0x1234);
+        assert_eq!(kind, Some(MessageType::Ack));
+        assert_eq!(l.ip, Ipv4Addr::new(192, 0, 2, 50));
+        assert_eq!(l.hostname.as_deref(), Some("n50"));
+        assert_eq!(l.root_path.as_deref(), Some("/srv/root"));
+        for n in 0..seed.len() {
+            let _ = parse_reply(&seed[..n]);
+        }
     }
 
     #[test]

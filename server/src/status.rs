@@ -1,0 +1,347 @@
+//! What the server and its nodes are doing: counters, each node's progress, and an HTTP
+//! listener for `/healthz` (readiness: every export readable and hashed), `/metrics`
+//! (Prometheus text format) and `/nodes` (one line per node, for `ltsp-server status`).
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// One node's progress, as the server saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Node {
+    /// Files fetched over TFTP, in order (the last few).
+    pub files: Vec<String>,
+    pub nbd_open: u32,
+    pub export: Option<String>,
+    /// Unix seconds.
+    pub first_seen: u64,
+    pub last_seen: u64,
+}
+
+/// Files remembered per node.
+const FILES: usize = 8;
+/// Nodes remembered; the longest unseen go first.
+const NODES: usize = 10_000;
+
+#[derive(Default)]
+pub struct Status {
+    pub nbd_open: AtomicU64,
+    pub nbd_connections: AtomicU64,
+    pub nbd_reads: AtomicU64,
+    pub nbd_read_bytes: AtomicU64,
+    pub tftp_sent: AtomicU64,
+    pub tftp_failed: AtomicU64,
+    pub tftp_bytes: AtomicU64,
+    /// Export name -> identity once hashed; None while hashing or unreadable.
+    exports: Mutex<BTreeMap<String, Option<String>>>,
+    nodes: Mutex<BTreeMap<IpAddr, Node>>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Status {
+    pub fn new(exports: impl IntoIterator<Item = String>) -> Arc<Status> {
+        let s = Status::default();
+        *s.exports.lock().unwrap() = exports.into_iter().map(|e| (e, None)).collect();
+        Arc::new(s)
+    }
+
+    pub fn export_ready(&self, name: &str, identity: &str) {
+        self.exports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), Some(identity.to_string()));
+    }
+
+    fn node(&self, ip: IpAddr, f: impl FnOnce(&mut Node)) {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        if !nodes.contains_key(&ip) && nodes.len() >= NODES {
+            let oldest = nodes
+                .iter()
+                .min_by_key(|(_, n)| n.last_seen)
+                .map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                nodes.remove(&k);
+            }
+        }
+        let t = now();
+        let n = nodes.entry(ip).or_insert_with(|| Node {
+            first_seen: t,
+            ..Default::default()
+        });
+        n.last_seen = t;
+        f(n);
+    }
+
+    pub fn tftp_done(&self, ip: IpAddr, file: &str, bytes: u64, ok: bool) {
+        if ok {
+            self.tftp_sent.fetch_add(1, Relaxed);
+            self.tftp_bytes.fetch_add(bytes, Relaxed);
+            self.node(ip, |n| {
+                if n.files.len() >= FILES {
+                    n.files.remove(0);
+                }
+                n.files.push(file.to_string());
+            });
+        } else {
+            self.tftp_failed.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn nbd_connected(&self, ip: IpAddr, export: &str) {
+        self.nbd_open.fetch_add(1, Relaxed);
+        self.nbd_connections.fetch_add(1, Relaxed);
+        self.node(ip, |n| {
+            n.nbd_open += 1;
+            n.export = Some(export.to_string());
+        });
+    }
+
+    pub fn nbd_closed(&self, ip: IpAddr) {
+        self.nbd_open.fetch_sub(1, Relaxed);
+        self.node(ip, |n| n.nbd_open = n.nbd_open.saturating_sub(1));
+    }
+
+    pub fn nbd_read(&self, bytes: u32) {
+        self.nbd_reads.fetch_add(1, Relaxed);
+        self.nbd_read_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+
+    /// Ready when every export has been opened and hashed.
+    pub fn health(&self) -> Result<(), String> {
+        let ex = self.exports.lock().unwrap_or_else(|p| p.into_inner());
+        let waiting: Vec<&str> = ex
+            .iter()
+            .filter(|(_, id)| id.is_none())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if waiting.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "exports not ready (hashing or unreadable): {}",
+                waiting.join(" ")
+            ))
+        }
+    }
+
+    pub fn metrics(&self, uptime: f64) -> String {
+        let mut m = String::new();
+        let mut counter = |name: &str, help: &str, kind: &str, v: u64| {
+            let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        counter(
+            "ltsp_nbd_connections_open",
+            "NBD connections open now",
+            "gauge",
+            self.nbd_open.load(Relaxed),
+        );
+        counter(
+            "ltsp_nbd_connections_total",
+            "NBD connections negotiated",
+            "counter",
+            self.nbd_connections.load(Relaxed),
+        );
+        counter(
+            "ltsp_nbd_reads_total",
+            "NBD READ requests served",
+            "counter",
+            self.nbd_reads.load(Relaxed),
+        );
+        counter(
+            "ltsp_nbd_read_bytes_total",
+            "Bytes served by NBD READs",
+            "counter",
+            self.nbd_read_bytes.load(Relaxed),
+        );
+        counter(
+            "ltsp_tftp_transfers_total",
+            "TFTP transfers completed",
+            "counter",
+            self.tftp_sent.load(Relaxed),
+        );
+        counter(
+            "ltsp_tftp_transfers_failed_total",
+            "TFTP transfers refused or abandoned",
+            "counter",
+            self.tftp_failed.load(Relaxed),
+        );
+        counter(
+            "ltsp_tftp_bytes_total",
+            "Bytes sent by completed TFTP transfers",
+            "counter",
+            self.tftp_bytes.load(Relaxed),
+        );
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        counter(
+            "ltsp_nodes_seen",
+            "Nodes seen since the server started",
+            "gauge",
+            nodes.len() as u64,
+        );
+        counter(
+            "ltsp_nodes_connected",
+            "Nodes with an NBD connection open",
+            "gauge",
+            nodes.values().filter(|n| n.nbd_open > 0).count() as u64,
+        );
+        let _ = writeln!(m, "# HELP ltsp_uptime_seconds Seconds since the server started\n# TYPE ltsp_uptime_seconds gauge\nltsp_uptime_seconds {uptime:.0}");
+        let _ = writeln!(m, "# HELP ltsp_export_info An export and its image identity\n# TYPE ltsp_export_info gauge");
+        for (name, id) in self
+            .exports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let id = id.as_deref().unwrap_or("");
+            let _ = writeln!(
+                m,
+                "ltsp_export_info{{export=\"{}\",identity=\"{id}\"}} 1",
+                escape(name)
+            );
+        }
+        m
+    }
+
+    /// One line per node: address, NBD state, export, last file, seconds since last seen.
+    pub fn nodes_text(&self) -> String {
+        let t = now();
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = String::from("NODE\tNBD\tEXPORT\tLAST-FILE\tLAST-SEEN\n");
+        for (ip, n) in nodes.iter() {
+            let _ = writeln!(
+                s,
+                "{ip}\t{}\t{}\t{}\t{}s ago",
+                if n.nbd_open > 0 {
+                    format!("connected({})", n.nbd_open)
+                } else {
+                    "-".into()
+                },
+                n.export.as_deref().unwrap_or("-"),
+                n.files.last().map(String::as_str).unwrap_or("-"),
+                t.saturating_sub(n.last_seen)
+            );
+        }
+        s
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn reply(code: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+fn route(
+    status: &Status,
+    started: Instant,
+    req: &Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+    }
+    match req.uri().path() {
+        "/healthz" => match status.health() {
+            Ok(()) => reply(StatusCode::OK, "ok\n".into()),
+            Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        },
+        "/metrics" => reply(
+            StatusCode::OK,
+            status.metrics(started.elapsed().as_secs_f64()),
+        ),
+        "/nodes" => reply(StatusCode::OK, status.nodes_text()),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz /metrics /nodes\n".into(),
+        ),
+    }
+}
+
+/// Serves the status endpoints until the task is dropped.
+pub async fn serve_http(status: Arc<Status>, listener: tokio::net::TcpListener) {
+    let started = Instant::now();
+    loop {
+        let (stream, peer): (_, SocketAddr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                log::warn!("http: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let status = status.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let r = route(&status, started, &req);
+                async move { Ok::<_, std::convert::Infallible>(r) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(io, svc);
+            if let Err(e) = conn.await {
+                log::debug!("http: {peer}: {e}");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_waits_for_every_export_and_metrics_count() {
+        let s = Status::new(["root".to_string(), "other".to_string()]);
+        assert!(s.health().unwrap_err().contains("other root"));
+        s.export_ready("root", "blake3:aa");
+        s.export_ready("other", "blake3:bb");
+        assert_eq!(s.health(), Ok(()));
+        let ip: IpAddr = "192.0.2.10".parse().unwrap();
+        s.tftp_done(ip, "ltsp/amd64/vmlinuz", 1000, true);
+        s.tftp_done(ip, "nope", 0, false);
+        s.nbd_connected(ip, "root");
+        s.nbd_read(4096);
+        let m = s.metrics(5.0);
+        for want in [
+            "ltsp_nbd_connections_open 1",
+            "ltsp_nbd_read_bytes_total 4096",
+            "ltsp_tftp_transfers_total 1",
+            "ltsp_tftp_transfers_failed_total 1",
+            "ltsp_tftp_bytes_total 1000",
+            "ltsp_nodes_connected 1",
+            "ltsp_export_info{export=\"root\",identity=\"blake3:aa\"} 1",
+        ] {
+            assert!(m.contains(want), "{want} missing in\n{m}");
+        }
+        let nodes = s.nodes_text();
+        assert!(
+            nodes.contains("192.0.2.10\tconnected(1)\troot\tltsp/amd64/vmlinuz\t"),
+            "{nodes}"
+        );
+        s.nbd_closed(ip);
+        assert!(s.metrics(6.0).contains("ltsp_nodes_connected 0"));
+    }
+}
