@@ -30,6 +30,7 @@ fn boot(flavour: &str) -> String {
             "ls /dev/nbd0 && cat /sys/block/nbd0/backend 2>/dev/null; echo",
         ])
         .args(["--run", "ps -eo args= | grep '^@ltsp' | cut -c1-60"])
+        .args(["--run", "dpkg-query -W -f='${Status} ${Version}' ltsp-agent"])
         .output()
         .expect("run qemu/boot");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -112,6 +113,12 @@ fn assert_node(out: &str) {
         check(out, "run5").starts_with("@ltsp-nbd-watch nbd-watch --index=0"),
         "{}",
         check(out, "run5")
+    );
+    // The image got the agent the way users install it: from its .deb, with dpkg.
+    assert!(
+        check(out, "run6").starts_with("install ok installed 0.1.0"),
+        "{}",
+        check(out, "run6")
     );
 }
 
