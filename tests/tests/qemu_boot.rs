@@ -30,7 +30,10 @@ fn boot(flavour: &str) -> String {
             "ls /dev/nbd0 && cat /sys/block/nbd0/backend 2>/dev/null; echo",
         ])
         .args(["--run", "ps -eo args= | grep '^@ltsp' | cut -c1-60"])
-        .args(["--run", "dpkg-query -W -f='${Status} ${Version}' ltsp-agent"])
+        .args([
+            "--run",
+            "dpkg-query -W -f='${Status} ${Version}' ltsp-agent",
+        ])
         .output()
         .expect("run qemu/boot");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();

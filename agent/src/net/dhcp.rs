@@ -173,11 +173,19 @@ pub fn lease_of(m: &Message) -> Lease {
     l
 }
 
+/// Decodes a DHCP message from anyone on the wire. dhcproto may panic on some malformed
+/// options (a debug assertion, found by fuzzing): such a packet is dropped like any
+/// other garbage instead of failing the boot.
+fn decode(payload: &[u8]) -> Option<Message> {
+    std::panic::catch_unwind(|| Message::decode(&mut dhcproto::Decoder::new(payload)).ok())
+        .ok()
+        .flatten()
+}
+
 /// What one received frame says, if it is a DHCP reply to port 68: its xid, message type
 /// and lease. Everything a hostile DHCP server sends goes through here (fuzzed).
 pub fn parse_reply(p: &[u8]) -> Option<(u32, Option<MessageType>, Lease)> {
-    let payload = unframe(p)?;
-    let m = Message::decode(&mut dhcproto::Decoder::new(payload)).ok()?;
+    let m = decode(unframe(p)?)?;
     Some((m.xid(), m.opts().msg_type(), lease_of(&m)))
 }
 
@@ -368,7 +376,7 @@ pub fn acquire(
             let Some(payload) = unframe(&buf[..n]) else {
                 continue;
             };
-            let Ok(m) = Message::decode(&mut dhcproto::Decoder::new(payload)) else {
+            let Some(m) = decode(payload) else {
                 continue;
             };
             if m.xid() != xid
@@ -460,6 +468,14 @@ mod tests {
         for n in 0..seed.len() {
             let _ = parse_reply(&seed[..n]);
         }
+    }
+
+    #[test]
+    fn fuzzer_crashes_stay_fixed() {
+        // Option 94 (client network interface) with a length other than 3: dhcproto's
+        // debug assertion panicked; the packet must just be dropped or parsed.
+        let crash = include_bytes!("../../../common/fuzz/regressions/dhcp_reply/option94-length");
+        let _ = parse_reply(crash);
     }
 
     #[test]
