@@ -69,6 +69,8 @@ pub struct TftpFile {
     pub max_transfers: Option<usize>,
     /// Transfers one client address may have at once (0: no limit).
     pub max_transfers_per_client: Option<usize>,
+    /// Every reply from the listening port, for NAT (see server/src/tftp.rs).
+    pub single_port: Option<bool>,
     pub enabled: Option<bool>,
 }
 
@@ -108,6 +110,7 @@ pub struct TftpConfig {
     pub max_windowsize: u16,
     pub max_transfers: usize,
     pub max_transfers_per_client: usize,
+    pub single_port: bool,
     pub boot: BootFile,
 }
 
@@ -146,6 +149,7 @@ pub struct Overrides {
     pub tftp_max_windowsize: Option<u16>,
     pub tftp_max_transfers: Option<usize>,
     pub tftp_max_transfers_per_client: Option<usize>,
+    pub tftp_single_port: bool,
     pub no_tftp: bool,
     pub nbd_listen: Option<SocketAddr>,
     pub exports: Vec<String>,
@@ -246,6 +250,7 @@ impl Config {
                     .tftp_max_transfers_per_client
                     .or(f.tftp.max_transfers_per_client)
                     .unwrap_or(16),
+                single_port: o.tftp_single_port || f.tftp.single_port.unwrap_or(false),
                 boot,
             })
         } else {

@@ -50,9 +50,13 @@ pub async fn serve(
     }
     if let Some(t) = cfg.tftp {
         let root = t.root.clone();
+        let single = t.single_port;
         let server = tftp::Server::new(t, status.clone())?;
         let sock = server.bind()?;
         let local = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        if single {
+            log::info!("tftp: single-port mode: every reply from the listening port");
+        }
         log::info!("tftp: serving {} on {local}", root.display());
         tasks.spawn(server.run(sock));
     }

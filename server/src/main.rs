@@ -81,6 +81,11 @@ struct ServeArgs {
     /// TFTP transfers one client address may have at once; 0: no limit (default 16).
     #[arg(long, value_name = "N")]
     tftp_max_transfers_per_client: Option<usize>,
+    /// Send every TFTP reply from the listening port instead of a fresh one, so TFTP works
+    /// behind NAT (a Kubernetes Service, DNAT). Off by default: RFC 1350 clients expect a
+    /// fresh port, and on a plain network it changes nothing for them.
+    #[arg(long)]
+    tftp_single_port: bool,
     /// Do not serve TFTP.
     #[arg(long)]
     no_tftp: bool,
@@ -133,6 +138,7 @@ impl ServeArgs {
             tftp_max_windowsize: self.tftp_max_windowsize,
             tftp_max_transfers: self.tftp_max_transfers,
             tftp_max_transfers_per_client: self.tftp_max_transfers_per_client,
+            tftp_single_port: self.tftp_single_port,
             no_tftp: self.no_tftp,
             nbd_listen: self.nbd_listen,
             exports: self.exports.clone(),

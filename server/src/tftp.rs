@@ -1,9 +1,15 @@
 //! Read-only TFTP: one listening socket; each transfer a task with its own socket bound to
 //! the address the request was sent to (a fresh TID, RFC 1350 §4), so replies leave from
 //! the address the client talked to even on a multi-homed server.
+//!
+//! Single-port mode (`single_port`): every reply leaves from the listening port and the
+//! listener hands each client's datagrams to its transfer. Behind NAT (a Kubernetes
+//! Service, any DNAT) only replies from the port the client sent to are translated back;
+//! a fresh TID would reach the client from the server's private address and be dropped.
 
 use crate::config::{BootFile, TftpConfig};
 use ltsp_common::tftp::{self, Packet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
@@ -11,10 +17,11 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +188,8 @@ pub struct Server {
     slots: Arc<Semaphore>,
     per_client: Arc<crate::limits::PerClient>,
     status: Arc<crate::status::Status>,
+    /// Single-port mode: the transfers in progress, by client address.
+    active: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
 }
 
 impl Server {
@@ -200,6 +209,7 @@ impl Server {
             slots,
             per_client,
             status,
+            active: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -220,6 +230,7 @@ impl Server {
     }
 
     pub async fn run(self: Arc<Self>, sock: UdpSocket) {
+        let sock = Arc::new(sock);
         let mut buf = vec![0u8; 65536];
         loop {
             let (n, peer, local) = match recv_with_dst(&sock, &mut buf).await {
@@ -229,6 +240,14 @@ impl Server {
                     continue;
                 }
             };
+            if self.cfg.single_port {
+                let tx = self.active.lock().unwrap().get(&peer).cloned();
+                if let Some(tx) = tx {
+                    // A full queue means the transfer is behind: drop, as a network would.
+                    let _ = tx.try_send(buf[..n].to_vec());
+                    continue;
+                }
+            }
             let packet = match tftp::decode(&buf[..n]) {
                 Ok(p) => p,
                 Err(e) => {
@@ -270,8 +289,22 @@ impl Server {
                         continue;
                     };
                     let me = self.clone();
+                    let link = if self.cfg.single_port {
+                        let (tx, rx) = mpsc::channel(64);
+                        self.active.lock().unwrap().insert(peer, tx);
+                        Some(Link::Shared {
+                            sock: sock.clone(),
+                            rx,
+                        })
+                    } else {
+                        None
+                    };
                     tokio::spawn(async move {
-                        me.transfer(req, peer, local).await;
+                        let single = link.is_some();
+                        me.transfer(req, peer, local, link).await;
+                        if single {
+                            me.active.lock().unwrap().remove(&peer);
+                        }
                         drop((permit, slot));
                     });
                 }
@@ -310,14 +343,24 @@ impl Server {
         }
     }
 
-    async fn transfer(&self, req: tftp::Request, peer: SocketAddr, local: IpAddr) {
+    /// One transfer. `link` is given in single-port mode; else a fresh socket is bound.
+    async fn transfer(
+        &self,
+        req: tftp::Request,
+        peer: SocketAddr,
+        local: IpAddr,
+        link: Option<Link>,
+    ) {
         let started = std::time::Instant::now();
-        let sock = match bind_reply_socket(local) {
-            Ok(s) => s,
-            Err(e) => {
-                log::warn!("tftp: {peer}: cannot bind reply socket on {local}: {e}");
-                return;
-            }
+        let sock = match link {
+            Some(l) => l,
+            None => match bind_reply_socket(local) {
+                Ok(s) => Link::Own(s),
+                Err(e) => {
+                    log::warn!("tftp: {peer}: cannot bind reply socket on {local}: {e}");
+                    return;
+                }
+            },
         };
         let src = match self.open(&req.filename, &req.mode) {
             Ok(s) => s,
@@ -423,8 +466,48 @@ enum TransferError {
     Io(#[from] std::io::Error),
 }
 
+/// Where a transfer's datagrams come and go.
+enum Link {
+    /// Its own socket: a fresh TID.
+    Own(UdpSocket),
+    /// The listening socket, shared; the listener forwards this client's datagrams.
+    Shared {
+        sock: Arc<UdpSocket>,
+        rx: mpsc::Receiver<Vec<u8>>,
+    },
+}
+
+impl Link {
+    async fn send_to(&self, pkt: &[u8], peer: SocketAddr) -> std::io::Result<usize> {
+        match self {
+            Link::Own(s) => s.send_to(pkt, peer).await,
+            Link::Shared { sock, .. } => sock.send_to(pkt, peer).await,
+        }
+    }
+
+    /// The next datagram for this transfer; in shared mode it is from the peer by
+    /// construction.
+    async fn recv_from(
+        &mut self,
+        buf: &mut [u8],
+        peer: SocketAddr,
+    ) -> std::io::Result<(usize, SocketAddr)> {
+        match self {
+            Link::Own(s) => s.recv_from(buf).await,
+            Link::Shared { rx, .. } => match rx.recv().await {
+                Some(d) => {
+                    let n = d.len().min(buf.len());
+                    buf[..n].copy_from_slice(&d[..n]);
+                    Ok((n, peer))
+                }
+                None => Err(std::io::ErrorKind::BrokenPipe.into()),
+            },
+        }
+    }
+}
+
 struct Transfer {
-    sock: UdpSocket,
+    sock: Link,
     peer: SocketAddr,
     src: Source,
     blksize: usize,
@@ -493,11 +576,12 @@ impl Transfer {
     /// Waits for an ACK that moves the window: one for a block in (`acked`, `sent`].
     /// Stale and duplicate ACKs are ignored, so they never trigger a resend (no Sorcerer's
     /// Apprentice storm). Datagrams from another port get ERROR 5 and change nothing.
-    async fn wait_ack(&self, acked: u64, sent: u64) -> Result<Ack, TransferError> {
+    async fn wait_ack(&mut self, acked: u64, sent: u64) -> Result<Ack, TransferError> {
         let deadline = Instant::now() + self.timeout;
         let mut buf = [0u8; 1024];
+        let peer = self.peer;
         loop {
-            let r = tokio::time::timeout_at(deadline, self.sock.recv_from(&mut buf)).await;
+            let r = tokio::time::timeout_at(deadline, self.sock.recv_from(&mut buf, peer)).await;
             let Ok(r) = r else { return Ok(Ack::Timeout) };
             let (n, from) = r?;
             if from != self.peer {

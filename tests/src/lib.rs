@@ -63,7 +63,23 @@ impl ServerProc {
     /// Starts the server with `args` after `serve`. Listeners default to loopback port 0;
     /// the real ports are read back from the log.
     pub fn start(args: &[&str]) -> ServerProc {
-        let mut cmd = Command::new(bin("ltsp-server"));
+        Self::spawn(None, args)
+    }
+
+    /// The same, inside the network namespace `ns`.
+    pub fn start_in(ns: &str, args: &[&str]) -> ServerProc {
+        Self::spawn(Some(ns), args)
+    }
+
+    fn spawn(ns: Option<&str>, args: &[&str]) -> ServerProc {
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("ltsp-server"));
+                c
+            }
+            None => Command::new(bin("ltsp-server")),
+        };
         cmd.arg("serve");
         if !args
             .iter()
@@ -226,4 +242,21 @@ pub fn connect_from(
         &SockaddrStorage::from(dst),
     )?;
     Ok(std::net::TcpStream::from(fd))
+}
+
+/// Network namespaces a test made; deleted when dropped.
+pub struct Netns(pub Vec<String>);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// `ip ARGS`, which must succeed.
+pub fn ip(args: &[&str]) {
+    let (ok, _, err) = run(Command::new(tool("ip")).args(args));
+    assert!(ok, "ip {args:?}: {err}");
 }

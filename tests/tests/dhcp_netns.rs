@@ -1,23 +1,8 @@
 //! The agent's DHCP client against dnsmasq, across a veth pair between two network
 //! namespaces the test creates (192.0.2.0/24, the documentation range). Needs root.
 
-use ltsp_tests::{bin, is_root, run, tool};
+use ltsp_tests::{bin, ip, is_root, run, tool, Netns};
 use std::process::{Command, Stdio};
-
-struct Netns(Vec<String>);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-fn ip(args: &[&str]) {
-    let (ok, _, err) = run(Command::new(tool("ip")).args(args));
-    assert!(ok, "ip {args:?}: {err}");
-}
 
 /// Two namespaces joined by a veth pair: `veth0` (server side, up) and `eth7` (client
 /// side, left down for the agent). Removed when the guard drops.

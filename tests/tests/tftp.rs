@@ -459,3 +459,74 @@ fn sigterm_stops_the_server_cleanly() {
     let s = server(dir.path(), &[]);
     assert!(s.terminate(), "ltsp-server did not exit 0 on SIGTERM");
 }
+
+#[test]
+fn single_port_mode_replies_from_the_listening_port() {
+    let fx = fixture();
+    let s = server(fx.dir.path(), &["--tftp-single-port"]);
+    let a = s.tftp.unwrap();
+    // A raw client: every DATA must come from the port the request went to.
+    let (name, data) = &fx.files[5];
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut rrq = vec![0, 1];
+    rrq.extend_from_slice(name.as_bytes());
+    rrq.extend_from_slice(b"\0octet\0");
+    sock.send_to(&rrq, a).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let (n, from) = sock.recv_from(&mut buf).unwrap();
+        assert_eq!(from, a, "a reply from another port than the listening one");
+        assert_eq!(&buf[..2], &[0, 3], "DATA");
+        got.extend_from_slice(&buf[4..n]);
+        sock.send_to(&t::ack(u16::from_be_bytes([buf[2], buf[3]])), a)
+            .unwrap();
+        if n - 4 < 512 {
+            break;
+        }
+    }
+    assert_eq!(&got, data);
+    // Real clients, several at once, windowed and not.
+    let out = tempfile::tempdir().unwrap();
+    let big = fx.files.iter().find(|(n, _)| n == "f34603015").unwrap();
+    let dsts: Vec<_> = (0..3).map(|i| out.path().join(format!("w{i}"))).collect();
+    let clients: Vec<_> = dsts
+        .iter()
+        .map(|dst| {
+            Command::new(tool("atftp"))
+                .args([
+                    "--option",
+                    "windowsize 16",
+                    "--option",
+                    "blksize 1468",
+                    "-g",
+                    "-r",
+                ])
+                .arg(&big.0)
+                .arg("-l")
+                .arg(dst)
+                .args([&a.ip().to_string(), &a.port().to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect::<Vec<_>>();
+    for (c, dst) in clients.iter().zip(&dsts) {
+        assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+        check(dst, &big.1, "atftp windowsize 16, single-port");
+    }
+    let dst = out.path().join("curl");
+    let (ok, _, err) = run(Command::new(tool("curl"))
+        .args(["-sS", "--tftp-blksize", "8192", "-o"])
+        .arg(&dst)
+        .arg(format!("tftp://{a}/{}", big.0)));
+    assert!(ok, "{err}");
+    check(&dst, &big.1, "curl, single-port");
+    assert!(s.log().contains("single-port mode"));
+}
