@@ -99,6 +99,8 @@ pub struct BootFile {
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
+    /// boot.ipxe fetches kernel and initramfs over HTTP (needs `[http] listen`).
+    pub http: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -163,6 +165,7 @@ pub struct Overrides {
     pub boot_kernel: Option<String>,
     pub boot_initrd: Option<String>,
     pub boot_cmdline: Option<String>,
+    pub boot_http: bool,
 }
 
 pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
@@ -226,6 +229,15 @@ impl Config {
             }
             if let Some(c) = &o.boot_cmdline {
                 boot.cmdline = Some(c.clone());
+            }
+            if o.boot_http {
+                boot.http = Some(true);
+            }
+            if boot.http == Some(true) && o.http_listen.or(f.http.listen).is_none() {
+                return Err(ConfigError::Invalid(
+                    "[boot] http = true needs an HTTP listener ([http] listen or --http-listen)"
+                        .into(),
+                ));
             }
             Some(TftpConfig {
                 root,

@@ -38,20 +38,39 @@ pub async fn serve(
         .iter()
         .flat_map(|n| n.exports.iter().map(|e| e.name.clone()));
     let status = status::Status::new(exports);
+    let mut http_port = None;
     if let Some(addr) = cfg.http_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| ServeError::HttpBind { addr, source })?;
-        log::info!(
-            "http: /healthz /metrics /nodes on {}",
-            listener.local_addr().unwrap_or(addr)
-        );
-        tasks.spawn(status::serve_http(status.clone(), listener));
+        let local = listener.local_addr().unwrap_or(addr);
+        let root = match &cfg.tftp {
+            Some(t) => Some(std::sync::Arc::new(std::fs::File::open(&t.root).map_err(
+                |source| tftp::TftpError::Root {
+                    path: t.root.clone(),
+                    source,
+                },
+            )?)),
+            None => None,
+        };
+        let ipxe = cfg
+            .tftp
+            .as_ref()
+            .and_then(|t| tftp::ipxe_script(&t.boot, Some(local.port())));
+        let h = status::Http {
+            status: status.clone(),
+            root,
+            ipxe,
+        };
+        log::info!("http: /healthz /metrics /nodes /boot.ipxe /files/ on {local}");
+        http_port = Some(local.port());
+        tasks.spawn(status::serve_http(std::sync::Arc::new(h), listener));
     }
     if let Some(t) = cfg.tftp {
         let root = t.root.clone();
         let single = t.single_port;
-        let server = tftp::Server::new(t, status.clone())?;
+        let http_port = http_port.filter(|_| t.boot.http == Some(true));
+        let server = tftp::Server::new(t, status.clone(), http_port)?;
         let sock = server.bind()?;
         let local = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
         if single {

@@ -123,6 +123,10 @@ struct ServeArgs {
     /// Initramfs file, relative to the TFTP root, for the generated boot.ipxe.
     #[arg(long, value_name = "PATH")]
     boot_initrd: Option<String>,
+    /// boot.ipxe fetches kernel and initramfs by HTTP from --http-listen (much faster
+    /// than TFTP for large files).
+    #[arg(long)]
+    boot_http: bool,
     /// Kernel command line for the generated boot.ipxe.
     #[arg(long, value_name = "CMDLINE", allow_hyphen_values = true)]
     boot_cmdline: Option<String>,
@@ -152,6 +156,7 @@ impl ServeArgs {
             boot_kernel: self.boot_kernel.clone(),
             boot_initrd: self.boot_initrd.clone(),
             boot_cmdline: self.boot_cmdline.clone(),
+            boot_http: self.boot_http,
         };
         Config::load(self.config.as_deref(), &o)
     }
@@ -191,11 +196,10 @@ fn main() -> ExitCode {
             println!("{cfg:#?}");
             ExitCode::SUCCESS
         }
-        "ipxe" => match cfg
-            .tftp
-            .as_ref()
-            .and_then(|t| ltsp_server::tftp::ipxe_script(&t.boot))
-        {
+        "ipxe" => match cfg.tftp.as_ref().and_then(|t| {
+            let port = cfg.http_listen.filter(|_| t.boot.http == Some(true));
+            ltsp_server::tftp::ipxe_script(&t.boot, port.map(|a| a.port()))
+        }) {
             Some(s) => {
                 print!("{s}");
                 ExitCode::SUCCESS

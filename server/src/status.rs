@@ -1,15 +1,24 @@
 //! What the server and its nodes are doing: counters, each node's progress, and an HTTP
 //! listener for `/healthz` (readiness: every export readable and hashed), `/metrics`
-//! (Prometheus text format) and `/nodes` (one line per node, for `ltsp-server status`).
+//! (Prometheus text format), `/nodes` (one line per node, for `ltsp-server status`), and
+//! the boot files: `/files/PATH` from the TFTP root (same confinement) and `/boot.ipxe`
+//! (iPXE fetches a kernel and initramfs over HTTP many times faster than over TFTP).
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, SizeHint};
 use hyper::{Request, Response, StatusCode};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::fs::File;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::FileExt;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// One node's progress, as the server saw it.
@@ -243,8 +252,11 @@ fn escape(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn reply(code: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn reply(code: StatusCode, body: String) -> Response<Body> {
+    let full = Full::new(Bytes::from(body)).map_err(|never| match never {});
+    let mut r = Response::new(full.boxed());
     *r.status_mut() = code;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -253,14 +265,133 @@ fn reply(code: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
+/// A file streamed in chunks read off the async threads (a page-cache miss may block).
+struct FileBody {
+    file: Arc<File>,
+    off: u64,
+    end: u64,
+    reading: Option<tokio::task::JoinHandle<std::io::Result<Bytes>>>,
+    done: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+const CHUNK: u64 = 256 * 1024;
+
+impl hyper::body::Body for FileBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if self.off >= self.end {
+            if let Some(done) = self.done.take() {
+                done();
+            }
+            return Poll::Ready(None);
+        }
+        if self.reading.is_none() {
+            let (file, off) = (self.file.clone(), self.off);
+            let n = CHUNK.min(self.end - off) as usize;
+            self.reading = Some(tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; n];
+                let mut got = 0;
+                while got < n {
+                    let k = file.read_at(&mut buf[got..], off + got as u64)?;
+                    if k == 0 {
+                        return Err(std::io::Error::other("file shrank while being sent"));
+                    }
+                    got += k;
+                }
+                Ok(Bytes::from(buf))
+            }));
+        }
+        let joined = std::task::ready!(Pin::new(self.reading.as_mut().unwrap()).poll(cx));
+        self.reading = None;
+        let chunk = joined.map_err(std::io::Error::other).and_then(|r| r);
+        Poll::Ready(Some(chunk.map(|b| {
+            self.off += b.len() as u64;
+            // hyper stops polling once is_end_stream() says so: report now.
+            if self.off >= self.end {
+                if let Some(done) = self.done.take() {
+                    done();
+                }
+            }
+            Frame::data(b)
+        })))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.off >= self.end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.end - self.off)
+    }
+}
+
+/// What the HTTP listener serves: status, and the boot files if TFTP is configured.
+pub struct Http {
+    pub status: Arc<Status>,
+    /// The TFTP root, opened once (paths resolve beneath it, as for TFTP).
+    pub root: Option<Arc<File>>,
+    /// boot.ipxe with HTTP URLs, when `[boot]` names a kernel.
+    pub ipxe: Option<String>,
+}
+
+fn file(h: &Http, peer: SocketAddr, path: &str) -> Response<Body> {
+    let Some(root) = &h.root else {
+        return reply(StatusCode::NOT_FOUND, "no TFTP root configured\n".into());
+    };
+    let refused = |r: crate::tftp::Refusal| {
+        let code = if r.code == ltsp_common::tftp::ERR_NOT_FOUND {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::FORBIDDEN
+        };
+        reply(code, format!("{}\n", r.message))
+    };
+    let rel = match crate::tftp::normalise_path(path) {
+        Ok(r) => r,
+        Err(r) => return refused(r),
+    };
+    let (f, len) = match crate::tftp::open_beneath(root, &rel) {
+        Ok(x) => x,
+        Err(r) => return refused(r),
+    };
+    let status = h.status.clone();
+    let started = Instant::now();
+    let body = FileBody {
+        file: Arc::new(f),
+        off: 0,
+        end: len,
+        reading: None,
+        done: Some(Box::new(move || {
+            status.tftp_done(peer.ip(), &rel, len, true);
+            log::info!(
+                "http: {peer}: sent {rel:?} ({len} bytes) in {:.3}s",
+                started.elapsed().as_secs_f64()
+            );
+        })),
+    };
+    let mut r = Response::new(body.boxed());
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/octet-stream"),
+    );
+    r
+}
+
 fn route(
-    status: &Status,
+    h: &Http,
     started: Instant,
+    peer: SocketAddr,
     req: &Request<hyper::body::Incoming>,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
     if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
     }
+    let status = &h.status;
     match req.uri().path() {
         "/healthz" => match status.health() {
             Ok(()) => reply(StatusCode::OK, "ok\n".into()),
@@ -271,15 +402,26 @@ fn route(
             status.metrics(started.elapsed().as_secs_f64()),
         ),
         "/nodes" => reply(StatusCode::OK, status.nodes_text()),
+        "/boot.ipxe" => match &h.ipxe {
+            Some(s) => {
+                status.tftp_done(peer.ip(), "boot.ipxe", s.len() as u64, true);
+                reply(StatusCode::OK, s.clone())
+            }
+            None => reply(
+                StatusCode::NOT_FOUND,
+                "no [boot] kernel configured\n".into(),
+            ),
+        },
+        p if p.starts_with("/files/") => file(h, peer, &p["/files/".len()..]),
         _ => reply(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz /metrics /nodes\n".into(),
+            "not found: try /healthz /metrics /nodes /boot.ipxe /files/PATH\n".into(),
         ),
     }
 }
 
-/// Serves the status endpoints until the task is dropped.
-pub async fn serve_http(status: Arc<Status>, listener: tokio::net::TcpListener) {
+/// Serves the HTTP endpoints until the task is dropped.
+pub async fn serve_http(h: Arc<Http>, listener: tokio::net::TcpListener) {
     let started = Instant::now();
     loop {
         let (stream, peer): (_, SocketAddr) = match listener.accept().await {
@@ -290,10 +432,11 @@ pub async fn serve_http(status: Arc<Status>, listener: tokio::net::TcpListener) 
                 continue;
             }
         };
-        let status = status.clone();
+        let _ = stream.set_nodelay(true);
+        let h = h.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let r = route(&status, started, &req);
+                let r = route(&h, started, peer, &req);
                 async move { Ok::<_, std::convert::Infallible>(r) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);

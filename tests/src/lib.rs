@@ -127,7 +127,11 @@ impl ServerProc {
                     if let Some(a) = line.split("nbd: listening on ").nth(1) {
                         nbd = a.trim().parse().ok();
                     }
-                    if let Some(a) = line.split("/nodes on ").nth(1) {
+                    if let Some(a) = line
+                        .split(" on ")
+                        .nth(1)
+                        .filter(|_| line.contains("http: /healthz"))
+                    {
                         http = a.trim().parse().ok();
                     }
                 }

@@ -1,5 +1,6 @@
-//! The server's status endpoints with a real HTTP client (curl): readiness waits for the
-//! exports, metrics count what nodes fetched, `ltsp-server status` lists the nodes.
+//! The server's HTTP side with a real client (curl): readiness waits for the exports,
+//! metrics count what nodes fetched, `ltsp-server status` lists the nodes, and the boot
+//! files are served from the TFTP root with the same confinement.
 
 use ltsp_tests::{bin, pattern, run, tool, ServerProc};
 use std::process::Command;
@@ -78,4 +79,75 @@ fn status_says_what_to_check_when_no_server_answers() {
         err.contains("is ltsp-server running with --http-listen?"),
         "{err}"
     );
+}
+
+#[test]
+fn boot_files_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("tftp");
+    std::fs::create_dir_all(root.join("ltsp/amd64")).unwrap();
+    let kernel = pattern(5 * 1024 * 1024 + 3, 4);
+    std::fs::write(root.join("ltsp/amd64/vmlinuz"), &kernel).unwrap();
+    std::fs::write(dir.path().join("secret"), b"outside").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("secret"), root.join("escape")).unwrap();
+    let s = ServerProc::start(&[
+        "--tftp-root",
+        root.to_str().unwrap(),
+        "--no-nbd",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--boot-http",
+        "--boot-kernel",
+        "ltsp/amd64/vmlinuz",
+        "--boot-cmdline",
+        "root=/dev/nbd0",
+    ]);
+    let h = s.http.unwrap();
+    let out = dir.path().join("got");
+    let (ok, _, err) = run(Command::new(tool("curl"))
+        .args(["-sS", "-f", "-o"])
+        .arg(&out)
+        .arg(format!("http://{h}/files/ltsp/amd64/vmlinuz")));
+    assert!(ok, "{err}");
+    assert!(std::fs::read(&out).unwrap() == kernel);
+    assert!(s.log_has("http: 127.0.0.1"));
+    // Nothing outside the root, whatever the path says.
+    for bad in [
+        "/files/../secret",
+        "/files/escape",
+        "/files/%2e%2e/secret",
+        "/files/ltsp",
+    ] {
+        let (code, _) = curl_as_is(&format!("http://{h}{bad}"));
+        assert!(code == "403" || code == "404", "{bad}: {code}");
+    }
+    assert_eq!(curl(&format!("http://{h}/files/nope")).0, "404");
+    // boot.ipxe names the HTTP URLs, by HTTP and by TFTP alike.
+    let (code, script) = curl(&format!("http://{h}/boot.ipxe"));
+    assert_eq!(code, "200");
+    let want = format!(
+        "kernel http://${{next-server}}:{}/files/ltsp/amd64/vmlinuz ",
+        h.port()
+    );
+    assert!(script.contains(&want), "{script}");
+    let t = s.tftp.unwrap();
+    let (ok, by_tftp, err) =
+        run(Command::new(tool("curl")).args(["-sS", &format!("tftp://{t}/boot.ipxe")]));
+    assert!(ok, "{err}");
+    assert_eq!(by_tftp, script);
+}
+
+fn curl_as_is(url: &str) -> (String, String) {
+    let (ok, out, err) = run(Command::new(tool("curl")).args([
+        "-sS",
+        "--path-as-is",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        url,
+    ]));
+    assert!(ok, "{err}");
+    let (body, code) = out.rsplit_once('\n').unwrap();
+    (code.to_string(), body.to_string())
 }
