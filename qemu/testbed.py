@@ -56,10 +56,11 @@ class Bed:
     """The network namespace with its bridge, tap, dnsmasq and ltsp-server."""
 
     def __init__(self, artifacts, server_bin, lts_conf, flavour, extra_cmdline, stock=None, nbdroot=":root",
-                 dhcp="all", nbd=True, second_server=False):
+                 dhcp="all", nbd=True, second_server=False, boot_files="tftp"):
         """dhcp: "all", or "pxe-only" (dnsmasq answers iPXE but not the agent); nbd: False
         serves TFTP only; second_server: a second ltsp-server on SERVER2_IP exporting a
-        copy of the image (another file, same bytes)."""
+        copy of the image (another file, same bytes); boot_files: "http" has iPXE fetch the
+        kernel and initramfs from ltsp-server's HTTP port instead of TFTP."""
         self.ns = f"ltsp-qemu-{os.getpid()}"
         self.dir = tempfile.mkdtemp(prefix="ltsp-qemu-")
         self.procs = []
@@ -73,6 +74,7 @@ class Bed:
         self.dhcp = dhcp
         self.nbd = nbd
         self.second_server = second_server
+        self.boot_files = boot_files
         self.server_log = os.path.join(self.dir, "server.log")
         self.server2_log = os.path.join(self.dir, "server2.log")
         self.dnsmasq_log = os.path.join(self.dir, "dnsmasq.log")
@@ -145,6 +147,8 @@ class Bed:
         self.server_args = ["serve", "--tftp-root", tftp, "--tftp-listen", f"{SERVER_IP}:69", *nbd,
                             "--boot-kernel", "ltsp/amd64/vmlinuz", "--boot-initrd", "ltsp/amd64/initrd.img",
                             "--boot-cmdline", cmdline]
+        if self.boot_files == "http":
+            self.server_args += ["--http-listen", f"{SERVER_IP}:8080", "--boot-http"]
         ready = "nbd: listening" if nbd[0] != "--no-nbd" else "tftp: serving"
         self.server = self.launch(self.server_args, self.server_log, ready)
 
@@ -331,6 +335,11 @@ def timeline(node, bed, marks):
             if "ltsp-agent" in line:
                 break
     srv = open(bed.server_log).read()
+    # What the boot files took, as the server saw each transfer end (TFTP: the last ACK).
+    for name, key in [("vmlinuz", "fetch-kernel"), ("initrd.img", "fetch-initrd")]:
+        m = re.search(r"(tftp|http): \S+: sent \"[^\"]*" + re.escape(name) + r"\" \((\d+) bytes.*? in ([\d.]+)s", srv)
+        if m:
+            out[f"{key}-{m.group(1)}"] = float(m.group(3))
     out["kernel-start"] = kstart
     out["agent-start"] = agent.get("start")
     out["net-up"] = agent.get("net-up")

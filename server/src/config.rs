@@ -48,6 +48,30 @@ pub struct FileConfig {
     pub boot: BootFile,
     #[serde(default)]
     pub http: HttpFile,
+    #[serde(default)]
+    pub proxy_dhcp: ProxyDhcpFile,
+}
+
+/// proxyDHCP: on when `interface` is set.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyDhcpFile {
+    /// The interface facing the nodes (its IPv4 address is the next-server given out).
+    pub interface: Option<String>,
+    /// Boot file for BIOS firmware PXE (client architecture 0).
+    pub bios: Option<String>,
+    /// Boot file for UEFI x86-64 firmware PXE (architectures 7 and 9).
+    pub uefi: Option<String>,
+    /// What iPXE itself is given.
+    pub ipxe_script: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyDhcpConfig {
+    pub interface: String,
+    pub bios: String,
+    pub uefi: String,
+    pub ipxe_script: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -139,6 +163,7 @@ pub struct Config {
     pub tftp: Option<TftpConfig>,
     pub nbd: Option<NbdConfig>,
     pub http_listen: Option<SocketAddr>,
+    pub proxy_dhcp: Option<ProxyDhcpConfig>,
 }
 
 /// Flags that override the file; `None` leaves the file's value.
@@ -166,6 +191,7 @@ pub struct Overrides {
     pub boot_initrd: Option<String>,
     pub boot_cmdline: Option<String>,
     pub boot_http: bool,
+    pub proxy_dhcp: Option<String>,
 }
 
 pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
@@ -345,10 +371,22 @@ impl Config {
                 "both TFTP and NBD are disabled: nothing to serve".into(),
             ));
         }
+        let pd = f.proxy_dhcp;
+        let proxy_dhcp = o
+            .proxy_dhcp
+            .clone()
+            .or(pd.interface)
+            .map(|interface| ProxyDhcpConfig {
+                interface,
+                bios: pd.bios.unwrap_or_else(|| "undionly.kpxe".into()),
+                uefi: pd.uefi.unwrap_or_else(|| "ipxe.efi".into()),
+                ipxe_script: pd.ipxe_script.unwrap_or_else(|| "boot.ipxe".into()),
+            });
         Ok(Config {
             tftp,
             nbd,
             http_listen: o.http_listen.or(f.http.listen),
+            proxy_dhcp,
         })
     }
 }

@@ -4,6 +4,7 @@ pub mod config;
 pub mod identity;
 pub mod limits;
 pub mod nbd;
+pub mod proxydhcp;
 pub mod status;
 pub mod tftp;
 
@@ -19,6 +20,8 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    ProxyDhcp(#[from] proxydhcp::ProxyDhcpError),
     #[error("nbd: bind {addr}: {source}")]
     NbdBind {
         addr: SocketAddr,
@@ -65,6 +68,11 @@ pub async fn serve(
         log::info!("http: /healthz /metrics /nodes /boot.ipxe /files/ on {local}");
         http_port = Some(local.port());
         tasks.spawn(status::serve_http(std::sync::Arc::new(h), listener));
+    }
+    if let Some(p) = cfg.proxy_dhcp {
+        let (proxy, s67, s4011) = proxydhcp::ProxyDhcp::bind(p, status.clone())?;
+        tasks.spawn(proxy.clone().run(s67, 67));
+        tasks.spawn(proxy.run(s4011, 4011));
     }
     if let Some(t) = cfg.tftp {
         let root = t.root.clone();

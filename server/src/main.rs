@@ -114,6 +114,11 @@ struct ServeArgs {
     /// Do not serve NBD.
     #[arg(long)]
     no_nbd: bool,
+    /// Answer PXE clients on this interface as a proxyDHCP server (ports 67 and 4011),
+    /// beside the site's DHCP server: BIOS gets undionly.kpxe, UEFI ipxe.efi, iPXE
+    /// boot.ipxe (names set in [proxy_dhcp]). Off by default.
+    #[arg(long, value_name = "IFACE")]
+    proxy_dhcp: Option<String>,
     /// Address for /healthz, /metrics and /nodes over HTTP (default: off).
     #[arg(long, value_name = "ADDR:PORT")]
     http_listen: Option<SocketAddr>,
@@ -157,6 +162,7 @@ impl ServeArgs {
             boot_initrd: self.boot_initrd.clone(),
             boot_cmdline: self.boot_cmdline.clone(),
             boot_http: self.boot_http,
+            proxy_dhcp: self.proxy_dhcp.clone(),
         };
         Config::load(self.config.as_deref(), &o)
     }

@@ -47,6 +47,7 @@ pub struct Status {
     pub tftp_sent: AtomicU64,
     pub tftp_failed: AtomicU64,
     pub tftp_bytes: AtomicU64,
+    pub proxy_dhcp_answers: AtomicU64,
     /// Export name -> identity once hashed; None while hashing or unreadable.
     exports: Mutex<BTreeMap<String, Option<String>>>,
     nodes: Mutex<BTreeMap<IpAddr, Node>>,
@@ -122,6 +123,11 @@ impl Status {
         self.node(ip, |n| n.nbd_open = n.nbd_open.saturating_sub(1));
     }
 
+    /// A proxyDHCP answer went to a PXE client (it has no address yet: counted only).
+    pub fn dhcp_seen(&self, _from: IpAddr, _mac: &str) {
+        self.proxy_dhcp_answers.fetch_add(1, Relaxed);
+    }
+
     pub fn nbd_read(&self, bytes: u32) {
         self.nbd_reads.fetch_add(1, Relaxed);
         self.nbd_read_bytes.fetch_add(bytes as u64, Relaxed);
@@ -191,6 +197,12 @@ impl Status {
             "Bytes sent by completed TFTP transfers",
             "counter",
             self.tftp_bytes.load(Relaxed),
+        );
+        counter(
+            "ltsp_proxy_dhcp_answers_total",
+            "proxyDHCP offers and acks sent to PXE clients",
+            "counter",
+            self.proxy_dhcp_answers.load(Relaxed),
         );
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         counter(
