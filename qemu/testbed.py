@@ -75,6 +75,7 @@ class Bed:
         self.nbd = nbd
         self.second_server = second_server
         self.boot_files = boot_files
+        self.site = f"ltsp-site-{os.getpid()}"
         self.server_log = os.path.join(self.dir, "server.log")
         self.server2_log = os.path.join(self.dir, "server2.log")
         self.dnsmasq_log = os.path.join(self.dir, "dnsmasq.log")
@@ -105,6 +106,9 @@ class Bed:
         shutil.copy(os.path.join(art, initrd), os.path.join(d, "initrd.img"))
         if self.lts_conf:
             shutil.copy(self.lts_conf, os.path.join(d, "lts.conf"))
+        # iPXE for firmware PXE, from Debian's ipxe package: BIOS and UEFI x86-64.
+        for f in ["undionly.kpxe", "ipxe.efi", "snponly.efi"]:
+            shutil.copy(os.path.join("/usr/lib/ipxe", f), os.path.join(tftp, f))
         cmdline = f"console=ttyS0,115200 root=/dev/nbd0 nbdroot={self.nbdroot} ltsp.on-failure=halt"
         if self.flavour == "initramfs-tools":
             cmdline += " boot=ltsp"
@@ -129,13 +133,32 @@ class Bed:
                         f"[root]\nexportname = {self.squashfs}\nreadonly = true\n")
             self.nbd_pid = os.path.join(self.dir, "nbd-server.pid")
             sh("ip", "netns", "exec", self.ns, "nbd-server", "-C", conf, "-p", self.nbd_pid)
+        ns, iface = self.ns, "br0"
+        if self.dhcp == "proxy":
+            # The site's DHCP server on a host of its own, knowing nothing of PXE.
+            ns, iface = self.site, "eth0"
+            sh("ip", "netns", "add", ns)
+            self.ip("link", "add", "vsite", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            self.ip("link", "set", "vsite", "master", "br0")
+            self.ip("link", "set", "vsite", "up")
+            sh("ip", "-n", ns, "addr", "add", "192.0.2.254/24", "dev", "eth0")
+            sh("ip", "-n", ns, "addr", "add", "2001:db8:1::254/64", "dev", "eth0", "nodad")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            pxe = []
+        else:
+            # The site's DHCP server told about PXE: iPXE gets boot.ipxe, UEFI firmware
+            # PXE ipxe.efi (BIOS firmware here is iPXE already: the NIC's ROM).
+            pxe = ["--dhcp-userclass=set:ipxe,iPXE", f"--dhcp-boot=tag:ipxe,boot.ipxe,,{SERVER_IP}",
+                   "--dhcp-match=set:efi64,option:client-arch,7", "--dhcp-match=set:efi64,option:client-arch,9",
+                   f"--dhcp-boot=tag:efi64,tag:!ipxe,ipxe.efi,,{SERVER_IP}",
+                   "--dhcp-option-force=tag:ipxe,encap:175,176,1"]
         dns = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, "dnsmasq", "--keep-in-foreground", "--log-facility=-",
-             "--conf-file=/dev/null", "--port=0", "--interface=br0", "--bind-interfaces",
+            ["ip", "netns", "exec", ns, "dnsmasq", "--keep-in-foreground", "--log-facility=-",
+             "--conf-file=/dev/null", "--port=0", f"--interface={iface}", "--bind-interfaces",
              "--dhcp-range=192.0.2.100,192.0.2.199,255.255.255.0,12h", "--dhcp-leasefile=" + os.path.join(self.dir, "leases"),
-             "--dhcp-userclass=set:ipxe,iPXE", f"--dhcp-boot=tag:ipxe,boot.ipxe,,{SERVER_IP}",
-             "--dhcp-option-force=tag:ipxe,encap:175,176,1", "--no-ping", "--log-dhcp",
-             "--enable-ra", "--dhcp-range=::,constructor:br0,ra-only", "--pid-file=" + os.path.join(self.dir, "dnsmasq.pid")]
+             *pxe, "--no-ping", "--log-dhcp",
+             "--enable-ra", f"--dhcp-range=::,constructor:{iface},ra-only", "--pid-file=" + os.path.join(self.dir, "dnsmasq.pid")]
             + (["--dhcp-ignore=tag:!ipxe"] if self.dhcp == "pxe-only" else []),
             stdout=open(self.dnsmasq_log, "w"), stderr=subprocess.STDOUT)
         self.procs.append(dns)
@@ -149,6 +172,8 @@ class Bed:
                             "--boot-cmdline", cmdline]
         if self.boot_files == "http":
             self.server_args += ["--http-listen", f"{SERVER_IP}:8080", "--boot-http"]
+        if self.dhcp == "proxy":
+            self.server_args += ["--proxy-dhcp", "br0"]
         ready = "nbd: listening" if nbd[0] != "--no-nbd" else "tftp: serving"
         self.server = self.launch(self.server_args, self.server_log, ready)
 
@@ -194,6 +219,7 @@ class Bed:
                 p.kill()
         subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.site], capture_output=True)
 
 
 class Node:
@@ -202,9 +228,18 @@ class Node:
     def __init__(self, bed, memory, firmware):
         cmd = ["ip", "netns", "exec", bed.ns, "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory),
                "-smp", "1", "-nodefaults", "-vga", "none", "-display", "none", "-no-user-config",
-               "-chardev", "stdio,id=s0,signal=off", "-serial", "chardev:s0", "-boot", "n",
-               "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
-               "-device", f"virtio-net-pci,netdev=n0,mac={MAC}"]
+               "-chardev", "stdio,id=s0,signal=off", "-serial", "chardev:s0",
+               "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]
+        if firmware == "uefi":
+            # OVMF, and its own network stack: no iPXE ROM on the NIC, so the firmware's PXE
+            # must chainload ipxe.efi as real UEFI machines do.
+            vars_copy = os.path.join(bed.dir, "OVMF_VARS.fd")
+            shutil.copy("/usr/share/OVMF/OVMF_VARS_4M.fd", vars_copy)
+            cmd += ["-machine", "q35", "-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+                    "-drive", f"if=pflash,format=raw,file={vars_copy}",
+                    "-device", f"virtio-net-pci,netdev=n0,mac={MAC},romfile=,bootindex=1"]
+        else:
+            cmd += ["-boot", "n", "-device", f"virtio-net-pci,netdev=n0,mac={MAC}"]
         self.t0 = time.time()
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.buf = b""

@@ -56,14 +56,10 @@ pub async fn serve(
             )?)),
             None => None,
         };
-        let ipxe = cfg
-            .tftp
-            .as_ref()
-            .and_then(|t| tftp::ipxe_script(&t.boot, Some(local.port())));
         let h = status::Http {
             status: status.clone(),
             root,
-            ipxe,
+            boot: cfg.tftp.as_ref().map(|t| t.boot.clone()),
         };
         log::info!("http: /healthz /metrics /nodes /boot.ipxe /files/ on {local}");
         http_port = Some(local.port());

@@ -204,7 +204,7 @@ fn main() -> ExitCode {
         }
         "ipxe" => match cfg.tftp.as_ref().and_then(|t| {
             let port = cfg.http_listen.filter(|_| t.boot.http == Some(true));
-            ltsp_server::tftp::ipxe_script(&t.boot, port.map(|a| a.port()))
+            ltsp_server::tftp::ipxe_script(&t.boot, port.map(|a| a.port()), None)
         }) {
             Some(s) => {
                 print!("{s}");

@@ -347,8 +347,8 @@ pub struct Http {
     pub status: Arc<Status>,
     /// The TFTP root, opened once (paths resolve beneath it, as for TFTP).
     pub root: Option<Arc<File>>,
-    /// boot.ipxe with HTTP URLs, when `[boot]` names a kernel.
-    pub ipxe: Option<String>,
+    /// `[boot]`: boot.ipxe is generated from it, with HTTP URLs.
+    pub boot: Option<crate::config::BootFile>,
 }
 
 fn file(h: &Http, peer: SocketAddr, path: &str) -> Response<Body> {
@@ -398,6 +398,7 @@ fn route(
     h: &Http,
     started: Instant,
     peer: SocketAddr,
+    local: SocketAddr,
     req: &Request<hyper::body::Incoming>,
 ) -> Response<Body> {
     if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
@@ -414,10 +415,14 @@ fn route(
             status.metrics(started.elapsed().as_secs_f64()),
         ),
         "/nodes" => reply(StatusCode::OK, status.nodes_text()),
-        "/boot.ipxe" => match &h.ipxe {
+        "/boot.ipxe" => match h
+            .boot
+            .as_ref()
+            .and_then(|b| crate::tftp::ipxe_script(b, Some(local.port()), Some(local.ip())))
+        {
             Some(s) => {
                 status.tftp_done(peer.ip(), "boot.ipxe", s.len() as u64, true);
-                reply(StatusCode::OK, s.clone())
+                reply(StatusCode::OK, s)
             }
             None => reply(
                 StatusCode::NOT_FOUND,
@@ -445,10 +450,13 @@ pub async fn serve_http(h: Arc<Http>, listener: tokio::net::TcpListener) {
             }
         };
         let _ = stream.set_nodelay(true);
+        let Ok(local) = stream.local_addr() else {
+            continue;
+        };
         let h = h.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let r = route(&h, started, peer, &req);
+                let r = route(&h, started, peer, local, &req);
                 async move { Ok::<_, std::convert::Infallible>(r) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
