@@ -152,3 +152,55 @@ fn initramfs_tools_flavour_boots_into_systemd_and_reboots_clean() {
         "the worker path handed over to initramfs-tools"
     );
 }
+
+/// A boot with the given qemu/boot options and no checks beyond reaching multi-user.
+fn boot_with(args: &[&str]) -> String {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let out = Command::new("python3")
+        .arg(workspace_root().join("qemu/boot"))
+        .args(args)
+        .args(["--timeout", "300", "--run", "findmnt -no FSTYPE /"])
+        .output()
+        .expect("run qemu/boot");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "qemu/boot {args:?} failed:\n{}\n{}",
+        tail(&text),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(check(&text, "run0"), "overlay");
+    text
+}
+
+#[test]
+fn bios_node_boots_through_proxy_dhcp_next_to_a_dhcp_server_that_knows_no_pxe() {
+    if !is_root() {
+        eprintln!("skipped: QEMU boots need root");
+        return;
+    }
+    let out = boot_with(&["--dhcp", "proxy"]);
+    // The NIC's iPXE ROM asked as iPXE and got the script, from our proxy.
+    assert!(
+        out.contains("SERVER proxy-dhcp: 52:54:00:12:34:56 (Ipxe): Offer with \"boot.ipxe\""),
+        "{}",
+        tail(&out)
+    );
+}
+
+#[test]
+fn uefi_firmware_pxe_chainloads_ipxe_through_proxy_dhcp_and_fetches_by_http() {
+    if !is_root() {
+        eprintln!("skipped: QEMU boots need root");
+        return;
+    }
+    let out = boot_with(&["--firmware", "uefi", "--dhcp", "proxy", "--boot-files", "http"]);
+    // OVMF's own PXE (arch 7) got ipxe.efi; iPXE then got boot.ipxe: one hop, no loop.
+    assert!(out.contains("NBP filename is ipxe.efi"), "{}", tail(&out));
+    assert!(out.contains("(Firmware(7)): Offer with \"ipxe.efi\""), "{}", tail(&out));
+    assert!(out.contains("(Ipxe): Offer with \"boot.ipxe\""), "{}", tail(&out));
+    assert_eq!(out.matches("NBP filename is").count(), 1, "firmware PXE ran once");
+    // Kernel and initramfs over HTTP, as iPXE reported them.
+    assert!(out.contains("http://192.0.2.1:8080/files/ltsp/amd64/vmlinuz... ok"));
+    assert!(out.contains("SERVER http: "));
+}
