@@ -194,12 +194,31 @@ fn uefi_firmware_pxe_chainloads_ipxe_through_proxy_dhcp_and_fetches_by_http() {
         eprintln!("skipped: QEMU boots need root");
         return;
     }
-    let out = boot_with(&["--firmware", "uefi", "--dhcp", "proxy", "--boot-files", "http"]);
+    let out = boot_with(&[
+        "--firmware",
+        "uefi",
+        "--dhcp",
+        "proxy",
+        "--boot-files",
+        "http",
+    ]);
     // OVMF's own PXE (arch 7) got ipxe.efi; iPXE then got boot.ipxe: one hop, no loop.
     assert!(out.contains("NBP filename is ipxe.efi"), "{}", tail(&out));
-    assert!(out.contains("(Firmware(7)): Offer with \"ipxe.efi\""), "{}", tail(&out));
-    assert!(out.contains("(Ipxe): Offer with \"boot.ipxe\""), "{}", tail(&out));
-    assert_eq!(out.matches("NBP filename is").count(), 1, "firmware PXE ran once");
+    assert!(
+        out.contains("(Firmware(7)): Offer with \"ipxe.efi\""),
+        "{}",
+        tail(&out)
+    );
+    assert!(
+        out.contains("(Ipxe): Offer with \"boot.ipxe\""),
+        "{}",
+        tail(&out)
+    );
+    assert_eq!(
+        out.matches("NBP filename is").count(),
+        1,
+        "firmware PXE ran once"
+    );
     // Kernel and initramfs over HTTP, as iPXE reported them.
     assert!(out.contains("http://192.0.2.1:8080/files/ltsp/amd64/vmlinuz... ok"));
     assert!(out.contains("SERVER http: "));
