@@ -125,6 +125,32 @@ pub struct BootFile {
     pub cmdline: Option<String>,
     /// boot.ipxe fetches kernel and initramfs over HTTP (needs `[http] listen`).
     pub http: Option<bool>,
+    /// Per-node overrides, by MAC address (`[[boot.node]]`).
+    #[serde(default)]
+    pub node: Vec<NodeBoot>,
+}
+
+/// One node's own kernel, initramfs or cmdline; what it leaves out comes from `[boot]`.
+#[derive(Debug, Default, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeBoot {
+    pub mac: String,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
+}
+
+/// `aa:bb:cc:dd:ee:ff` in lower case, from the usual spellings (`-` or `:`, any case).
+pub fn normalise_mac(mac: &str) -> Option<String> {
+    let parts: Vec<&str> = mac.split([':', '-']).collect();
+    if parts.len() != 6
+        || parts
+            .iter()
+            .any(|p| p.len() != 2 || u8::from_str_radix(p, 16).is_err())
+    {
+        return None;
+    }
+    Some(parts.join(":").to_ascii_lowercase())
 }
 
 #[derive(Debug, Clone)]
@@ -258,6 +284,14 @@ impl Config {
             }
             if o.boot_http {
                 boot.http = Some(true);
+            }
+            for n in &mut boot.node {
+                n.mac = normalise_mac(&n.mac).ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "[[boot.node]] mac = {:?}: expected six hex pairs like 52:54:00:12:34:56",
+                        n.mac
+                    ))
+                })?;
             }
             if boot.http == Some(true) && o.http_listen.or(f.http.listen).is_none() {
                 return Err(ConfigError::Invalid(
