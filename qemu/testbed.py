@@ -307,12 +307,15 @@ class Node:
             while self.seen < len(self.lines):
                 line = self.lines[self.seen][1]
                 self.seen += 1
-                # The prompt may precede a marker on its line.
-                if line.rstrip().endswith(f"{tag}-E"):
+                # The prompt may precede a marker on its line. A line with "echo TAG" is
+                # the terminal echoing the command itself (a shell that has not run
+                # `stty -echo` yet), not its output.
+                echoed = f"echo {tag}" in line
+                if line.rstrip().endswith(f"{tag}-E") and not echoed:
                     return "\n".join(out)
-                if inside:
+                if inside and not echoed:
                     out.append(line)
-                if line.rstrip().endswith(f"{tag}-B"):
+                if line.rstrip().endswith(f"{tag}-B") and not echoed:
                     inside = True
             left = deadline - time.time()
             if left <= 0:
