@@ -223,3 +223,24 @@ fn uefi_firmware_pxe_chainloads_ipxe_through_proxy_dhcp_and_fetches_by_http() {
     assert!(out.contains("http://192.0.2.1:8080/files/ltsp/amd64/vmlinuz... ok"));
     assert!(out.contains("SERVER http: "));
 }
+
+#[test]
+fn bios_node_boots_through_grub_netboot_with_the_generated_grub_cfg() {
+    if !is_root() {
+        eprintln!("skipped: QEMU boots need root");
+        return;
+    }
+    let out = boot_with(&["--loader", "grub"]);
+    // grub-mknetdir's core image, then the grub.cfg ltsp-server generated from [boot].
+    assert!(
+        out.contains("sent \"grub/i386-pc/core.0\""),
+        "{}",
+        tail(&out)
+    );
+    assert!(out.contains("sent \"/grub/grub.cfg\""), "{}", tail(&out));
+    assert!(
+        out.contains("BOOTIF=01-52:54:00:12:34:56 ltsp.server=192.0.2.1"),
+        "{}",
+        tail(&out)
+    );
+}
