@@ -222,7 +222,7 @@ impl ProxyDhcp {
             match sock.send_to(&bytes, to).await {
                 Ok(_) => {
                     log::info!("proxy-dhcp: {mac} ({client:?}): {kind:?} with {file:?} to {to}");
-                    self.status.dhcp_seen(peer.ip(), &mac);
+                    self.status.dhcp_seen(&mac, &file);
                 }
                 Err(e) => log::warn!("proxy-dhcp: {mac}: send to {to}: {e}"),
             }

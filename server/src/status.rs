@@ -51,6 +51,8 @@ pub struct Status {
     /// Export name -> identity once hashed; None while hashing or unreadable.
     exports: Mutex<BTreeMap<String, Option<String>>>,
     nodes: Mutex<BTreeMap<IpAddr, Node>>,
+    /// PXE clients answered by proxyDHCP, by MAC: (file given, unix seconds).
+    pxe: Mutex<BTreeMap<String, (String, u64)>>,
 }
 
 fn now() -> u64 {
@@ -123,9 +125,16 @@ impl Status {
         self.node(ip, |n| n.nbd_open = n.nbd_open.saturating_sub(1));
     }
 
-    /// A proxyDHCP answer went to a PXE client (it has no address yet: counted only).
-    pub fn dhcp_seen(&self, _from: IpAddr, _mac: &str) {
+    /// A proxyDHCP answer went to a PXE client (known by its MAC: it has no address yet).
+    pub fn dhcp_seen(&self, mac: &str, file: &str) {
         self.proxy_dhcp_answers.fetch_add(1, Relaxed);
+        let mut pxe = self.pxe.lock().unwrap_or_else(|p| p.into_inner());
+        if pxe.len() >= NODES && !pxe.contains_key(mac) {
+            if let Some(k) = pxe.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| k.clone()) {
+                pxe.remove(&k);
+            }
+        }
+        pxe.insert(mac.to_string(), (file.to_string(), now()));
     }
 
     pub fn nbd_read(&self, bytes: u32) {
@@ -253,6 +262,13 @@ impl Status {
                 n.files.last().map(String::as_str).unwrap_or("-"),
                 t.saturating_sub(n.last_seen)
             );
+        }
+        let pxe = self.pxe.lock().unwrap_or_else(|p| p.into_inner());
+        if !pxe.is_empty() {
+            s.push_str("\nPXE-CLIENT\tPROXY-DHCP-FILE\tLAST-SEEN\n");
+            for (mac, (file, seen)) in pxe.iter() {
+                let _ = writeln!(s, "{mac}\t{file}\t{}s ago", t.saturating_sub(*seen));
+            }
         }
         s
     }
@@ -506,5 +522,10 @@ mod tests {
         );
         s.nbd_closed(ip);
         assert!(s.metrics(6.0).contains("ltsp_nodes_connected 0"));
+        s.dhcp_seen("52:54:00:12:34:56", "ipxe.efi");
+        assert!(s
+            .nodes_text()
+            .contains("\nPXE-CLIENT\tPROXY-DHCP-FILE\tLAST-SEEN\n52:54:00:12:34:56\tipxe.efi\t"));
+        assert!(s.metrics(7.0).contains("ltsp_proxy_dhcp_answers_total 1"));
     }
 }
