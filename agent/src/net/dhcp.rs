@@ -476,6 +476,10 @@ mod tests {
         // debug assertion panicked; the packet must just be dropped or parsed.
         let crash = include_bytes!("../../../common/fuzz/regressions/dhcp_reply/option94-length");
         let _ = parse_reply(crash);
+        // Another of its length assertions (a bulk-leasequery option), found next.
+        let crash =
+            include_bytes!("../../../common/fuzz/regressions/dhcp_reply/option-len-debug-assert");
+        let _ = parse_reply(crash);
     }
 
     #[test]
