@@ -458,7 +458,7 @@ mod tests {
 
     #[test]
     fn parse_reply_reads_the_fuzz_seed_and_survives_its_truncations() {
-        let seed = include_bytes!("../../../common/fuzz/corpus/dhcp_reply/seed-ack");
+        let seed = include_bytes!("../../../common/fuzz/seeds/dhcp-ack");
         let (xid, kind, l) = parse_reply(seed).expect("a framed ACK");
         assert_eq!(xid, 0x1234);
         assert_eq!(kind, Some(MessageType::Ack));
