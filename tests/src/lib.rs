@@ -264,3 +264,20 @@ pub fn ip(args: &[&str]) {
     let (ok, _, err) = run(Command::new(tool("ip")).args(args));
     assert!(ok, "ip {args:?}: {err}");
 }
+
+/// Two namespaces, `ltsp-TAG-sPID` and `ltsp-TAG-cPID`, joined by a veth pair: `veth0` on
+/// the server side (up) and `client_if` on the client side (left down). Removed when the
+/// guard drops.
+pub fn veth_pair(tag: &str, client_if: &str) -> (Netns, String, String) {
+    let id = std::process::id();
+    let (srv, cli) = (format!("ltsp-{tag}-s{id}"), format!("ltsp-{tag}-c{id}"));
+    let guard = Netns(vec![srv.clone(), cli.clone()]);
+    ip(&["netns", "add", &srv]);
+    ip(&["netns", "add", &cli]);
+    ip(&[
+        "-n", &srv, "link", "add", "veth0", "type", "veth", "peer", "name", client_if, "netns",
+        &cli,
+    ]);
+    ip(&["-n", &srv, "link", "set", "veth0", "up"]);
+    (guard, srv, cli)
+}

@@ -1,22 +1,12 @@
 //! The agent's DHCP client against dnsmasq, across a veth pair between two network
 //! namespaces the test creates (192.0.2.0/24, the documentation range). Needs root.
 
-use ltsp_tests::{bin, ip, is_root, run, tool, Netns};
+use ltsp_tests::{bin, ip, is_root, run, tool, veth_pair, Netns};
 use std::process::{Command, Stdio};
 
-/// Two namespaces joined by a veth pair: `veth0` (server side, up) and `eth7` (client
-/// side, left down for the agent). Removed when the guard drops.
+/// The client side is `eth7`, left down for the agent to bring up.
 fn pair(tag: &str) -> (Netns, String, String) {
-    let id = std::process::id();
-    let (srv, cli) = (format!("ltsp-{tag}-s{id}"), format!("ltsp-{tag}-c{id}"));
-    let guard = Netns(vec![srv.clone(), cli.clone()]);
-    ip(&["netns", "add", &srv]);
-    ip(&["netns", "add", &cli]);
-    ip(&[
-        "-n", &srv, "link", "add", "veth0", "type", "veth", "peer", "name", "eth7", "netns", &cli,
-    ]);
-    ip(&["-n", &srv, "link", "set", "veth0", "up"]);
-    (guard, srv, cli)
+    veth_pair(tag, "eth7")
 }
 
 #[test]

@@ -4,18 +4,11 @@
 //! translate back, so the client never hears it; single-port mode answers from the
 //! listening port and goes through. Needs root (namespaces, iptables).
 
-use ltsp_tests::{ip, is_root, pattern, run, tool, Netns, ServerProc};
+use ltsp_tests::{ip, is_root, pattern, run, tool, veth_pair, Netns, ServerProc};
 use std::process::Command;
 
 fn nat_bed(tag: &str) -> (Netns, String, String) {
-    let id = std::process::id();
-    let (srv, cli) = (format!("ltsp-{tag}-s{id}"), format!("ltsp-{tag}-c{id}"));
-    let guard = Netns(vec![srv.clone(), cli.clone()]);
-    ip(&["netns", "add", &srv]);
-    ip(&["netns", "add", &cli]);
-    ip(&[
-        "-n", &srv, "link", "add", "veth0", "type", "veth", "peer", "name", "eth0", "netns", &cli,
-    ]);
+    let (guard, srv, cli) = veth_pair(tag, "eth0");
     ip(&["-n", &srv, "addr", "add", "192.0.2.1/24", "dev", "veth0"]);
     ip(&["-n", &cli, "addr", "add", "192.0.2.10/24", "dev", "eth0"]);
     // The "pod": an address of its own on the server host (on lo: no dummy module here).
