@@ -152,6 +152,8 @@ class Bed:
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
             pxe = []
+        elif self.dhcp == "server":
+            pxe = []  # ltsp-server is the DHCP server; dnsmasq only sends IPv6 RAs
         elif self.loader == "grub":
             pxe = [f"--dhcp-boot=grub/i386-pc/core.0,,{SERVER_IP}",
                    "--dhcp-match=set:efi64,option:client-arch,7", "--dhcp-match=set:efi64,option:client-arch,9",
@@ -166,7 +168,8 @@ class Bed:
         dns = subprocess.Popen(
             ["ip", "netns", "exec", ns, "dnsmasq", "--keep-in-foreground", "--log-facility=-",
              "--conf-file=/dev/null", "--port=0", f"--interface={iface}", "--bind-interfaces",
-             "--dhcp-range=192.0.2.100,192.0.2.199,255.255.255.0,12h", "--dhcp-leasefile=" + os.path.join(self.dir, "leases"),
+             *([] if self.dhcp == "server" else ["--dhcp-range=192.0.2.100,192.0.2.199,255.255.255.0,12h"]),
+             "--dhcp-leasefile=" + os.path.join(self.dir, "leases"),
              *pxe, "--no-ping", "--log-dhcp",
              "--enable-ra", f"--dhcp-range=::,constructor:{iface},ra-only", "--pid-file=" + os.path.join(self.dir, "dnsmasq.pid")]
             + (["--dhcp-ignore=tag:!ipxe"] if self.dhcp == "pxe-only" else []),
@@ -184,6 +187,8 @@ class Bed:
             self.server_args += ["--http-listen", f"{SERVER_IP}:8080", "--boot-http"]
         if self.dhcp == "proxy":
             self.server_args += ["--proxy-dhcp", "br0"]
+        if self.dhcp == "server":
+            self.server_args += ["--dhcp-server", "br0", "--dhcp-range", "192.0.2.100-192.0.2.199"]
         ready = "nbd: listening" if nbd[0] != "--no-nbd" else "tftp: serving"
         self.server = self.launch(self.server_args, self.server_log, ready)
 

@@ -50,6 +50,8 @@ pub struct FileConfig {
     pub http: HttpFile,
     #[serde(default)]
     pub proxy_dhcp: ProxyDhcpFile,
+    #[serde(default)]
+    pub dhcp_server: DhcpServerFile,
 }
 
 /// proxyDHCP: on when `interface` is set.
@@ -64,6 +66,38 @@ pub struct ProxyDhcpFile {
     pub uefi: Option<String>,
     /// What iPXE itself is given.
     pub ipxe_script: Option<String>,
+}
+
+/// A DHCP server for a lab network without one: on when `interface` is set.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DhcpServerFile {
+    pub interface: Option<String>,
+    /// `FIRST-LAST`, e.g. "192.0.2.100-192.0.2.199".
+    pub range: Option<String>,
+    /// Seconds (default 12 h).
+    pub lease_time: Option<u64>,
+    pub router: Option<std::net::Ipv4Addr>,
+    #[serde(default)]
+    pub dns: Vec<std::net::Ipv4Addr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DhcpServerConfig {
+    pub interface: String,
+    pub first: std::net::Ipv4Addr,
+    pub last: std::net::Ipv4Addr,
+    pub lease_secs: u64,
+    pub router: Option<std::net::Ipv4Addr>,
+    pub dns: Vec<std::net::Ipv4Addr>,
+}
+
+/// `FIRST-LAST` as two IPv4 addresses, FIRST <= LAST.
+pub fn parse_range(s: &str) -> Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)> {
+    let (a, b) = s.split_once('-')?;
+    let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
+        (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (u32::from(a) <= u32::from(b)).then_some((a, b))
 }
 
 #[derive(Debug, Clone)]
@@ -190,6 +224,10 @@ pub struct Config {
     pub nbd: Option<NbdConfig>,
     pub http_listen: Option<SocketAddr>,
     pub proxy_dhcp: Option<ProxyDhcpConfig>,
+    pub dhcp_server: Option<DhcpServerConfig>,
+    /// Boot file names for PXE clients ([proxy_dhcp] bios/uefi/ipxe_script), used by
+    /// proxyDHCP and the DHCP server alike.
+    pub pxe_files: ProxyDhcpConfig,
 }
 
 /// Flags that override the file; `None` leaves the file's value.
@@ -218,6 +256,8 @@ pub struct Overrides {
     pub boot_cmdline: Option<String>,
     pub boot_http: bool,
     pub proxy_dhcp: Option<String>,
+    pub dhcp_server: Option<String>,
+    pub dhcp_range: Option<String>,
 }
 
 pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
@@ -406,21 +446,61 @@ impl Config {
             ));
         }
         let pd = f.proxy_dhcp;
+        let pxe_files = ProxyDhcpConfig {
+            interface: String::new(),
+            bios: pd.bios.unwrap_or_else(|| "undionly.kpxe".into()),
+            uefi: pd.uefi.unwrap_or_else(|| "ipxe.efi".into()),
+            ipxe_script: pd.ipxe_script.unwrap_or_else(|| "boot.ipxe".into()),
+        };
         let proxy_dhcp = o
             .proxy_dhcp
             .clone()
             .or(pd.interface)
             .map(|interface| ProxyDhcpConfig {
                 interface,
-                bios: pd.bios.unwrap_or_else(|| "undionly.kpxe".into()),
-                uefi: pd.uefi.unwrap_or_else(|| "ipxe.efi".into()),
-                ipxe_script: pd.ipxe_script.unwrap_or_else(|| "boot.ipxe".into()),
+                ..pxe_files.clone()
             });
+        let ds = f.dhcp_server;
+        let dhcp_server = match o.dhcp_server.clone().or(ds.interface) {
+            None => None,
+            Some(interface) => {
+                let range = o.dhcp_range.clone().or(ds.range).ok_or_else(|| {
+                    ConfigError::Invalid(
+                        "the DHCP server needs a range ([dhcp_server] range or --dhcp-range)"
+                            .into(),
+                    )
+                })?;
+                let (first, last) = parse_range(&range).ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "dhcp range {range:?}: expected FIRST-LAST, e.g. 192.0.2.100-192.0.2.199"
+                    ))
+                })?;
+                if proxy_dhcp
+                    .as_ref()
+                    .is_some_and(|p| p.interface == interface)
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "{interface}: proxyDHCP and the DHCP server cannot share an interface \
+                         (proxyDHCP is for networks that already have a DHCP server)"
+                    )));
+                }
+                Some(DhcpServerConfig {
+                    interface,
+                    first,
+                    last,
+                    lease_secs: ds.lease_time.unwrap_or(43200).max(60),
+                    router: ds.router,
+                    dns: ds.dns,
+                })
+            }
+        };
         Ok(Config {
             tftp,
             nbd,
             http_listen: o.http_listen.or(f.http.listen),
             proxy_dhcp,
+            dhcp_server,
+            pxe_files,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! ltsp-server: TFTP and NBD for network-booted nodes, in one async process.
 
 pub mod config;
+pub mod dhcpd;
 pub mod identity;
 pub mod limits;
 pub mod nbd;
@@ -64,6 +65,10 @@ pub async fn serve(
         log::info!("http: /healthz /metrics /nodes /boot.ipxe /files/ on {local}");
         http_port = Some(local.port());
         tasks.spawn(status::serve_http(std::sync::Arc::new(h), listener));
+    }
+    if let Some(d) = cfg.dhcp_server {
+        let (srv, sock) = dhcpd::DhcpServer::bind(d, cfg.pxe_files.clone(), status.clone())?;
+        tasks.spawn(srv.run(sock));
     }
     if let Some(p) = cfg.proxy_dhcp {
         let (proxy, s67, s4011) = proxydhcp::ProxyDhcp::bind(p, status.clone())?;

@@ -119,6 +119,13 @@ struct ServeArgs {
     /// boot.ipxe (names set in [proxy_dhcp]). Off by default.
     #[arg(long, value_name = "IFACE")]
     proxy_dhcp: Option<String>,
+    /// Be the DHCP server on this interface (a lab network with none): addresses from
+    /// --dhcp-range, and PXE boot files as proxyDHCP gives them. Off by default.
+    #[arg(long, value_name = "IFACE")]
+    dhcp_server: Option<String>,
+    /// Addresses the DHCP server leases: FIRST-LAST.
+    #[arg(long, value_name = "FIRST-LAST")]
+    dhcp_range: Option<String>,
     /// Address for /healthz, /metrics and /nodes over HTTP (default: off).
     #[arg(long, value_name = "ADDR:PORT")]
     http_listen: Option<SocketAddr>,
@@ -163,6 +170,8 @@ impl ServeArgs {
             boot_cmdline: self.boot_cmdline.clone(),
             boot_http: self.boot_http,
             proxy_dhcp: self.proxy_dhcp.clone(),
+            dhcp_server: self.dhcp_server.clone(),
+            dhcp_range: self.dhcp_range.clone(),
         };
         Config::load(self.config.as_deref(), &o)
     }

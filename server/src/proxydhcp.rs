@@ -100,16 +100,22 @@ pub fn answer(req: &Message, kind: MessageType, server: Ipv4Addr, file: &str) ->
     r
 }
 
-fn ipv4_of(iface: &str) -> Option<Ipv4Addr> {
+/// The interface's IPv4 address and netmask.
+pub(crate) fn ipv4_of(iface: &str) -> Option<(Ipv4Addr, Ipv4Addr)> {
     nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
         if a.interface_name != iface {
             return None;
         }
-        a.address?.as_sockaddr_in().map(|s| s.ip())
+        let ip = a.address?.as_sockaddr_in()?.ip();
+        let mask = a
+            .netmask
+            .and_then(|m| m.as_sockaddr_in().map(|s| s.ip()))
+            .unwrap_or(Ipv4Addr::new(255, 255, 255, 0));
+        Some((ip, mask))
     })
 }
 
-fn bind(iface: &str, port: u16) -> Result<UdpSocket, ProxyDhcpError> {
+pub(crate) fn bind(iface: &str, port: u16) -> Result<UdpSocket, ProxyDhcpError> {
     use nix::sys::socket::{setsockopt, sockopt};
     let err = |source: std::io::Error| ProxyDhcpError::Bind {
         port,
@@ -156,7 +162,7 @@ impl ProxyDhcp {
         cfg: ProxyDhcpConfig,
         status: Arc<crate::status::Status>,
     ) -> Result<(Arc<Self>, UdpSocket, UdpSocket), ProxyDhcpError> {
-        let server = ipv4_of(&cfg.interface)
+        let (server, _) = ipv4_of(&cfg.interface)
             .ok_or_else(|| ProxyDhcpError::NoAddress(cfg.interface.clone()))?;
         let s67 = bind(&cfg.interface, 67)?;
         let s4011 = bind(&cfg.interface, 4011)?;

@@ -118,3 +118,60 @@ fn no_dhcp_server_fails_with_a_clear_message_within_the_deadline() {
         "bounded by ltsp.timeout"
     );
 }
+
+#[test]
+fn the_agent_gets_a_lease_from_ltsp_servers_own_dhcp_server() {
+    if !is_root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    let (_guard, srv, cli) = pair("dhcpd");
+    ip(&["-n", &srv, "addr", "add", "192.0.2.1/24", "dev", "veth0"]);
+    ip(&[
+        "-n",
+        &cli,
+        "link",
+        "set",
+        "eth7",
+        "address",
+        "52:54:00:aa:bb:dd",
+    ]);
+    let root = tempfile::tempdir().unwrap();
+    let s = ltsp_tests::ServerProc::start_in(
+        &srv,
+        &[
+            "--tftp-root",
+            root.path().to_str().unwrap(),
+            "--tftp-listen",
+            "192.0.2.1:69",
+            "--no-nbd",
+            "--dhcp-server",
+            "veth0",
+            "--dhcp-range",
+            "192.0.2.70-192.0.2.71",
+        ],
+    );
+    assert!(
+        s.log_has("dhcp-server: leasing 192.0.2.70-192.0.2.71 on veth0 as 192.0.2.1/255.255.255.0")
+    );
+    let (ok, out, err) = run(Command::new(tool("ip"))
+        .args(["netns", "exec", &cli])
+        .arg(bin("ltsp-agent"))
+        .args([
+            "net",
+            "--cmdline",
+            "BOOTIF=01-52-54-00-aa-bb-dd ltsp.timeout=20",
+        ]));
+    assert!(ok, "{err}\n{out}\n{}", s.log());
+    assert!(out.contains("IPV4ADDR='192.0.2.70'\n"), "{out}");
+    assert!(
+        out.contains("IPV4NETMASK='255.255.255.0'\n") || out.contains("/24"),
+        "{out}"
+    );
+    // The server logged the offer and the ack; the agent is no PXE client: no boot file.
+    assert!(
+        s.log_has("dhcp-server: 52:54:00:aa:bb:dd: Ack 192.0.2.70"),
+        "{}",
+        s.log()
+    );
+}

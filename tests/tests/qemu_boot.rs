@@ -244,3 +244,25 @@ fn bios_node_boots_through_grub_netboot_with_the_generated_grub_cfg() {
         tail(&out)
     );
 }
+
+#[test]
+fn a_lab_with_no_dhcp_server_boots_from_ltsp_servers_own() {
+    if !is_root() {
+        eprintln!("skipped: QEMU boots need root");
+        return;
+    }
+    let out = boot_with(&["--dhcp", "server"]);
+    // iPXE (the NIC's ROM) got an address and boot.ipxe from us; then the agent its lease.
+    assert!(
+        out.contains("dhcp-server: 52:54:00:12:34:56: Ack 192.0.2.100 boot.ipxe"),
+        "{}",
+        tail(&out)
+    );
+    assert!(
+        out.matches("dhcp-server: 52:54:00:12:34:56: Ack 192.0.2.100")
+            .count()
+            >= 2,
+        "{}",
+        tail(&out)
+    );
+}
