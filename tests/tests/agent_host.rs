@@ -171,3 +171,22 @@ fn handshake_against_nbd_server() {
     assert_eq!(c.info.size, 2 << 20);
     assert!(c.info.flags & ltsp_common::nbd::TFLAG_READ_ONLY != 0);
 }
+
+#[test]
+fn a_server_that_accepts_and_says_nothing_is_named_hung() {
+    // The kernel accepts into the backlog while the process is stopped: no greeting.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let t0 = std::time::Instant::now();
+    let e = handshake::connect(
+        &target(l.local_addr().unwrap(), "root"),
+        Duration::from_secs(1),
+    )
+    .err()
+    .expect("no greeting, no connection");
+    assert!(
+        matches!(e, handshake::HandshakeError::Silent { secs: 1, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("hung or overloaded"));
+    assert!(t0.elapsed() < Duration::from_secs(3));
+}

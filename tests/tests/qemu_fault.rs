@@ -55,6 +55,16 @@ fn server_restart_is_a_non_event_for_a_running_node() {
 }
 
 #[test]
+fn a_hung_server_is_waited_out_without_an_io_error() {
+    let Some(out) = fault("server-hang") else {
+        return;
+    };
+    has(&out, "replaced via nbd://192.0.2.1");
+    has(&out, "checksums equal");
+    has(&out, "kernel I/O errors 0");
+}
+
+#[test]
 fn a_node_fails_over_to_the_second_server() {
     let Some(out) = fault("failover") else { return };
     // The second server's copy is another file: only the content hash lets it in.

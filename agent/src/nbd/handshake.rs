@@ -23,6 +23,10 @@ pub enum HandshakeError {
         target: String,
         source: std::io::Error,
     },
+    #[error(
+        "{target}: no answer within {secs} s after connecting: is the server hung or overloaded?"
+    )]
+    Silent { target: String, secs: u64 },
     #[error("{target}: not an NBD server (bad magic {magic:#x})")]
     NotNbd { target: String, magic: u64 },
     #[error("{target}: server does not speak fixed newstyle")]
@@ -69,7 +73,21 @@ pub fn connect(t: &NbdTarget, timeout: Duration) -> Result<Connected, HandshakeE
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_nodelay(true).map_err(io)?;
     keepalive(&stream).map_err(io)?;
-    let info = negotiate(&stream, &t.export, &target)?;
+    let info = negotiate(&stream, &t.export, &target).map_err(|e| match e {
+        // A read timeout: the server accepted (or its kernel did) but says nothing.
+        HandshakeError::Io { target, source }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            HandshakeError::Silent {
+                target,
+                secs: timeout.as_secs(),
+            }
+        }
+        e => e,
+    })?;
     stream.set_read_timeout(None).map_err(io)?;
     if info.size == 0 || info.size % 512 != 0 {
         return Err(HandshakeError::BadSize {
