@@ -103,23 +103,30 @@ impl Modules {
                 continue;
             }
             let p = self.dir.join(d);
+            let t = std::time::Instant::now();
             sys.load_module(&p, "")
                 .map_err(|source| ModuleError::Load {
                     name: dn.clone(),
                     path: p,
                     source,
                 })?;
+            log::debug!("modules: {dn} in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
             self.loaded.insert(dn.clone());
             done.push(dn);
         }
         let p = self.dir.join(&path);
         let params = if name == "nbd" { "nbds_max=4" } else { "" };
+        let t = std::time::Instant::now();
         sys.load_module(&p, params)
             .map_err(|source| ModuleError::Load {
                 name: name.clone(),
                 path: p,
                 source,
             })?;
+        log::debug!(
+            "modules: {name} in {:.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
         self.loaded.insert(name.clone());
         done.push(name);
         Ok(done)
