@@ -111,18 +111,33 @@ impl DhcpServer {
             cfg.last,
             cfg.interface
         );
+        Ok((Arc::new(Self::new(cfg, boot, server, mask, status)), sock))
+    }
+
+    /// The server's logic without sockets (tests and the fuzzer use it directly).
+    pub fn new(
+        cfg: DhcpServerConfig,
+        boot: ProxyDhcpConfig,
+        server: Ipv4Addr,
+        mask: Ipv4Addr,
+        status: Arc<crate::status::Status>,
+    ) -> DhcpServer {
         let pool = Mutex::new(Pool::new(cfg.first, cfg.last, vec![server]));
-        Ok((
-            Arc::new(DhcpServer {
-                cfg,
-                boot,
-                server,
-                mask,
-                pool,
-                status,
-            }),
-            sock,
-        ))
+        DhcpServer {
+            cfg,
+            boot,
+            server,
+            mask,
+            pool,
+            status,
+        }
+    }
+
+    /// What the server does with one datagram: decode, answer, encode. Everything a
+    /// hostile client sends goes through here (fuzzed).
+    pub fn handle(&self, datagram: &[u8], now: Instant) -> Option<Vec<u8>> {
+        let m = Message::decode(&mut Decoder::new(datagram)).ok()?;
+        self.answer(&m, now)?.to_vec().ok()
     }
 
     /// The reply to one message, if it gets one.
@@ -261,6 +276,58 @@ mod tests {
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_discover_gets_an_offer_and_garbage_nothing() {
+        let cfg = DhcpServerConfig {
+            interface: "x".into(),
+            first: ip("192.0.2.100"),
+            last: ip("192.0.2.110"),
+            lease_secs: 3600,
+            router: Some(ip("192.0.2.254")),
+            dns: vec![],
+        };
+        let files = ProxyDhcpConfig {
+            interface: String::new(),
+            bios: "undionly.kpxe".into(),
+            uefi: "ipxe.efi".into(),
+            ipxe_script: "boot.ipxe".into(),
+        };
+        let s = DhcpServer::new(
+            cfg,
+            files,
+            ip("192.0.2.1"),
+            ip("255.255.255.0"),
+            crate::status::Status::new([]),
+        );
+        let mut d = Message::new_with_id(
+            7,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            &A,
+        );
+        d.opts_mut()
+            .insert(DhcpOption::MessageType(MessageType::Discover));
+        d.opts_mut().insert(DhcpOption::ClassIdentifier(
+            b"PXEClient:Arch:00000".to_vec(),
+        ));
+        let bytes = d.to_vec().unwrap();
+        let now = Instant::now();
+        let r = Message::decode(&mut Decoder::new(&s.handle(&bytes, now).unwrap())).unwrap();
+        assert_eq!(r.opts().msg_type(), Some(MessageType::Offer));
+        assert_eq!(r.yiaddr(), ip("192.0.2.100"));
+        assert_eq!(r.siaddr(), ip("192.0.2.1"));
+        assert!(r.fname().unwrap().starts_with(b"undionly.kpxe\0"));
+        assert!(
+            matches!(r.opts().get(OptionCode::Router), Some(DhcpOption::Router(g)) if g == &vec![ip("192.0.2.254")])
+        );
+        for n in 0..bytes.len() {
+            let _ = s.handle(&bytes[..n], now);
+        }
+        assert!(s.handle(b"not dhcp at all", now).is_none());
     }
 
     #[test]
