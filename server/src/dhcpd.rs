@@ -7,7 +7,7 @@ use crate::proxydhcp::{boot_file, classify, Client};
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable};
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
@@ -237,16 +237,8 @@ impl DhcpServer {
                 continue;
             };
             let Ok(bytes) = r.to_vec() else { continue };
-            let to = if !m.giaddr().is_unspecified() {
-                SocketAddr::from((m.giaddr(), 67))
-            } else {
-                SocketAddr::from((Ipv4Addr::BROADCAST, 68))
-            };
-            let mac = mac_of(&m)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":");
+            let to = crate::proxydhcp::reply_to_unaddressed(&m);
+            let mac = crate::proxydhcp::mac_text(&m);
             match sock.send_to(&bytes, to).await {
                 Ok(_) => {
                     log::info!(

@@ -100,6 +100,24 @@ pub fn answer(req: &Message, kind: MessageType, server: Ipv4Addr, file: &str) ->
     r
 }
 
+/// Where a reply goes to a client that has no address yet: its relay, else a broadcast.
+pub(crate) fn reply_to_unaddressed(m: &Message) -> SocketAddr {
+    if m.giaddr().is_unspecified() {
+        SocketAddr::from((Ipv4Addr::BROADCAST, 68))
+    } else {
+        SocketAddr::from((m.giaddr(), 67))
+    }
+}
+
+/// The client's hardware address as `aa:bb:cc:dd:ee:ff`, for logs and status.
+pub(crate) fn mac_text(m: &Message) -> String {
+    m.chaddr()[..6.min(m.chaddr().len())]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// The interface's IPv4 address and netmask.
 pub(crate) fn ipv4_of(iface: &str) -> Option<(Ipv4Addr, Ipv4Addr)> {
     nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
@@ -211,20 +229,13 @@ impl ProxyDhcp {
             };
             let reply = answer(&m, kind, self.server, &file);
             let Ok(bytes) = reply.to_vec() else { continue };
-            // A DISCOVER's sender has no address yet: broadcast (or to its relay). A
-            // request to 4011 comes from an address: answer there.
+            // A request to 4011 comes from an address: answer there.
             let to = if port == 4011 {
                 peer
-            } else if !m.giaddr().is_unspecified() {
-                SocketAddr::from((m.giaddr(), 67))
             } else {
-                SocketAddr::from((Ipv4Addr::BROADCAST, 68))
+                reply_to_unaddressed(&m)
             };
-            let mac = m.chaddr()[..6.min(m.chaddr().len())]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":");
+            let mac = mac_text(&m);
             match sock.send_to(&bytes, to).await {
                 Ok(_) => {
                     log::info!("proxy-dhcp: {mac} ({client:?}): {kind:?} with {file:?} to {to}");

@@ -9,23 +9,21 @@ fn pair(tag: &str) -> (Netns, String, String) {
     veth_pair(tag, "eth7")
 }
 
+/// A pair with the server side at 192.0.2.1/24 and the client NIC given `mac`.
+fn served_pair(tag: &str, mac: &str) -> (Netns, String, String) {
+    let (guard, srv, cli) = pair(tag);
+    ip(&["-n", &srv, "addr", "add", "192.0.2.1/24", "dev", "veth0"]);
+    ip(&["-n", &cli, "link", "set", "eth7", "address", mac]);
+    (guard, srv, cli)
+}
+
 #[test]
 fn dhcp_against_dnsmasq_gives_a_permanent_address() {
     if !is_root() {
         eprintln!("skipped: network namespaces need root");
         return;
     }
-    let (_guard, srv, cli) = pair("dhcp");
-    ip(&["-n", &srv, "addr", "add", "192.0.2.1/24", "dev", "veth0"]);
-    ip(&[
-        "-n",
-        &cli,
-        "link",
-        "set",
-        "eth7",
-        "address",
-        "52:54:00:aa:bb:cc",
-    ]);
+    let (_guard, srv, cli) = served_pair("dhcp", "52:54:00:aa:bb:cc");
     let d = tempfile::tempdir().unwrap();
     let mut dns = Command::new(tool("ip"))
         .args([
@@ -125,17 +123,7 @@ fn the_agent_gets_a_lease_from_ltsp_servers_own_dhcp_server() {
         eprintln!("skipped: network namespaces need root");
         return;
     }
-    let (_guard, srv, cli) = pair("dhcpd");
-    ip(&["-n", &srv, "addr", "add", "192.0.2.1/24", "dev", "veth0"]);
-    ip(&[
-        "-n",
-        &cli,
-        "link",
-        "set",
-        "eth7",
-        "address",
-        "52:54:00:aa:bb:dd",
-    ]);
+    let (_guard, srv, cli) = served_pair("dhcpd", "52:54:00:aa:bb:dd");
     let root = tempfile::tempdir().unwrap();
     let s = ltsp_tests::ServerProc::start_in(
         &srv,
