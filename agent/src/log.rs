@@ -76,6 +76,40 @@ pub fn reopen() {
     }
 }
 
+/// The console and kmsg descriptors in use, to hand to a helper.
+pub fn raw_fds() -> (Option<i32>, Option<i32>) {
+    use std::os::fd::AsRawFd;
+    let Some(l) = LOGGER.get() else {
+        return (None, None);
+    };
+    let fd = |m: &Mutex<Option<File>>| {
+        m.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|f| f.as_raw_fd())
+    };
+    (fd(&l.console), fd(&l.kmsg))
+}
+
+/// Boot logging over descriptors a parent handed over (see [`raw_fds`]); one that is not
+/// an open character device is ignored.
+pub fn init_inherited(console: Option<i32>, kmsg: Option<i32>) {
+    use std::os::fd::FromRawFd;
+    init_stderr(false);
+    let adopt = |fd: Option<i32>| {
+        let fd = fd.filter(|&fd| fd > 2)?;
+        let st = nix::sys::stat::fstat(fd).ok()?;
+        (st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFCHR).then_some(())?;
+        // SAFETY: the parent passed this descriptor to this process alone, and it is open
+        // (fstat succeeded); the File becomes its only owner.
+        Some(unsafe { File::from_raw_fd(fd) })
+    };
+    if let Some(l) = LOGGER.get() {
+        *l.console.lock().unwrap_or_else(|p| p.into_inner()) = adopt(console);
+        *l.kmsg.lock().unwrap_or_else(|p| p.into_inner()) = adopt(kmsg);
+    }
+}
+
 /// For the operator commands: stderr only (until [`reopen`]).
 pub fn init_stderr(debug: bool) {
     let l = LOGGER.get_or_init(|| BootLogger {

@@ -73,6 +73,16 @@ enum Command {
         /// A server, as nbdroot= takes it; the first is the one in use. Repeatable.
         #[arg(long = "target", required = true, value_parser = parse_target)]
         targets: Vec<ltsp_common::cmdline::NbdTarget>,
+        /// An inherited generic-netlink socket already subscribed to the nbd events
+        /// (the boot passes one); without it the helper subscribes itself.
+        #[arg(long)]
+        events_fd: Option<i32>,
+        /// Inherited /dev/console and /dev/kmsg for the log (the boot passes them: the
+        /// helper may first run after the switch, when /dev is out of its reach).
+        #[arg(long)]
+        console_fd: Option<i32>,
+        #[arg(long)]
+        kmsg_fd: Option<i32>,
     },
 }
 
@@ -206,8 +216,15 @@ fn main() -> ExitCode {
             size,
             identity,
             targets,
+            events_fd,
+            console_fd,
+            kmsg_fd,
         } => {
-            ltsp_agent::log::init_boot(false);
+            if console_fd.is_some() || kmsg_fd.is_some() {
+                ltsp_agent::log::init_inherited(console_fd, kmsg_fd);
+            } else {
+                ltsp_agent::log::init_boot(false);
+            }
             ltsp_agent::nbd::reconnect::harden();
             let w = ltsp_agent::nbd::reconnect::Watch {
                 index,
@@ -215,6 +232,11 @@ fn main() -> ExitCode {
                 identity,
                 targets,
                 current: 0,
+                fds: ltsp_agent::nbd::reconnect::Inherited {
+                    events: events_fd,
+                    console: console_fd,
+                    kmsg: kmsg_fd,
+                },
             };
             match ltsp_agent::nbd::reconnect::run(w) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -42,6 +42,7 @@ pub struct Modules {
     builtin: BTreeSet<String>,
     aliases: Vec<(String, String)>,
     loaded: BTreeSet<String>,
+    params: HashMap<String, String>,
 }
 
 impl Modules {
@@ -85,6 +86,11 @@ impl Modules {
 
     /// Loads `name` after its dependencies (deepest first, as modprobe does).
     /// Built-in and already loaded modules are skipped. Returns the modules loaded.
+    /// Parameters for a module loaded later, as finit_module takes them ("a=1 b=2").
+    pub fn set_params(&mut self, name: &str, params: &str) {
+        self.params.insert(canonical(name), params.to_string());
+    }
+
     pub fn load(&mut self, sys: &dyn System, name: &str) -> Result<Vec<String>, ModuleError> {
         let name = canonical(name);
         if self.builtin.contains(&name) || self.loaded.contains(&name) {
@@ -115,7 +121,7 @@ impl Modules {
             done.push(dn);
         }
         let p = self.dir.join(&path);
-        let params = if name == "nbd" { "nbds_max=4" } else { "" };
+        let params = self.params.get(&name).map_or("", String::as_str);
         let t = std::time::Instant::now();
         sys.load_module(&p, params)
             .map_err(|source| ModuleError::Load {
@@ -169,37 +175,50 @@ pub fn device_aliases(sys_root: &Path) -> Vec<String> {
     out
 }
 
-/// Loads drivers for the NICs present. Two rounds: a virtio NIC appears on the virtio bus
-/// only once virtio_pci is loaded. Failures are logged: one bad driver must not stop the
-/// boot when another NIC may carry it.
+/// Loads drivers for the NICs present, in rounds: a virtio NIC appears on the virtio bus
+/// only once virtio_pci is loaded. Each round handles the devices that appeared since the
+/// last; probing is synchronous, so the loop waits (at most 50 ms) only while no network
+/// interface exists yet. Failures are logged: one bad driver must not stop the boot when
+/// another NIC may carry it.
 pub fn load_nic_drivers(m: &mut Modules, sys: &dyn System, sys_root: &Path) -> Vec<String> {
     let mut loaded = Vec::new();
-    for _ in 0..2 {
-        let before = device_aliases(sys_root);
-        let mut new = false;
-        for alias in device_aliases(sys_root).iter().filter(|a| is_nic_alias(a)) {
+    let mut seen = BTreeSet::new();
+    let mut waited = false;
+    for _ in 0..4 {
+        let fresh: Vec<String> = device_aliases(sys_root)
+            .into_iter()
+            .filter(|a| is_nic_alias(a) && !seen.contains(a))
+            .collect();
+        if fresh.is_empty() {
+            if waited || has_nic(sys_root) {
+                break;
+            }
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(50);
+            let before = device_aliases(sys_root);
+            while device_aliases(sys_root) == before && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            waited = true;
+            continue;
+        }
+        for alias in &fresh {
             for module in m.for_alias(alias) {
                 match m.load(sys, &module) {
-                    Ok(l) if !l.is_empty() => {
-                        new = true;
-                        loaded.extend(l);
-                    }
-                    Ok(_) => {}
+                    Ok(l) => loaded.extend(l),
                     Err(e) => log::warn!("modules: {e}"),
                 }
             }
         }
-        if !new {
-            break;
-        }
-        // A bus driver (virtio_pci) registers its devices while it loads; wait briefly
-        // only if they have not appeared yet.
-        let until = std::time::Instant::now() + std::time::Duration::from_millis(50);
-        while device_aliases(sys_root) == before && std::time::Instant::now() < until {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        seen.extend(fresh);
     }
     loaded
+}
+
+/// A network interface other than loopback exists.
+pub fn has_nic(sys_root: &Path) -> bool {
+    std::fs::read_dir(sys_root.join("class/net"))
+        .map(|d| d.flatten().any(|e| e.file_name() != "lo"))
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -246,6 +265,7 @@ alias pci:v00008086d00002922sv*sd*bc*sc*i* ahci
         assert!(matches!(m.load(&sys, "nope"), Err(ModuleError::Unknown(_))));
         // Compressed modules keep their path; nbd gets its device count.
         m.load(&sys, "virtio_pci").unwrap();
+        m.set_params("nbd", "nbds_max=3");
         m.load(&sys, "nbd").unwrap();
         let calls = sys.calls();
         assert!(calls.contains(
@@ -253,7 +273,7 @@ alias pci:v00008086d00002922sv*sd*bc*sc*i* ahci
         ));
         assert_eq!(
             calls.last().unwrap(),
-            "load /lib/modules/6.1/kernel/drivers/block/nbd.ko nbds_max=4"
+            "load /lib/modules/6.1/kernel/drivers/block/nbd.ko nbds_max=3"
         );
     }
 
@@ -286,5 +306,38 @@ alias pci:v00008086d00002922sv*sd*bc*sc*i* ahci
         let mut m = Modules::parse(DEP, "", ALIAS);
         let loaded = load_nic_drivers(&mut m, &sys, d.path());
         assert_eq!(loaded.last().map(String::as_str), Some("virtio_pci"));
+    }
+
+    #[test]
+    fn virtio_nic_found_in_a_second_round() {
+        let d = tempfile::tempdir().unwrap();
+        let pci = d.path().join("bus/pci/devices/0000:00:03.0/modalias");
+        std::fs::create_dir_all(pci.parent().unwrap()).unwrap();
+        std::fs::write(
+            &pci,
+            "pci:v00001AF4d00001000sv00001AF4sd00000001bc02sc00i00\n",
+        )
+        .unwrap();
+        // virtio_pci's probe adds virtio0; virtio_net's adds eth0.
+        let sys = Recorder {
+            probes: vec![
+                (
+                    "virtio_pci.ko".into(),
+                    d.path().join("bus/virtio/devices/virtio0/modalias"),
+                    "virtio:d00000001v00001AF4\n".into(),
+                ),
+                (
+                    "virtio_net.ko".into(),
+                    d.path().join("class/net/eth0/address"),
+                    "52:54:00:12:34:56\n".into(),
+                ),
+            ],
+            ..Default::default()
+        };
+        let mut m = Modules::parse(DEP, "", ALIAS);
+        let loaded = load_nic_drivers(&mut m, &sys, d.path());
+        assert_eq!(loaded.last().map(String::as_str), Some("virtio_net"));
+        assert!(loaded.contains(&"virtio_pci".to_string()));
+        assert!(has_nic(d.path()));
     }
 }

@@ -6,6 +6,7 @@ use nix::mount::MsFlags;
 use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::io;
+use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -29,13 +30,36 @@ pub trait System {
     /// Runs a program to completion (chrooted into `root` if given); returns its exit code.
     fn run(&self, root: Option<&str>, argv: &[String], env: &[(String, String)])
         -> io::Result<i32>;
-    /// Starts this program again as a detached helper named `argv0`; returns its pid.
-    fn spawn(&self, argv0: &str, args: &[String]) -> io::Result<u32>;
+    /// Starts this program again as a detached helper named `argv0`, in the idle
+    /// scheduling class (it raises itself once set up) and exempt from the OOM killer,
+    /// passing it the descriptors `keep`; returns its pid.
+    fn spawn(&self, argv0: &str, args: &[String], keep: &[RawFd]) -> io::Result<u32>;
     /// Replaces this process; returns only on failure.
     fn exec(&self, argv: &[String], env: &[(String, String)]) -> io::Error;
 }
 
 pub struct Real;
+
+/// sched_setscheduler(2) for this process, priority 0. A raw system call: musl's wrapper
+/// always fails with ENOSYS. Async-signal-safe (used between fork and exec).
+pub fn set_scheduler(policy: i32) -> io::Result<()> {
+    // The kernel's struct sched_param is one int.
+    let priority: nix::libc::c_int = 0;
+    // SAFETY: the kernel reads one int through the pointer during the call only.
+    let r = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_sched_setscheduler,
+            0,
+            policy,
+            &priority as *const nix::libc::c_int,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
 
 fn cstr(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in argument"))
@@ -140,20 +164,38 @@ impl System for Real {
             .unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)))
     }
 
-    fn spawn(&self, argv0: &str, args: &[String]) -> io::Result<u32> {
+    fn spawn(&self, argv0: &str, args: &[String], keep: &[RawFd]) -> io::Result<u32> {
         use std::os::unix::process::CommandExt;
+        let keep = keep.to_vec();
         use std::process::{Command, Stdio};
+        let mut c = Command::new("/proc/self/exe");
         // /proc/self/exe: the binary this process runs, even once its file is deleted.
         // Its own process group: signals for the boot script's group do not reach it.
-        Command::new("/proc/self/exe")
-            .arg0(argv0)
+        c.arg0(argv0)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .map(|c| c.id())
+            .process_group(0);
+        // SAFETY: between fork and exec the closure makes only async-signal-safe system
+        // calls (fcntl, sched_setscheduler) on plain integers and a stack value.
+        unsafe {
+            c.pre_exec(move || {
+                for &fd in &keep {
+                    if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                let _ = set_scheduler(nix::libc::SCHED_IDLE);
+                Ok(())
+            });
+        }
+        let pid = c.spawn()?.id();
+        // Exempt from the OOM killer from its first instruction (it may reach /proc late).
+        if let Err(e) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000") {
+            log::warn!("{argv0}: oom_score_adj: {e}");
+        }
+        Ok(pid)
     }
 
     fn exec(&self, argv: &[String], env: &[(String, String)]) -> io::Error {
@@ -178,6 +220,10 @@ pub struct Recorder {
     pub calls: Mutex<Vec<String>>,
     pub present: Mutex<BTreeSet<String>>,
     pub failures: Vec<String>,
+    /// What the kernel would make appear: when a module whose path contains the first
+    /// string loads, the file (second) is written with the text (third), like a probe
+    /// adding a device to sysfs.
+    pub probes: Vec<(String, std::path::PathBuf, String)>,
 }
 
 impl Recorder {
@@ -235,6 +281,12 @@ impl System for Recorder {
         self.present.lock().unwrap().contains(path)
     }
     fn load_module(&self, path: &Path, params: &str) -> io::Result<()> {
+        for (module, file, text) in &self.probes {
+            if path.to_string_lossy().contains(module.as_str()) {
+                std::fs::create_dir_all(file.parent().unwrap_or(Path::new("/")))?;
+                std::fs::write(file, text)?;
+            }
+        }
         self.record(
             format!("load {} {params}", path.display())
                 .trim_end()
@@ -244,8 +296,13 @@ impl System for Recorder {
     fn free_initramfs(&self, keep: &str) -> io::Result<()> {
         self.record(format!("free_initramfs except {keep}"))
     }
-    fn spawn(&self, argv0: &str, args: &[String]) -> io::Result<u32> {
-        self.record(format!("spawn {argv0} {}", args.join(" ")))
+    fn spawn(&self, argv0: &str, args: &[String], keep: &[RawFd]) -> io::Result<u32> {
+        let keep = if keep.is_empty() {
+            String::new()
+        } else {
+            format!(" (keeps fds {keep:?})")
+        };
+        self.record(format!("spawn {argv0} {}{keep}", args.join(" ")))
             .map(|_| 4242)
     }
     fn run(

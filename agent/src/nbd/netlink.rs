@@ -5,7 +5,7 @@
 
 use netlink_sys::{protocols::NETLINK_GENERIC, Socket, SocketAddr};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
 const GENL_ID_CTRL: u16 = 0x10;
 const CTRL_CMD_GETFAMILY: u8 = 3;
@@ -216,6 +216,28 @@ impl Genl {
             return Err(NbdNetlinkError::NoFamily);
         }
         Ok(g)
+    }
+
+    /// The resolved `nbd` family id.
+    pub fn family(&self) -> u16 {
+        self.family
+    }
+
+    /// The socket, to hand a subscribed listener to the reconnect helper.
+    pub fn into_fd(self) -> OwnedFd {
+        // SAFETY: into_raw_fd gives up the socket's only owner; OwnedFd becomes it.
+        unsafe { OwnedFd::from_raw_fd(self.sock.into_raw_fd()) }
+    }
+
+    /// A listener subscribed by another process (the boot), for the `nbd` family `family`.
+    pub fn adopt(fd: OwnedFd, family: u16) -> Genl {
+        Genl {
+            // SAFETY: the OwnedFd's ownership moves into the Socket, which closes it.
+            sock: unsafe { Socket::from_raw_fd(fd.into_raw_fd()) },
+            family,
+            group: None,
+            seq: 0,
+        }
     }
 
     /// Turns this socket into a listener for NBD_CMD_LINK_DEAD (use another for commands:

@@ -27,6 +27,29 @@ pub struct Watch {
     /// Servers in the order given; `current` is the one in use.
     pub targets: Vec<NbdTarget>,
     pub current: usize,
+    /// Descriptors the boot hands over (see [`Inherited`]).
+    pub fds: Inherited,
+}
+
+/// What the boot opens for the helper, which starts in the idle scheduling class and may
+/// first run after the switch, when /dev is no longer reachable from its root.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Inherited {
+    /// A LINK_DEAD listener subscribed before the helper started: events from the moment
+    /// of NBD_CMD_CONNECT wait in it however late the helper runs.
+    pub events: Option<i32>,
+    /// /dev/console and /dev/kmsg, for its log.
+    pub console: Option<i32>,
+    pub kmsg: Option<i32>,
+}
+
+impl Inherited {
+    pub fn list(&self) -> Vec<i32> {
+        [self.events, self.console, self.kmsg]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
 }
 
 impl Watch {
@@ -39,6 +62,15 @@ impl Watch {
         ];
         if let Some(id) = &self.identity {
             a.push(format!("--identity={id}"));
+        }
+        for (name, fd) in [
+            ("events", self.fds.events),
+            ("console", self.fds.console),
+            ("kmsg", self.fds.kmsg),
+        ] {
+            if let Some(fd) = fd {
+                a.push(format!("--{name}-fd={fd}"));
+            }
         }
         // The server in use first, then the others in the order given.
         for i in order(self.targets.len(), self.current) {
@@ -171,25 +203,77 @@ pub enum WatchError {
     Netlink(#[from] NbdNetlinkError),
     #[error("waiting for NBD_CMD_LINK_DEAD: {0}")]
     Events(std::io::Error),
+    #[error("--events-fd={0}: {1}")]
+    EventsFd(i32, String),
 }
 
 /// The helper must not be paged out or OOM-killed: with the root device dead, nothing
 /// could bring it back. Best effort: a failure is logged.
 pub fn harden() {
     use nix::sys::mman::{mlockall, MlockAllFlags};
-    if let Err(e) = mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE) {
+    // Its binary lives in the initramfs's memory, never on the device it repairs, so pages
+    // are locked as they are touched (MCL_ONFAULT) rather than all faulted in up front,
+    // which cost the boot ~50 ms of CPU under TCG.
+    let flags = MlockAllFlags::MCL_CURRENT
+        | MlockAllFlags::MCL_FUTURE
+        | MlockAllFlags::from_bits_retain(nix::libc::MCL_ONFAULT);
+    if let Err(e) = mlockall(flags) {
         log::warn!("nbd-watch: mlockall: {e}");
     }
-    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
-        log::warn!("nbd-watch: oom_score_adj: {e}");
+    // Started by the boot, the helper may run first after the switch, with /proc out of
+    // its reach: the boot then set this for it.
+    let path = "/proc/self/oom_score_adj";
+    match std::fs::read_to_string(path) {
+        Ok(v) if v.trim() == "-1000" => {}
+        Ok(_) => {
+            if let Err(e) = std::fs::write(path, "-1000") {
+                log::warn!("nbd-watch: oom_score_adj: {e}");
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => log::warn!("nbd-watch: oom_score_adj: {e}"),
+    }
+}
+
+/// The descriptor `--events-fd` names, checked to be a socket before it is owned.
+fn inherited_socket(fd: i32) -> Result<std::os::fd::OwnedFd, WatchError> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    if fd < 3 {
+        return Err(WatchError::EventsFd(
+            fd,
+            "not an inherited descriptor".into(),
+        ));
+    }
+    // fstat fails cleanly on a closed descriptor.
+    let st = nix::sys::stat::fstat(fd).map_err(|e| WatchError::EventsFd(fd, e.to_string()))?;
+    if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFSOCK {
+        return Err(WatchError::EventsFd(fd, "not a socket".into()));
+    }
+    // SAFETY: the boot passed this descriptor to us alone; nothing else in this process
+    // owns it, and from here the OwnedFd closes it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Leaves the idle scheduling class the boot started the helper in.
+fn normal_priority() {
+    if let Err(e) = crate::system::set_scheduler(nix::libc::SCHED_OTHER) {
+        log::warn!("nbd-watch: leaving SCHED_IDLE: {e}");
     }
 }
 
 /// The helper's loop: never returns unless netlink itself fails.
 pub fn run(mut w: Watch) -> Result<(), WatchError> {
-    let mut events = Genl::open()?;
-    events.subscribe()?;
     let mut cmds = Genl::open()?;
+    let mut events = match w.fds.events.take() {
+        Some(fd) => Genl::adopt(inherited_socket(fd)?, cmds.family()),
+        None => {
+            let mut e = Genl::open()?;
+            e.subscribe()?;
+            e
+        }
+    };
+    // Set up at idle priority, off the boot's critical path; from here on it must win.
+    normal_priority();
     let mut dialer = TcpDialer {
         timeout: Duration::from_secs(3),
     };
@@ -260,6 +344,7 @@ mod tests {
             index: 0,
             size: 4096,
             identity: Some("blake3:aa".into()),
+            fds: Inherited::default(),
             targets: vec![
                 parse_nbdroot("192.0.2.1/root").unwrap(),
                 parse_nbdroot("192.0.2.2/root").unwrap(),
@@ -373,6 +458,29 @@ mod tests {
         let mut w = watch();
         let r = replace(&mut w, &mut s, 1, Duration::from_millis(350));
         assert!(matches!(*r.unwrap_err(), ReconnectError::OtherImage { .. }));
+    }
+
+    #[test]
+    fn the_subscribed_socket_is_named_and_checked() {
+        let mut w = watch();
+        assert!(!w.to_args().iter().any(|a| a.ends_with("-fd")));
+        w.fds = Inherited {
+            events: Some(7),
+            console: Some(8),
+            kmsg: None,
+        };
+        let a = w.to_args();
+        assert!(a.contains(&"--events-fd=7".to_string()), "{a:?}");
+        assert!(a.contains(&"--console-fd=8".to_string()), "{a:?}");
+        assert!(!a.iter().any(|a| a.starts_with("--kmsg-fd")), "{a:?}");
+        assert_eq!(w.fds.list(), vec![7, 8]);
+        // Anything but an inherited socket is refused, not adopted.
+        assert!(inherited_socket(1).is_err());
+        let f = std::fs::File::open("/dev/null").unwrap();
+        use std::os::fd::AsRawFd;
+        let e = inherited_socket(f.as_raw_fd()).unwrap_err().to_string();
+        assert!(e.contains("not a socket"), "{e}");
+        assert!(inherited_socket(1 << 20).is_err());
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub struct Link {
     pub carrier: bool,
     /// Operationally up: the kernel's transmit queue is running.
     pub running: bool,
+    /// The driver's carrier (IFLA_CARRIER), reported even while the link is down.
+    pub carrier_now: bool,
     pub loopback: bool,
 }
 
@@ -182,10 +184,12 @@ fn link_of(l: &LinkMessage) -> Link {
         carrier: l.header.flags.contains(LinkFlags::LowerUp),
         running: l.header.flags.contains(LinkFlags::Running),
         loopback: l.header.flags.contains(LinkFlags::Loopback),
+        carrier_now: false,
     };
     for a in &l.attributes {
         match a {
             LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Carrier(c) => link.carrier_now = *c != 0,
             LinkAttribute::Address(b) if b.len() == 6 => {
                 link.mac = Some(
                     b.iter()

@@ -90,6 +90,13 @@ pub fn bring_up(cmd: &Cmdline, deadline: Instant) -> Result<NetInfo, NetError> {
             _ => NetError::NoNic,
         });
     }
+    // A NIC whose driver already has carrier (virtio reports it at probe) is opened once
+    // with its queue started at once; opened without carrier, the queue waits for linkwatch.
+    let had_carrier: Vec<u32> = candidates
+        .iter()
+        .filter(|c| c.carrier_now)
+        .map(|c| c.index)
+        .collect();
     for c in &candidates {
         rt.set_up(c.index)?;
     }
@@ -110,10 +117,11 @@ pub fn bring_up(cmd: &Cmdline, deadline: Instant) -> Result<NetInfo, NetError> {
     };
     let mac = chosen.mac.clone().unwrap_or_default();
     log::info!("net: {} ({mac}) has carrier", chosen.name);
-    if !chosen.running {
+    if !chosen.running && !had_carrier.contains(&chosen.index) {
         // The NIC was opened before its driver reported carrier, so the kernel starts its
         // transmit queue only at linkwatch's next run, up to a second away, and drops what
         // is sent until then. Opened again now that carrier is on, the queue starts at once.
+        log::debug!("net: {} not running yet; opened again", chosen.name);
         rt.set_down(chosen.index)?;
         rt.set_up(chosen.index)?;
     }
