@@ -475,7 +475,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
                     pool.put(data);
                     let img = img.clone();
                     let pool = pool.clone();
-                    tokio::spawn(async move {
+                    // A thread of the blocking pool: a disk read must not stall the
+                    // event loop every other client is served from.
+                    tokio::task::spawn_blocking(move || {
                         let mut data = pool.get(req.len as usize);
                         let error = match img.file.read_exact_at(&mut data, req.offset) {
                             Ok(()) => 0,

@@ -471,6 +471,7 @@ impl Server {
             sock,
             peer,
             src,
+            ahead: Ahead::new(),
             blksize: neg.blksize as usize,
             window: neg.windowsize as u64,
             timeout: Duration::from_secs(neg.timeout_secs as u64),
@@ -595,10 +596,55 @@ impl Link {
     }
 }
 
+/// A file read ahead in chunks of several blocks: one pread serves many DATA packets
+/// (lock-step at blksize 512 would otherwise cost a read per 512 bytes).
+struct Ahead {
+    buf: Vec<u8>,
+    at: u64,
+}
+
+impl Ahead {
+    /// Small enough that 200 transfers at once stay within a few MiB.
+    const CHUNK: usize = 64 * 1024;
+
+    fn new() -> Ahead {
+        Ahead {
+            buf: Vec::new(),
+            at: 0,
+        }
+    }
+
+    /// `len` bytes (fewer at the end of the source) at `offset`, into `out`.
+    fn read(
+        &mut self,
+        src: &Source,
+        out: &mut [u8],
+        offset: u64,
+        len: usize,
+    ) -> std::io::Result<usize> {
+        let Source::File(..) = src else {
+            return src.read_at(&mut out[..len], offset);
+        };
+        let want = len.min(src.len().saturating_sub(offset) as usize);
+        let end = offset + want as u64;
+        if offset < self.at || end > self.at + self.buf.len() as u64 {
+            let chunk = Self::CHUNK.max(len) / len.max(1) * len.max(1);
+            self.buf.resize(chunk, 0);
+            let n = src.read_at(&mut self.buf, offset)?;
+            self.buf.truncate(n);
+            self.at = offset;
+        }
+        let start = (offset - self.at) as usize;
+        out[..want].copy_from_slice(&self.buf[start..start + want]);
+        Ok(want)
+    }
+}
+
 struct Transfer {
     sock: Link,
     peer: SocketAddr,
     src: Source,
+    ahead: Ahead,
     blksize: usize,
     window: u64,
     timeout: Duration,
@@ -639,9 +685,12 @@ impl Transfer {
             let end = (acked + self.window).min(last_block);
             for b in acked + 1..=end {
                 pkt[..4].copy_from_slice(&tftp::data_header(b as u16));
-                let n = self
-                    .src
-                    .read_at(&mut pkt[4..], (b - 1) * self.blksize as u64)?;
+                let n = self.ahead.read(
+                    &self.src,
+                    &mut pkt[4..],
+                    (b - 1) * self.blksize as u64,
+                    self.blksize,
+                )?;
                 self.sock.send_to(&pkt[..4 + n], self.peer).await?;
             }
             match self.wait_ack(acked, end).await? {
@@ -717,6 +766,32 @@ pub fn check_path(root: &Path, name: &str) -> Result<u64, Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_ahead_serves_every_block_and_resends() {
+        let d = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..200_003u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(d.path().join("f"), &data).unwrap();
+        let src = Source::File(File::open(d.path().join("f")).unwrap(), data.len() as u64);
+        for blk in [512usize, 1468, 8192, 65464] {
+            let mut a = Ahead::new();
+            let mut out = vec![0u8; blk];
+            let mut got = Vec::new();
+            let blocks = data.len() / blk + 1;
+            for b in 0..blocks {
+                let n = a.read(&src, &mut out, (b * blk) as u64, blk).unwrap();
+                got.extend_from_slice(&out[..n]);
+            }
+            assert_eq!(got, data, "blksize {blk}");
+            // A resend after a timeout goes back to an earlier block.
+            let n = a.read(&src, &mut out, blk as u64, blk).unwrap();
+            assert_eq!(&out[..n], &data[blk..2 * blk]);
+        }
+        let mem = Source::Memory(b"hello".to_vec());
+        let mut out = [0u8; 4];
+        assert_eq!(Ahead::new().read(&mem, &mut out, 4, 4).unwrap(), 1);
+        assert_eq!(out[0], b'o');
+    }
 
     #[test]
     fn path_rules() {
