@@ -240,7 +240,10 @@ class Bed:
 class Node:
     """QEMU with the serial console on a pipe; lines are stamped with seconds since start."""
 
-    def __init__(self, bed, memory, firmware):
+    def __init__(self, bed, memory, firmware, machine="q35"):
+        """machine: q35 (PCIe, like the servers it stands for; UEFI always uses it) or pc
+        (i440fx). On pc the kernel interprets QEMU's generated _PRT loop in AML when the
+        NIC's driver enables the device: ~85 ms of the boot under TCG, ~10 ms on q35."""
         cmd = ["ip", "netns", "exec", bed.ns, "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory),
                "-smp", "1", "-nodefaults", "-vga", "none", "-display", "none", "-no-user-config",
                "-chardev", "stdio,id=s0,signal=off", "-serial", "chardev:s0",
@@ -254,7 +257,7 @@ class Node:
                     "-drive", f"if=pflash,format=raw,file={vars_copy}",
                     "-device", f"virtio-net-pci,netdev=n0,mac={MAC},romfile=,bootindex=1"]
         else:
-            cmd += ["-boot", "n", "-device", f"virtio-net-pci,netdev=n0,mac={MAC}"]
+            cmd += ["-machine", machine, "-boot", "n", "-device", f"virtio-net-pci,netdev=n0,mac={MAC}"]
         self.t0 = time.time()
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.buf = b""

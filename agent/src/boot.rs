@@ -711,7 +711,12 @@ fn pause_at(cmd: &Cmdline, step: &str) {
 }
 
 /// The real network side.
-pub struct RealPlatform;
+#[derive(Default)]
+pub struct RealPlatform {
+    /// The generic-netlink socket NBD_CMD_CONNECT went through: subscribed, it becomes the
+    /// helper's link-dead listener (a second family lookup costs ~7 ms under TCG).
+    genl: Option<netlink::Genl>,
+}
 
 impl Platform for RealPlatform {
     fn bring_up(&mut self, cmd: &Cmdline, deadline: Instant) -> Result<NetInfo, net::NetError> {
@@ -764,6 +769,7 @@ impl Platform for RealPlatform {
         };
         let socks: Vec<&std::net::TcpStream> = conns.iter().map(|c| &c.stream).collect();
         g.connect(&cfg, &socks)?;
+        self.genl = Some(g);
         let device = format!("/dev/nbd{index}");
         let size_file = format!("/sys/block/nbd{index}/size");
         let until = Instant::now() + Duration::from_secs(10);
@@ -791,7 +797,11 @@ impl Platform for RealPlatform {
     }
 
     fn link_dead_events(&mut self) -> Option<OwnedFd> {
-        let subscribed = netlink::Genl::open().and_then(|mut g| g.subscribe().map(|_| g));
+        let g = match self.genl.take() {
+            Some(g) => Ok(g),
+            None => netlink::Genl::open(),
+        };
+        let subscribed = g.and_then(|mut g| g.subscribe().map(|_| g));
         match subscribed {
             Ok(g) => Some(g.into_fd()),
             Err(e) => {

@@ -284,7 +284,7 @@ fn run_boot(mode: Mode, root: &str) -> Option<boot::Failed> {
     let r = std::panic::catch_unwind(|| {
         boot::boot(
             &system::Real,
-            &mut boot::RealPlatform,
+            &mut boot::RealPlatform::default(),
             mode,
             &Layout::real(root),
         )
