@@ -56,15 +56,17 @@ class Bed:
     """The network namespace with its bridge, tap, dnsmasq and ltsp-server."""
 
     def __init__(self, artifacts, server_bin, lts_conf, flavour, extra_cmdline, stock=None, nbdroot=":root",
-                 dhcp="all", nbd=True, second_server=False, boot_files="tftp", loader="ipxe"):
+                 dhcp="all", nbd=True, second_server=False, boot_files="tftp", loader="ipxe", kernel=None):
         """dhcp: "all", or "pxe-only" (dnsmasq answers iPXE but not the agent); nbd: False
         serves TFTP only; second_server: a second ltsp-server on SERVER2_IP exporting a
         copy of the image (another file, same bytes); boot_files: "http" has iPXE fetch the
-        kernel and initramfs from ltsp-server's HTTP port instead of TFTP."""
+        kernel and initramfs from ltsp-server's HTTP port instead of TFTP; kernel: a directory
+        with another vmlinuz and initrd-standalone.img (qemu/prepare-generic)."""
         self.ns = f"ltsp-qemu-{os.getpid()}"
         self.dir = tempfile.mkdtemp(prefix="ltsp-qemu-")
         self.procs = []
         self.art = artifacts
+        self.kernel = kernel
         self.server_bin = server_bin
         self.lts_conf = lts_conf
         self.flavour = flavour
@@ -103,6 +105,8 @@ class Bed:
         art = self.art
         if self.stock:
             art, initrd = self.stock, "initrd.img"
+        elif self.kernel:
+            art = self.kernel
         shutil.copy(os.path.join(art, "vmlinuz"), os.path.join(d, "vmlinuz"))
         shutil.copy(os.path.join(art, initrd), os.path.join(d, "initrd.img"))
         if self.lts_conf:
@@ -240,7 +244,7 @@ class Bed:
 class Node:
     """QEMU with the serial console on a pipe; lines are stamped with seconds since start."""
 
-    def __init__(self, bed, memory, firmware, machine="q35"):
+    def __init__(self, bed, memory, firmware, machine="q35", nic="virtio-net-pci"):
         """machine: q35 (PCIe, like the servers it stands for; UEFI always uses it) or pc
         (i440fx). On pc the kernel interprets QEMU's generated _PRT loop in AML when the
         NIC's driver enables the device: ~85 ms of the boot under TCG, ~10 ms on q35."""
@@ -257,7 +261,7 @@ class Node:
                     "-drive", f"if=pflash,format=raw,file={vars_copy}",
                     "-device", f"virtio-net-pci,netdev=n0,mac={MAC},romfile=,bootindex=1"]
         else:
-            cmd += ["-machine", machine, "-boot", "n", "-device", f"virtio-net-pci,netdev=n0,mac={MAC}"]
+            cmd += ["-machine", machine, "-boot", "n", "-device", f"{nic},netdev=n0,mac={MAC}"]
         self.t0 = time.time()
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.buf = b""

@@ -266,3 +266,28 @@ fn a_lab_with_no_dhcp_server_boots_from_ltsp_servers_own() {
         tail(&out)
     );
 }
+
+/// Intel NICs: the agent finds e1000 and e1000e through the devices' modalias and
+/// modules.alias (Debian's generic kernel; the cloud one has neither driver), waits for
+/// their emulated autonegotiation and boots the same image.
+#[test]
+fn nodes_with_e1000_and_e1000e_nics_find_their_driver_by_modalias() {
+    if !is_root() {
+        eprintln!("skipped: QEMU boots need root");
+        return;
+    }
+    for nic in ["e1000", "e1000e"] {
+        let out = boot_with(&["--nic", nic]);
+        // The whole line: "e1000" must not match "e1000e".
+        assert!(
+            out.lines()
+                .any(|l| l.ends_with(&format!("ltsp-agent: modules: NIC drivers {nic}"))),
+            "{nic}: {}",
+            tail(&out)
+        );
+        assert!(
+            out.contains("net: eth0 (52:54:00:12:34:56) has carrier"),
+            "{nic}"
+        );
+    }
+}
