@@ -743,7 +743,8 @@ impl Platform for RealPlatform {
         );
         let mut conns = vec![first];
         if info.flags & ltsp_common::nbd::TFLAG_CAN_MULTI_CONN != 0 {
-            for n in 1..cmd.nbd_connections {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            for n in 1..cmd.nbd_connections_for(cpus) {
                 let c = handshake::connect(t, Duration::from_secs(5))?;
                 // Every connection must reach the same bytes.
                 if c.info.description != info.description || c.info.size != info.size {

@@ -269,7 +269,7 @@ pub const OPTIONS: &[(&str, &str, &str)] = &[
     ("ltsp.reconnect=", "1", "`0`: start no reconnect helper (a dead NBD connection then stays dead)"),
     ("ltsp.debug=", "0", "`1`: log every decision, not only the steps"),
     ("ltsp.break=", "(none)", "comma list of steps to stop before with a shell: modules,net,ltsconf,nbd,root,apply,switch,preinit,init"),
-    ("ltsp.nbd-connections=", "2", "NBD connections per device when the server offers CAN_MULTI_CONN"),
+    ("ltsp.nbd-connections=", "auto", "NBD connections per device when the server offers CAN_MULTI_CONN; auto: 2, or 1 on a single CPU (the block layer then uses one queue, so a second connection would only cost)"),
     ("ltsp.nbd-timeout=", "10", "seconds an NBD request may take before the kernel marks its connection dead and resends it (a killed server's unanswered requests wait this long)"),
     ("ltsp.dead-timeout=", "300", "seconds the kernel holds I/O while a dead NBD connection is being replaced"),
     ("ltsp.modules=", "(none)", "extra kernel modules to load, comma separated"),
@@ -295,6 +295,7 @@ pub struct Cmdline {
     pub debug: bool,
     pub reconnect: bool,
     pub breaks: Vec<String>,
+    /// 0: auto, see [`Cmdline::nbd_connections_for`].
     pub nbd_connections: u32,
     pub nbd_timeout: Duration,
     pub dead_timeout: Duration,
@@ -324,7 +325,7 @@ impl Default for Cmdline {
             debug: false,
             reconnect: true,
             breaks: Vec::new(),
-            nbd_connections: 2,
+            nbd_connections: 0,
             nbd_timeout: Duration::from_secs(10),
             dead_timeout: Duration::from_secs(300),
             modules: Vec::new(),
@@ -335,6 +336,16 @@ impl Default for Cmdline {
 }
 
 impl Cmdline {
+    /// NBD connections per device on a node with `cpus` CPUs: as asked, else 2, or 1 on a
+    /// single CPU (blk-mq maps each CPU to one hardware queue, i.e. one connection).
+    pub fn nbd_connections_for(&self, cpus: usize) -> u32 {
+        match self.nbd_connections {
+            0 if cpus <= 1 => 1,
+            0 => 2,
+            n => n,
+        }
+    }
+
     /// True when the cmdline asks for a network root: `root=/dev/nbd*`, `root=nbd:...`,
     /// or any `nbdroot=`. The initramfs-tools boot script hands over only then.
     pub fn wants_network_root(&self) -> bool {
@@ -466,7 +477,10 @@ impl Cmdline {
                 Ok(n @ 1..=16) => self.nbd_connections = n,
                 _ => self.warnings.push(format!(
                     "{full}: expected 1 to 16; using {}",
-                    self.nbd_connections
+                    match self.nbd_connections {
+                        0 => "auto".to_string(),
+                        n => n.to_string(),
+                    }
                 )),
             },
             "on-failure" => match parse_on_failure(val) {
@@ -640,6 +654,22 @@ mod tests {
         assert_eq!(c.warnings.len(), 8, "{:#?}", c.warnings);
         assert!(c.warnings[0].starts_with("ltsp.timeout=ten: expected whole seconds"));
         assert!(c.warnings[3].contains("not an agent option"));
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w == "ltsp.nbd-connections=99: expected 1 to 16; using auto"),
+            "{:#?}",
+            c.warnings
+        );
+    }
+
+    #[test]
+    fn nbd_connections_follow_the_cpus_unless_given() {
+        let auto = Cmdline::parse("root=/dev/nbd0");
+        assert_eq!(auto.nbd_connections_for(1), 1);
+        assert_eq!(auto.nbd_connections_for(64), 2);
+        let given = Cmdline::parse("root=/dev/nbd0 ltsp.nbd-connections=4");
+        assert_eq!(given.nbd_connections_for(1), 4);
     }
 
     #[test]
