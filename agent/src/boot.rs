@@ -816,6 +816,9 @@ impl Platform for RealPlatform {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::dhcp::Lease;
+    use crate::system::Recorder;
+    use std::net::Ipv4Addr;
 
     #[test]
     fn agent_time_leaves_out_the_dhcp_answer_and_preinit() {
@@ -832,9 +835,6 @@ mod tests {
             "{s}"
         );
     }
-    use crate::net::dhcp::Lease;
-    use crate::system::Recorder;
-    use std::net::Ipv4Addr;
 
     struct FakePlatform {
         conf: Option<String>,

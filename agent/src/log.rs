@@ -94,15 +94,11 @@ pub fn raw_fds() -> (Option<i32>, Option<i32>) {
 /// Boot logging over descriptors a parent handed over (see [`raw_fds`]); one that is not
 /// an open character device is ignored.
 pub fn init_inherited(console: Option<i32>, kmsg: Option<i32>) {
-    use std::os::fd::FromRawFd;
     init_stderr(false);
     let adopt = |fd: Option<i32>| {
-        let fd = fd.filter(|&fd| fd > 2)?;
-        let st = nix::sys::stat::fstat(fd).ok()?;
-        (st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFCHR).then_some(())?;
-        // SAFETY: the parent passed this descriptor to this process alone, and it is open
-        // (fstat succeeded); the File becomes its only owner.
-        Some(unsafe { File::from_raw_fd(fd) })
+        crate::system::adopt_inherited(fd?, nix::libc::S_IFCHR, "character device")
+            .ok()
+            .map(File::from)
     };
     if let Some(l) = LOGGER.get() {
         *l.console.lock().unwrap_or_else(|p| p.into_inner()) = adopt(console);

@@ -84,13 +84,13 @@ impl Modules {
         m
     }
 
-    /// Loads `name` after its dependencies (deepest first, as modprobe does).
-    /// Built-in and already loaded modules are skipped. Returns the modules loaded.
     /// Parameters for a module loaded later, as finit_module takes them ("a=1 b=2").
     pub fn set_params(&mut self, name: &str, params: &str) {
         self.params.insert(canonical(name), params.to_string());
     }
 
+    /// Loads `name` after its dependencies (deepest first, as modprobe does).
+    /// Built-in and already loaded modules are skipped. Returns the modules loaded.
     pub fn load(&mut self, sys: &dyn System, name: &str) -> Result<Vec<String>, ModuleError> {
         let name = canonical(name);
         if self.builtin.contains(&name) || self.loaded.contains(&name) {

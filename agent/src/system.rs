@@ -40,6 +40,28 @@ pub trait System {
 
 pub struct Real;
 
+/// Takes ownership of descriptor `fd`, handed over by the parent, once fstat shows it is
+/// open and of the file type `kind` (`S_IFSOCK`, `S_IFCHR`); `what` names that type in
+/// the error.
+pub fn adopt_inherited(
+    fd: RawFd,
+    kind: nix::libc::mode_t,
+    what: &str,
+) -> Result<std::os::fd::OwnedFd, String> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    if fd < 3 {
+        return Err("not an inherited descriptor".into());
+    }
+    // fstat fails cleanly on a closed descriptor.
+    let st = nix::sys::stat::fstat(fd).map_err(|e| e.to_string())?;
+    if st.st_mode & nix::libc::S_IFMT != kind {
+        return Err(format!("not a {what}"));
+    }
+    // SAFETY: the parent passed this descriptor to this process alone; nothing else here
+    // owns it, and from now on the OwnedFd closes it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// sched_setscheduler(2) for this process, priority 0. A raw system call: musl's wrapper
 /// always fails with ENOSYS. Async-signal-safe (used between fork and exec).
 pub fn set_scheduler(policy: i32) -> io::Result<()> {

@@ -471,7 +471,7 @@ impl Server {
             sock,
             peer,
             src,
-            ahead: Ahead::new(),
+            ahead: Ahead::default(),
             blksize: neg.blksize as usize,
             window: neg.windowsize as u64,
             timeout: Duration::from_secs(neg.timeout_secs as u64),
@@ -598,6 +598,7 @@ impl Link {
 
 /// A file read ahead in chunks of several blocks: one pread serves many DATA packets
 /// (lock-step at blksize 512 would otherwise cost a read per 512 bytes).
+#[derive(Default)]
 struct Ahead {
     buf: Vec<u8>,
     at: u64,
@@ -606,13 +607,6 @@ struct Ahead {
 impl Ahead {
     /// Small enough that 200 transfers at once stay within a few MiB.
     const CHUNK: usize = 64 * 1024;
-
-    fn new() -> Ahead {
-        Ahead {
-            buf: Vec::new(),
-            at: 0,
-        }
-    }
 
     /// `len` bytes (fewer at the end of the source) at `offset`, into `out`.
     fn read(
@@ -774,7 +768,7 @@ mod tests {
         std::fs::write(d.path().join("f"), &data).unwrap();
         let src = Source::File(File::open(d.path().join("f")).unwrap(), data.len() as u64);
         for blk in [512usize, 1468, 8192, 65464] {
-            let mut a = Ahead::new();
+            let mut a = Ahead::default();
             let mut out = vec![0u8; blk];
             let mut got = Vec::new();
             let blocks = data.len() / blk + 1;
@@ -789,7 +783,7 @@ mod tests {
         }
         let mem = Source::Memory(b"hello".to_vec());
         let mut out = [0u8; 4];
-        assert_eq!(Ahead::new().read(&mem, &mut out, 4, 4).unwrap(), 1);
+        assert_eq!(Ahead::default().read(&mem, &mut out, 4, 4).unwrap(), 1);
         assert_eq!(out[0], b'o');
     }
 

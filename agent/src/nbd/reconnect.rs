@@ -237,21 +237,8 @@ pub fn harden() {
 
 /// The descriptor `--events-fd` names, checked to be a socket before it is owned.
 fn inherited_socket(fd: i32) -> Result<std::os::fd::OwnedFd, WatchError> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    if fd < 3 {
-        return Err(WatchError::EventsFd(
-            fd,
-            "not an inherited descriptor".into(),
-        ));
-    }
-    // fstat fails cleanly on a closed descriptor.
-    let st = nix::sys::stat::fstat(fd).map_err(|e| WatchError::EventsFd(fd, e.to_string()))?;
-    if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFSOCK {
-        return Err(WatchError::EventsFd(fd, "not a socket".into()));
-    }
-    // SAFETY: the boot passed this descriptor to us alone; nothing else in this process
-    // owns it, and from here the OwnedFd closes it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    crate::system::adopt_inherited(fd, nix::libc::S_IFSOCK, "socket")
+        .map_err(|e| WatchError::EventsFd(fd, e))
 }
 
 /// Leaves the idle scheduling class the boot started the helper in.
