@@ -1,12 +1,14 @@
-//! What LTSP's init scripts did to the new root, as file operations on a path: fstab,
-//! rc.local, hostname, hosts, DNS, time zone, services. Tested on temporary directories;
-//! at boot the path is the overlay root before switch_root.
+//! What LTSP's init scripts did to the new root, as file operations on a [`Tree`]: fstab,
+//! rc.local, hostname, hosts, DNS, time zone, services. Tested on temporary directories.
+//! At boot the tree is the overlay's layers before the overlay is mounted: the files go
+//! straight into the tmpfs upper layer, so the overlay never copies a file up (under
+//! QEMU TCG that was most of this step's ~50 ms).
 
 use ltsp_common::ltsconf::Resolved;
 use std::fs;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Units a diskless node must not run, masked unless KEEP_SYSTEM_SERVICES names them.
@@ -105,41 +107,153 @@ fn valid_hostname(h: &str) -> bool {
         })
 }
 
-fn write(
-    root: &Path,
-    rel: &str,
-    content: &str,
-    mode: u32,
-    report: &mut Report,
-) -> Result<(), ApplyError> {
-    let path = root.join(rel.trim_start_matches('/'));
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(io_at(dir))?;
+/// Directories apply writes into. [`Tree::layers`] needs each to be a directory or absent
+/// in the image: a symlinked one would have to be followed as the overlay follows it.
+const WRITTEN_DIRS: &[&str] = &[
+    "etc",
+    "etc/systemd",
+    "etc/systemd/system",
+    "etc/systemd/network",
+    "etc/NetworkManager",
+    "etc/NetworkManager/conf.d",
+];
+
+/// The root apply works on.
+#[derive(Debug, Clone, Copy)]
+pub enum Tree<'a> {
+    /// One directory: a mounted root, or an image tree (`ltsp-agent apply DIR`).
+    Dir(&'a Path),
+    /// An overlay's layers before it is mounted: reads see `upper` over `lower` as the
+    /// overlay will; writes go to `upper`, its parent directories made with the mode,
+    /// owner and mtime of the image's.
+    Layers { lower: &'a Path, upper: &'a Path },
+}
+
+impl<'a> Tree<'a> {
+    /// The layers, if apply can write into them directly: every directory it writes into
+    /// is a real directory in `lower`, or absent. None otherwise (mount the overlay and
+    /// use [`Tree::Dir`]).
+    pub fn layers(lower: &'a Path, upper: &'a Path) -> Option<Tree<'a>> {
+        WRITTEN_DIRS
+            .iter()
+            .all(|d| match lower.join(d).symlink_metadata() {
+                Ok(m) => m.is_dir(),
+                Err(e) => e.kind() == io::ErrorKind::NotFound,
+            })
+            .then_some(Tree::Layers { lower, upper })
     }
-    // A symlink here (resolv.conf -> /run/...) would make us write outside the root.
-    if path.is_symlink() {
-        fs::remove_file(&path).map_err(io_at(&path))?;
+
+    /// Where `rel` is read from: the upper layer's entry if it has one.
+    fn path(&self, rel: &str) -> PathBuf {
+        let rel = rel.trim_start_matches('/');
+        match self {
+            Tree::Dir(root) => root.join(rel),
+            Tree::Layers { lower, upper } => {
+                let u = upper.join(rel);
+                if u.symlink_metadata().is_ok() {
+                    u
+                } else {
+                    lower.join(rel)
+                }
+            }
+        }
     }
-    fs::write(&path, content).map_err(io_at(&path))?;
-    fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(io_at(&path))?;
-    report.written.push(rel.to_string());
+
+    /// `rel` exists (a symlink counts, followed or not).
+    fn exists(&self, rel: &str) -> bool {
+        self.path(rel).symlink_metadata().is_ok()
+    }
+
+    fn read(&self, rel: &str) -> io::Result<String> {
+        fs::read_to_string(self.path(rel))
+    }
+
+    /// The path to create `rel` at, its parents made and an old entry removed.
+    fn create(&self, rel: &str) -> Result<PathBuf, ApplyError> {
+        let rel = rel.trim_start_matches('/');
+        let (root, lower) = match self {
+            Tree::Dir(root) => (*root, None),
+            Tree::Layers { lower, upper } => (*upper, Some(*lower)),
+        };
+        let path = root.join(rel);
+        if let Some(parent) = Path::new(rel).parent() {
+            match lower {
+                None => fs::create_dir_all(root.join(parent)).map_err(io_at(&path))?,
+                Some(lower) => mirror_dirs(lower, root, parent)?,
+            }
+        }
+        // A symlink here (resolv.conf -> /run/...) would make us write outside the root.
+        if path.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+            fs::remove_file(&path).map_err(io_at(&path))?;
+        }
+        Ok(path)
+    }
+
+    fn write(
+        &self,
+        rel: &str,
+        content: &str,
+        mode: u32,
+        report: &mut Report,
+    ) -> Result<(), ApplyError> {
+        let path = self.create(rel)?;
+        fs::write(&path, content).map_err(io_at(&path))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(io_at(&path))?;
+        report.written.push(rel.to_string());
+        Ok(())
+    }
+
+    fn symlink(&self, target: &str, rel: &str) -> Result<(), ApplyError> {
+        let path = self.create(rel)?;
+        std::os::unix::fs::symlink(target, &path).map_err(io_at(&path))
+    }
+}
+
+/// Makes `upper/dir` and its parents as the overlay would on copy-up: each with the mode,
+/// owner and mtime of the image's directory, or root's 0755 where the image has none.
+fn mirror_dirs(lower: &Path, upper: &Path, dir: &Path) -> Result<(), ApplyError> {
+    let mut rel = PathBuf::new();
+    for part in dir.components() {
+        rel.push(part);
+        let u = upper.join(&rel);
+        if u.is_dir() {
+            continue;
+        }
+        fs::create_dir(&u).map_err(io_at(&u))?;
+        let Ok(m) = lower.join(&rel).symlink_metadata() else {
+            fs::set_permissions(&u, fs::Permissions::from_mode(0o755)).map_err(io_at(&u))?;
+            continue;
+        };
+        std::os::unix::fs::lchown(&u, Some(m.uid()), Some(m.gid())).map_err(io_at(&u))?;
+        fs::set_permissions(&u, fs::Permissions::from_mode(m.mode() & 0o7777))
+            .map_err(io_at(&u))?;
+        let mtime = nix::sys::time::TimeSpec::new(m.mtime(), m.mtime_nsec());
+        nix::sys::stat::utimensat(
+            None,
+            &u,
+            &mtime,
+            &mtime,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(|e| io_at(&u)(e.into()))?;
+    }
     Ok(())
 }
 
-/// Applies `cfg` for `node` to the tree at `root`.
-pub fn apply(root: &Path, cfg: &Resolved, node: &Node) -> Result<Report, ApplyError> {
+/// Applies `cfg` for `node` to `tree`.
+pub fn apply(tree: Tree, cfg: &Resolved, node: &Node) -> Result<Report, ApplyError> {
     let mut r = Report::default();
-    fstab(root, cfg, &mut r)?;
-    rc_local(root, cfg, &mut r)?;
-    hosts(root, cfg, node, &mut r)?;
-    dns(root, cfg, node, &mut r)?;
-    timezone(root, cfg, &mut r)?;
-    boot_nic_unmanaged(root, node, &mut r)?;
-    services(root, cfg, &mut r)?;
+    fstab(tree, cfg, &mut r)?;
+    rc_local(tree, cfg, &mut r)?;
+    hosts(tree, cfg, node, &mut r)?;
+    dns(tree, cfg, node, &mut r)?;
+    timezone(tree, cfg, &mut r)?;
+    boot_nic_unmanaged(tree, node, &mut r)?;
+    services(tree, cfg, &mut r)?;
     Ok(r)
 }
 
-fn fstab(root: &Path, cfg: &Resolved, r: &mut Report) -> Result<(), ApplyError> {
+fn fstab(root: Tree, cfg: &Resolved, r: &mut Report) -> Result<(), ApplyError> {
     let lines = cfg.list("FSTAB_");
     if lines.is_empty() {
         return Ok(());
@@ -149,19 +263,18 @@ fn fstab(root: &Path, cfg: &Resolved, r: &mut Report) -> Result<(), ApplyError> 
         s.push_str(v);
         s.push('\n');
     }
-    write(root, "/etc/fstab", &s, 0o644, r)
+    root.write("/etc/fstab", &s, 0o644, r)
 }
 
-fn rc_local(root: &Path, cfg: &Resolved, r: &mut Report) -> Result<(), ApplyError> {
+fn rc_local(root: Tree, cfg: &Resolved, r: &mut Report) -> Result<(), ApplyError> {
     let lines = cfg.list("RCFILE_");
     if lines.is_empty() {
         return Ok(());
     }
-    let path = root.join("etc/rc.local");
-    let mut s = match fs::read_to_string(&path) {
+    let mut s = match root.read("/etc/rc.local") {
         Ok(s) => s,
         Err(e) if e.kind() == io::ErrorKind::NotFound => "#!/bin/sh\n".to_string(),
-        Err(e) => return Err(io_at(&path)(e)),
+        Err(e) => return Err(io_at(&root.path("/etc/rc.local"))(e)),
     };
     // An `exit 0` at the end would stop our lines from running: drop it.
     let trimmed = s.trim_end();
@@ -178,10 +291,10 @@ fn rc_local(root: &Path, cfg: &Resolved, r: &mut Report) -> Result<(), ApplyErro
         s.push_str(v);
         s.push('\n');
     }
-    write(root, "/etc/rc.local", &s, 0o755, r)
+    root.write("/etc/rc.local", &s, 0o755, r)
 }
 
-fn hosts(root: &Path, cfg: &Resolved, node: &Node, r: &mut Report) -> Result<(), ApplyError> {
+fn hosts(root: Tree, cfg: &Resolved, node: &Node, r: &mut Report) -> Result<(), ApplyError> {
     let Some(name) = hostname(cfg, node) else {
         r.warnings
             .push("no hostname: neither HOSTNAME, DHCP, nor an IP address to build one".into());
@@ -190,7 +303,7 @@ fn hosts(root: &Path, cfg: &Resolved, node: &Node, r: &mut Report) -> Result<(),
     if !valid_hostname(&name) {
         return Err(ApplyError::BadHostname(name));
     }
-    write(root, "/etc/hostname", &format!("{name}\n"), 0o644, r)?;
+    root.write("/etc/hostname", &format!("{name}\n"), 0o644, r)?;
     let short = name.split('.').next().unwrap_or(&name);
     let mut s = String::from(
         "# Written by ltsp-agent at boot.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
@@ -211,10 +324,10 @@ fn hosts(root: &Path, cfg: &Resolved, node: &Node, r: &mut Report) -> Result<(),
         s.push_str(v);
         s.push('\n');
     }
-    write(root, "/etc/hosts", &s, 0o644, r)
+    root.write("/etc/hosts", &s, 0o644, r)
 }
 
-fn dns(root: &Path, cfg: &Resolved, node: &Node, r: &mut Report) -> Result<(), ApplyError> {
+fn dns(root: Tree, cfg: &Resolved, node: &Node, r: &mut Report) -> Result<(), ApplyError> {
     let servers: Vec<String> = match cfg.get("DNS_SERVER") {
         Some(v) => v.split_whitespace().map(str::to_string).collect(),
         None => node.dns.iter().map(|d| d.to_string()).collect(),
@@ -233,10 +346,10 @@ fn dns(root: &Path, cfg: &Resolved, node: &Node, r: &mut Report) -> Result<(), A
     for d in servers {
         s.push_str(&format!("nameserver {d}\n"));
     }
-    write(root, "/etc/resolv.conf", &s, 0o644, r)
+    root.write("/etc/resolv.conf", &s, 0o644, r)
 }
 
-fn timezone(root: &Path, cfg: &Resolved, r: &mut Report) -> Result<(), ApplyError> {
+fn timezone(root: Tree, cfg: &Resolved, r: &mut Report) -> Result<(), ApplyError> {
     let Some(tz) = cfg.get("TIMEZONE") else {
         return Ok(());
     };
@@ -246,34 +359,30 @@ fn timezone(root: &Path, cfg: &Resolved, r: &mut Report) -> Result<(), ApplyErro
         return Ok(());
     }
     let zone = format!("/usr/share/zoneinfo/{tz}");
-    if !root.join(zone.trim_start_matches('/')).exists() {
+    if !root.exists(&zone) {
         r.warnings.push(format!(
             "TIMEZONE {tz:?}: {zone} is not in the image; left alone"
         ));
         return Ok(());
     }
-    let link = root.join("etc/localtime");
-    let _ = fs::remove_file(&link);
-    std::os::unix::fs::symlink(&zone, &link).map_err(io_at(&link))?;
+    root.symlink(&zone, "/etc/localtime")?;
     r.written.push("/etc/localtime".into());
-    write(root, "/etc/timezone", &format!("{tz}\n"), 0o644, r)
+    root.write("/etc/timezone", &format!("{tz}\n"), 0o644, r)
 }
 
 /// The boot NIC carries the root filesystem: network managers in the image must leave it
 /// alone, while they may still manage the node's other NICs.
-fn boot_nic_unmanaged(root: &Path, node: &Node, r: &mut Report) -> Result<(), ApplyError> {
+fn boot_nic_unmanaged(root: Tree, node: &Node, r: &mut Report) -> Result<(), ApplyError> {
     let Some(iface) = &node.iface else {
         return Ok(());
     };
-    write(
-        root,
+    root.write(
         "/etc/systemd/network/00-ltsp-boot-nic.network",
         &format!("# ltsp-agent: the root filesystem runs over this NIC.\n[Match]\nName={iface}\n\n[Link]\nUnmanaged=yes\n"),
         0o644,
         r,
     )?;
-    write(
-        root,
+    root.write(
         "/etc/NetworkManager/conf.d/00-ltsp-boot-nic.conf",
         &format!("# ltsp-agent: the root filesystem runs over this NIC.\n[keyfile]\nunmanaged-devices=interface-name:{iface}\n"),
         0o644,
@@ -289,17 +398,17 @@ fn unit_name(n: &str) -> String {
     }
 }
 
-fn unit_exists(root: &Path, unit: &str) -> bool {
+fn unit_exists(root: Tree, unit: &str) -> bool {
     [
         "etc/systemd/system",
         "lib/systemd/system",
         "usr/lib/systemd/system",
     ]
     .iter()
-    .any(|d| root.join(d).join(unit).symlink_metadata().is_ok())
+    .any(|d| root.exists(&format!("{d}/{unit}")))
 }
 
-fn services(root: &Path, cfg: &Resolved, r: &mut Report) -> Result<(), ApplyError> {
+fn services(root: Tree, cfg: &Resolved, r: &mut Report) -> Result<(), ApplyError> {
     let keep: Vec<String> = cfg
         .get("KEEP_SYSTEM_SERVICES")
         .unwrap_or("")
@@ -312,18 +421,12 @@ fn services(root: &Path, cfg: &Resolved, r: &mut Report) -> Result<(), ApplyErro
         .split_whitespace()
         .map(unit_name)
         .collect();
-    let dir = root.join("etc/systemd/system");
     for unit in DEFAULT_MASKED.iter().map(|s| s.to_string()).chain(extra) {
         if keep.contains(&unit) || !unit_exists(root, &unit) {
             continue;
         }
-        fs::create_dir_all(&dir).map_err(io_at(&dir))?;
-        let link = dir.join(&unit);
         // Masking, the systemd way: the unit file stays, a /dev/null link overrides it.
-        if link.symlink_metadata().is_ok() {
-            fs::remove_file(&link).map_err(io_at(&link))?;
-        }
-        std::os::unix::fs::symlink("/dev/null", &link).map_err(io_at(&link))?;
+        root.symlink("/dev/null", &format!("etc/systemd/system/{unit}"))?;
         r.masked.push(unit);
     }
     Ok(())
@@ -362,7 +465,7 @@ mod tests {
         )
         .unwrap();
         let cfg = resolved("[default]\nRCFILE_10 = echo ten\nRCFILE_2 = echo two\n");
-        apply(d.path(), &cfg, &Node::default()).unwrap();
+        apply(Tree::Dir(d.path()), &cfg, &Node::default()).unwrap();
         let path = d.path().join("etc/rc.local");
         let s = fs::read_to_string(&path).unwrap();
         assert_eq!(
@@ -379,7 +482,7 @@ mod tests {
     fn rc_local_created_when_absent() {
         let d = tempfile::tempdir().unwrap();
         let cfg = resolved("[default]\nRCFILE_1 = echo one\n");
-        apply(d.path(), &cfg, &Node::default()).unwrap();
+        apply(Tree::Dir(d.path()), &cfg, &Node::default()).unwrap();
         let s = fs::read_to_string(d.path().join("etc/rc.local")).unwrap();
         assert!(
             s.starts_with("#!/bin/sh\n") && s.ends_with("echo one\n"),
@@ -420,7 +523,7 @@ mod tests {
     fn hosts_never_map_the_hostname_to_loopback() {
         let d = tempfile::tempdir().unwrap();
         let cfg = resolved("[default]\nHOSTNAME = node7.lab\nHOSTS_01 = 192.0.2.20 kube-api\n");
-        apply(d.path(), &cfg, &node()).unwrap();
+        apply(Tree::Dir(d.path()), &cfg, &node()).unwrap();
         let h = fs::read_to_string(d.path().join("etc/hosts")).unwrap();
         for line in h.lines().filter(|l| l.contains("node7")) {
             assert!(line.starts_with("192.0.2.42\t"), "{line}");
@@ -436,7 +539,7 @@ mod tests {
         );
         let bad = resolved("[default]\nHOSTNAME = bad_name!\n");
         assert!(matches!(
-            apply(d.path(), &bad, &node()),
+            apply(Tree::Dir(d.path()), &bad, &node()),
             Err(ApplyError::BadHostname(_))
         ));
     }
@@ -450,13 +553,18 @@ mod tests {
             d.path().join("etc/resolv.conf"),
         )
         .unwrap();
-        apply(d.path(), &resolved("[default]\nX = 1\n"), &node()).unwrap();
+        apply(
+            Tree::Dir(d.path()),
+            &resolved("[default]\nX = 1\n"),
+            &node(),
+        )
+        .unwrap();
         assert_eq!(
             fs::read_to_string(d.path().join("etc/resolv.conf")).unwrap(),
             "# Written by ltsp-agent at boot.\nsearch lab.example\nnameserver 192.0.2.53\n"
         );
         apply(
-            d.path(),
+            Tree::Dir(d.path()),
             &resolved("[default]\nDNS_SERVER = 1.1.1.1 9.9.9.9\nSEARCH_DOMAIN = x\n"),
             &node(),
         )
@@ -482,7 +590,7 @@ mod tests {
         }
         let cfg =
             resolved("[default]\nKEEP_SYSTEM_SERVICES = networking\nRM_SYSTEM_SERVICES = cron\n");
-        let r = apply(d.path(), &cfg, &Node::default()).unwrap();
+        let r = apply(Tree::Dir(d.path()), &cfg, &Node::default()).unwrap();
         assert_eq!(r.masked, vec!["apt-daily.timer", "cron.service"]);
         let link = d.path().join("etc/systemd/system/apt-daily.timer");
         assert_eq!(fs::read_link(link).unwrap(), Path::new("/dev/null"));
@@ -502,7 +610,7 @@ mod tests {
         fs::create_dir_all(d.path().join("usr/share/zoneinfo/Europe")).unwrap();
         fs::write(d.path().join("usr/share/zoneinfo/Europe/Prague"), "TZif").unwrap();
         let r = apply(
-            d.path(),
+            Tree::Dir(d.path()),
             &resolved("[default]\nTIMEZONE = Europe/Prague\n"),
             &node(),
         )
@@ -519,11 +627,123 @@ mod tests {
         .unwrap();
         assert!(net.contains("Name=ens3") && net.contains("Unmanaged=yes"));
         let r = apply(
-            d.path(),
+            Tree::Dir(d.path()),
             &resolved("[default]\nTIMEZONE = Mars/Base\n"),
             &node(),
         )
         .unwrap();
         assert_eq!(r.warnings.len(), 1);
+    }
+
+    /// An image tree: /etc 0750 with an old mtime, rc.local, resolv.conf a symlink into
+    /// /run, a zone, a unit to mask under a merged /usr (lib -> usr/lib).
+    fn image(lower: &Path) {
+        fs::create_dir_all(lower.join("etc")).unwrap();
+        fs::write(lower.join("etc/rc.local"), "#!/bin/sh\necho image\n").unwrap();
+        std::os::unix::fs::symlink("/run/resolv.conf", lower.join("etc/resolv.conf")).unwrap();
+        fs::create_dir_all(lower.join("usr/share/zoneinfo/Europe")).unwrap();
+        fs::write(lower.join("usr/share/zoneinfo/Europe/Prague"), "TZif").unwrap();
+        fs::create_dir_all(lower.join("usr/lib/systemd/system")).unwrap();
+        fs::write(
+            lower.join("usr/lib/systemd/system/fstrim.timer"),
+            "[Timer]\n",
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("usr/lib", lower.join("lib")).unwrap();
+        fs::set_permissions(lower.join("etc"), fs::Permissions::from_mode(0o750)).unwrap();
+        let old = nix::sys::time::TimeSpec::new(1_000_000_000, 0);
+        nix::sys::stat::utimensat(
+            None,
+            &lower.join("etc"),
+            &old,
+            &old,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
+    }
+
+    /// Every file and link below `root`, with its content or target.
+    fn listing(root: &Path) -> Vec<(PathBuf, String)> {
+        let mut out = Vec::new();
+        let mut dirs = vec![root.to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                let m = p.symlink_metadata().unwrap();
+                let rel = p.strip_prefix(root).unwrap().to_path_buf();
+                if m.is_symlink() {
+                    out.push((rel, format!("-> {}", fs::read_link(&p).unwrap().display())));
+                } else if m.is_dir() {
+                    dirs.push(p);
+                } else {
+                    out.push((rel, fs::read_to_string(&p).unwrap()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    const CONF: &str = "[default]\nRCFILE_1 = echo rc\nFSTAB_1 = tmpfs /tmp tmpfs 0 0\n\
+                        TIMEZONE = Europe/Prague\nDNS_SERVER = 192.0.2.53\n";
+
+    #[test]
+    fn layered_writes_go_to_the_upper_layer_as_the_overlay_would_put_them() {
+        let d = tempfile::tempdir().unwrap();
+        let (lower, upper, plain) = (d.path().join("l"), d.path().join("u"), d.path().join("p"));
+        image(&lower);
+        image(&plain);
+        fs::create_dir(&upper).unwrap();
+        let before = listing(&lower);
+        let tree = Tree::layers(&lower, &upper).expect("an image with a real /etc");
+        let cfg = resolved(CONF);
+        let layered = apply(tree, &cfg, &node()).unwrap();
+        let direct = apply(Tree::Dir(&plain), &cfg, &node()).unwrap();
+        assert_eq!(layered, direct);
+        assert_eq!(layered.masked, vec!["fstrim.timer"]);
+        // The image is untouched; the upper layer holds exactly what apply wrote to a
+        // plain tree (everything there below etc/), so the merged view is the same.
+        assert_eq!(listing(&lower), before);
+        let changed: Vec<_> = listing(&plain)
+            .into_iter()
+            .filter(|e| !before.contains(e))
+            .collect();
+        assert_eq!(listing(&upper), changed);
+        let rc = fs::read_to_string(upper.join("etc/rc.local")).unwrap();
+        assert_eq!(rc, "#!/bin/sh\necho image\n# Added by ltsp-agent from lts.conf RCFILE_* at boot.\necho rc\n");
+        assert!(upper
+            .join("etc/resolv.conf")
+            .symlink_metadata()
+            .unwrap()
+            .is_file());
+        // Directories copy the image's mode (and owner, mtime: see below); new ones are
+        // root's 0755.
+        assert_eq!(upper.join("etc").metadata().unwrap().mode() & 0o7777, 0o750);
+        let net = upper.join("etc/systemd/network").metadata().unwrap();
+        assert_eq!(net.mode() & 0o7777, 0o755);
+    }
+
+    #[test]
+    fn mirrored_directories_keep_the_image_mtime_until_written_into() {
+        let d = tempfile::tempdir().unwrap();
+        let (lower, upper) = (d.path().join("l"), d.path().join("u"));
+        image(&lower);
+        fs::create_dir(&upper).unwrap();
+        mirror_dirs(&lower, &upper, Path::new("etc")).unwrap();
+        let etc = upper.join("etc").metadata().unwrap();
+        assert_eq!((etc.mtime(), etc.mode() & 0o7777), (1_000_000_000, 0o750));
+        let lower_etc = lower.join("etc").metadata().unwrap();
+        assert_eq!((etc.uid(), etc.gid()), (lower_etc.uid(), lower_etc.gid()));
+    }
+
+    #[test]
+    fn layers_refused_when_the_image_links_a_directory_apply_writes_into() {
+        let d = tempfile::tempdir().unwrap();
+        let (lower, upper) = (d.path().join("l"), d.path().join("u"));
+        fs::create_dir_all(lower.join("etc/systemd")).unwrap();
+        fs::create_dir_all(lower.join("usr/lib/nm")).unwrap();
+        assert!(Tree::layers(&lower, &upper).is_some());
+        std::os::unix::fs::symlink("/usr/lib/nm", lower.join("etc/NetworkManager")).unwrap();
+        assert!(Tree::layers(&lower, &upper).is_none());
     }
 }

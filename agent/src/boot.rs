@@ -310,13 +310,24 @@ pub fn boot(
     }
 
     pause_at(&cmd, "root");
-    rootfs::mount_root(sys, &attached.device, &cmd.overlay_size, &l.run, &l.newroot)
+    rootfs::mount_layers(sys, &attached.device, &cmd.overlay_size, &l.run)
         .map_err(|e| fail(e.into()))?;
-    tl.mark("root-mounted");
+    let (lower, upper) = (rootfs::lower_dir(&l.run), rootfs::upper_dir(&l.run));
+    // apply writes straight into the upper layer, before the overlay exists, so the
+    // overlay copies nothing up; an image with a symlinked /etc directory gets the
+    // overlay first and the writes through it.
+    let layers = apply::Tree::layers(Path::new(&lower), Path::new(&upper));
+    if layers.is_none() {
+        log::info!(
+            "apply: a directory under /etc is a symlink in the image: writing through the overlay"
+        );
+        rootfs::mount_overlay(sys, &l.run, &l.newroot).map_err(|e| fail(e.into()))?;
+    }
+    tl.mark("layers");
 
     pause_at(&cmd, "apply");
     if conf_text.is_none() {
-        let p = Path::new(&l.newroot).join("etc/lts.conf");
+        let p = Path::new(&lower).join("etc/lts.conf");
         conf_text = std::fs::read_to_string(&p)
             .ok()
             .map(|t| ("/etc/lts.conf (image)".to_string(), t));
@@ -347,8 +358,8 @@ pub fn boot(
         dns: net.lease.dns.clone(),
         domain: net.lease.domain.clone(),
     };
-    let report =
-        apply::apply(Path::new(&l.newroot), &config.resolved, &node).map_err(|e| fail(e.into()))?;
+    let tree = layers.unwrap_or(apply::Tree::Dir(Path::new(&l.newroot)));
+    let report = apply::apply(tree, &config.resolved, &node).map_err(|e| fail(e.into()))?;
     for w in &report.warnings {
         log::warn!("apply: {w}");
     }
@@ -358,6 +369,10 @@ pub fn boot(
         report.masked.join(" ")
     );
     tl.mark("applied");
+    if layers.is_some() {
+        rootfs::mount_overlay(sys, &l.run, &l.newroot).map_err(|e| fail(e.into()))?;
+    }
+    tl.mark("root-mounted");
 
     let preinit = apply::preinit_commands(&config.resolved);
     let env = boot_env(&cmd, &net, &config, &attached, server.as_deref());
@@ -901,6 +916,9 @@ mod tests {
         std::fs::write(d.join("cmdline"), cmdline).unwrap();
         std::fs::create_dir_all(d.join("run")).unwrap();
         std::fs::create_dir_all(d.join("root")).unwrap();
+        // What mount_layers makes at boot: the image (empty here) and the upper layer.
+        std::fs::create_dir_all(d.join("run/rootfs/lower")).unwrap();
+        std::fs::create_dir_all(d.join("run/rootfs/rw/upper")).unwrap();
         Layout {
             run: d.join("run").display().to_string(),
             newroot: d.join("root").display().to_string(),
@@ -924,6 +942,12 @@ mod tests {
             fetched: vec![],
             attached: vec![],
         };
+        std::fs::create_dir_all(format!("{}/rootfs/lower/etc", l.run)).unwrap();
+        std::fs::write(
+            format!("{}/rootfs/lower/etc/rc.local", l.run),
+            "#!/bin/sh\nfrom-image\nexit 0\n",
+        )
+        .unwrap();
         let r = boot(&sys, &mut p, Mode::Pid1, &l);
         let (e, _) = *r.err().expect("the recorded exec 'fails'");
         assert!(matches!(e, BootError::Exec { .. }));
@@ -944,11 +968,12 @@ mod tests {
                 .into(),
             format!("mkdir {lower}"),
             format!("mkdir {rw}"),
-            format!("mkdir {root}"),
             format!("mount /dev/nbd0 {lower} squashfs MS_RDONLY"),
             format!("mount tmpfs {rw} tmpfs MS_NOSUID | MS_NODEV mode=0755,size=1G"),
             format!("mkdir {rw}/upper"),
             format!("mkdir {rw}/work"),
+            // apply wrote into the upper layer here, before the overlay exists.
+            format!("mkdir {root}"),
             format!("mount overlay {root} overlay (empty) lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work"),
             format!("mkdir {root}/rofs"),
             format!("mount {lower} {root}/rofs  MS_BIND"),
@@ -976,10 +1001,15 @@ mod tests {
             vec!["nbd://192.0.2.1:10809/img", "nbd://192.0.2.1:10809/img"]
         );
         assert_eq!(p.fetched, vec!["192.0.2.1:69/ltsp/amd64/lts.conf"]);
-        // The configuration went into the new root; the boot's files into /run.
-        assert!(std::fs::read_to_string(format!("{root}/etc/rc.local"))
-            .unwrap()
-            .ends_with("echo rc\n"));
+        // The configuration went into the upper layer, the image's rc.local kept; the
+        // boot's files into /run.
+        let rc = std::fs::read_to_string(format!("{rw}/upper/etc/rc.local")).unwrap();
+        assert!(rc.starts_with("#!/bin/sh\nfrom-image\n"), "{rc}");
+        assert!(rc.ends_with("echo rc\n"), "{rc}");
+        assert!(
+            !Path::new(&format!("{root}/etc")).exists(),
+            "nothing written through the overlay"
+        );
         assert!(std::fs::read_to_string(format!("{run}/net-ens3.conf"))
             .unwrap()
             .contains("IPV4ADDR='192.0.2.10'"));
@@ -995,9 +1025,9 @@ mod tests {
             d.path(),
             "root=/dev/nbd0 nbdroot=192.0.2.9/img ltsp.conf=none",
         );
-        std::fs::create_dir_all(format!("{}/etc", l.newroot)).unwrap();
+        std::fs::create_dir_all(format!("{}/rootfs/lower/etc", l.run)).unwrap();
         std::fs::write(
-            format!("{}/etc/lts.conf", l.newroot),
+            format!("{}/rootfs/lower/etc/lts.conf", l.run),
             "[default]\nPREINIT_1 = true\nHOSTNAME = from-image\n",
         )
         .unwrap();

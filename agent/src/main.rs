@@ -175,7 +175,7 @@ fn main() -> ExitCode {
                 dns,
                 domain: None,
             };
-            match apply::apply(&root, &c.resolved, &node) {
+            match apply::apply(apply::Tree::Dir(&root), &c.resolved, &node) {
                 Ok(r) => {
                     for w in &r.written {
                         println!("wrote {w}");

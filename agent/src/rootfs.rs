@@ -46,6 +46,19 @@ pub fn rw_dir(run: &str) -> String {
     format!("{run}/rootfs/rw")
 }
 
+/// The overlay's upper layer (in the tmpfs).
+pub fn upper_dir(run: &str) -> String {
+    format!("{run}/rootfs/rw/upper")
+}
+
+fn mkdir(sys: &dyn System, p: &str) -> Result<(), RootError> {
+    sys.mkdir(p).map_err(|source| RootError::Mkdir {
+        path: p.into(),
+        source,
+    })
+}
+
+/// [`mount_layers`] then [`mount_overlay`].
 pub fn mount_root(
     sys: &dyn System,
     device: &str,
@@ -53,17 +66,22 @@ pub fn mount_root(
     run: &str,
     newroot: &str,
 ) -> Result<(), RootError> {
-    let mkdir = |p: &str| {
-        sys.mkdir(p).map_err(|source| RootError::Mkdir {
-            path: p.into(),
-            source,
-        })
-    };
+    mount_layers(sys, device, overlay_size, run)?;
+    mount_overlay(sys, run, newroot)
+}
+
+/// The squashfs image read-only at [`lower_dir`], a tmpfs of `overlay_size` at
+/// [`rw_dir`] with the overlay's upper and work directories.
+pub fn mount_layers(
+    sys: &dyn System,
+    device: &str,
+    overlay_size: &str,
+    run: &str,
+) -> Result<(), RootError> {
     let lower = lower_dir(run);
     let rw = rw_dir(run);
-    mkdir(&lower)?;
-    mkdir(&rw)?;
-    mkdir(newroot)?;
+    mkdir(sys, &lower)?;
+    mkdir(sys, &rw)?;
     sys.mount(device, &lower, "squashfs", MsFlags::MS_RDONLY, "")
         .map_err(|source| RootError::Lower {
             device: device.into(),
@@ -82,8 +100,15 @@ pub fn mount_root(
         target: rw.clone(),
         source,
     })?;
-    mkdir(&format!("{rw}/upper"))?;
-    mkdir(&format!("{rw}/work"))?;
+    mkdir(sys, &upper_dir(run))?;
+    mkdir(sys, &format!("{rw}/work"))
+}
+
+/// The overlay of the layers as the new root, and the lower layer at its /rofs.
+pub fn mount_overlay(sys: &dyn System, run: &str, newroot: &str) -> Result<(), RootError> {
+    let lower = lower_dir(run);
+    let rw = rw_dir(run);
+    mkdir(sys, newroot)?;
     let opts = format!("lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work");
     sys.mount("overlay", newroot, "overlay", MsFlags::empty(), &opts)
         .map_err(|source| RootError::Overlay {
@@ -91,7 +116,7 @@ pub fn mount_root(
             source,
         })?;
     let rofs = format!("{newroot}/rofs");
-    mkdir(&rofs)?;
+    mkdir(sys, &rofs)?;
     sys.mount(&lower, &rofs, "", MsFlags::MS_BIND, "")
         .map_err(|source| RootError::Bind {
             from: lower.clone(),

@@ -3,7 +3,7 @@
 //! against nbd-server.
 
 use ltsp_agent::nbd::handshake;
-use ltsp_agent::{rootfs, system};
+use ltsp_agent::{apply, rootfs, system};
 use ltsp_common::cmdline::NbdTarget;
 use ltsp_tests::{is_root, pattern, run, tool, ServerProc};
 use std::path::Path;
@@ -64,19 +64,31 @@ fn overlay_root_over_a_loop_mounted_squashfs() {
         newroot.clone(),
         format!("{newroot}/rofs"),
     ];
-    rootfs::mount_root(&system::Real, out.trim(), "16M", &run_dir, &newroot).expect("mount_root");
+    // As the boot does it: layers, lts.conf applied into the upper layer, then the overlay.
+    rootfs::mount_layers(&system::Real, out.trim(), "16M", &run_dir).expect("mount_layers");
+    let upper = rootfs::upper_dir(&run_dir);
+    let tree = apply::Tree::layers(Path::new(&lower), Path::new(&upper)).expect("a real /etc");
+    let conf = ltsp_common::ltsconf::parse("t", "[default]\nHOSTNAME = node\nRCFILE_1 = echo rc\n")
+        .resolve(&Default::default());
+    apply::apply(tree, &conf, &apply::Node::default()).expect("apply");
+    rootfs::mount_overlay(&system::Real, &run_dir, &newroot).expect("mount_overlay");
 
     let root = Path::new(&newroot);
     assert_eq!(
         std::fs::read_to_string(root.join("etc/hostname")).unwrap(),
-        "image\n"
+        "node\n"
     );
+    // The image's /etc merges with the written one.
+    assert!(root.join("etc/ssh/sshd_config").exists());
+    assert!(std::fs::read_to_string(root.join("etc/rc.local"))
+        .unwrap()
+        .ends_with("echo rc\n"));
     // Writes land in the tmpfs, never in the image.
-    std::fs::write(root.join("etc/hostname"), "node\n").unwrap();
+    std::fs::write(root.join("etc/ssh/sshd_config"), "Port 2222\n").unwrap();
     std::fs::write(root.join("new-file"), "x").unwrap();
     assert_eq!(
-        std::fs::read_to_string(Path::new(&rw).join("upper/etc/hostname")).unwrap(),
-        "node\n"
+        std::fs::read_to_string(Path::new(&rw).join("upper/etc/ssh/sshd_config")).unwrap(),
+        "Port 2222\n"
     );
     assert_eq!(
         std::fs::read_to_string(root.join("rofs/etc/hostname")).unwrap(),
