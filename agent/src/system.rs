@@ -187,37 +187,84 @@ impl System for Real {
     }
 
     fn spawn(&self, argv0: &str, args: &[String], keep: &[RawFd]) -> io::Result<u32> {
-        use std::os::unix::process::CommandExt;
-        let keep = keep.to_vec();
-        use std::process::{Command, Stdio};
-        let mut c = Command::new("/proc/self/exe");
-        // /proc/self/exe: the binary this process runs, even once its file is deleted.
-        // Its own process group: signals for the boot script's group do not reach it.
-        c.arg0(argv0)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0);
-        // SAFETY: between fork and exec the closure makes only async-signal-safe system
-        // calls (fcntl, sched_setscheduler) on plain integers and a stack value.
-        unsafe {
-            c.pre_exec(move || {
-                for &fd in &keep {
-                    if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
+        use std::os::unix::ffi::OsStrExt;
+        // Everything the child needs is made before fork: between fork and exec it may
+        // only make async-signal-safe calls, and allocating is not one.
+        let argv: Vec<CString> = std::iter::once(argv0)
+            .chain(args.iter().map(String::as_str))
+            .map(cstr)
+            .collect::<io::Result<_>>()?;
+        let envp: Vec<CString> = std::env::vars_os()
+            .filter_map(|(k, v)| {
+                let mut kv = k.as_bytes().to_vec();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                CString::new(kv).ok()
+            })
+            .collect();
+        let argv_p: Vec<*const nix::libc::c_char> = argv
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let envp_p: Vec<*const nix::libc::c_char> = envp
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        use std::os::fd::AsRawFd;
+        // Opened now: the child may first run after the switch has moved /proc and /dev
+        // out of its root. /proc/self/exe is this binary even once its file is deleted.
+        let exe = std::fs::File::open("/proc/self/exe")?;
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?;
+        let console = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/console")
+            .ok();
+        let (exe_fd, null_fd) = (exe.as_raw_fd(), null.as_raw_fd());
+        let console_fd = console.as_ref().map_or(-1, |c| c.as_raw_fd());
+        let failed =
+            b"ltsp-agent: WARNING the reconnect helper could not be started (exec failed)\n";
+        // SAFETY: the child makes only async-signal-safe system calls (sched_setscheduler,
+        // setpgid, dup2, fcntl, execveat, write, _exit) on values made before the fork, then
+        // execs or exits; the parent returns at once. No exec-error pipe, so the boot does
+        // not wait for the exec: the child runs it in the idle class, when the CPU is free.
+        match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
+            nix::unistd::ForkResult::Child => unsafe {
                 let _ = set_scheduler(nix::libc::SCHED_IDLE);
-                Ok(())
-            });
+                // Its own process group: signals for the boot script's group miss it.
+                nix::libc::setpgid(0, 0);
+                for fd in 0..3 {
+                    nix::libc::dup2(null_fd, fd);
+                }
+                for &fd in keep {
+                    nix::libc::fcntl(fd, nix::libc::F_SETFD, 0);
+                }
+                nix::libc::syscall(
+                    nix::libc::SYS_execveat,
+                    exe_fd,
+                    c"".as_ptr(),
+                    argv_p.as_ptr(),
+                    envp_p.as_ptr(),
+                    nix::libc::AT_EMPTY_PATH,
+                );
+                if console_fd >= 0 {
+                    nix::libc::write(console_fd, failed.as_ptr().cast(), failed.len());
+                }
+                nix::libc::_exit(127)
+            },
+            nix::unistd::ForkResult::Parent { child } => {
+                let pid = child.as_raw() as u32;
+                // Exempt from the OOM killer before it runs at all (it is in the idle class).
+                if let Err(e) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000") {
+                    log::warn!("{argv0}: oom_score_adj: {e}");
+                }
+                Ok(pid)
+            }
         }
-        let pid = c.spawn()?.id();
-        // Exempt from the OOM killer from its first instruction (it may reach /proc late).
-        if let Err(e) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000") {
-            log::warn!("{argv0}: oom_score_adj: {e}");
-        }
-        Ok(pid)
     }
 
     fn exec(&self, argv: &[String], env: &[(String, String)]) -> io::Error {
