@@ -370,6 +370,15 @@ def boot_once(node, bed, deadline, marks, n):
     return start
 
 
+def agent_line(line):
+    """(seconds since the kernel started, text) of an agent's console line: written by the
+    agent (`ltsp-agent [  1.234] text`) or echoed from kmsg (`[  1.234567] ltsp-agent: text`)."""
+    m = re.match(r"(?:ltsp-agent \[\s*(\d+\.\d+)\]|\[\s*(\d+\.\d+)\] ltsp-agent:) (.*)$", line)
+    if not m:
+        return None
+    return float(m.group(1) or m.group(2)), m.group(3)
+
+
 def timeline(node, bed, marks):
     """Seconds from QEMU start for each milestone, from the console, the server and dnsmasq."""
     lines = node.lines
@@ -385,9 +394,17 @@ def timeline(node, bed, marks):
             dhcp = True
     agent = {}
     for t, line in lines:
-        m = re.match(r"ltsp-agent \[\s*(\d+\.\d+)\] (\S+)$", line)
-        if m and kstart is not None and m.group(2) not in agent:
-            agent[m.group(2)] = kstart + float(m.group(1))
+        m = agent_line(line)
+        if not m or kstart is None:
+            continue
+        # Marks are the one-word lines; the agent's own `timeline:` line has them all on
+        # its clock (the kernel stamps echoed lines with its own, a few ms apart).
+        if " " not in m[1] and m[1] not in agent:
+            agent[m[1]] = kstart + m[0]
+        if m[1].startswith("timeline: "):
+            for kv in m[1].split()[1:]:
+                k, _, v = kv.partition("=")
+                agent[k] = kstart + float(v)
     out = {}
     if dhcp:
         # dnsmasq logs without sub-second stamps; the server logs the first TFTP transfer.

@@ -1,14 +1,19 @@
-//! Logging for PID 1: every line to the console and to /dev/kmsg (so it lands in the
-//! journal after switch root), stamped with seconds since the kernel started, which is
-//! what the boot timeline is measured in.
+//! Logging for PID 1: every line to /dev/kmsg (so it lands in the journal after switch
+//! root) and on the console once: the kernel echoes kmsg lines above the console log
+//! level there itself (`[  1.234567] ltsp-agent: ...`), the others are written to the
+//! console directly, stamped the same way (`ltsp-agent [  1.234] ...`) with seconds since
+//! the kernel started, which is what the boot timeline is measured in.
 
 use std::fs::File;
 use std::io::Write;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
 pub struct BootLogger {
     console: Mutex<Option<File>>,
     kmsg: Mutex<Option<File>>,
+    /// The kernel prints kmsg lines of a priority below this on the console; 0: unknown.
+    console_loglevel: AtomicU8,
 }
 
 /// Seconds since boot (CLOCK_BOOTTIME), the clock dmesg uses.
@@ -34,6 +39,21 @@ impl log::Log for BootLogger {
             log::Level::Warn => "WARNING ",
             _ => "",
         };
+        let prio = match r.level() {
+            log::Level::Error => 3,
+            log::Level::Warn => 4,
+            log::Level::Info => 6,
+            _ => 7,
+        };
+        let mut kmsg = self.kmsg.lock().unwrap_or_else(|p| p.into_inner());
+        let echoed = kmsg.is_some() && prio < self.console_loglevel.load(Ordering::Relaxed);
+        if let Some(k) = kmsg.as_mut() {
+            let _ = k.write_all(format!("<{prio}>ltsp-agent: {level}{}\n", r.args()).as_bytes());
+        }
+        drop(kmsg);
+        if echoed {
+            return;
+        }
         let line = format!("ltsp-agent [{t:9.3}] {level}{}\n", r.args());
         if let Some(c) = self
             .console
@@ -44,15 +64,6 @@ impl log::Log for BootLogger {
             let _ = c.write_all(line.as_bytes());
         } else {
             let _ = std::io::stderr().write_all(line.as_bytes());
-        }
-        if let Some(k) = self.kmsg.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            let prio = match r.level() {
-                log::Level::Error => 3,
-                log::Level::Warn => 4,
-                log::Level::Info => 6,
-                _ => 7,
-            };
-            let _ = k.write_all(format!("<{prio}>ltsp-agent: {level}{}\n", r.args()).as_bytes());
         }
     }
 
@@ -73,7 +84,17 @@ pub fn reopen() {
         let open = |p: &str| std::fs::OpenOptions::new().write(true).open(p).ok();
         *l.console.lock().unwrap_or_else(|p| p.into_inner()) = open("/dev/console");
         *l.kmsg.lock().unwrap_or_else(|p| p.into_inner()) = open("/dev/kmsg");
+        let level = std::fs::read_to_string("/proc/sys/kernel/printk")
+            .ok()
+            .and_then(|t| console_loglevel(&t));
+        l.console_loglevel
+            .store(level.unwrap_or(0), Ordering::Relaxed);
     }
+}
+
+/// The console log level: the first field of /proc/sys/kernel/printk.
+fn console_loglevel(printk: &str) -> Option<u8> {
+    printk.split_whitespace().next()?.parse().ok()
 }
 
 /// The console and kmsg descriptors in use, to hand to a helper.
@@ -111,6 +132,7 @@ pub fn init_stderr(debug: bool) {
     let l = LOGGER.get_or_init(|| BootLogger {
         console: Mutex::new(None),
         kmsg: Mutex::new(None),
+        console_loglevel: AtomicU8::new(0),
     });
     let _ = log::set_logger(l);
     log::set_max_level(if debug {
@@ -132,5 +154,15 @@ pub fn lift_kmsg_limit() -> Option<String> {
 pub fn restore_kmsg_limit(prev: Option<String>) {
     if let Some(p) = prev {
         let _ = std::fs::write("/proc/sys/kernel/printk_devkmsg", p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn console_loglevel_is_the_first_printk_field() {
+        assert_eq!(super::console_loglevel("7\t4\t1\t7\n"), Some(7));
+        assert_eq!(super::console_loglevel("4 4 1 7"), Some(4));
+        assert_eq!(super::console_loglevel(""), None);
     }
 }
