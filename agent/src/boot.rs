@@ -218,7 +218,7 @@ impl Timeline {
         let preinit = span("switched", "exec-init").unwrap_or(0.0);
         let dhcp = dhcp.as_secs_f64();
         format!(
-            "agent time: {:.3} s own ({total:.3} s first line to exec init, less {dhcp:.3} s DHCP exchange and {preinit:.3} s PREINIT commands)",
+            "agent time: {:.3} s own ({total:.3} s first line to exec init, less {dhcp:.3} s waiting for the DHCP server and {preinit:.3} s PREINIT commands)",
             total - dhcp - preinit
         )
     }
@@ -846,7 +846,7 @@ mod tests {
         let s = tl.agent_time(Duration::from_millis(100));
         assert!(s.starts_with("agent time: 0.400 s own (0.700 s"), "{s}");
         assert!(
-            s.contains("0.100 s DHCP") && s.contains("0.200 s PREINIT"),
+            s.contains("0.100 s waiting for the DHCP") && s.contains("0.200 s PREINIT"),
             "{s}"
         );
     }

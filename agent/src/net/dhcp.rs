@@ -336,7 +336,8 @@ impl PacketSocket {
 }
 
 /// Runs DISCOVER..ACK on `iface` until `deadline`, resending with exponential backoff
-/// (1, 2, 4, 4... s). Returns the lease and how long the server took to answer.
+/// (1, 2, 4, 4... s). Returns the lease and the time spent blocked waiting for the
+/// server's packets (building and reading messages is ours, and not counted).
 pub fn acquire(
     iface: &str,
     ifindex: u32,
@@ -348,6 +349,7 @@ pub fn acquire(
         source,
     })?;
     let started = Instant::now();
+    let mut waited = Duration::ZERO;
     let xid: u32 = std::process::id().wrapping_mul(2_654_435_761)
         ^ (u32::from_be_bytes([mac[2], mac[3], mac[4], mac[5]]));
     // Short first retransmissions: a DISCOVER lost while the link settles costs little.
@@ -370,7 +372,10 @@ pub fn acquire(
         let mut offer: Option<Message> = None;
         let mut acked: Option<Message> = None;
         while let Some(left) = round_end.checked_duration_since(Instant::now()) {
-            let Some(n) = sock.recv(&mut buf, left).map_err(sock_err)? else {
+            let t = Instant::now();
+            let got = sock.recv(&mut buf, left).map_err(sock_err)?;
+            waited += t.elapsed();
+            let Some(n) = got else {
                 break;
             };
             let Some(payload) = unframe(&buf[..n]) else {
@@ -412,7 +417,7 @@ pub fn acquire(
             }
         }
         if let Some(m) = acked {
-            return Ok((lease_of(&m), started.elapsed()));
+            return Ok((lease_of(&m), waited));
         }
         wait = (wait * 2).min(Duration::from_secs(4));
     }
