@@ -304,9 +304,12 @@ pub fn boot(
     })
     .map_err(|e| fail(BootError::Nbd(e)))?;
     tl.mark("nbd-connected");
+    // Where the boot switches root, the helper (its root stays the initramfs) deletes the
+    // initramfs afterwards, in idle time; `freer` tells it when.
+    let mut freer = None;
     if cmd.reconnect {
         let events = p.link_dead_events();
-        start_reconnect_helper(sys, &attached, index, targets, current, events);
+        freer = start_reconnect_helper(sys, &attached, index, targets, current, events, mode);
     }
 
     pause_at(&cmd, "root");
@@ -401,7 +404,7 @@ pub fn boot(
         }
         Mode::Pid1 => {
             pause_at(&cmd, "switch");
-            switch_root::switch_root(sys, &l.newroot).map_err(|e| fail(e.into()))?;
+            switch_root::switch_root(sys, &l.newroot, freer).map_err(|e| fail(e.into()))?;
             tl.mark("switched");
             pause_at(&cmd, "preinit");
             if !preinit.is_empty() {
@@ -453,6 +456,8 @@ fn network_steps(
 
 /// Started now, from the initramfs, so it outlives the switch and never reads the root it
 /// repairs; `@` in argv[0] keeps systemd's shutdown from killing it (ROOT_STORAGE_DAEMONS).
+/// In PID 1 mode, returns the pipe that tells it to free the initramfs (see
+/// [`reconnect::Inherited::initramfs`]).
 fn start_reconnect_helper(
     sys: &dyn System,
     a: &NbdAttached,
@@ -460,12 +465,20 @@ fn start_reconnect_helper(
     targets: Vec<NbdTarget>,
     current: usize,
     events: Option<OwnedFd>,
-) {
+    mode: Mode,
+) -> Option<std::fs::File> {
     let (console, kmsg) = blog::raw_fds();
+    let pipe = match mode {
+        Mode::Pid1 => nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| log::warn!("nbd: pipe: {e}; the boot frees the initramfs itself"))
+            .ok(),
+        Mode::Worker => None,
+    };
     let fds = reconnect::Inherited {
         events: events.as_ref().map(|e| e.as_raw_fd()),
         console,
         kmsg,
+        initramfs: pipe.as_ref().map(|(r, _)| r.as_raw_fd()),
     };
     let w = reconnect::Watch {
         index,
@@ -475,11 +488,16 @@ fn start_reconnect_helper(
         current,
         fds,
     };
-    // Our copy of `events` closes when this returns; the helper keeps its own.
+    // Our copies of `events` and the pipe's read end close when this returns; the helper
+    // keeps its own.
     match sys.spawn("@ltsp-nbd-watch", &w.to_args(), &fds.list()) {
-        Ok(pid) => log::info!("nbd: reconnect helper started (pid {pid})"),
+        Ok(pid) => {
+            log::info!("nbd: reconnect helper started (pid {pid})");
+            pipe.map(|(_, w)| std::fs::File::from(w))
+        }
         Err(e) => {
-            log::warn!("nbd: reconnect helper not started: {e}; a dead connection will stay dead")
+            log::warn!("nbd: reconnect helper not started: {e}; a dead connection will stay dead");
+            None
         }
     }
 }
@@ -964,7 +982,7 @@ mod tests {
             format!("mkdir {run}"),
             format!("mount tmpfs {run} tmpfs MS_NOSUID | MS_NODEV mode=0755"),
             "spawn @ltsp-nbd-watch nbd-watch --index=0 --size=1048576 --identity=blake3:00 \
-             --target=nbd://192.0.2.1:10809/img"
+             --initramfs-fd=N --target=nbd://192.0.2.1:10809/img (keeps fds [N])"
                 .into(),
             format!("mkdir {lower}"),
             format!("mkdir {rw}"),
@@ -987,14 +1005,29 @@ mod tests {
             format!("mkdir {root}/run"),
             format!("mount /run {root}/run  MS_MOVE"),
             format!("chdir {root}"),
-            format!("free_initramfs except {root}"),
+            // The helper frees the initramfs, told through the pipe (read below).
             format!("mount {root} /  MS_MOVE"),
             "chroot .".into(),
             "chdir /".into(),
             "run /bin/sh | -c | echo one\necho two".into(),
             "exec /lib/systemd/systemd --unit=x".into(),
         ];
-        assert_eq!(sys.calls(), want);
+        let pipe = sys.kept.lock().unwrap().pop().expect("the helper's pipe");
+        // The pipe's descriptor number depends on what else the test process has open.
+        let fd = |c: &str, key: &str| -> Option<String> {
+            let i = c.find(key)? + key.len();
+            let n = c[i..].chars().take_while(char::is_ascii_digit).count();
+            Some(format!("{}N{}", &c[..i], &c[i + n..]))
+        };
+        let calls: Vec<String> = sys
+            .calls()
+            .into_iter()
+            .map(|c| fd(&c, "--initramfs-fd=").map_or(c.clone(), |c| fd(&c, "fds [").unwrap_or(c)))
+            .collect();
+        assert_eq!(calls, want);
+        let mut told = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(pipe), &mut told).unwrap();
+        assert_eq!(told, "1", "the boot told the helper once it had switched");
         // The NBD step was retried after its first failure, against the DHCP server.
         assert_eq!(
             p.attached,

@@ -83,6 +83,10 @@ enum Command {
         console_fd: Option<i32>,
         #[arg(long)]
         kmsg_fd: Option<i32>,
+        /// An inherited pipe: a byte on it once the boot switched root tells the helper
+        /// to delete the initramfs's files (its own root).
+        #[arg(long)]
+        initramfs_fd: Option<i32>,
     },
 }
 
@@ -219,6 +223,7 @@ fn main() -> ExitCode {
             events_fd,
             console_fd,
             kmsg_fd,
+            initramfs_fd,
         } => {
             if console_fd.is_some() || kmsg_fd.is_some() {
                 ltsp_agent::log::init_inherited(console_fd, kmsg_fd);
@@ -236,6 +241,7 @@ fn main() -> ExitCode {
                     events: events_fd,
                     console: console_fd,
                     kmsg: kmsg_fd,
+                    initramfs: initramfs_fd,
                 },
             };
             match ltsp_agent::nbd::reconnect::run(w) {

@@ -293,6 +293,8 @@ pub struct Recorder {
     /// string loads, the file (second) is written with the text (third), like a probe
     /// adding a device to sysfs.
     pub probes: Vec<(String, std::path::PathBuf, String)>,
+    /// Copies of the descriptors a spawned helper would have kept, for the test to read.
+    pub kept: Mutex<Vec<std::os::fd::OwnedFd>>,
 }
 
 impl Recorder {
@@ -366,6 +368,11 @@ impl System for Recorder {
         self.record(format!("free_initramfs except {keep}"))
     }
     fn spawn(&self, argv0: &str, args: &[String], keep: &[RawFd]) -> io::Result<u32> {
+        for &fd in keep {
+            // SAFETY: the caller keeps `fd` open for the duration of this call.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            self.kept.lock().unwrap().push(fd.try_clone_to_owned()?);
+        }
         let keep = if keep.is_empty() {
             String::new()
         } else {

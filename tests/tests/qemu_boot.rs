@@ -140,6 +140,11 @@ fn standalone_initramfs_boots_into_systemd_and_reboots_clean() {
         ),
         "PID 1 path"
     );
+    // The boot handed the initramfs's deletion to the reconnect helper, which did it.
+    assert!(
+        out.contains("nbd-watch: freed the initramfs"),
+        "initramfs freed"
+    );
 }
 
 #[test]

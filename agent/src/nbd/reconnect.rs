@@ -41,11 +41,15 @@ pub struct Inherited {
     /// /dev/console and /dev/kmsg, for its log.
     pub console: Option<i32>,
     pub kmsg: Option<i32>,
+    /// A pipe: one byte once the boot has moved its mounts into the new root. The helper,
+    /// whose root is the initramfs, then deletes the initramfs's files in idle time (they
+    /// hold RAM for the node's life), a step the boot no longer waits for.
+    pub initramfs: Option<i32>,
 }
 
 impl Inherited {
     pub fn list(&self) -> Vec<i32> {
-        [self.events, self.console, self.kmsg]
+        [self.events, self.console, self.kmsg, self.initramfs]
             .into_iter()
             .flatten()
             .collect()
@@ -67,6 +71,7 @@ impl Watch {
             ("events", self.fds.events),
             ("console", self.fds.console),
             ("kmsg", self.fds.kmsg),
+            ("initramfs", self.fds.initramfs),
         ] {
             if let Some(fd) = fd {
                 a.push(format!("--{name}-fd={fd}"));
@@ -248,6 +253,20 @@ fn normal_priority() {
     }
 }
 
+/// Waits for the boot's byte, then deletes the initramfs (this process's root). EOF means
+/// the boot did not switch root here (initramfs-tools' run-init frees it then).
+fn free_initramfs_when_told(p: std::os::fd::OwnedFd) {
+    use crate::system::System;
+    use std::io::Read;
+    let mut byte = [0u8; 1];
+    if matches!(std::fs::File::from(p).read(&mut byte), Ok(1)) {
+        match crate::system::Real.free_initramfs("") {
+            Ok(()) => log::info!("nbd-watch: freed the initramfs"),
+            Err(e) => log::warn!("nbd-watch: freeing the initramfs: {e}"),
+        }
+    }
+}
+
 /// The helper's loop: never returns unless netlink itself fails.
 pub fn run(mut w: Watch) -> Result<(), WatchError> {
     let mut cmds = Genl::open()?;
@@ -259,6 +278,15 @@ pub fn run(mut w: Watch) -> Result<(), WatchError> {
             e
         }
     };
+    if let Some(fd) = w.fds.initramfs.take() {
+        match crate::system::adopt_inherited(fd, nix::libc::S_IFIFO, "pipe") {
+            // Made before normal_priority: the thread stays in the idle class.
+            Ok(p) => {
+                std::thread::spawn(move || free_initramfs_when_told(p));
+            }
+            Err(e) => log::warn!("nbd-watch: --initramfs-fd={fd}: {e}"),
+        }
+    }
     // Set up at idle priority, off the boot's critical path; from here on it must win.
     normal_priority();
     let mut dialer = TcpDialer {
@@ -455,12 +483,14 @@ mod tests {
             events: Some(7),
             console: Some(8),
             kmsg: None,
+            initramfs: Some(9),
         };
         let a = w.to_args();
+        assert!(a.contains(&"--initramfs-fd=9".to_string()), "{a:?}");
         assert!(a.contains(&"--events-fd=7".to_string()), "{a:?}");
         assert!(a.contains(&"--console-fd=8".to_string()), "{a:?}");
         assert!(!a.iter().any(|a| a.starts_with("--kmsg-fd")), "{a:?}");
-        assert_eq!(w.fds.list(), vec![7, 8]);
+        assert_eq!(w.fds.list(), vec![7, 8, 9]);
         // Anything but an inherited socket is refused, not adopted.
         assert!(inherited_socket(1).is_err());
         let f = std::fs::File::open("/dev/null").unwrap();
