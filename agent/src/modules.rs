@@ -3,7 +3,7 @@
 
 use crate::system::System;
 use ltsp_common::ltsconf::glob_match;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,19 +30,27 @@ pub fn canonical(name: &str) -> String {
 
 fn module_name(path: &str) -> String {
     let file = path.rsplit('/').next().unwrap_or(path);
-    let stem = file.split(".ko").next().unwrap_or(file);
+    let stem = file
+        .as_bytes()
+        .windows(3)
+        .position(|w| w == b".ko")
+        .map_or(file, |i| &file[..i]);
     canonical(stem)
 }
 
+/// The index is a dozen modules in an initramfs: plain vectors and lazy lookups, not hash
+/// maps. Under QEMU TCG, first-run code is what costs (each new code path is translated
+/// once): parsing into maps took 4-10 ms, mostly for modules.builtin, read only when a
+/// name is not in modules.dep.
 #[derive(Debug, Default)]
 pub struct Modules {
     dir: PathBuf,
-    /// name -> (path relative to dir, dependencies as listed)
-    dep: HashMap<String, (String, Vec<String>)>,
-    builtin: BTreeSet<String>,
+    /// (name, path relative to dir, dependencies as listed)
+    dep: Vec<(String, String, Vec<String>)>,
+    builtin: String,
     aliases: Vec<(String, String)>,
-    loaded: BTreeSet<String>,
-    params: HashMap<String, String>,
+    loaded: Vec<String>,
+    params: Vec<(String, String)>,
 }
 
 impl Modules {
@@ -54,11 +62,7 @@ impl Modules {
             path: dir.join("modules.dep"),
             source,
         })?;
-        let mut m = Modules::parse(
-            &dep_text,
-            &read("modules.builtin").unwrap_or_default(),
-            &read("modules.alias").unwrap_or_default(),
-        );
+        let mut m = Modules::parse(&dep_text, "", &read("modules.alias").unwrap_or_default());
         m.dir = dir.to_path_buf();
         Ok(m)
     }
@@ -70,9 +74,9 @@ impl Modules {
                 continue;
             };
             let deps = deps.split_whitespace().map(str::to_string).collect();
-            m.dep.insert(module_name(path), (path.to_string(), deps));
+            m.dep.push((module_name(path), path.to_string(), deps));
         }
-        m.builtin = builtin.lines().map(module_name).collect();
+        m.builtin = builtin.to_string();
         m.aliases = alias
             .lines()
             .filter_map(|l| {
@@ -86,21 +90,33 @@ impl Modules {
 
     /// Parameters for a module loaded later, as finit_module takes them ("a=1 b=2").
     pub fn set_params(&mut self, name: &str, params: &str) {
-        self.params.insert(canonical(name), params.to_string());
+        let name = canonical(name);
+        self.params.retain(|(n, _)| *n != name);
+        self.params.push((name, params.to_string()));
+    }
+
+    /// `name` is built into the kernel (modules.builtin, read on first need).
+    fn is_builtin(&mut self, name: &str) -> bool {
+        if self.builtin.is_empty() {
+            self.builtin = std::fs::read_to_string(self.dir.join("modules.builtin"))
+                .unwrap_or_else(|_| "\n".into());
+        }
+        self.builtin.lines().any(|l| module_name(l) == name)
     }
 
     /// Loads `name` after its dependencies (deepest first, as modprobe does).
     /// Built-in and already loaded modules are skipped. Returns the modules loaded.
     pub fn load(&mut self, sys: &dyn System, name: &str) -> Result<Vec<String>, ModuleError> {
         let name = canonical(name);
-        if self.builtin.contains(&name) || self.loaded.contains(&name) {
+        if self.loaded.contains(&name) {
             return Ok(Vec::new());
         }
-        let (path, deps) = self
-            .dep
-            .get(&name)
-            .cloned()
-            .ok_or_else(|| ModuleError::Unknown(name.clone()))?;
+        let Some((_, path, deps)) = self.dep.iter().find(|(n, _, _)| *n == name).cloned() else {
+            if self.is_builtin(&name) {
+                return Ok(Vec::new());
+            }
+            return Err(ModuleError::Unknown(name));
+        };
         let mut done = Vec::new();
         // modules.dep lists every dependency, the ones needed first last.
         for d in deps.iter().rev() {
@@ -117,11 +133,15 @@ impl Modules {
                     source,
                 })?;
             log::debug!("modules: {dn} in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
-            self.loaded.insert(dn.clone());
+            self.loaded.push(dn.clone());
             done.push(dn);
         }
         let p = self.dir.join(&path);
-        let params = self.params.get(&name).map_or("", String::as_str);
+        let params = self
+            .params
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or("", |(_, p)| p.as_str());
         let t = std::time::Instant::now();
         sys.load_module(&p, params)
             .map_err(|source| ModuleError::Load {
@@ -133,7 +153,7 @@ impl Modules {
             "modules: {name} in {:.1} ms",
             t.elapsed().as_secs_f64() * 1e3
         );
-        self.loaded.insert(name.clone());
+        self.loaded.push(name.clone());
         done.push(name);
         Ok(done)
     }
