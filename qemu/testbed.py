@@ -352,7 +352,7 @@ class Node:
 
 FAILS = [
     (r"Kernel panic", "kernel panic"),
-    (r"ltsp-agent .*step `\w+` failed", "ltsp-agent failed"),
+    (r"ltsp-agent.*step `\w+` failed", "ltsp-agent failed"),
     (r"ALERT! ", "initramfs-tools dropped to its shell"),
 ]
 MULTI_USER = r"Reached target .*(Multi-User System|multi-user\.target)"
