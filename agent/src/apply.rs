@@ -178,7 +178,10 @@ impl<'a> Tree<'a> {
         let path = root.join(rel);
         if let Some(parent) = Path::new(rel).parent() {
             match lower {
-                None => fs::create_dir_all(root.join(parent)).map_err(io_at(&path))?,
+                None => {
+                    let dir = root.join(parent);
+                    fs::create_dir_all(&dir).map_err(io_at(&dir))?
+                }
                 Some(lower) => mirror_dirs(lower, root, parent)?,
             }
         }

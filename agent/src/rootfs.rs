@@ -48,7 +48,7 @@ pub fn rw_dir(run: &str) -> String {
 
 /// The overlay's upper layer (in the tmpfs).
 pub fn upper_dir(run: &str) -> String {
-    format!("{run}/rootfs/rw/upper")
+    format!("{}/upper", rw_dir(run))
 }
 
 fn mkdir(sys: &dyn System, p: &str) -> Result<(), RootError> {
@@ -109,7 +109,8 @@ pub fn mount_overlay(sys: &dyn System, run: &str, newroot: &str) -> Result<(), R
     let lower = lower_dir(run);
     let rw = rw_dir(run);
     mkdir(sys, newroot)?;
-    let opts = format!("lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work");
+    let upper = upper_dir(run);
+    let opts = format!("lowerdir={lower},upperdir={upper},workdir={rw}/work");
     sys.mount("overlay", newroot, "overlay", MsFlags::empty(), &opts)
         .map_err(|source| RootError::Overlay {
             target: newroot.into(),

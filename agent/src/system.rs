@@ -83,6 +83,14 @@ pub fn set_scheduler(policy: i32) -> io::Result<()> {
     }
 }
 
+/// The pointer array execve takes: each string's, then NULL. Valid while `v` lives.
+fn null_terminated(v: &[CString]) -> Vec<*const nix::libc::c_char> {
+    v.iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
 fn cstr(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in argument"))
 }
@@ -187,6 +195,7 @@ impl System for Real {
     }
 
     fn spawn(&self, argv0: &str, args: &[String], keep: &[RawFd]) -> io::Result<u32> {
+        use std::os::fd::AsRawFd;
         use std::os::unix::ffi::OsStrExt;
         // Everything the child needs is made before fork: between fork and exec it may
         // only make async-signal-safe calls, and allocating is not one.
@@ -202,17 +211,7 @@ impl System for Real {
                 CString::new(kv).ok()
             })
             .collect();
-        let argv_p: Vec<*const nix::libc::c_char> = argv
-            .iter()
-            .map(|a| a.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect();
-        let envp_p: Vec<*const nix::libc::c_char> = envp
-            .iter()
-            .map(|a| a.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect();
-        use std::os::fd::AsRawFd;
+        let (argv_p, envp_p) = (null_terminated(&argv), null_terminated(&envp));
         // Opened now: the child may first run after the switch has moved /proc and /dev
         // out of its root. /proc/self/exe is this binary even once its file is deleted.
         let exe = std::fs::File::open("/proc/self/exe")?;
