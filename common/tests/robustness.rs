@@ -1,6 +1,6 @@
 //! Every parser on many generated inputs: they return (value or error), never panic or
 //! hang. Deterministic (xorshift), so a failure reproduces; the cargo-fuzz targets in
-//! common/fuzz explore further with coverage guidance.
+//! fuzz/ explore further with coverage guidance.
 
 use ltsp_common::{cmdline, ltsconf, nbd, tftp};
 

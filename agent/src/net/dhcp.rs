@@ -463,7 +463,7 @@ mod tests {
 
     #[test]
     fn parse_reply_reads_the_fuzz_seed_and_survives_its_truncations() {
-        let seed = include_bytes!("../../../common/fuzz/seeds/dhcp-ack");
+        let seed = include_bytes!("../../../fuzz/seeds/dhcp-ack");
         let (xid, kind, l) = parse_reply(seed).expect("a framed ACK");
         assert_eq!(xid, 0x1234);
         assert_eq!(kind, Some(MessageType::Ack));
@@ -479,11 +479,11 @@ mod tests {
     fn fuzzer_crashes_stay_fixed() {
         // Option 94 (client network interface) with a length other than 3: dhcproto's
         // debug assertion panicked; the packet must just be dropped or parsed.
-        let crash = include_bytes!("../../../common/fuzz/regressions/dhcp_reply/option94-length");
+        let crash = include_bytes!("../../../fuzz/regressions/dhcp_reply/option94-length");
         let _ = parse_reply(crash);
         // Another of its length assertions (a bulk-leasequery option), found next.
         let crash =
-            include_bytes!("../../../common/fuzz/regressions/dhcp_reply/option-len-debug-assert");
+            include_bytes!("../../../fuzz/regressions/dhcp_reply/option-len-debug-assert");
         let _ = parse_reply(crash);
     }
 
