@@ -33,6 +33,25 @@ pub fn bin(name: &str) -> PathBuf {
     target.join("debug").join(name)
 }
 
+/// Path of a workspace binary in the shipped profile (release: optimised, panic=abort),
+/// built once per test process. Hostile-input tests run this one: a panic there aborts.
+pub fn release_bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "--quiet", "--release", "-p", "ltsp-server"])
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo build --release");
+        assert!(st.success(), "cargo build --release of ltsp-server failed");
+    });
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("target"));
+    target.join("release").join(name)
+}
+
 /// A peer the set-up installs. Missing is a failed test, not a skip: `scripts/setup`
 /// installs every one, so absence means the set-up is broken.
 pub fn tool(name: &str) -> PathBuf {
@@ -71,14 +90,23 @@ impl ServerProc {
         Self::spawn(Some(ns), args)
     }
 
+    /// The release build (the shipped profile), inside the network namespace `ns`.
+    pub fn start_release_in(ns: &str, args: &[&str]) -> ServerProc {
+        Self::spawn_bin(release_bin("ltsp-server"), Some(ns), args)
+    }
+
     fn spawn(ns: Option<&str>, args: &[&str]) -> ServerProc {
+        Self::spawn_bin(bin("ltsp-server"), ns, args)
+    }
+
+    fn spawn_bin(server: PathBuf, ns: Option<&str>, args: &[&str]) -> ServerProc {
         let mut cmd = match ns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin("ltsp-server"));
+                c.args(["netns", "exec", ns]).arg(server);
                 c
             }
-            None => Command::new(bin("ltsp-server")),
+            None => Command::new(server),
         };
         cmd.arg("serve");
         if !args
@@ -173,6 +201,25 @@ impl ServerProc {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the process is still running (it has not exited or been killed).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Peak and current resident memory in KiB (VmHWM, VmRSS of /proc/PID/status).
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            s.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmHWM:"), field("VmRSS:"))
     }
 
     /// Sends SIGTERM and waits; returns whether it exited with success.
