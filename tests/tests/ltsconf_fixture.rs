@@ -45,7 +45,9 @@ fn config_prints_the_fixture_like_getltscfg() {
         ]
     );
     assert!(out.contains("RCFILE_06_FORWARD=\"echo 1 > /proc/sys/net/ipv4/ip_forward\"\n"));
-    assert!(out.contains("KEEP_SYSTEM_SERVICES=\"ssh dbus-org.freedesktop.login1 systemd-logind chrony\"\n"));
+    assert!(out.contains(
+        "KEEP_SYSTEM_SERVICES=\"ssh dbus-org.freedesktop.login1 systemd-logind chrony\"\n"
+    ));
     // The output is what getltscfg -a gave: sh can eval it and get the values back.
     let script = format!("{out}\nprintf '%s' \"$PREINIT_02_CONTAINERD\"");
     let (ok, v, _) = run(Command::new("sh").arg("-c").arg(script));
@@ -67,7 +69,10 @@ fn a_mac_section_overrides_the_default() {
         out.contains("KEEP_SYSTEM_SERVICES=\"ssh dbus-org.freedesktop.login1 systemd-logind chrony nvidia-persistenced\"\n"),
         "{out}"
     );
-    assert!(out.contains("RCFILE_07_JOIN=\"kubeadm join 192.0.2.50:6443 "), "{out}");
+    assert!(
+        out.contains("RCFILE_07_JOIN=\"kubeadm join 192.0.2.50:6443 "),
+        "{out}"
+    );
 }
 
 #[test]
