@@ -209,12 +209,17 @@ pub fn boot(
     if !cmd.wants_network_root() {
         return Err(fail(BootError::NotNetworkRoot));
     }
-    let deadline = Instant::now() + cmd.timeout;
+    let r = Run {
+        cmd: &cmd,
+        deadline: Instant::now() + cmd.timeout,
+        mode,
+        l,
+    };
 
-    let net = modules_and_network(sys, p, &cmd, deadline, &mut tl, l).map_err(fail)?;
-    let nbd = nbd_step(sys, p, &cmd, &net, deadline, mode, &mut tl).map_err(fail)?;
-    let layers = root_step(sys, &cmd, &nbd.attached, &mut tl, l).map_err(fail)?;
-    let config = configure(sys, &cmd, &net, &layers, &mut tl, l).map_err(fail)?;
+    let net = modules_and_network(&r, sys, p, &mut tl).map_err(fail)?;
+    let nbd = nbd_step(&r, sys, p, &net, &mut tl).map_err(fail)?;
+    let layers = root_step(&r, sys, &nbd.attached, &mut tl).map_err(fail)?;
+    let config = configure(&r, sys, &net, &layers, &mut tl).map_err(fail)?;
 
     let preinit = apply::preinit_commands(&config.resolved);
     let env = boot_env(
@@ -241,6 +246,16 @@ pub fn boot(
     }
 }
 
+/// What the steps after the cmdline share.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    cmd: &'a Cmdline,
+    /// Until when the network steps retry.
+    deadline: Instant,
+    mode: Mode,
+    l: &'a Layout,
+}
+
 /// Turns a step's error into the boot's failure, with what the cmdline wants done.
 fn failed(on_failure: Option<OnFailure>) -> impl Fn(BootError) -> Box<Failed> + Copy {
     move |error| Box::new(Failed { error, on_failure })
@@ -263,13 +278,12 @@ pub struct NetStep {
 
 /// The NIC drivers, then the network steps while the storage modules load.
 fn modules_and_network(
+    r: &Run,
     sys: &(dyn System + Sync),
     p: &mut dyn Platform,
-    cmd: &Cmdline,
-    deadline: Instant,
     tl: &mut Timeline,
-    l: &Layout,
 ) -> Result<NetStep, BootError> {
+    let Run { cmd, l, .. } = *r;
     pause_at(cmd, Step::Modules);
     tl.mark(Mark::Begin(Step::Modules));
     let mods = load_nic_modules(sys, l);
@@ -277,22 +291,19 @@ fn modules_and_network(
     // leave the CPU idle. Joined before the NBD step, which needs them.
     std::thread::scope(|scope| {
         let storage = scope.spawn(|| load_storage_modules(sys, mods, cmd));
-        let r = network_steps(p, cmd, deadline, tl, l);
+        let net = network_steps(r, p, tl);
         if storage.join().is_err() {
             log::error!("modules: the loading thread panicked");
         }
-        r
+        net
     })
 }
 
 /// Boot NIC up, then lts.conf fetched.
-fn network_steps(
-    p: &mut dyn Platform,
-    cmd: &Cmdline,
-    deadline: Instant,
-    tl: &mut Timeline,
-    l: &Layout,
-) -> Result<NetStep, BootError> {
+fn network_steps(r: &Run, p: &mut dyn Platform, tl: &mut Timeline) -> Result<NetStep, BootError> {
+    let Run {
+        cmd, deadline, l, ..
+    } = *r;
     pause_at(cmd, Step::Net);
     tl.mark(Mark::Begin(Step::Net));
     let info = retry("net", deadline, cmd.retries, |_| p.bring_up(cmd, deadline))?;
@@ -316,14 +327,18 @@ struct NbdStep {
 }
 
 fn nbd_step(
+    r: &Run,
     sys: &dyn System,
     p: &mut dyn Platform,
-    cmd: &Cmdline,
     net: &NetStep,
-    deadline: Instant,
-    mode: Mode,
     tl: &mut Timeline,
 ) -> Result<NbdStep, BootError> {
+    let Run {
+        cmd,
+        deadline,
+        mode,
+        ..
+    } = *r;
     pause_at(cmd, Step::Nbd);
     tl.mark(Mark::Begin(Step::Nbd));
     let index = nbd_index(cmd);
@@ -348,12 +363,12 @@ struct RootLayers {
 }
 
 fn root_step(
+    r: &Run,
     sys: &dyn System,
-    cmd: &Cmdline,
     nbd: &NbdAttached,
     tl: &mut Timeline,
-    l: &Layout,
 ) -> Result<RootLayers, BootError> {
+    let Run { cmd, l, .. } = *r;
     pause_at(cmd, Step::Root);
     rootfs::mount_layers(sys, &nbd.device, &cmd.overlay_size, &l.run)?;
     let lower = PathBuf::from(rootfs::lower_dir(&l.run));
@@ -378,13 +393,13 @@ fn root_step(
 /// lts.conf (the server's, else the image's) resolved for this node and applied to the
 /// root, which is then whole.
 fn configure(
+    r: &Run,
     sys: &dyn System,
-    cmd: &Cmdline,
     net: &NetStep,
     layers: &RootLayers,
     tl: &mut Timeline,
-    l: &Layout,
 ) -> Result<NodeConfig, BootError> {
+    let Run { cmd, l, .. } = *r;
     pause_at(cmd, Step::Apply);
     let conf = net.conf.clone().or_else(|| {
         let text = std::fs::read_to_string(layers.lower.join("etc/lts.conf")).ok()?;
