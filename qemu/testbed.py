@@ -1,7 +1,6 @@
 """The QEMU test bed shared by qemu/boot and qemu/fault: a network namespace with a bridge,
 tap, dnsmasq and ltsp-server (Bed), and a node under QEMU TCG booting from it by
 firmware PXE, its serial console streamed and driven (Node)."""
-import argparse
 import glob
 import os
 import re
@@ -9,9 +8,9 @@ import select
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
@@ -52,41 +51,109 @@ def build(args):
     return server, os.path.join(work, "artifacts")
 
 
+def read_text(path):
+    """A file's text; closed once read."""
+    with open(path) as f:
+        return f.read()
+
+
+def tail(path, n):
+    """The last `n` lines of a file, or "" if there is none."""
+    if not os.path.exists(path):
+        return ""
+    return "".join(read_text(path).splitlines(keepends=True)[-n:])
+
+
+def stop_pid(pid, timeout=5):
+    """SIGTERM to `pid` (a process this bed started), then SIGKILL if it outlives `timeout`."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    end = time.time() + timeout
+    while time.time() < end:
+        if not os.path.exists(f"/proc/{pid}"):
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def children(pid):
+    """The PIDs whose parent is `pid`."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = read_text(f"/proc/{d}/stat")
+        except OSError:
+            continue
+        # The command name (field 2) may hold spaces and parentheses: fields after the last ')'.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(d))
+    return out
+
+
+@dataclass
+class BedSettings:
+    """What the bed serves and how.
+
+    dhcp: "all" (dnsmasq knows PXE), "pxe-only" (dnsmasq answers iPXE but not the agent),
+    "proxy" (a site DHCP server without PXE; ltsp-server's proxyDHCP answers) or "server"
+    (ltsp-server is the DHCP server). nbd: False serves TFTP only. second_server: a second
+    ltsp-server on SERVER2_IP exporting a copy of the image (another file, same bytes).
+    boot_files: "http" has iPXE fetch the kernel and initramfs from ltsp-server's HTTP port
+    instead of TFTP. loader: "ipxe" or "grub". kernel: a directory with another vmlinuz and
+    initrd-standalone.img (qemu/prepare-generic). stock: the stock Debian image directory
+    (initramfs-tools + nbd-client, served by nbd-server) instead of ours."""
+    artifacts: str
+    server_bin: str
+    lts_conf: str | None = None
+    flavour: str = "standalone"
+    extra_cmdline: str = ""
+    stock: str | None = None
+    nbdroot: str = ":root"
+    dhcp: str = "all"
+    nbd: bool = True
+    second_server: bool = False
+    boot_files: str = "tftp"
+    loader: str = "ipxe"
+    kernel: str | None = None
+
+
 class Bed:
     """The network namespace with its bridge, tap, dnsmasq and ltsp-server."""
 
-    def __init__(self, artifacts, server_bin, lts_conf, flavour, extra_cmdline, stock=None, nbdroot=":root",
-                 dhcp="all", nbd=True, second_server=False, boot_files="tftp", loader="ipxe", kernel=None):
-        """dhcp: "all", or "pxe-only" (dnsmasq answers iPXE but not the agent); nbd: False
-        serves TFTP only; second_server: a second ltsp-server on SERVER2_IP exporting a
-        copy of the image (another file, same bytes); boot_files: "http" has iPXE fetch the
-        kernel and initramfs from ltsp-server's HTTP port instead of TFTP; kernel: a directory
-        with another vmlinuz and initrd-standalone.img (qemu/prepare-generic)."""
+    def __init__(self, settings):
+        self.settings = settings
         self.ns = f"ltsp-qemu-{os.getpid()}"
+        self.site = f"ltsp-site-{os.getpid()}"
+        self.site_added = False
         self.dir = tempfile.mkdtemp(prefix="ltsp-qemu-")
         self.procs = []
-        self.art = artifacts
-        self.kernel = kernel
-        self.server_bin = server_bin
-        self.lts_conf = lts_conf
-        self.flavour = flavour
-        self.extra = extra_cmdline
-        self.stock = stock
-        self.nbdroot = nbdroot
-        self.dhcp = dhcp
-        self.nbd = nbd
-        self.second_server = second_server
-        self.boot_files = boot_files
-        self.loader = loader
-        self.site = f"ltsp-site-{os.getpid()}"
+        self.nbd_server_pid = None
         self.server_log = os.path.join(self.dir, "server.log")
         self.server2_log = os.path.join(self.dir, "server2.log")
         self.dnsmasq_log = os.path.join(self.dir, "dnsmasq.log")
+        self.tftp = os.path.join(self.dir, "tftp")
+        self.squashfs = os.path.join(self.dir, "root.squashfs")
+        self.squashfs2 = os.path.join(self.dir, "root2.squashfs")
+        self.server_cmdline = self.kernel_cmdline()
 
     def ip(self, *a):
         sh("ip", "-n", self.ns, *a)
 
     def start(self):
+        self.make_network()
+        self.stage_boot_files()
+        self.start_servers()
+        self.start_dhcp()
+
+    def make_network(self):
+        """The namespace: a bridge with the server's addresses and the node's tap."""
         sh("ip", "netns", "add", self.ns)
         self.ip("link", "set", "lo", "up")
         self.ip("link", "add", "br0", "type", "bridge")
@@ -98,56 +165,74 @@ class Bed:
         self.ip("link", "set", "tap0", "master", "br0")
         self.ip("link", "set", "tap0", "up")
         self.ip("link", "set", "br0", "up")
-        tftp = os.path.join(self.dir, "tftp")
-        d = os.path.join(tftp, "ltsp/amd64")
+
+    def stage_boot_files(self):
+        """The TFTP root (kernel, initramfs, lts.conf, iPXE, GRUB) and the image."""
+        s = self.settings
+        d = os.path.join(self.tftp, "ltsp/amd64")
         os.makedirs(d)
-        initrd = "initrd-standalone.img" if self.flavour == "standalone" else "initrd-initramfs-tools.img"
-        art = self.art
-        if self.stock:
-            art, initrd = self.stock, "initrd.img"
-        elif self.kernel:
-            art = self.kernel
+        initrd = "initrd-standalone.img" if s.flavour == "standalone" else "initrd-initramfs-tools.img"
+        art = s.artifacts
+        if s.stock:
+            art, initrd = s.stock, "initrd.img"
+        elif s.kernel:
+            art = s.kernel
         shutil.copy(os.path.join(art, "vmlinuz"), os.path.join(d, "vmlinuz"))
         shutil.copy(os.path.join(art, initrd), os.path.join(d, "initrd.img"))
-        if self.lts_conf:
-            shutil.copy(self.lts_conf, os.path.join(d, "lts.conf"))
+        if s.lts_conf:
+            shutil.copy(s.lts_conf, os.path.join(d, "lts.conf"))
         # iPXE for firmware PXE, from Debian's ipxe package: BIOS and UEFI x86-64.
         for f in ["undionly.kpxe", "ipxe.efi", "snponly.efi"]:
-            shutil.copy(os.path.join("/usr/lib/ipxe", f), os.path.join(tftp, f))
-        if self.loader == "grub":
+            shutil.copy(os.path.join("/usr/lib/ipxe", f), os.path.join(self.tftp, f))
+        if s.loader == "grub":
             # GRUB netboot as LTSP set it up: grub-mknetdir's images and modules; grub.cfg
             # is generated by ltsp-server from [boot].
-            sh("grub-mknetdir", f"--net-directory={tftp}", "--subdir=grub", stdout=subprocess.DEVNULL,
+            sh("grub-mknetdir", f"--net-directory={self.tftp}", "--subdir=grub", stdout=subprocess.DEVNULL,
                stderr=subprocess.DEVNULL)
-        cmdline = f"console=ttyS0,115200 root=/dev/nbd0 nbdroot={self.nbdroot} ltsp.on-failure=halt"
-        if self.flavour == "initramfs-tools":
+        shutil.copy(os.path.join(s.stock or s.artifacts, "root.squashfs"), self.squashfs)
+
+    def kernel_cmdline(self):
+        s = self.settings
+        cmdline = f"console=ttyS0,115200 root=/dev/nbd0 nbdroot={s.nbdroot} ltsp.on-failure=halt"
+        if s.flavour == "initramfs-tools":
             cmdline += " boot=ltsp"
-        if self.stock:
+        if s.stock:
             # nbd-client's initramfs script; `,nbd0` because it reads `server,name` as a port.
             cmdline = f"console=ttyS0,115200 root=/dev/nbd0 nbdroot={SERVER_IP},root,nbd0 ip=dhcp rootfstype=squashfs ro"
-        if self.extra:
-            cmdline += " " + self.extra
-        self.squashfs = os.path.join(self.dir, "root.squashfs")
-        shutil.copy(os.path.join(self.stock or self.art, "root.squashfs"), self.squashfs)
-        self.tftp = tftp
-        self.start_server(tftp, cmdline)
-        if self.second_server:
+        if s.extra_cmdline:
+            cmdline += " " + s.extra_cmdline
+        return cmdline
+
+    def start_servers(self):
+        """ltsp-server, the second one if asked for, nbd-server for the stock boot."""
+        s = self.settings
+        self.start_server(self.tftp, self.server_cmdline)
+        if s.second_server:
             self.ip("addr", "add", f"{SERVER2_IP}/24", "dev", "br0")
-            self.squashfs2 = os.path.join(self.dir, "root2.squashfs")
             shutil.copy(self.squashfs, self.squashfs2)
             self.start_server2()
-        if self.stock:
-            conf = os.path.join(self.dir, "nbd-server.conf")
-            with open(conf, "w") as f:
-                f.write(f"[generic]\nlistenaddr = {SERVER_IP}\nport = 10809\nuser = root\ngroup = root\n"
-                        f"[root]\nexportname = {self.squashfs}\nreadonly = true\n")
-            self.nbd_pid = os.path.join(self.dir, "nbd-server.pid")
-            sh("ip", "netns", "exec", self.ns, "nbd-server", "-C", conf, "-p", self.nbd_pid)
+        if s.stock:
+            self.start_nbd_server()
+
+    def start_nbd_server(self):
+        conf = os.path.join(self.dir, "nbd-server.conf")
+        with open(conf, "w") as f:
+            f.write(f"[generic]\nlistenaddr = {SERVER_IP}\nport = 10809\nuser = root\ngroup = root\n"
+                    f"[root]\nexportname = {self.squashfs}\nreadonly = true\n")
+        pidfile = os.path.join(self.dir, "nbd-server.pid")
+        sh("ip", "netns", "exec", self.ns, "nbd-server", "-C", conf, "-p", pidfile)
+        # It daemonizes: its pid file is how this bed knows it (and stops it alone).
+        self.nbd_server_pid = int(read_text(pidfile).strip())
+
+    def start_dhcp(self):
+        """dnsmasq as the site's DHCP server (in its own namespace for "proxy"), and IPv6 RAs."""
+        s = self.settings
         ns, iface = self.ns, "br0"
-        if self.dhcp == "proxy":
+        if s.dhcp == "proxy":
             # The site's DHCP server on a host of its own, knowing nothing of PXE.
             ns, iface = self.site, "eth0"
             sh("ip", "netns", "add", ns)
+            self.site_added = True
             self.ip("link", "add", "vsite", "type", "veth", "peer", "name", "eth0", "netns", ns)
             self.ip("link", "set", "vsite", "master", "br0")
             self.ip("link", "set", "vsite", "up")
@@ -156,9 +241,9 @@ class Bed:
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
             pxe = []
-        elif self.dhcp == "server":
+        elif s.dhcp == "server":
             pxe = []  # ltsp-server is the DHCP server; dnsmasq only sends IPv6 RAs
-        elif self.loader == "grub":
+        elif s.loader == "grub":
             pxe = [f"--dhcp-boot=grub/i386-pc/core.0,,{SERVER_IP}",
                    "--dhcp-match=set:efi64,option:client-arch,7", "--dhcp-match=set:efi64,option:client-arch,9",
                    f"--dhcp-boot=tag:efi64,grub/x86_64-efi/core.efi,,{SERVER_IP}"]
@@ -169,29 +254,31 @@ class Bed:
                    "--dhcp-match=set:efi64,option:client-arch,7", "--dhcp-match=set:efi64,option:client-arch,9",
                    f"--dhcp-boot=tag:efi64,tag:!ipxe,ipxe.efi,,{SERVER_IP}",
                    "--dhcp-option-force=tag:ipxe,encap:175,176,1"]
-        dns = subprocess.Popen(
-            ["ip", "netns", "exec", ns, "dnsmasq", "--keep-in-foreground", "--log-facility=-",
-             "--conf-file=/dev/null", "--port=0", f"--interface={iface}", "--bind-interfaces",
-             *([] if self.dhcp == "server" else ["--dhcp-range=192.0.2.100,192.0.2.199,255.255.255.0,12h"]),
-             "--dhcp-leasefile=" + os.path.join(self.dir, "leases"),
-             *pxe, "--no-ping", "--log-dhcp",
-             "--enable-ra", f"--dhcp-range=::,constructor:{iface},ra-only", "--pid-file=" + os.path.join(self.dir, "dnsmasq.pid")]
-            + (["--dhcp-ignore=tag:!ipxe"] if self.dhcp == "pxe-only" else []),
-            stdout=open(self.dnsmasq_log, "w"), stderr=subprocess.STDOUT)
+        with open(self.dnsmasq_log, "w") as out:
+            dns = subprocess.Popen(
+                ["ip", "netns", "exec", ns, "dnsmasq", "--keep-in-foreground", "--log-facility=-",
+                 "--conf-file=/dev/null", "--port=0", f"--interface={iface}", "--bind-interfaces",
+                 *([] if s.dhcp == "server" else ["--dhcp-range=192.0.2.100,192.0.2.199,255.255.255.0,12h"]),
+                 "--dhcp-leasefile=" + os.path.join(self.dir, "leases"),
+                 *pxe, "--no-ping", "--log-dhcp",
+                 "--enable-ra", f"--dhcp-range=::,constructor:{iface},ra-only",
+                 "--pid-file=" + os.path.join(self.dir, "dnsmasq.pid")]
+                + (["--dhcp-ignore=tag:!ipxe"] if s.dhcp == "pxe-only" else []),
+                stdout=out, stderr=subprocess.STDOUT)
         self.procs.append(dns)
-        self.server_cmdline = cmdline
 
     def start_server(self, tftp, cmdline):
-        nbd = (["--no-nbd"] if self.stock or not self.nbd else
+        s = self.settings
+        nbd = (["--no-nbd"] if s.stock or not s.nbd else
                ["--nbd-listen", f"{SERVER_IP}:10809", "--export", f"root={self.squashfs}"])
         self.server_args = ["serve", "--tftp-root", tftp, "--tftp-listen", f"{SERVER_IP}:69", *nbd,
                             "--boot-kernel", "ltsp/amd64/vmlinuz", "--boot-initrd", "ltsp/amd64/initrd.img",
                             "--boot-cmdline", cmdline]
-        if self.boot_files == "http":
+        if s.boot_files == "http":
             self.server_args += ["--http-listen", f"{SERVER_IP}:8080", "--boot-http"]
-        if self.dhcp == "proxy":
+        if s.dhcp == "proxy":
             self.server_args += ["--proxy-dhcp", "br0"]
-        if self.dhcp == "server":
+        if s.dhcp == "server":
             self.server_args += ["--dhcp-server", "br0", "--dhcp-range", "192.0.2.100-192.0.2.199"]
         ready = "nbd: listening" if nbd[0] != "--no-nbd" else "tftp: serving"
         self.server = self.launch(self.server_args, self.server_log, ready)
@@ -202,32 +289,34 @@ class Bed:
 
     def restart_server(self):
         """Starts the (killed) first server again with the same settings."""
-        ready = "nbd: listening" if self.nbd and not self.stock else "tftp: serving"
+        s = self.settings
+        ready = "nbd: listening" if s.nbd and not s.stock else "tftp: serving"
         self.server = self.launch(self.server_args, self.server_log, ready)
 
     def launch(self, args, logfile, ready):
         """Starts an ltsp-server; returns once its log shows `ready` one more time."""
-        before = open(logfile).read().count(ready) if os.path.exists(logfile) else 0
-        p = subprocess.Popen(["ip", "netns", "exec", self.ns, self.server_bin, *args],
-                             stdout=open(logfile, "a"), stderr=subprocess.STDOUT)
+        before = read_text(logfile).count(ready) if os.path.exists(logfile) else 0
+        with open(logfile, "a") as out:
+            p = subprocess.Popen(["ip", "netns", "exec", self.ns, self.settings.server_bin, *args],
+                                 stdout=out, stderr=subprocess.STDOUT)
         self.procs.append(p)
         deadline = time.time() + 10
         while time.time() < deadline:
-            if open(logfile).read().count(ready) > before:
+            if read_text(logfile).count(ready) > before:
                 return p
             if p.poll() is not None:
                 break
             time.sleep(0.05)
-        raise Fail("ltsp-server did not start: " + open(logfile).read()[-2000:])
+        raise Fail("ltsp-server did not start: " + read_text(logfile)[-2000:])
 
     def stop(self):
-        pidfile = getattr(self, "nbd_pid", None)
-        if pidfile and os.path.exists(pidfile):
-            try:
-                os.kill(int(open(pidfile).read().strip()), signal.SIGTERM)
-            except (OSError, ValueError):
-                pass
-        subprocess.run(["ip", "netns", "exec", self.ns, "pkill", "-f", "nbd-server"], capture_output=True)
+        """Stops what this bed started, each by its own PID, then removes the namespaces."""
+        if self.nbd_server_pid:
+            # nbd-server forks one child per client: those are this bed's too.
+            served = children(self.nbd_server_pid)
+            stop_pid(self.nbd_server_pid)
+            for pid in served:
+                stop_pid(pid)
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()
@@ -236,9 +325,13 @@ class Bed:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 p.kill()
-        subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True)
+                p.wait()
+        left = subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True, text=True).stdout.split()
+        if left:
+            log(f"processes still in {self.ns}, not started by this bed, left alone: {' '.join(left)}")
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
-        subprocess.run(["ip", "netns", "del", self.site], capture_output=True)
+        if self.site_added:
+            subprocess.run(["ip", "netns", "del", self.site], capture_output=True)
 
 
 class Node:
@@ -347,7 +440,12 @@ class Node:
     def stop(self):
         if self.p.poll() is None:
             self.p.kill()
-            self.p.wait()
+        self.p.wait()
+        for f in (self.p.stdin, self.p.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass  # the pipe's other end is gone with QEMU
 
 
 FAILS = [
@@ -388,10 +486,7 @@ def timeline(node, bed, marks):
         if m:
             kstart = t - float(m.group(1))
             break
-    dhcp = None
-    for line in open(bed.dnsmasq_log):
-        if "DHCPACK" in line and dhcp is None:
-            dhcp = True
+    dhcp = "DHCPACK" in read_text(bed.dnsmasq_log) or None
     agent = {}
     for t, line in lines:
         m = agent_line(line)
@@ -411,7 +506,7 @@ def timeline(node, bed, marks):
         for t, line in lines:
             if "ltsp-agent" in line:
                 break
-    srv = open(bed.server_log).read()
+    srv = read_text(bed.server_log)
     # What the boot files took, as the server saw each transfer end (TFTP: the last ACK).
     for name, key in [("vmlinuz", "fetch-kernel"), ("initrd.img", "fetch-initrd")]:
         m = re.search(r"(tftp|http): \S+: sent \"[^\"]*" + re.escape(name) + r"\" \((\d+) bytes.*? in ([\d.]+)s", srv)

@@ -1,21 +1,26 @@
 //! The whole boot, from the initramfs's first instruction to exec of the real init, as one
-//! function over named steps. The steps that touch the machine go through [`System`]; the
-//! network ones through [`Platform`], so the plan is unit-tested with fakes.
+//! function over named steps ([`Step`]). The steps that touch the machine go through
+//! [`System`]; the network ones through [`Platform`], so the plan is unit-tested with fakes.
 
 use crate::apply::{self, Node};
 use crate::config::{self, NodeConfig};
+use crate::failure::Failed;
 use crate::modules::{self, Modules};
-use crate::nbd::{handshake, netlink, reconnect};
+use crate::nbd::attach::{self as nbd, nbd_index};
+use crate::nbd::netlink;
 use crate::net::{self, NetInfo};
 use crate::system::System;
 use crate::{log as blog, rootfs, switch_root, tftp};
 use ltsp_common::cmdline::{Cmdline, NbdTarget, OnFailure};
 use ltsp_common::ltsconf::Identity;
+pub use ltsp_common::step::{Mark, Step};
 use nix::mount::MsFlags;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+pub use crate::nbd::attach::{NbdAttached, NbdError};
 
 /// Which entry point runs the boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,33 +74,7 @@ pub trait Platform {
     fn link_dead_events(&mut self) -> Option<OwnedFd>;
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NbdAttached {
-    pub device: String,
-    pub size: u64,
-    pub connections: u32,
-    pub description: Option<String>,
-    /// The image's content hash (or description): what a reconnect must find again.
-    pub identity: Option<String>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum NbdError {
-    #[error(transparent)]
-    Handshake(#[from] handshake::HandshakeError),
-    #[error(transparent)]
-    Netlink(#[from] netlink::NbdNetlinkError),
-    #[error("{target}: connection {n} got another image ({got:?}) than the first ({want:?}): was it replaced during the boot?")]
-    ImageChanged {
-        target: String,
-        n: u32,
-        got: Option<String>,
-        want: Option<String>,
-    },
-    #[error("{device} did not show its size within {secs} s after NBD_CMD_CONNECT")]
-    DeviceTimeout { device: String, secs: u64 },
-}
-
+/// Why the boot stopped; [`BootError::step`] names the step (see `failure.rs`).
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("mount {fstype} on {target}: {source}")]
@@ -130,41 +109,6 @@ pub enum BootError {
     },
 }
 
-impl BootError {
-    /// The step's name, as the console reports it.
-    pub fn step(&self) -> &'static str {
-        match self {
-            BootError::EarlyMount { .. } => "mounts",
-            BootError::Cmdline { .. } | BootError::NotNetworkRoot => "cmdline",
-            BootError::Net(_) => "net",
-            BootError::Nbd(_) => "nbd",
-            BootError::Root(_) => "root",
-            BootError::Apply(_) => "apply",
-            BootError::Switch(_) => "switch",
-            BootError::Exec { .. } => "init",
-            BootError::Panicked => "agent",
-        }
-    }
-
-    /// What the operator should look at.
-    pub fn hint(&self) -> &'static str {
-        match self {
-            BootError::Net(net::NetError::Dhcp(_)) => {
-                "the DHCP server (is it running, does it serve this network?)"
-            }
-            BootError::Net(_) => "the NIC, its driver in the initramfs, the cable, BOOTIF= and ip=",
-            BootError::Nbd(_) => {
-                "that ltsp-server runs, the nbdroot= host/port/export, and firewalls on port 10809"
-            }
-            BootError::Root(_) => {
-                "that the export is a squashfs image and the initramfs has squashfs and overlay"
-            }
-            BootError::Exec { .. } => "init= and that the image has /sbin/init",
-            _ => "",
-        }
-    }
-}
-
 /// Calls `f` until it succeeds, the deadline passes or `max_tries` (0: unlimited) are
 /// used, sleeping 0.25, 0.5, 1, 2, 4, 5, 5... s between tries.
 pub fn retry<T, E: std::fmt::Display>(
@@ -195,27 +139,32 @@ pub fn retry<T, E: std::fmt::Display>(
     }
 }
 
-/// The boot timeline: (step, seconds since kernel start).
+/// The boot timeline: (mark, seconds since kernel start).
 #[derive(Debug, Default, Clone)]
 pub struct Timeline(pub Vec<(&'static str, f64)>);
 
 impl Timeline {
-    fn mark(&mut self, step: &'static str) {
+    fn mark(&mut self, mark: Mark) {
         let t = blog::uptime();
-        log::info!("{step}");
-        self.0.push((step, t));
+        let name = mark.name();
+        log::info!("{name}");
+        self.0.push((name, t));
     }
 
-    fn at(&self, step: &str) -> Option<f64> {
-        self.0.iter().find(|(s, _)| *s == step).map(|(_, t)| *t)
+    fn at(&self, mark: Mark) -> Option<f64> {
+        self.0
+            .iter()
+            .find(|(s, _)| *s == mark.name())
+            .map(|(_, t)| *t)
     }
 
     /// The agent's own share of the boot: first line to exec of init, less the DHCP
     /// exchange (the server's answer) and the PREINIT commands (the site's own work).
     pub fn agent_time(&self, dhcp: Duration) -> String {
-        let span = |a: &str, b: &str| Some(self.at(b)? - self.at(a)?);
-        let total = span("start", "exec-init").unwrap_or(0.0);
-        let preinit = span("switched", "exec-init").unwrap_or(0.0);
+        let span = |a: Mark, b: Mark| Some(self.at(b)? - self.at(a)?);
+        let (switched, exec) = (Mark::Done(Step::Switch), Mark::Begin(Step::Init));
+        let total = span(Mark::Start, exec).unwrap_or(0.0);
+        let preinit = span(switched, exec).unwrap_or(0.0);
         let dhcp = dhcp.as_secs_f64();
         format!(
             "agent time: {:.3} s own ({total:.3} s first line to exec init, less {dhcp:.3} s waiting for the DHCP server and {preinit:.3} s PREINIT commands)",
@@ -240,10 +189,6 @@ pub struct Booted {
     pub timeline: Timeline,
 }
 
-/// A failed boot: what failed, and what the cmdline wants done about it (unknown when
-/// the cmdline itself could not be read).
-pub type Failed = Box<(BootError, Option<OnFailure>)>;
-
 /// The boot. Returns only in [`Mode::Worker`] (root mounted at `newroot`), or on error;
 /// in [`Mode::Pid1`] success ends in exec of init.
 pub fn boot(
@@ -251,98 +196,227 @@ pub fn boot(
     p: &mut dyn Platform,
     mode: Mode,
     l: &Layout,
-) -> Result<Booted, Failed> {
+) -> Result<Booted, Box<Failed>> {
     let mut tl = Timeline::default();
-    tl.mark("start");
+    tl.mark(Mark::Start);
     if mode == Mode::Pid1 {
-        early_mounts(sys, l).map_err(|e| Box::new((e, None)))?;
+        early_mounts(sys, l).map_err(failed(None))?;
         blog::reopen();
     }
     let kmsg_limit = blog::lift_kmsg_limit();
-    let cmd = read_cmdline(l).map_err(|e| Box::new((e, None)))?;
-    let on_failure = cmd.on_failure;
-    let fail = move |e: BootError| Box::new((e, Some(on_failure)));
-    for w in &cmd.warnings {
-        log::warn!("kernel cmdline: {w}");
-    }
+    let cmd = read_cmdline(l).map_err(failed(None))?;
+    let fail = failed(Some(cmd.on_failure));
     if !cmd.wants_network_root() {
         return Err(fail(BootError::NotNetworkRoot));
     }
-    let deadline = Instant::now() + cmd.timeout;
+    let r = Run {
+        cmd: &cmd,
+        deadline: Instant::now() + cmd.timeout,
+        mode,
+        l,
+    };
 
-    pause_at(&cmd, "modules");
-    tl.mark("modules");
+    let net = modules_and_network(&r, sys, p, &mut tl).map_err(fail)?;
+    let nbd = nbd_step(&r, sys, p, &net, &mut tl).map_err(fail)?;
+    let layers = root_step(&r, sys, &nbd.attached, &mut tl).map_err(fail)?;
+    let config = configure(&r, sys, &net, &layers, &mut tl).map_err(fail)?;
+
+    let preinit = apply::preinit_commands(&config.resolved);
+    let env = boot_env(
+        &cmd,
+        &net.info,
+        &config,
+        &nbd.attached,
+        net.server.as_deref(),
+    );
+    let _ = std::fs::write(format!("{}/ltsp/boot.env", l.run), env_file(&env));
+    let booted = Booted {
+        cmdline: cmd.clone(),
+        net: net.info,
+        config,
+        nbd: nbd.attached,
+        timeline: tl,
+    };
+    match mode {
+        Mode::Worker => Ok(hand_over(sys, booted, &preinit, &env, kmsg_limit, l)),
+        Mode::Pid1 => {
+            let e = switch_and_exec(sys, booted, nbd.freer, &preinit, &env, kmsg_limit, l);
+            Err(fail(e))
+        }
+    }
+}
+
+/// What the steps after the cmdline share.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    cmd: &'a Cmdline,
+    /// Until when the network steps retry.
+    deadline: Instant,
+    mode: Mode,
+    l: &'a Layout,
+}
+
+/// Turns a step's error into the boot's failure, with what the cmdline wants done.
+fn failed(on_failure: Option<OnFailure>) -> impl Fn(BootError) -> Box<Failed> + Copy {
+    move |error| Box::new(Failed { error, on_failure })
+}
+
+/// lts.conf as fetched: where from, and its text.
+#[derive(Debug, Clone)]
+pub struct FetchedConf {
+    pub source: String,
+    pub text: String,
+}
+
+/// What the network steps learnt: the boot NIC, lts.conf if the server had one, and the
+/// boot server.
+pub struct NetStep {
+    pub info: NetInfo,
+    pub conf: Option<FetchedConf>,
+    pub server: Option<String>,
+}
+
+/// The NIC drivers, then the network steps while the storage modules load.
+fn modules_and_network(
+    r: &Run,
+    sys: &(dyn System + Sync),
+    p: &mut dyn Platform,
+    tl: &mut Timeline,
+) -> Result<NetStep, BootError> {
+    let Run { cmd, l, .. } = *r;
+    pause_at(cmd, Step::Modules);
+    tl.mark(Mark::Begin(Step::Modules));
     let mods = load_nic_modules(sys, l);
     // The root's modules load while the network comes up: carrier, DHCP and TFTP waits
     // leave the CPU idle. Joined before the NBD step, which needs them.
-    let (net, mut conf_text, server) = std::thread::scope(|scope| {
-        let storage = scope.spawn(|| load_storage_modules(sys, mods, &cmd));
-        let r = network_steps(p, &cmd, deadline, &mut tl, l);
+    std::thread::scope(|scope| {
+        let storage = scope.spawn(|| load_storage_modules(sys, mods, cmd));
+        let net = network_steps(r, p, tl);
         if storage.join().is_err() {
             log::error!("modules: the loading thread panicked");
         }
-        r
+        net
     })
-    .map_err(fail)?;
+}
 
-    pause_at(&cmd, "nbd");
-    tl.mark("nbd");
-    let index = nbd_index(&cmd);
-    let targets = cmd.nbd_targets(server.as_deref());
-    let (current, attached) = retry("nbd", deadline, cmd.retries, |_| {
-        let mut last = None;
-        for (i, t) in targets.iter().enumerate() {
-            match p.attach_nbd(t, index, &cmd) {
-                Ok(a) => return Ok((i, a)),
-                Err(e) => {
-                    log::warn!("nbd: {e}");
-                    last = Some(e);
-                }
-            }
-        }
-        Err(last.expect("at least one target"))
-    })
-    .map_err(|e| fail(BootError::Nbd(e)))?;
-    tl.mark("nbd-connected");
-    // Where the boot switches root, the helper (its root stays the initramfs) deletes the
-    // initramfs afterwards, in idle time; `freer` tells it when.
+/// Boot NIC up, then lts.conf fetched.
+fn network_steps(r: &Run, p: &mut dyn Platform, tl: &mut Timeline) -> Result<NetStep, BootError> {
+    let Run {
+        cmd, deadline, l, ..
+    } = *r;
+    pause_at(cmd, Step::Net);
+    tl.mark(Mark::Begin(Step::Net));
+    let info = retry("net", deadline, cmd.retries, |_| p.bring_up(cmd, deadline))?;
+    tl.mark(Mark::Done(Step::Net));
+    write_run_files(l, &info);
+    pause_at(cmd, Step::LtsConf);
+    tl.mark(Mark::Begin(Step::LtsConf));
+    let server = cmd
+        .server
+        .clone()
+        .or(info.lease.next_server.map(|s| s.to_string()));
+    let conf = fetch_lts_conf(p, cmd, &info, server.as_deref());
+    Ok(NetStep { info, conf, server })
+}
+
+/// The attached root device, and the pipe that tells the reconnect helper the boot
+/// switched root (it then deletes the initramfs, in idle time).
+struct NbdStep {
+    attached: NbdAttached,
+    freer: Option<std::fs::File>,
+}
+
+fn nbd_step(
+    r: &Run,
+    sys: &dyn System,
+    p: &mut dyn Platform,
+    net: &NetStep,
+    tl: &mut Timeline,
+) -> Result<NbdStep, BootError> {
+    let Run {
+        cmd,
+        deadline,
+        mode,
+        ..
+    } = *r;
+    pause_at(cmd, Step::Nbd);
+    tl.mark(Mark::Begin(Step::Nbd));
+    let index = nbd_index(cmd);
+    let targets = cmd.nbd_targets(net.server.as_deref());
+    let (current, attached) =
+        nbd::attach_any(p, cmd, &targets, index, deadline).map_err(BootError::Nbd)?;
+    tl.mark(Mark::Done(Step::Nbd));
     let mut freer = None;
     if cmd.reconnect {
         let events = p.link_dead_events();
-        freer = start_reconnect_helper(sys, &attached, index, targets, current, events, mode);
+        freer = nbd::start_reconnect_helper(sys, &attached, index, targets, current, events, mode);
     }
+    Ok(NbdStep { attached, freer })
+}
 
-    pause_at(&cmd, "root");
-    rootfs::mount_layers(sys, &attached.device, &cmd.overlay_size, &l.run)
-        .map_err(|e| fail(e.into()))?;
-    let (lower, upper) = (rootfs::lower_dir(&l.run), rootfs::upper_dir(&l.run));
-    // apply writes straight into the upper layer, before the overlay exists, so the
-    // overlay copies nothing up; an image with a symlinked /etc directory gets the
-    // overlay first and the writes through it.
-    let layers = apply::Tree::layers(Path::new(&lower), Path::new(&upper));
-    if layers.is_none() {
+/// The image and the writable layer; `direct`: apply writes into the upper layer before
+/// the overlay exists (else the overlay is already mounted and apply writes through it).
+struct RootLayers {
+    lower: PathBuf,
+    upper: PathBuf,
+    direct: bool,
+}
+
+fn root_step(
+    r: &Run,
+    sys: &dyn System,
+    nbd: &NbdAttached,
+    tl: &mut Timeline,
+) -> Result<RootLayers, BootError> {
+    let Run { cmd, l, .. } = *r;
+    pause_at(cmd, Step::Root);
+    rootfs::mount_layers(sys, &nbd.device, &cmd.overlay_size, &l.run)?;
+    let lower = PathBuf::from(rootfs::lower_dir(&l.run));
+    let upper = PathBuf::from(rootfs::upper_dir(&l.run));
+    // Writing straight into the upper layer means the overlay copies nothing up; an image
+    // with a symlinked /etc directory gets the overlay first and the writes through it.
+    let direct = apply::Tree::layers(&lower, &upper).is_some();
+    if !direct {
         log::info!(
             "apply: a directory under /etc is a symlink in the image: writing through the overlay"
         );
-        rootfs::mount_overlay(sys, &l.run, &l.newroot).map_err(|e| fail(e.into()))?;
+        rootfs::mount_overlay(sys, &l.run, &l.newroot)?;
     }
-    tl.mark("layers");
+    tl.mark(Mark::Done(Step::Root));
+    Ok(RootLayers {
+        lower,
+        upper,
+        direct,
+    })
+}
 
-    pause_at(&cmd, "apply");
-    if conf_text.is_none() {
-        let p = Path::new(&lower).join("etc/lts.conf");
-        conf_text = std::fs::read_to_string(&p)
-            .ok()
-            .map(|t| ("/etc/lts.conf (image)".to_string(), t));
-    }
+/// lts.conf (the server's, else the image's) resolved for this node and applied to the
+/// root, which is then whole.
+fn configure(
+    r: &Run,
+    sys: &dyn System,
+    net: &NetStep,
+    layers: &RootLayers,
+    tl: &mut Timeline,
+) -> Result<NodeConfig, BootError> {
+    let Run { cmd, l, .. } = *r;
+    pause_at(cmd, Step::Apply);
+    let conf = net.conf.clone().or_else(|| {
+        let text = std::fs::read_to_string(layers.lower.join("etc/lts.conf")).ok()?;
+        Some(FetchedConf {
+            source: "/etc/lts.conf (image)".into(),
+            text,
+        })
+    });
+    let info = &net.info;
     let id = Identity {
-        hostname: net.lease.hostname.clone(),
-        ip: Some(net.lease.ip.to_string()),
-        mac: Some(net.mac.clone()),
+        hostname: info.lease.hostname.clone(),
+        ip: Some(info.lease.ip.to_string()),
+        mac: Some(info.mac.clone()),
     };
     let config = config::resolve(
-        conf_text.as_ref().map(|(n, t)| (n.as_str(), t.as_str())),
-        &cmd,
+        conf.as_ref().map(|c| (c.source.as_str(), c.text.as_str())),
+        cmd,
         &id,
     );
     for problem in &config.problems {
@@ -353,16 +427,23 @@ pub fn boot(
         config.resolved.sections.join(", ")
     );
     let node = Node {
-        ip: Some(net.lease.ip),
-        mac: Some(net.mac.clone()),
-        iface: Some(net.iface.clone()),
-        server: server.as_deref().and_then(|s| s.parse().ok()),
-        hostname: net.lease.hostname.clone(),
-        dns: net.lease.dns.clone(),
-        domain: net.lease.domain.clone(),
+        ip: Some(info.lease.ip),
+        mac: Some(info.mac.clone()),
+        iface: Some(info.iface.clone()),
+        server: net.server.as_deref().and_then(|s| s.parse().ok()),
+        hostname: info.lease.hostname.clone(),
+        dns: info.lease.dns.clone(),
+        domain: info.lease.domain.clone(),
     };
-    let tree = layers.unwrap_or(apply::Tree::Dir(Path::new(&l.newroot)));
-    let report = apply::apply(tree, &config.resolved, &node).map_err(|e| fail(e.into()))?;
+    let tree = if layers.direct {
+        apply::Tree::Layers {
+            lower: &layers.lower,
+            upper: &layers.upper,
+        }
+    } else {
+        apply::Tree::Dir(Path::new(&l.newroot))
+    };
+    let report = apply::apply(tree, &config.resolved, &node)?;
     for w in &report.warnings {
         log::warn!("apply: {w}");
     }
@@ -371,165 +452,126 @@ pub fn boot(
         report.written.join(" "),
         report.masked.join(" ")
     );
-    tl.mark("applied");
-    if layers.is_some() {
-        rootfs::mount_overlay(sys, &l.run, &l.newroot).map_err(|e| fail(e.into()))?;
+    tl.mark(Mark::Done(Step::Apply));
+    if layers.direct {
+        rootfs::mount_overlay(sys, &l.run, &l.newroot)?;
     }
-    tl.mark("root-mounted");
-
-    let preinit = apply::preinit_commands(&config.resolved);
-    let env = boot_env(&cmd, &net, &config, &attached, server.as_deref());
-    let _ = std::fs::write(format!("{}/ltsp/boot.env", l.run), env_file(&env));
-
-    let booted = Booted {
-        cmdline: cmd.clone(),
-        net,
-        config,
-        nbd: attached,
-        timeline: tl.clone(),
-    };
-    match mode {
-        Mode::Worker => {
-            // initramfs-tools moves the mounts and execs init; PREINIT runs chrooted now.
-            if !preinit.is_empty() {
-                run_preinit(sys, Some(&l.newroot), &preinit_argv(&preinit), &env);
-            }
-            tl.mark("handover");
-            blog::restore_kmsg_limit(kmsg_limit);
-            log::info!("timeline: {}", tl.render());
-            Ok(Booted {
-                timeline: tl,
-                ..booted
-            })
-        }
-        Mode::Pid1 => {
-            pause_at(&cmd, "switch");
-            switch_root::switch_root(sys, &l.newroot, freer).map_err(|e| fail(e.into()))?;
-            tl.mark("switched");
-            pause_at(&cmd, "preinit");
-            if !preinit.is_empty() {
-                run_preinit(sys, None, &preinit_argv(&preinit), &env);
-            }
-            pause_at(&cmd, "init");
-            tl.mark("exec-init");
-            log::info!("timeline: {}", tl.render());
-            log::info!("{}", tl.agent_time(booted.net.dhcp_wait));
-            let _ = std::fs::write("/run/ltsp/timeline", format!("{}\n", tl.render()));
-            let mut argv = vec![cmd.init.clone()];
-            argv.extend(cmd.init_args.iter().cloned());
-            blog::restore_kmsg_limit(kmsg_limit);
-            close_inherited_fds();
-            let err = sys.exec(&argv, &init_env());
-            Err(fail(BootError::Exec {
-                init: cmd.init.clone(),
-                source: err,
-            }))
-        }
-    }
+    tl.mark(Mark::RootMounted);
+    Ok(config)
 }
 
-/// Boot NIC up, then lts.conf fetched: returns the NIC, lts.conf (name, text) if the
-/// server had one, and the boot server.
-type NetStep = (NetInfo, Option<(String, String)>, Option<String>);
-
-fn network_steps(
-    p: &mut dyn Platform,
-    cmd: &Cmdline,
-    deadline: Instant,
-    tl: &mut Timeline,
-    l: &Layout,
-) -> Result<NetStep, BootError> {
-    pause_at(cmd, "net");
-    tl.mark("net");
-    let net = retry("net", deadline, cmd.retries, |_| p.bring_up(cmd, deadline))?;
-    tl.mark("net-up");
-    write_run_files(l, &net);
-    pause_at(cmd, "ltsconf");
-    tl.mark("ltsconf");
-    let server = cmd
-        .server
-        .clone()
-        .or(net.lease.next_server.map(|s| s.to_string()));
-    let conf = fetch_lts_conf(p, cmd, &net, server.as_deref());
-    Ok((net, conf, server))
-}
-
-/// Started now, from the initramfs, so it outlives the switch and never reads the root it
-/// repairs; `@` in argv[0] keeps systemd's shutdown from killing it (ROOT_STORAGE_DAEMONS).
-/// In PID 1 mode, returns the pipe that tells it to free the initramfs (see
-/// [`reconnect::Inherited::initramfs`]).
-fn start_reconnect_helper(
+/// Worker mode: PREINIT runs chrooted now; initramfs-tools moves the mounts and execs init.
+fn hand_over(
     sys: &dyn System,
-    a: &NbdAttached,
-    index: u32,
-    targets: Vec<NbdTarget>,
-    current: usize,
-    events: Option<OwnedFd>,
-    mode: Mode,
-) -> Option<std::fs::File> {
-    let (console, kmsg) = blog::raw_fds();
-    let pipe = match mode {
-        Mode::Pid1 => nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| log::warn!("nbd: pipe: {e}; the boot frees the initramfs itself"))
-            .ok(),
-        Mode::Worker => None,
-    };
-    let fds = reconnect::Inherited {
-        events: events.as_ref().map(|e| e.as_raw_fd()),
-        console,
-        kmsg,
-        initramfs: pipe.as_ref().map(|(r, _)| r.as_raw_fd()),
-    };
-    let w = reconnect::Watch {
-        index,
-        size: a.size,
-        identity: a.identity.clone(),
-        targets,
-        current,
-        fds,
-    };
-    // Our copies of `events` and the pipe's read end close when this returns; the helper
-    // keeps its own.
-    match sys.spawn("@ltsp-nbd-watch", &w.to_args(), &fds.list()) {
-        Ok(pid) => {
-            log::info!("nbd: reconnect helper started (pid {pid})");
-            pipe.map(|(_, w)| std::fs::File::from(w))
-        }
-        Err(e) => {
-            log::warn!("nbd: reconnect helper not started: {e}; a dead connection will stay dead");
-            None
-        }
+    mut booted: Booted,
+    preinit: &[String],
+    env: &[(String, String)],
+    kmsg_limit: Option<String>,
+    l: &Layout,
+) -> Booted {
+    if !preinit.is_empty() {
+        run_preinit(sys, Some(&l.newroot), &preinit_argv(preinit), env);
+    }
+    booted.timeline.mark(Mark::Handover);
+    blog::restore_kmsg_limit(kmsg_limit);
+    log::info!("timeline: {}", booted.timeline.render());
+    booted
+}
+
+/// PID 1: switch root, run PREINIT, exec init. Returns only what went wrong.
+fn switch_and_exec(
+    sys: &dyn System,
+    mut booted: Booted,
+    freer: Option<std::fs::File>,
+    preinit: &[String],
+    env: &[(String, String)],
+    kmsg_limit: Option<String>,
+    l: &Layout,
+) -> BootError {
+    let cmd = &booted.cmdline;
+    let tl = &mut booted.timeline;
+    pause_at(cmd, Step::Switch);
+    if let Err(e) = switch_root::switch_root(sys, &l.newroot, freer) {
+        return e.into();
+    }
+    tl.mark(Mark::Done(Step::Switch));
+    pause_at(cmd, Step::Preinit);
+    if !preinit.is_empty() {
+        run_preinit(sys, None, &preinit_argv(preinit), env);
+    }
+    pause_at(cmd, Step::Init);
+    tl.mark(Mark::Begin(Step::Init));
+    log::info!("timeline: {}", tl.render());
+    log::info!("{}", tl.agent_time(booted.net.dhcp_wait));
+    let _ = std::fs::write("/run/ltsp/timeline", format!("{}\n", tl.render()));
+    let mut argv = vec![cmd.init.clone()];
+    argv.extend(cmd.init_args.iter().cloned());
+    blog::restore_kmsg_limit(kmsg_limit);
+    close_inherited_fds();
+    let source = sys.exec(&argv, &init_env());
+    BootError::Exec {
+        init: cmd.init.clone(),
+        source,
     }
 }
+
+/// One of the API filesystems PID 1 mounts first.
+struct EarlyMount {
+    source: &'static str,
+    /// `None`: the layout's /run.
+    target: Option<&'static str>,
+    fstype: &'static str,
+    flags: MsFlags,
+    data: &'static str,
+}
+
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
+const EARLY_MOUNTS: [EarlyMount; 4] = [
+    EarlyMount {
+        source: "proc",
+        target: Some("/proc"),
+        fstype: "proc",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: "",
+    },
+    EarlyMount {
+        source: "sysfs",
+        target: Some("/sys"),
+        fstype: "sysfs",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: "",
+    },
+    EarlyMount {
+        source: "devtmpfs",
+        target: Some("/dev"),
+        fstype: "devtmpfs",
+        flags: MsFlags::MS_NOSUID,
+        data: "mode=0755",
+    },
+    // systemd's initrd interface: /run a tmpfs, mode 0755, carried into the new root.
+    EarlyMount {
+        source: "tmpfs",
+        target: None,
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: "mode=0755",
+    },
+];
 
 fn early_mounts(sys: &dyn System, l: &Layout) -> Result<(), BootError> {
-    let m = |src: &str, target: &str, fstype: &'static str, flags: MsFlags, data: &str| {
+    for m in &EARLY_MOUNTS {
+        let target = m.target.unwrap_or(&l.run);
         let _ = sys.mkdir(target);
-        sys.mount(src, target, fstype, flags, data)
+        sys.mount(m.source, target, m.fstype, m.flags, m.data)
             .map_err(|source| BootError::EarlyMount {
-                fstype,
+                fstype: m.fstype,
                 target: target.into(),
                 source,
-            })
-    };
-    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    m("proc", "/proc", "proc", nosuid, "")?;
-    m("sysfs", "/sys", "sysfs", nosuid, "")?;
-    m(
-        "devtmpfs",
-        "/dev",
-        "devtmpfs",
-        MsFlags::MS_NOSUID,
-        "mode=0755",
-    )?;
-    // systemd's initrd interface: /run a tmpfs, mode 0755, carried into the new root.
-    m(
-        "tmpfs",
-        &l.run,
-        "tmpfs",
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        "mode=0755",
-    )?;
+            })?;
+    }
     Ok(())
 }
 
@@ -603,7 +645,7 @@ fn fetch_lts_conf(
     cmd: &Cmdline,
     net: &NetInfo,
     server: Option<&str>,
-) -> Option<(String, String)> {
+) -> Option<FetchedConf> {
     let paths: Vec<String> = match cmd.conf_path.as_deref() {
         Some("none") => return None,
         Some(path) => vec![path.to_string()],
@@ -630,24 +672,16 @@ fn fetch_lts_conf(
         match p.fetch(SocketAddr::new(addr, 69), &path) {
             Ok(bytes) => {
                 log::info!("lts.conf: {} bytes from tftp://{addr}{}", bytes.len(), path);
-                return Some((
-                    format!("tftp://{addr}{path}"),
-                    String::from_utf8_lossy(&bytes).into_owned(),
-                ));
+                return Some(FetchedConf {
+                    source: format!("tftp://{addr}{path}"),
+                    text: String::from_utf8_lossy(&bytes).into_owned(),
+                });
             }
             Err(e) => log::info!("lts.conf: {e}"),
         }
     }
     log::info!("lts.conf: none on the server: the image's /etc/lts.conf is used if it has one");
     None
-}
-
-fn nbd_index(cmd: &Cmdline) -> u32 {
-    cmd.root
-        .as_deref()
-        .and_then(|r| r.strip_prefix("/dev/nbd"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }
 
 /// What PREINIT commands and the root system learn about the boot (also /run/ltsp/boot.env).
@@ -737,8 +771,8 @@ fn close_inherited_fds() {
 }
 
 /// `ltsp.break=STEP`: a shell before the step, for debugging a node by hand.
-fn pause_at(cmd: &Cmdline, step: &str) {
-    if cmd.breaks.iter().any(|b| b == step) {
+fn pause_at(cmd: &Cmdline, step: Step) {
+    if cmd.breaks.contains(&step) {
         crate::failure::shell(&format!("ltsp.break={step}"));
     }
 }
@@ -766,83 +800,11 @@ impl Platform for RealPlatform {
         index: u32,
         cmd: &Cmdline,
     ) -> Result<NbdAttached, NbdError> {
-        let first = handshake::connect(t, Duration::from_secs(5))?;
-        let info = first.info.clone();
-        log::info!(
-            "nbd: {t}: {} bytes, flags {:#x}, {}",
-            info.size,
-            info.flags,
-            info.description.as_deref().unwrap_or("no description")
-        );
-        let mut conns = vec![first];
-        if info.flags & ltsp_common::nbd::TFLAG_CAN_MULTI_CONN != 0 {
-            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-            for n in 1..cmd.nbd_connections_for(cpus) {
-                let c = handshake::connect(t, Duration::from_secs(5))?;
-                // Every connection must reach the same bytes.
-                if c.info.description != info.description || c.info.size != info.size {
-                    return Err(NbdError::ImageChanged {
-                        target: t.to_string(),
-                        n,
-                        got: c.info.description,
-                        want: info.description,
-                    });
-                }
-                conns.push(c);
-            }
-        }
-        let mut g = netlink::Genl::open()?;
-        let cfg = netlink::DeviceConfig {
-            index,
-            size: info.size,
-            block_size: 4096,
-            server_flags: info.flags as u64,
-            timeout_secs: cmd.nbd_timeout.as_secs(),
-            dead_conn_timeout_secs: cmd.dead_timeout.as_secs(),
-            backend: info.identity().map(str::to_string),
-        };
-        let socks: Vec<&std::net::TcpStream> = conns.iter().map(|c| &c.stream).collect();
-        g.connect(&cfg, &socks)?;
-        self.genl = Some(g);
-        let device = format!("/dev/nbd{index}");
-        let size_file = format!("/sys/block/nbd{index}/size");
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            let sectors: u64 = std::fs::read_to_string(&size_file)
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .unwrap_or(0);
-            if sectors > 0 && Path::new(&device).exists() {
-                break;
-            }
-            if Instant::now() > until {
-                return Err(NbdError::DeviceTimeout { device, secs: 10 });
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        // The kernel holds its own references to the sockets; ours close here.
-        Ok(NbdAttached {
-            device,
-            size: info.size,
-            connections: conns.len() as u32,
-            identity: info.identity().map(str::to_string),
-            description: info.description,
-        })
+        nbd::attach(&mut self.genl, t, index, cmd)
     }
 
     fn link_dead_events(&mut self) -> Option<OwnedFd> {
-        let g = match self.genl.take() {
-            Some(g) => Ok(g),
-            None => netlink::Genl::open(),
-        };
-        let subscribed = g.and_then(|mut g| g.subscribe().map(|_| g));
-        match subscribed {
-            Ok(g) => Some(g.into_fd()),
-            Err(e) => {
-                log::warn!("nbd: link-dead events: {e}; the helper will subscribe itself");
-                None
-            }
-        }
+        nbd::link_dead_events(&mut self.genl)
     }
 }
 
@@ -852,6 +814,16 @@ mod tests {
     use crate::net::dhcp::Lease;
     use crate::system::Recorder;
     use std::net::Ipv4Addr;
+
+    /// The tests read a failed boot as (error, what the cmdline wants done).
+    fn boot(
+        sys: &(dyn System + Sync),
+        p: &mut dyn Platform,
+        mode: Mode,
+        l: &Layout,
+    ) -> Result<Booted, Box<(BootError, Option<OnFailure>)>> {
+        super::boot(sys, p, mode, l).map_err(|f| Box::new((f.error, f.on_failure)))
+    }
 
     #[test]
     fn agent_time_leaves_out_the_dhcp_answer_and_preinit() {
@@ -1101,7 +1073,7 @@ mod tests {
             attached: vec![],
         };
         let (e, _) = *boot(&sys, &mut p, Mode::Worker, &l).err().unwrap();
-        assert_eq!(e.step(), "cmdline");
+        assert_eq!(e.step(), Some(Step::Cmdline));
 
         let l = layout(d.path(), "root=/dev/nbd0 ltsp.timeout=1");
         let sys = Recorder {
@@ -1109,7 +1081,7 @@ mod tests {
             ..Default::default()
         };
         let (e, _) = *boot(&sys, &mut p, Mode::Worker, &l).err().unwrap();
-        assert_eq!(e.step(), "root");
+        assert_eq!(e.step(), Some(Step::Root));
         assert!(
             e.to_string().contains("is the export a squashfs image"),
             "{e}"
@@ -1125,7 +1097,7 @@ mod tests {
         let (e, _) = *boot(&Recorder::default(), &mut p, Mode::Worker, &l)
             .err()
             .unwrap();
-        assert_eq!(e.step(), "nbd");
+        assert_eq!(e.step(), Some(Step::Nbd));
         assert!(
             t0.elapsed() < Duration::from_secs(3),
             "the deadline bounds the retries"

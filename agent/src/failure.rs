@@ -2,8 +2,62 @@
 //! the cmdline asked (shell, reboot after N seconds, halt). As PID 1 this never returns:
 //! PID 1 exiting panics the kernel with a message nobody can act on.
 
+use crate::boot::BootError;
+use crate::net;
 use ltsp_common::cmdline::OnFailure;
+use ltsp_common::step::Step;
 use std::time::Duration;
+
+/// A failed boot: what failed, and what the cmdline wants done about it (unknown when
+/// the cmdline itself could not be read).
+#[derive(Debug)]
+pub struct Failed {
+    pub error: BootError,
+    pub on_failure: Option<OnFailure>,
+}
+
+impl BootError {
+    /// The step that failed; `None`: the agent itself (a panic).
+    pub fn step(&self) -> Option<Step> {
+        Some(match self {
+            BootError::EarlyMount { .. } => Step::Mounts,
+            BootError::Cmdline { .. } | BootError::NotNetworkRoot => Step::Cmdline,
+            BootError::Net(_) => Step::Net,
+            BootError::Nbd(_) => Step::Nbd,
+            BootError::Root(_) => Step::Root,
+            BootError::Apply(_) => Step::Apply,
+            BootError::Switch(_) => Step::Switch,
+            BootError::Exec { .. } => Step::Init,
+            BootError::Panicked => return None,
+        })
+    }
+
+    /// What the operator should look at.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            BootError::Net(net::NetError::Dhcp(_)) => {
+                "the DHCP server (is it running, does it serve this network?)"
+            }
+            BootError::Net(_) => "the NIC, its driver in the initramfs, the cable, BOOTIF= and ip=",
+            BootError::Nbd(_) => {
+                "that ltsp-server runs, the nbdroot= host/port/export, and firewalls on port 10809"
+            }
+            BootError::Root(_) => {
+                "that the export is a squashfs image and the initramfs has squashfs and overlay"
+            }
+            BootError::Exec { .. } => "init= and that the image has /sbin/init",
+            _ => "",
+        }
+    }
+}
+
+impl Failed {
+    /// Says on the console which step failed, why, and what to check.
+    pub fn report(&self) {
+        let step = self.error.step().map_or("agent", Step::name);
+        report(step, &self.error.to_string(), self.error.hint());
+    }
+}
 
 pub fn report(step: &str, why: &str, hint: &str) {
     log::error!("step `{step}` failed: {why}");

@@ -3,7 +3,8 @@
 
 use clap::{Args, Parser, Subcommand};
 use ltsp_agent::boot::{self, Layout, Mode};
-use ltsp_agent::{apply, config, failure, system};
+use ltsp_agent::failure::{self, Failed};
+use ltsp_agent::{apply, config, system};
 use ltsp_common::cmdline::{Cmdline, OnFailure, OPTIONS};
 use ltsp_common::ltsconf::Identity;
 use std::path::PathBuf;
@@ -284,7 +285,7 @@ fn fail(msg: &str) -> ExitCode {
 const DEFAULT_FAILURE: OnFailure = OnFailure::Reboot(Duration::from_secs(60));
 
 /// Runs the boot with logging and a panic hook; a panic becomes a reported failure.
-fn run_boot(mode: Mode, root: &str) -> Option<boot::Failed> {
+fn run_boot(mode: Mode, root: &str) -> Option<Box<Failed>> {
     ltsp_agent::log::init_boot(false);
     std::panic::set_hook(Box::new(|info| log::error!("internal error: {info}")));
     let r = std::panic::catch_unwind(|| {
@@ -298,7 +299,7 @@ fn run_boot(mode: Mode, root: &str) -> Option<boot::Failed> {
     match r {
         Ok(Ok(_)) => None,
         Ok(Err(f)) => {
-            failure::report(f.0.step(), &f.0.to_string(), f.0.hint());
+            f.report();
             Some(f)
         }
         Err(_) => {
@@ -307,7 +308,10 @@ fn run_boot(mode: Mode, root: &str) -> Option<boot::Failed> {
                 "internal error (see the line above)",
                 "report it with the console log",
             );
-            Some(Box::new((boot::BootError::Panicked, None)))
+            Some(Box::new(Failed {
+                error: boot::BootError::Panicked,
+                on_failure: None,
+            }))
         }
     }
 }
@@ -322,7 +326,7 @@ fn pid1() -> ! {
             "report it with the console log",
         );
     }
-    failure::act(f.and_then(|f| f.1).unwrap_or(DEFAULT_FAILURE))
+    failure::act(f.and_then(|f| f.on_failure).unwrap_or(DEFAULT_FAILURE))
 }
 
 /// The initramfs-tools worker: exit 0 with the root mounted, else non-zero so the boot
@@ -330,7 +334,7 @@ fn pid1() -> ! {
 fn worker(root: &str) -> ExitCode {
     match run_boot(Mode::Worker, root) {
         None => ExitCode::SUCCESS,
-        Some(f) => match f.1.unwrap_or(DEFAULT_FAILURE) {
+        Some(f) => match f.on_failure.unwrap_or(DEFAULT_FAILURE) {
             OnFailure::Shell => ExitCode::from(1),
             other => failure::act(other),
         },

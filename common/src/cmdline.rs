@@ -2,6 +2,7 @@
 //! the agent acts on. A typo never aborts: it becomes a warning that names the parameter,
 //! and the option keeps its default.
 
+use crate::step::Step;
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -246,11 +247,6 @@ impl fmt::Display for OnFailure {
     }
 }
 
-/// The steps a `ltsp.break=` can stop before.
-pub const BREAK_POINTS: &[&str] = &[
-    "modules", "net", "ltsconf", "nbd", "root", "apply", "switch", "preinit", "init",
-];
-
 /// One row of the option table: name, default, meaning. The README's table is built from
 /// the same words; `ltsp-agent options` prints it.
 pub const OPTIONS: &[(&str, &str, &str)] = &[
@@ -294,7 +290,7 @@ pub struct Cmdline {
     pub on_failure: OnFailure,
     pub debug: bool,
     pub reconnect: bool,
-    pub breaks: Vec<String>,
+    pub breaks: Vec<Step>,
     /// 0: auto, see [`Cmdline::nbd_connections_for`].
     pub nbd_connections: u32,
     pub nbd_timeout: Duration,
@@ -493,13 +489,12 @@ impl Cmdline {
             "reconnect" => self.reconnect = !matches!(val, "0" | "no" | "false" | "off"),
             "break" => {
                 for b in val.split(',').filter(|b| !b.is_empty()) {
-                    if BREAK_POINTS.contains(&b) {
-                        self.breaks.push(b.to_string());
-                    } else {
-                        self.warnings.push(format!(
+                    match Step::from_break(b) {
+                        Some(step) => self.breaks.push(step),
+                        None => self.warnings.push(format!(
                             "{full}: unknown step {b:?}; expected one of {}",
-                            BREAK_POINTS.join(",")
-                        ));
+                            Step::break_names()
+                        )),
                     }
                 }
             }
@@ -545,6 +540,12 @@ fn is_mac(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_option_table_lists_the_break_steps() {
+        let (_, _, meaning) = OPTIONS.iter().find(|o| o.0 == "ltsp.break=").unwrap();
+        assert!(meaning.ends_with(&Step::break_names()), "{meaning}");
+    }
 
     #[test]
     fn kernel_quoting() {
@@ -633,7 +634,7 @@ mod tests {
         assert_eq!(c.bootif.as_deref(), Some("aa:bb:cc:dd:ee:ff"));
         assert_eq!(c.overlay_size, "2G");
         assert_eq!(c.on_failure, OnFailure::Reboot(Duration::from_secs(5)));
-        assert_eq!(c.breaks, vec!["nbd", "init"]);
+        assert_eq!(c.breaks, vec![Step::Nbd, Step::Init]);
         assert_eq!(c.overrides, vec![("HOSTNAME".into(), "n1".into())]);
         assert_eq!(c.timeout, Duration::from_secs(9));
         assert_eq!(c.init, "/lib/systemd/systemd");

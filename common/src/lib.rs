@@ -4,4 +4,5 @@
 pub mod cmdline;
 pub mod ltsconf;
 pub mod nbd;
+pub mod step;
 pub mod tftp;

@@ -64,10 +64,6 @@ pub fn tool(name: &str) -> PathBuf {
     panic!("{name} is not installed: run scripts/setup");
 }
 
-pub fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 /// A running `ltsp-server serve`, killed on drop; its stderr is kept for assertions.
 pub struct ServerProc {
     child: Child,

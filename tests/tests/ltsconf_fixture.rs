@@ -1,18 +1,13 @@
-//! The real user's lts.conf (../shared/fixtures) through `ltsp-agent config` and `apply`,
-//! as an operator runs them: it must resolve and apply as its author meant.
+//! A Kubernetes worker's lts.conf (tests/fixtures/k8s-worker.lts.conf, the shapes a real
+//! cluster's file has) through `ltsp-agent config` and `apply`, as an operator runs them:
+//! it must resolve and apply as its author meant.
 
 use ltsp_tests::{bin, run, workspace_root};
 use std::path::PathBuf;
 use std::process::Command;
 
 fn fixture() -> PathBuf {
-    let p = workspace_root().join("../shared/fixtures/lts.conf/k8s-node-blog.lts.conf");
-    assert!(
-        p.exists(),
-        "{} missing: shared/ must sit beside the checkout",
-        p.display()
-    );
-    p
+    workspace_root().join("tests/fixtures/k8s-worker.lts.conf")
 }
 
 #[test]
@@ -33,31 +28,50 @@ fn config_prints_the_fixture_like_getltscfg() {
     assert_eq!(
         keys,
         vec![
-            "FSTAB_01_SSH",
-            "FSTAB_02_JOURNALD",
-            "FSTAB_03_DOCKER",
+            "FSTAB_01_KUBELET",
+            "FSTAB_02_CONTAINERD",
+            "FSTAB_03_LOGS",
             "KEEP_SYSTEM_SERVICES",
-            "PREINIT_00_TIME",
-            "PREINIT_01_FIX_HOSTNAME",
-            "PREINIT_02_DOCKER_OPTIONS",
-            "RCFILE_01_SSH_SERVER",
-            "RCFILE_02_SSH_CLIENT",
-            "RCFILE_03_KERNEL_DEBUG",
-            "RCFILE_04_SYSCTL",
-            "RCFILE_05_FORWARD",
-            "RCFILE_06_MODULES",
-            "RCFILE_07_JOIN_K8S",
+            "PREINIT_00_ZONE",
+            "PREINIT_01_HOSTS",
+            "PREINIT_02_CONTAINERD",
+            "RCFILE_01_HOST_KEYS",
+            "RCFILE_02_ADMIN_KEY",
+            "RCFILE_03_WATCHDOG",
+            "RCFILE_04_LIMITS",
+            "RCFILE_05_BRIDGE",
+            "RCFILE_06_FORWARD",
+            "RCFILE_07_JOIN",
         ]
     );
-    assert!(out.contains("RCFILE_05_FORWARD=\"echo 1 > /proc/sys/net/ipv4/ip_forward\"\n"));
+    assert!(out.contains("RCFILE_06_FORWARD=\"echo 1 > /proc/sys/net/ipv4/ip_forward\"\n"));
+    assert!(out.contains(
+        "KEEP_SYSTEM_SERVICES=\"ssh dbus-org.freedesktop.login1 systemd-logind chrony\"\n"
+    ));
     // The output is what getltscfg -a gave: sh can eval it and get the values back.
-    let script = format!("{out}\nprintf '%s' \"$PREINIT_02_DOCKER_OPTIONS\"");
+    let script = format!("{out}\nprintf '%s' \"$PREINIT_02_CONTAINERD\"");
     let (ok, v, _) = run(Command::new("sh").arg("-c").arg(script));
     assert!(ok);
+    assert_eq!(
+        v,
+        "sed -i 's|^ExecStart=.*|ExecStart=/usr/bin/containerd --config /etc/containerd/config.toml --log-level warn|' /etc/systemd/system/containerd.service"
+    );
+}
+
+#[test]
+fn a_mac_section_overrides_the_default() {
+    let (ok, out, err) = run(Command::new(bin("ltsp-agent"))
+        .args(["config", "--mac", "52:54:00:00:00:42", "--lts-conf"])
+        .arg(fixture()));
+    assert!(ok, "{err}");
+    assert!(out.contains("HOSTNAME=\"gpu-worker\"\n"), "{out}");
     assert!(
-        v.starts_with("sed -i 's|^ExecStart=.*|ExecStart=/usr/bin/dockerd -H fd://")
-            && v.ends_with("/etc/systemd/system/docker.service"),
-        "{v}"
+        out.contains("KEEP_SYSTEM_SERVICES=\"ssh dbus-org.freedesktop.login1 systemd-logind chrony nvidia-persistenced\"\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("RCFILE_07_JOIN=\"kubeadm join 192.0.2.50:6443 "),
+        "{out}"
     );
 }
 
@@ -89,21 +103,21 @@ fn apply_writes_what_the_author_meant() {
     let lines: Vec<&str> = fstab.lines().filter(|l| !l.starts_with('#')).collect();
     assert_eq!(lines.len(), 3);
     assert!(
-        lines[0].starts_with("/dev/data/ssh ")
-            && lines[1].starts_with("/dev/data/journal ")
-            && lines[2].starts_with("/dev/data/docker ")
+        lines[0].starts_with("/dev/node/kubelet ")
+            && lines[1].starts_with("/dev/node/containerd ")
+            && lines[2].starts_with("/dev/node/logs ")
     );
     assert!(lines.iter().all(|l| l.contains("nofail")));
     let rc = std::fs::read_to_string(root.path().join("etc/rc.local")).unwrap();
     assert!(rc.starts_with("#!/bin/sh\n"));
     let order = [
-        "cp /rofs/etc/ssh/*_config /etc/ssh; ssh-keygen -A",
-        "mkdir -p /root/.ssh/",
-        "sysctl -w kernel.unknown_nmi_panic=1",
-        "sysctl -w fs.file-max",
+        "cp /rofs/etc/ssh/sshd_config /etc/ssh; ssh-keygen -A",
+        "install -d -m 700 /root/.ssh",
+        "sysctl -w kernel.panic=10",
+        "sysctl -w fs.inotify.max_user_watches",
+        "modprobe br_netfilter overlay",
         "echo 1 > /proc/sys/net/ipv4/ip_forward",
-        "modprobe br_netfilter",
-        "kubeadm join --token",
+        "kubeadm join 192.0.2.50:6443 --token",
     ];
     let pos: Vec<usize> = order
         .iter()
@@ -115,7 +129,7 @@ fn apply_writes_what_the_author_meant() {
     );
     assert!(rc
         .trim_end()
-        .ends_with("sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"));
+        .ends_with("sha256:0000000000000000000000000000000000000000000000000000000000000000"));
     // PREINIT in order, for the boot to run.
     let pre: Vec<&str> = out
         .lines()
@@ -123,9 +137,9 @@ fn apply_writes_what_the_author_meant() {
         .collect();
     assert_eq!(pre.len(), 3);
     assert!(
-        pre[0].starts_with("ln -sf /usr/share/zoneinfo/Europe/Prague")
-            && pre[1].starts_with("sed -i '/^127.0.0.2/d'")
-            && pre[2].contains("dockerd")
+        pre[0].starts_with("ln -sf /usr/share/zoneinfo/Europe/Berlin")
+            && pre[1].starts_with("sed -i '/^127.0.1.1/d'")
+            && pre[2].contains("/usr/bin/containerd")
     );
     // KEEP_SYSTEM_SERVICES keeps ssh; the NIC-reconfiguring ifupdown unit is masked.
     assert!(!root.path().join("etc/systemd/system/ssh.service").exists());

@@ -39,6 +39,7 @@ fn agent_and_server_packages() {
         "./usr/sbin/ltsp-mkinitramfs",
         "./usr/share/initramfs-tools/hooks/ltsp",
         "./usr/share/initramfs-tools/scripts/ltsp",
+        "./usr/share/ltsp-agent/nic-drivers",
     ] {
         assert!(files.contains(f), "{f} not in the agent package:\n{files}");
     }

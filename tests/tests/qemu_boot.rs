@@ -3,7 +3,7 @@
 //! Both initramfs flavours. Needs root (network namespace, tap, chroot). The failure
 //! and fault scenarios are in qemu_fault.rs.
 
-use ltsp_tests::{is_root, workspace_root};
+use ltsp_tests::workspace_root;
 use std::process::Command;
 use std::sync::Mutex;
 
@@ -126,11 +126,8 @@ fn assert_node(out: &str) {
 }
 
 #[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn standalone_initramfs_boots_into_systemd_and_reboots_clean() {
-    if !is_root() {
-        eprintln!("skipped: QEMU boots need root");
-        return;
-    }
     let out = boot("standalone");
     assert_node(&out);
     assert!(
@@ -148,11 +145,8 @@ fn standalone_initramfs_boots_into_systemd_and_reboots_clean() {
 }
 
 #[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn initramfs_tools_flavour_boots_into_systemd_and_reboots_clean() {
-    if !is_root() {
-        eprintln!("skipped: QEMU boots need root");
-        return;
-    }
     let out = boot("initramfs-tools");
     assert_node(&out);
     assert!(
@@ -183,11 +177,8 @@ fn boot_with(args: &[&str]) -> String {
 }
 
 #[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn bios_node_boots_through_proxy_dhcp_next_to_a_dhcp_server_that_knows_no_pxe() {
-    if !is_root() {
-        eprintln!("skipped: QEMU boots need root");
-        return;
-    }
     let out = boot_with(&["--dhcp", "proxy"]);
     // The NIC's iPXE ROM asked as iPXE and got the script, from our proxy.
     assert!(
@@ -198,11 +189,8 @@ fn bios_node_boots_through_proxy_dhcp_next_to_a_dhcp_server_that_knows_no_pxe() 
 }
 
 #[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn uefi_firmware_pxe_chainloads_ipxe_through_proxy_dhcp_and_fetches_by_http() {
-    if !is_root() {
-        eprintln!("skipped: QEMU boots need root");
-        return;
-    }
     let out = boot_with(&[
         "--firmware",
         "uefi",
@@ -234,11 +222,8 @@ fn uefi_firmware_pxe_chainloads_ipxe_through_proxy_dhcp_and_fetches_by_http() {
 }
 
 #[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn bios_node_boots_through_grub_netboot_with_the_generated_grub_cfg() {
-    if !is_root() {
-        eprintln!("skipped: QEMU boots need root");
-        return;
-    }
     let out = boot_with(&["--loader", "grub"]);
     // grub-mknetdir's core image, then the grub.cfg ltsp-server generated from [boot].
     assert!(
@@ -255,11 +240,8 @@ fn bios_node_boots_through_grub_netboot_with_the_generated_grub_cfg() {
 }
 
 #[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn a_lab_with_no_dhcp_server_boots_from_ltsp_servers_own() {
-    if !is_root() {
-        eprintln!("skipped: QEMU boots need root");
-        return;
-    }
     let out = boot_with(&["--dhcp", "server"]);
     // iPXE (the NIC's ROM) got an address and boot.ipxe from us; then the agent its lease.
     assert!(
@@ -280,11 +262,8 @@ fn a_lab_with_no_dhcp_server_boots_from_ltsp_servers_own() {
 /// modules.alias (Debian's generic kernel; the cloud one has neither driver), waits for
 /// their emulated autonegotiation and boots the same image.
 #[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn nodes_with_e1000_and_e1000e_nics_find_their_driver_by_modalias() {
-    if !is_root() {
-        eprintln!("skipped: QEMU boots need root");
-        return;
-    }
     for nic in ["e1000", "e1000e"] {
         let out = boot_with(&["--nic", nic]);
         // The whole line: "e1000" must not match "e1000e".

@@ -4,7 +4,7 @@
 //! translate back, so the client never hears it; single-port mode answers from the
 //! listening port and goes through. Needs root (namespaces, iptables).
 
-use ltsp_tests::{ip, is_root, pattern, run, tool, veth_pair, Netns, ServerProc};
+use ltsp_tests::{ip, pattern, run, tool, veth_pair, Netns, ServerProc};
 use std::process::Command;
 
 fn nat_bed(tag: &str) -> (Netns, String, String) {
@@ -50,11 +50,8 @@ fn fetch(cli: &str, name: &str, dst: &std::path::Path) -> (bool, String) {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces and iptables DNAT"]
 fn single_port_mode_works_through_dnat_and_classic_mode_does_not() {
-    if !is_root() {
-        eprintln!("skipped: network namespaces need root");
-        return;
-    }
     let (_guard, srv, cli) = nat_bed("nat");
     let root = tempfile::tempdir().unwrap();
     let data = pattern(3 * 1024 * 1024 + 5, 7);
