@@ -125,3 +125,17 @@ fn a_node_reboots_twice_cleanly() {
     has(&out, "reboot 1: shutdown took");
     has(&out, "reboot 2: shutdown took");
 }
+
+#[test]
+#[ignore = "needs root and QEMU: network namespaces, tap, chroot"]
+fn a_hostile_network_neither_stops_nor_bloats_the_server() {
+    let out = fault("hostile-network");
+    has(&out, "hostile-network: ");
+    has(&out, "checksums equal");
+    has(&out, "kernel I/O errors 0");
+    has(&out, "real client nbdcopy during the floods: same bytes");
+    has(&out, "real client tftp-hpa during the floods: same bytes");
+    has(&out, "real client curl /healthz during the floods: 0");
+    has(&out, "ltsp-server still running; peak RSS");
+    has(&out, "FLOOD nbd connections=");
+}
