@@ -196,9 +196,12 @@ pub struct Negotiated {
 
 /// Server-side option negotiation: which requested options are accepted, with what values
 /// (RFC 2347: unknown or unacceptable options are left out of the OACK, not refused).
+/// A `timeout` above `max_timeout` is left out and `default_timeout` is used: the server
+/// never lets a client stretch the life of a transfer it may never acknowledge.
 pub fn negotiate(
     req: &Request,
     default_timeout: u8,
+    max_timeout: u8,
     max_window: u16,
 ) -> (Negotiated, Vec<(String, String)>) {
     let mut n = Negotiated {
@@ -228,7 +231,7 @@ pub fn negotiate(
             }
             "timeout" => {
                 if let Ok(t) = v.parse::<u8>() {
-                    if t >= 1 {
+                    if (1..=max_timeout).contains(&t) {
                         n.timeout_secs = t;
                         accepted.push((k.clone(), t.to_string()));
                     }
@@ -301,7 +304,7 @@ mod tests {
                 ("multicast".into(), "".into()),
             ],
         };
-        let (n, acc) = negotiate(&req, 3, 64);
+        let (n, acc) = negotiate(&req, 3, 255, 64);
         assert_eq!(n.blksize, BLKSIZE_MAX);
         assert_eq!(n.windowsize, 1);
         assert_eq!(n.timeout_secs, 3);
@@ -314,8 +317,28 @@ mod tests {
                 ..req
             },
             3,
+            255,
             64,
         );
         assert_eq!(n.blksize, 512);
+    }
+
+    #[test]
+    fn client_timeout_is_capped() {
+        let req = |t: &str| Request {
+            filename: "f".into(),
+            mode: "octet".into(),
+            options: vec![("timeout".into(), t.into())],
+        };
+        // At or below the cap: granted and echoed.
+        let (n, acc) = negotiate(&req("5"), 1, 5, 64);
+        assert_eq!(n.timeout_secs, 5);
+        assert_eq!(acc, vec![("timeout".to_string(), "5".to_string())]);
+        // Above it: left out of the OACK, the server's own timeout applies.
+        for t in ["6", "255", "0", "-1", "1000"] {
+            let (n, acc) = negotiate(&req(t), 1, 5, 64);
+            assert_eq!(n.timeout_secs, 1, "{t}");
+            assert!(acc.is_empty(), "{t}: {acc:?}");
+        }
     }
 }
