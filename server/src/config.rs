@@ -616,4 +616,45 @@ mod tests {
             Err(ConfigError::ExportFlag(_))
         ));
     }
+
+    #[test]
+    fn tftp_limits_from_file_flags_and_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Overrides {
+            tftp_root: Some(dir.path().into()),
+            no_nbd: true,
+            ..Default::default()
+        };
+        let t = Config::build(FileConfig::default(), &o)
+            .unwrap()
+            .tftp
+            .unwrap();
+        assert_eq!(t.max_client_timeout, Duration::from_secs(5));
+        assert_eq!(t.max_transfer_time, Duration::from_secs(600));
+        assert_eq!(t.read_ahead_budget, 8 << 20);
+        let f = parse_file(
+            Path::new("c.toml"),
+            "[tftp]\nmax_client_timeout = 2\nmax_transfer_secs = 30\nread_ahead_kib = 0\n",
+        )
+        .unwrap();
+        let t = Config::build(f, &o).unwrap().tftp.unwrap();
+        assert_eq!(t.max_client_timeout, Duration::from_secs(2));
+        assert_eq!(t.max_transfer_time, Duration::from_secs(30));
+        assert_eq!(t.read_ahead_budget, 0);
+        let o = Overrides {
+            tftp_max_transfer_secs: Some(0),
+            tftp_read_ahead_kib: Some(16),
+            ..o
+        };
+        let t = Config::build(FileConfig::default(), &o)
+            .unwrap()
+            .tftp
+            .unwrap();
+        assert_eq!(
+            t.max_transfer_time,
+            Duration::from_secs(1),
+            "never unbounded"
+        );
+        assert_eq!(t.read_ahead_budget, 16 * 1024);
+    }
 }
