@@ -210,8 +210,12 @@ pub fn negotiate(
         timeout_secs: default_timeout,
         tsize: false,
     };
-    let mut accepted = Vec::new();
+    let mut accepted: Vec<(String, String)> = Vec::new();
     for (k, v) in &req.options {
+        // Each option once: repeats would make the OACK as long as the request.
+        if accepted.iter().any(|(a, _)| a == k) {
+            continue;
+        }
         match k.as_str() {
             "blksize" => {
                 if let Ok(b) = v.parse::<u32>() {
@@ -321,6 +325,24 @@ mod tests {
             64,
         );
         assert_eq!(n.blksize, 512);
+    }
+
+    #[test]
+    fn repeated_options_are_answered_once() {
+        let req = Request {
+            filename: "f".into(),
+            mode: "octet".into(),
+            options: [("blksize", "1468"), ("tsize", "0")]
+                .iter()
+                .cycle()
+                .take(2000)
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let (n, acc) = negotiate(&req, 1, 5, 64);
+        assert_eq!(n.blksize, 1468);
+        let names: Vec<&str> = acc.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["blksize", "tsize"]);
     }
 
     #[test]

@@ -633,6 +633,11 @@ impl Server {
         let max_timeout = self.cfg.max_client_timeout.as_secs().clamp(1, 255) as u8;
         let (neg, mut accepted) =
             tftp::negotiate(&req, default_timeout, max_timeout, self.cfg.max_windowsize);
+        // A request may carry up to 64 KiB of options; the transfer keeps only its name.
+        let req = tftp::Request {
+            options: Vec::new(),
+            ..req
+        };
         if ascii {
             // The netascii size is known only by converting the whole file; RFC 2349 lets
             // the server leave tsize out, and a request must not cost a pass over the file.
