@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
@@ -262,6 +262,10 @@ pub fn grub_cfg(boot: &BootFile, server: Option<IpAddr>) -> Option<String> {
 /// Largest datagram a transfer waits for: an ERROR with a 512-byte message (an ACK is 4).
 /// Anything longer is not for a transfer, and is not queued or buffered for it.
 const MAX_INBOUND: usize = 516;
+/// Bytes of packet buffers all transfers may hold at once. A transfer holds one only
+/// while it sends a window; one whose socket is full waits for it with the buffer, so past
+/// this budget a window waits its turn (the link is saturated anyway).
+const SEND_BUDGET: usize = 4 << 20;
 /// Datagrams queued per transfer in single-port mode: at most this many x [`MAX_INBOUND`]
 /// bytes, whatever the client sends.
 const FORWARD_QUEUE: usize = 4;
@@ -422,9 +426,8 @@ pub struct Server {
     active: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
     /// Read-ahead buffers of all transfers (`read_ahead_kib`).
     ahead: Arc<Budget>,
-    /// Packet buffers of the windows being sent now: counted, not limited (a transfer
-    /// holds one only while it sends, never while it waits).
-    sending: Arc<Budget>,
+    /// Packet buffers of the windows being sent now, in bytes ([`SEND_BUDGET`]).
+    sending: Arc<Semaphore>,
 }
 
 impl Server {
@@ -450,7 +453,7 @@ impl Server {
             http_port,
             active: Mutex::new(HashMap::new()),
             ahead,
-            sending: Budget::new(usize::MAX),
+            sending: Arc::new(Semaphore::new(SEND_BUDGET)),
         }))
     }
 
@@ -1008,8 +1011,8 @@ struct Transfer {
     window: u64,
     timeout: Duration,
     retries: u32,
-    /// Counts the packet buffer while a window is being sent.
-    sending: Arc<Budget>,
+    /// Bytes for the packet buffer while a window is being sent.
+    sending: Arc<Semaphore>,
 }
 
 enum Ack {
@@ -1082,8 +1085,13 @@ impl Transfer {
         last: &mut Option<(u64, usize)>,
     ) -> Result<u64, TransferError> {
         let blksize = self.data.blksize;
+        // At most 4 + 65464 bytes: always within the budget.
+        let _permit = self
+            .sending
+            .acquire_many((4 + blksize) as u32)
+            .await
+            .map_err(std::io::Error::other)?;
         let mut pkt = vec![0u8; 4 + blksize];
-        let _counted = self.sending.take(pkt.len());
         let mut b = acked + 1;
         loop {
             let n = self.data.block(b, &mut pkt[4..])?;

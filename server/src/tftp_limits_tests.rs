@@ -334,7 +334,10 @@ async fn waiting_transfers_hold_no_packet_buffer_and_read_ahead_stays_in_budget(
         }
         stalled.push(s);
     }
-    until("every window sent", || srv.sending.used() == 0).await;
+    until("every window sent", || {
+        srv.sending.available_permits() == SEND_BUDGET
+    })
+    .await;
     assert_eq!(
         srv.ahead.used(),
         2 * Ahead::CHUNK,
