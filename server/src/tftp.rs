@@ -110,8 +110,8 @@ pub fn open_beneath(root: &File, rel: &str) -> Result<(File, u64), Refusal> {
     Ok((file, meta.len()))
 }
 
-/// The bytes a transfer sends: a file read in place, or a generated file (boot.ipxe,
-/// grub.cfg). netascii is converted on the way out ([`Blocks`]).
+/// The bytes a transfer sends: a file read in place, or a buffer (generated files and
+/// the like; netascii is converted on the way out, by [`Blocks`]).
 enum Source {
     File(File, u64),
     Memory(Vec<u8>),
@@ -257,161 +257,6 @@ pub fn grub_cfg(boot: &BootFile, server: Option<IpAddr>) -> Option<String> {
     }
     s.push_str("}\n");
     Some(s)
-}
-
-/// Largest datagram a transfer waits for: an ERROR with a 512-byte message (an ACK is 4).
-/// Anything longer is not for a transfer, and is not queued or buffered for it.
-const MAX_INBOUND: usize = 516;
-/// Bytes of packet buffers all transfers may hold at once. A transfer holds one only
-/// while it sends a window; one whose socket is full waits for it with the buffer, so past
-/// this budget a window waits its turn (the link is saturated anyway).
-const SEND_BUDGET: usize = 4 << 20;
-/// Datagrams queued per transfer in single-port mode: at most this many x [`MAX_INBOUND`]
-/// bytes, whatever the client sends.
-const FORWARD_QUEUE: usize = 4;
-
-/// Bytes that all transfers together may hold for one purpose, taken by [`Lease`]s that
-/// give them back when dropped.
-pub struct Budget {
-    max: usize,
-    used: AtomicUsize,
-}
-
-impl Budget {
-    pub fn new(max: usize) -> Arc<Self> {
-        Arc::new(Budget {
-            max,
-            used: AtomicUsize::new(0),
-        })
-    }
-
-    /// `n` bytes if they fit in what is left.
-    fn take(self: &Arc<Self>, n: usize) -> Option<Lease> {
-        let mut cur = self.used.load(Ordering::Relaxed);
-        loop {
-            let next = cur.checked_add(n).filter(|&x| x <= self.max)?;
-            match self
-                .used
-                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => {
-                    return Some(Lease {
-                        budget: self.clone(),
-                        n,
-                    })
-                }
-                Err(c) => cur = c,
-            }
-        }
-    }
-
-    /// Bytes held now.
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
-    }
-}
-
-struct Lease {
-    budget: Arc<Budget>,
-    n: usize,
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.budget.used.fetch_sub(self.n, Ordering::AcqRel);
-    }
-}
-
-/// The global transfer slots. A transfer is unconfirmed until the client's first ACK shows
-/// that it receives at its source address, which a spoofed request never does. When every
-/// slot is taken, a new request takes the slot of the oldest unconfirmed transfer (which is
-/// cancelled); confirmed transfers keep theirs, and only when all are confirmed is a
-/// request told "busy".
-struct Slots {
-    max: usize,
-    inner: Mutex<SlotsInner>,
-    evicted: AtomicU64,
-}
-
-struct SlotsInner {
-    next: u64,
-    held: usize,
-    /// Unconfirmed transfers by id, oldest first; sending on the channel cancels one.
-    unconfirmed: BTreeMap<u64, oneshot::Sender<()>>,
-}
-
-/// One transfer's slot; given back when dropped (unless it was taken by an eviction).
-struct Ticket {
-    slots: Arc<Slots>,
-    id: u64,
-    confirmed: bool,
-}
-
-impl Slots {
-    fn new(max: usize) -> Arc<Self> {
-        Arc::new(Slots {
-            max,
-            inner: Mutex::new(SlotsInner {
-                next: 0,
-                held: 0,
-                unconfirmed: BTreeMap::new(),
-            }),
-            evicted: AtomicU64::new(0),
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, SlotsInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A slot, and what resolves if the transfer is evicted; None when every slot is held
-    /// by a confirmed transfer.
-    fn acquire(self: &Arc<Self>) -> Option<(Ticket, oneshot::Receiver<()>)> {
-        let mut g = self.lock();
-        if g.held >= self.max {
-            let (_, cancel) = g.unconfirmed.pop_first()?;
-            let _ = cancel.send(());
-            g.held -= 1;
-            self.evicted.fetch_add(1, Ordering::Relaxed);
-        }
-        let id = g.next;
-        g.next += 1;
-        g.held += 1;
-        let (tx, rx) = oneshot::channel();
-        g.unconfirmed.insert(id, tx);
-        Some((
-            Ticket {
-                slots: self.clone(),
-                id,
-                confirmed: false,
-            },
-            rx,
-        ))
-    }
-
-    #[cfg(test)]
-    fn held(&self) -> usize {
-        self.lock().held
-    }
-}
-
-impl Ticket {
-    /// The client acknowledged: it receives at its address, and keeps its slot.
-    fn confirm(&mut self) {
-        if !self.confirmed {
-            // Not there: evicted already, and its task is being cancelled.
-            self.confirmed = self.slots.lock().unconfirmed.remove(&self.id).is_some();
-        }
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        let mut g = self.slots.lock();
-        if self.confirmed || g.unconfirmed.remove(&self.id).is_some() {
-            g.held -= 1;
-        }
-    }
 }
 
 pub struct Server {
@@ -712,6 +557,165 @@ impl Server {
         }
     }
 }
+/// Largest datagram a transfer waits for: an ERROR with a 512-byte message (an ACK is 4).
+/// Anything longer is not for a transfer, and is not queued or buffered for it.
+const MAX_INBOUND: usize = 516;
+/// Bytes of packet buffers all transfers may hold at once. A transfer holds one only
+/// while it sends a window; one whose socket is full waits for it with the buffer, so past
+/// this budget a window waits its turn (the link is saturated anyway).
+const SEND_BUDGET: usize = 4 << 20;
+/// Datagrams queued per transfer in single-port mode: at most this many x [`MAX_INBOUND`]
+/// bytes, whatever the client sends.
+const FORWARD_QUEUE: usize = 4;
+
+/// Bytes that all transfers together may hold for one purpose, taken by [`Lease`]s that
+/// give them back when dropped.
+pub struct Budget {
+    max: usize,
+    used: AtomicUsize,
+}
+
+impl Budget {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Budget {
+            max,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// `n` bytes if they fit in what is left.
+    fn take(self: &Arc<Self>, n: usize) -> Option<Lease> {
+        let mut cur = self.used.load(Ordering::Relaxed);
+        loop {
+            let next = cur.checked_add(n).filter(|&x| x <= self.max)?;
+            match self
+                .used
+                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    return Some(Lease {
+                        budget: self.clone(),
+                        n,
+                    })
+                }
+                Err(c) => cur = c,
+            }
+        }
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+struct Lease {
+    budget: Arc<Budget>,
+    n: usize,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.n, Ordering::AcqRel);
+    }
+}
+
+/// The global transfer slots. A transfer is unconfirmed until the client's first ACK shows
+/// that it receives at its source address, which a spoofed request never does. When every
+/// slot is taken, a new request takes the slot of the oldest unconfirmed transfer (which is
+/// cancelled); confirmed transfers keep theirs, and only when all are confirmed is a
+/// request told "busy".
+struct Slots {
+    max: usize,
+    inner: Mutex<SlotsInner>,
+    evicted: AtomicU64,
+}
+
+struct SlotsInner {
+    next: u64,
+    held: usize,
+    /// Unconfirmed transfers by id, oldest first; sending on the channel cancels one.
+    unconfirmed: BTreeMap<u64, oneshot::Sender<()>>,
+}
+
+/// One transfer's slot; given back when dropped (unless it was taken by an eviction).
+struct Ticket {
+    slots: Arc<Slots>,
+    id: u64,
+    confirmed: bool,
+}
+
+impl Slots {
+    fn new(max: usize) -> Arc<Self> {
+        Arc::new(Slots {
+            max,
+            inner: Mutex::new(SlotsInner {
+                next: 0,
+                held: 0,
+                unconfirmed: BTreeMap::new(),
+            }),
+            evicted: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotsInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot, and what resolves if the transfer is evicted; None when every slot is held
+    /// by a confirmed transfer.
+    fn acquire(self: &Arc<Self>) -> Option<(Ticket, oneshot::Receiver<()>)> {
+        let mut g = self.lock();
+        if g.held >= self.max {
+            let (_, cancel) = g.unconfirmed.pop_first()?;
+            let _ = cancel.send(());
+            g.held -= 1;
+            self.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        let id = g.next;
+        g.next += 1;
+        g.held += 1;
+        let (tx, rx) = oneshot::channel();
+        g.unconfirmed.insert(id, tx);
+        Some((
+            Ticket {
+                slots: self.clone(),
+                id,
+                confirmed: false,
+            },
+            rx,
+        ))
+    }
+
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.lock().held
+    }
+}
+
+impl Ticket {
+    /// The client acknowledged: it receives at its address, and keeps its slot.
+    fn confirm(&mut self) {
+        if !self.confirmed {
+            // Not there: evicted already, and its task is being cancelled.
+            self.confirmed = self.slots.lock().unconfirmed.remove(&self.id).is_some();
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut g = self.slots.lock();
+        if self.confirmed || g.unconfirmed.remove(&self.id).is_some() {
+            g.held -= 1;
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "tftp_limits_tests.rs"]
+mod limits_tests;
+
 fn bind_reply_socket(local: IpAddr) -> std::io::Result<UdpSocket> {
     let std = std::net::UdpSocket::bind(SocketAddr::new(local, 0))?;
     std.set_nonblocking(true)?;
@@ -1151,10 +1155,6 @@ impl Transfer {
         }
     }
 }
-
-#[cfg(test)]
-#[path = "tftp_limits_tests.rs"]
-mod limits_tests;
 
 /// Used by tests and the CLI to check a path without a running server.
 pub fn check_path(root: &Path, name: &str) -> Result<u64, Refusal> {
