@@ -525,13 +525,9 @@ impl Server {
             () = evicted => Err(TransferError::Evicted),
         };
         if let Err(TransferError::TooLong(_)) = r {
-            let _ = t
-                .sock
-                .send_to(
-                    &tftp::error(tftp::ERR_UNDEFINED, "transfer time limit reached"),
-                    peer,
-                )
-                .await;
+            let e = tftp::error(tftp::ERR_UNDEFINED, "transfer time limit reached");
+            // Bounded too: the socket may be full.
+            let _ = tokio::time::timeout(t.timeout, t.sock.send_to(&e, peer)).await;
         }
         self.status.tftp_done(
             peer.ip(),
