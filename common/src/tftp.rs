@@ -196,9 +196,12 @@ pub struct Negotiated {
 
 /// Server-side option negotiation: which requested options are accepted, with what values
 /// (RFC 2347: unknown or unacceptable options are left out of the OACK, not refused).
+/// A `timeout` above `max_timeout` is left out and `default_timeout` is used: the server
+/// never lets a client stretch the life of a transfer it may never acknowledge.
 pub fn negotiate(
     req: &Request,
     default_timeout: u8,
+    max_timeout: u8,
     max_window: u16,
 ) -> (Negotiated, Vec<(String, String)>) {
     let mut n = Negotiated {
@@ -207,8 +210,12 @@ pub fn negotiate(
         timeout_secs: default_timeout,
         tsize: false,
     };
-    let mut accepted = Vec::new();
+    let mut accepted: Vec<(String, String)> = Vec::new();
     for (k, v) in &req.options {
+        // Each option once: repeats would make the OACK as long as the request.
+        if accepted.iter().any(|(a, _)| a == k) {
+            continue;
+        }
         match k.as_str() {
             "blksize" => {
                 if let Ok(b) = v.parse::<u32>() {
@@ -228,7 +235,7 @@ pub fn negotiate(
             }
             "timeout" => {
                 if let Ok(t) = v.parse::<u8>() {
-                    if t >= 1 {
+                    if (1..=max_timeout).contains(&t) {
                         n.timeout_secs = t;
                         accepted.push((k.clone(), t.to_string()));
                     }
@@ -301,7 +308,7 @@ mod tests {
                 ("multicast".into(), "".into()),
             ],
         };
-        let (n, acc) = negotiate(&req, 3, 64);
+        let (n, acc) = negotiate(&req, 3, 255, 64);
         assert_eq!(n.blksize, BLKSIZE_MAX);
         assert_eq!(n.windowsize, 1);
         assert_eq!(n.timeout_secs, 3);
@@ -314,8 +321,46 @@ mod tests {
                 ..req
             },
             3,
+            255,
             64,
         );
         assert_eq!(n.blksize, 512);
+    }
+
+    #[test]
+    fn repeated_options_are_answered_once() {
+        let req = Request {
+            filename: "f".into(),
+            mode: "octet".into(),
+            options: [("blksize", "1468"), ("tsize", "0")]
+                .iter()
+                .cycle()
+                .take(2000)
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let (n, acc) = negotiate(&req, 1, 5, 64);
+        assert_eq!(n.blksize, 1468);
+        let names: Vec<&str> = acc.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["blksize", "tsize"]);
+    }
+
+    #[test]
+    fn client_timeout_is_capped() {
+        let req = |t: &str| Request {
+            filename: "f".into(),
+            mode: "octet".into(),
+            options: vec![("timeout".into(), t.into())],
+        };
+        // At or below the cap: granted and echoed.
+        let (n, acc) = negotiate(&req("5"), 1, 5, 64);
+        assert_eq!(n.timeout_secs, 5);
+        assert_eq!(acc, vec![("timeout".to_string(), "5".to_string())]);
+        // Above it: left out of the OACK, the server's own timeout applies.
+        for t in ["6", "255", "0", "-1", "1000"] {
+            let (n, acc) = negotiate(&req(t), 1, 5, 64);
+            assert_eq!(n.timeout_secs, 1, "{t}");
+            assert!(acc.is_empty(), "{t}: {acc:?}");
+        }
     }
 }

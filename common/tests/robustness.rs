@@ -101,7 +101,7 @@ fn wire_decoders_never_panic() {
             b[1] = (r.next() % 7) as u8; // a plausible opcode
         }
         if let Ok(tftp::Packet::Rrq(req)) = tftp::decode(&b) {
-            let _ = tftp::negotiate(&req, 1, 64);
+            let _ = tftp::negotiate(&req, 1, 5, 64);
         }
         let _ = nbd::parse_info_request(&b);
         let mut info = nbd::ExportInfo::default();

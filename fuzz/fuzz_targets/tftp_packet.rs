@@ -5,7 +5,7 @@ use ltsp_common::tftp;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(tftp::Packet::Rrq(r)) = tftp::decode(data) {
-        let (n, _) = tftp::negotiate(&r, 1, 64);
+        let (n, _) = tftp::negotiate(&r, 1, 5, 64);
         assert!(n.blksize >= tftp::BLKSIZE_MIN && n.blksize <= tftp::BLKSIZE_MAX);
         assert!(n.windowsize >= 1);
     }

@@ -127,6 +127,13 @@ pub struct TftpFile {
     pub max_transfers: Option<usize>,
     /// Transfers one client address may have at once (0: no limit).
     pub max_transfers_per_client: Option<usize>,
+    /// Largest RFC 2349 `timeout` a client may ask for, in seconds; above it the option is
+    /// left out of the OACK and `timeout` applies.
+    pub max_client_timeout: Option<u8>,
+    /// Seconds one transfer may last, whatever the client does.
+    pub max_transfer_secs: Option<u64>,
+    /// KiB of read-ahead buffers for all transfers together (0: read block by block).
+    pub read_ahead_kib: Option<usize>,
     /// Every reply from the listening port, for NAT (see server/src/tftp.rs).
     pub single_port: Option<bool>,
     pub enabled: Option<bool>,
@@ -196,6 +203,12 @@ pub struct TftpConfig {
     pub max_windowsize: u16,
     pub max_transfers: usize,
     pub max_transfers_per_client: usize,
+    /// Cap on the client's RFC 2349 timeout.
+    pub max_client_timeout: Duration,
+    /// Total life of one transfer.
+    pub max_transfer_time: Duration,
+    /// Bytes of read-ahead all transfers may hold at once.
+    pub read_ahead_budget: usize,
     pub single_port: bool,
     pub boot: BootFile,
 }
@@ -240,6 +253,9 @@ pub struct Overrides {
     pub tftp_max_windowsize: Option<u16>,
     pub tftp_max_transfers: Option<usize>,
     pub tftp_max_transfers_per_client: Option<usize>,
+    pub tftp_max_client_timeout: Option<u8>,
+    pub tftp_max_transfer_secs: Option<u64>,
+    pub tftp_read_ahead_kib: Option<usize>,
     pub tftp_single_port: bool,
     pub no_tftp: bool,
     pub nbd_listen: Option<SocketAddr>,
@@ -362,6 +378,23 @@ impl Config {
                     .tftp_max_transfers_per_client
                     .or(f.tftp.max_transfers_per_client)
                     .unwrap_or(16),
+                max_client_timeout: Duration::from_secs(
+                    o.tftp_max_client_timeout
+                        .or(f.tftp.max_client_timeout)
+                        .unwrap_or(5)
+                        .max(1) as u64,
+                ),
+                max_transfer_time: Duration::from_secs(
+                    o.tftp_max_transfer_secs
+                        .or(f.tftp.max_transfer_secs)
+                        .unwrap_or(600)
+                        .max(1),
+                ),
+                read_ahead_budget: o
+                    .tftp_read_ahead_kib
+                    .or(f.tftp.read_ahead_kib)
+                    .unwrap_or(8192)
+                    .saturating_mul(1024),
                 single_port: o.tftp_single_port || f.tftp.single_port.unwrap_or(false),
                 boot,
             })
@@ -582,5 +615,46 @@ mod tests {
             Config::build(FileConfig::default(), &o),
             Err(ConfigError::ExportFlag(_))
         ));
+    }
+
+    #[test]
+    fn tftp_limits_from_file_flags_and_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Overrides {
+            tftp_root: Some(dir.path().into()),
+            no_nbd: true,
+            ..Default::default()
+        };
+        let t = Config::build(FileConfig::default(), &o)
+            .unwrap()
+            .tftp
+            .unwrap();
+        assert_eq!(t.max_client_timeout, Duration::from_secs(5));
+        assert_eq!(t.max_transfer_time, Duration::from_secs(600));
+        assert_eq!(t.read_ahead_budget, 8 << 20);
+        let f = parse_file(
+            Path::new("c.toml"),
+            "[tftp]\nmax_client_timeout = 2\nmax_transfer_secs = 30\nread_ahead_kib = 0\n",
+        )
+        .unwrap();
+        let t = Config::build(f, &o).unwrap().tftp.unwrap();
+        assert_eq!(t.max_client_timeout, Duration::from_secs(2));
+        assert_eq!(t.max_transfer_time, Duration::from_secs(30));
+        assert_eq!(t.read_ahead_budget, 0);
+        let o = Overrides {
+            tftp_max_transfer_secs: Some(0),
+            tftp_read_ahead_kib: Some(16),
+            ..o
+        };
+        let t = Config::build(FileConfig::default(), &o)
+            .unwrap()
+            .tftp
+            .unwrap();
+        assert_eq!(
+            t.max_transfer_time,
+            Duration::from_secs(1),
+            "never unbounded"
+        );
+        assert_eq!(t.read_ahead_budget, 16 * 1024);
     }
 }

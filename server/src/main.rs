@@ -81,6 +81,17 @@ struct ServeArgs {
     /// TFTP transfers one client address may have at once; 0: no limit (default 16).
     #[arg(long, value_name = "N")]
     tftp_max_transfers_per_client: Option<usize>,
+    /// Largest TFTP `timeout` option a client is granted; above it the server's own
+    /// timeout applies (default 5).
+    #[arg(long, value_name = "SECS")]
+    tftp_max_client_timeout: Option<u8>,
+    /// Seconds one TFTP transfer may last, whatever the client does (default 600).
+    #[arg(long, value_name = "SECS")]
+    tftp_max_transfer_secs: Option<u64>,
+    /// KiB of TFTP read-ahead buffers for all transfers together; 0: read block by block
+    /// (default 8192).
+    #[arg(long, value_name = "KIB")]
+    tftp_read_ahead_kib: Option<usize>,
     /// Send every TFTP reply from the listening port instead of a fresh one, so TFTP works
     /// behind NAT (a Kubernetes Service, DNAT). Off by default: RFC 1350 clients expect a
     /// fresh port, and on a plain network it changes nothing for them.
@@ -154,6 +165,9 @@ impl ServeArgs {
             tftp_max_windowsize: self.tftp_max_windowsize,
             tftp_max_transfers: self.tftp_max_transfers,
             tftp_max_transfers_per_client: self.tftp_max_transfers_per_client,
+            tftp_max_client_timeout: self.tftp_max_client_timeout,
+            tftp_max_transfer_secs: self.tftp_max_transfer_secs,
+            tftp_read_ahead_kib: self.tftp_read_ahead_kib,
             tftp_single_port: self.tftp_single_port,
             no_tftp: self.no_tftp,
             nbd_listen: self.nbd_listen,

@@ -530,3 +530,178 @@ fn single_port_mode_replies_from_the_listening_port() {
     check(&dst, &big.1, "curl, single-port");
     assert!(s.log().contains("single-port mode"));
 }
+
+/// Text dense in CR and LF, with some on every 512-byte boundary of the converted stream.
+fn crlf_text() -> Vec<u8> {
+    let mut text = Vec::new();
+    // A CR LF split across blocks 1 and 2, then a CR NUL across blocks 2 and 3.
+    text.extend_from_slice(&[b'a'; 511]);
+    text.push(b'\n');
+    text.extend_from_slice(&[b'b'; 511]);
+    text.push(b'\r');
+    text.push(b'x');
+    for (i, b) in pattern(40_000, 11).into_iter().enumerate() {
+        text.push(match b % 5 {
+            0 => b'\n',
+            1 => b'\r',
+            _ => b'a' + (i % 26) as u8,
+        });
+    }
+    text
+}
+
+/// RFC 1350 netascii: LF -> CR LF, CR -> CR NUL.
+fn netascii(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &b in data {
+        match b {
+            b'\n' => out.extend_from_slice(b"\r\n"),
+            b'\r' => out.extend_from_slice(b"\r\0"),
+            b => out.push(b),
+        }
+    }
+    out
+}
+
+#[test]
+fn netascii_on_the_wire_is_converted_block_by_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = crlf_text();
+    std::fs::write(dir.path().join("text"), &text).unwrap();
+    let s = server(dir.path(), &[]);
+    let a = s.tftp.unwrap();
+    // The bytes on the wire, windowed, with tsize asked for.
+    let raw = Raw::new(a);
+    let opts = [("tsize", "0".to_string()), ("windowsize", "4".to_string())];
+    raw.sock
+        .send_to(&t::rrq("text", "netascii", &opts), a)
+        .unwrap();
+    let (b, from) = raw.recv().unwrap();
+    match t::decode(&b).unwrap() {
+        // tsize is left out: the converted size is not known without a pass over the file.
+        Packet::Oack(o) => assert_eq!(o, vec![("windowsize".into(), "4".into())]),
+        p => panic!("expected OACK, got {p:?}"),
+    }
+    raw.sock.send_to(&t::ack(0), from).unwrap();
+    let mut got = Vec::new();
+    let mut next: u16 = 1;
+    loop {
+        let (b, _) = raw.recv().expect("data");
+        let Packet::Data { block, data } = t::decode(&b).unwrap() else {
+            panic!()
+        };
+        if block != next {
+            continue;
+        }
+        got.extend_from_slice(data);
+        next += 1;
+        if data.len() < 512 || block % 4 == 0 {
+            raw.sock.send_to(&t::ack(block), from).unwrap();
+        }
+        if data.len() < 512 {
+            break;
+        }
+    }
+    let want = netascii(&text);
+    assert!(got == want, "{} bytes, want {}", got.len(), want.len());
+    assert_eq!(&got[510..514], b"a\r\nb", "CR LF across blocks 1 and 2");
+    // tftp-hpa in ascii mode turns it back into the file.
+    let dst = dir.path().join("out");
+    let (ok, _, err) = run(Command::new(tool("tftp"))
+        .args([
+            &a.ip().to_string(),
+            &a.port().to_string(),
+            "-m",
+            "ascii",
+            "-c",
+            "get",
+            "text",
+        ])
+        .arg(&dst));
+    assert!(ok, "{err}");
+    check(&dst, &text, "netascii through tftp-hpa");
+}
+
+#[test]
+fn client_timeouts_above_the_cap_are_not_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"x").unwrap();
+    let s = server(dir.path(), &["--tftp-max-client-timeout", "3"]);
+    let raw = Raw::new(s.tftp.unwrap());
+    for (asked, granted) in [("3", true), ("4", false), ("255", false)] {
+        raw.rrq("f", &[("timeout", asked.into()), ("tsize", "0".into())]);
+        let (b, from) = raw.recv().unwrap();
+        let Packet::Oack(o) = t::decode(&b).unwrap() else {
+            panic!("expected OACK")
+        };
+        let want: Vec<(String, String)> = granted
+            .then(|| ("timeout".to_string(), asked.to_string()))
+            .into_iter()
+            .chain([("tsize".to_string(), "1".to_string())])
+            .collect();
+        assert_eq!(o, want, "timeout {asked}");
+        // End the transfer: the OACK acknowledged, then the one block.
+        raw.sock.send_to(&t::ack(0), from).unwrap();
+        raw.recv().unwrap();
+        raw.sock.send_to(&t::ack(1), from).unwrap();
+    }
+}
+
+#[test]
+fn requests_that_never_acknowledge_cannot_hold_every_slot() {
+    let fx = fixture();
+    let s = server(fx.dir.path(), &["--tftp-max-transfers", "8"]);
+    let a = s.tftp.unwrap();
+    // Eight requests that never acknowledge, as spoofed ones cannot, take every slot.
+    let holders: Vec<Raw> = (0..8)
+        .map(|_| {
+            let r = Raw::new(a);
+            r.rrq("f100000", &[]);
+            r.recv().expect("DATA 1");
+            r
+        })
+        .collect();
+    // Real clients are served all the same, each in the slot of the oldest.
+    let out = tempfile::tempdir().unwrap();
+    let (name, data) = &fx.files[7];
+    let dst = out.path().join("curl");
+    let (ok, _, err) = run(Command::new(tool("curl"))
+        .args(["-sS", "-o"])
+        .arg(&dst)
+        .arg(format!("tftp://{a}/{name}")));
+    assert!(ok, "curl: {err}");
+    check(&dst, data, "curl while the slots were held");
+    let dst = out.path().join("hpa");
+    let (ok, _, err) = run(Command::new(tool("tftp"))
+        .args([&a.ip().to_string(), &a.port().to_string()])
+        .args(["-m", "binary", "-c", "get", name])
+        .arg(&dst));
+    assert!(ok, "tftp-hpa: {err}");
+    check(&dst, data, "tftp-hpa while the slots were held");
+    drop(holders);
+}
+
+#[test]
+fn a_transfer_ends_at_its_time_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), pattern(512 * 100, 6)).unwrap();
+    let s = server(dir.path(), &["--tftp-max-transfer-secs", "2"]);
+    let raw = Raw::new(s.tftp.unwrap());
+    raw.rrq("f", &[]);
+    // An ACK every 300 ms, before each 1 s timeout: 100 blocks would take 30 s.
+    let mut blocks = 0;
+    let message = loop {
+        let (b, from) = raw.recv().expect("DATA or ERROR");
+        match t::decode(&b).unwrap() {
+            Packet::Data { block, .. } => {
+                blocks += 1;
+                std::thread::sleep(Duration::from_millis(300));
+                raw.sock.send_to(&t::ack(block), from).unwrap();
+            }
+            Packet::Error { message, .. } => break message,
+            p => panic!("unexpected {p:?}"),
+        }
+    };
+    assert_eq!(message, "transfer time limit reached");
+    assert!(blocks < 100, "the whole file went out");
+}
