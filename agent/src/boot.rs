@@ -331,7 +331,7 @@ pub fn boot(
     pause_at(&cmd, "apply");
     if conf_text.is_none() {
         let p = Path::new(&lower).join("etc/lts.conf");
-        conf_text = std::fs::read_to_string(&p)
+        conf_text = std::fs::read(&p)
             .ok()
             .map(|t| ("/etc/lts.conf (image)".to_string(), t));
     }
@@ -341,12 +341,15 @@ pub fn boot(
         mac: Some(net.mac.clone()),
     };
     let config = config::resolve(
-        conf_text.as_ref().map(|(n, t)| (n.as_str(), t.as_str())),
+        conf_text.as_ref().map(|(n, t)| (n.as_str(), t.as_slice())),
         &cmd,
         &id,
     );
     for problem in &config.problems {
         log::warn!("lts.conf: {problem} (the boot goes on with what could be read)");
+    }
+    for w in &config.warnings {
+        log::warn!("lts.conf: warning: {w}");
     }
     log::info!(
         "lts.conf: sections applied: {}",
@@ -430,7 +433,7 @@ pub fn boot(
 
 /// Boot NIC up, then lts.conf fetched: returns the NIC, lts.conf (name, text) if the
 /// server had one, and the boot server.
-type NetStep = (NetInfo, Option<(String, String)>, Option<String>);
+type NetStep = (NetInfo, Option<(String, Vec<u8>)>, Option<String>);
 
 fn network_steps(
     p: &mut dyn Platform,
@@ -603,7 +606,7 @@ fn fetch_lts_conf(
     cmd: &Cmdline,
     net: &NetInfo,
     server: Option<&str>,
-) -> Option<(String, String)> {
+) -> Option<(String, Vec<u8>)> {
     let paths: Vec<String> = match cmd.conf_path.as_deref() {
         Some("none") => return None,
         Some(path) => vec![path.to_string()],
@@ -630,10 +633,8 @@ fn fetch_lts_conf(
         match p.fetch(SocketAddr::new(addr, 69), &path) {
             Ok(bytes) => {
                 log::info!("lts.conf: {} bytes from tftp://{addr}{}", bytes.len(), path);
-                return Some((
-                    format!("tftp://{addr}{path}"),
-                    String::from_utf8_lossy(&bytes).into_owned(),
-                ));
+                // Bytes: the parser reports invalid UTF-8 by line instead of losing the file.
+                return Some((format!("tftp://{addr}{path}"), bytes));
             }
             Err(e) => log::info!("lts.conf: {e}"),
         }
