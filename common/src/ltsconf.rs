@@ -183,17 +183,23 @@ fn lex_line(
                         .into(),
                 );
             }
-            '#' if terminated => return,
-            '#' | '\'' => warn(
+            '#' => {
+                if !terminated {
+                    // getltscfg's comment needed a newline: it read this one as text.
+                    warn(
+                        column,
+                        "comment on a last line without newline: getltscfg read its text \
+                         as keys and values"
+                            .into(),
+                    );
+                }
+                return;
+            }
+            '\'' => warn(
                 column,
-                format!(
-                    "'{c}' ignored (as getltscfg did, which also printed it into its output): {}",
-                    if c == '#' {
-                        "a comment on the last line needs a newline after it in getltscfg"
-                    } else {
-                        "quote values with '\"'"
-                    }
-                ),
+                "\"'\" ignored (as getltscfg did, which also printed it into its output): \
+                 quote values with '\"'"
+                    .into(),
             ),
             _ => {
                 let run = line[i..].iter().take_while(|&&c| str_char(c)).count();
@@ -223,7 +229,14 @@ fn lex_line(
 /// Lines as text: a leading UTF-8 byte-order mark dropped, `\r` before `\n` dropped,
 /// invalid UTF-8 and NUL replaced by U+FFFD (each such line reported).
 fn decode(bytes: &[u8], warn: &mut dyn FnMut(usize, usize, String)) -> Vec<(String, bool)> {
-    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
+    let bytes = match bytes.strip_prefix(b"\xef\xbb\xbf") {
+        Some(rest) => {
+            warn(1, 1, "UTF-8 byte-order mark ignored (getltscfg failed on it)".into());
+            rest
+        }
+        None => bytes,
+    };
+    let mut crlf = false;
     let mut lines = Vec::new();
     let mut rest = bytes;
     let mut line_no = 0;
@@ -237,7 +250,18 @@ fn decode(bytes: &[u8], warn: &mut dyn FnMut(usize, usize, String)) -> Vec<(Stri
             }
             None => (std::mem::take(&mut rest), false),
         };
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let raw = match raw.strip_suffix(b"\r") {
+            Some(r) if terminated => {
+                if !crlf {
+                    crlf = true;
+                    let col = String::from_utf8_lossy(r).chars().count() + 1;
+                    let m = "CR LF line ends read as LF (getltscfg failed on them)";
+                    warn(line_no, col, m.into());
+                }
+                r
+            }
+            _ => raw,
+        };
         let text = match std::str::from_utf8(raw) {
             Ok(t) if !t.contains('\0') => t.to_string(),
             Ok(t) => {
@@ -1199,9 +1223,20 @@ mod tests {
     fn bytes_bom_and_quoted_keys() {
         let c = parse("t", b"\xef\xbb\xbf[default]\r\nA = caf\xe9 # Latin-1\r\n\"B\" = 2\r\n");
         assert!(c.errors.is_empty(), "{:?}", c.errors);
-        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
-        assert_eq!((c.warnings[0].line, c.warnings[0].column), (2, 8));
-        assert!(c.warnings[0].message.contains("invalid UTF-8"));
+        // Each change to what was written is reported once, with its place.
+        let got: Vec<(usize, usize, &str)> = c
+            .warnings
+            .iter()
+            .map(|w| (w.line, w.column, &w.message[..12]))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, 1, "UTF-8 byte-o"),
+                (1, 10, "CR LF line e"),
+                (2, 8, "invalid UTF-")
+            ]
+        );
         let r = c.resolve(&Identity::default());
         assert_eq!(r.get("A"), Some("caf\u{fffd}"));
         assert_eq!(r.get("B"), Some("2"));
