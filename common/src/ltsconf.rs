@@ -231,7 +231,11 @@ fn lex_line(
 fn decode(bytes: &[u8], warn: &mut dyn FnMut(usize, usize, String)) -> Vec<(String, bool)> {
     let bytes = match bytes.strip_prefix(b"\xef\xbb\xbf") {
         Some(rest) => {
-            warn(1, 1, "UTF-8 byte-order mark ignored (getltscfg failed on it)".into());
+            warn(
+                1,
+                1,
+                "UTF-8 byte-order mark ignored (getltscfg failed on it)".into(),
+            );
             rest
         }
         None => bytes,
@@ -457,9 +461,7 @@ impl Parser {
             self.warn(
                 lb.line,
                 lb.column,
-                format!(
-                    "section [{name}] has no keys (getltscfg stopped reading the file here)"
-                ),
+                format!("section [{name}] has no keys (getltscfg stopped reading the file here)"),
             );
         }
         self.conf.sections.push(Section {
@@ -502,11 +504,11 @@ impl Parser {
         };
         let v = i + 2;
         let value_tok = match self.toks.get(v) {
-            Some(t @ Token { tok: Tok::Str(_), .. })
-                if !(t.line > eq.line && self.tok(v + 1) == Some(&Tok::Eq)) =>
-            {
-                Some(t.clone())
-            }
+            Some(
+                t @ Token {
+                    tok: Tok::Str(_), ..
+                },
+            ) if !(t.line > eq.line && self.tok(v + 1) == Some(&Tok::Eq)) => Some(t.clone()),
             _ => None,
         };
         let (value, next) = match value_tok {
@@ -535,7 +537,13 @@ impl Parser {
     }
 
     /// Stores a declaration in the current section, or reports why it is not applied.
-    fn add(&mut self, key: &str, value: String, line: usize, column: usize) -> Option<(usize, usize)> {
+    fn add(
+        &mut self,
+        key: &str,
+        value: String,
+        line: usize,
+        column: usize,
+    ) -> Option<(usize, usize)> {
         let Some(s) = self.current else {
             self.err(
                 line,
@@ -840,7 +848,11 @@ impl LtsConf {
                 .filter(|(_, e)| !e.is_none())
                 .map(|(k, e)| (k, e.value.clone()))
                 .collect(),
-            sections: w.order.iter().map(|&s| self.sections[s].name.clone()).collect(),
+            sections: w
+                .order
+                .iter()
+                .map(|&s| self.sections[s].name.clone())
+                .collect(),
             problems: w.problems,
         }
     }
@@ -931,7 +943,11 @@ impl Walk<'_> {
                     .collect();
                 return Some(names.join(" -> "));
             }
-            for e in self.conf.sections[s].entries.iter().filter(|e| e.key == "LIKE") {
+            for e in self.conf.sections[s]
+                .entries
+                .iter()
+                .filter(|e| e.key == "LIKE")
+            {
                 if let Some(t) = self.find(&e.value) {
                     if seen.insert(t) {
                         prev.insert(t, s);
@@ -1040,7 +1056,9 @@ fn class_match(p: &[char], c: char) -> Option<(bool, usize)> {
         first = false;
         // A character class name.
         if p[i] == '[' && p.get(i + 1) == Some(&':') {
-            if let Some(end) = (i + 2..p.len().saturating_sub(1)).find(|&j| p[j] == ':' && p[j + 1] == ']') {
+            if let Some(end) =
+                (i + 2..p.len().saturating_sub(1)).find(|&j| p[j] == ':' && p[j + 1] == ']')
+            {
                 let name: String = p[i + 2..end].iter().collect();
                 matched |= in_class(&name, c);
                 i = end + 2;
@@ -1157,14 +1175,25 @@ mod tests {
         let got: Vec<(usize, usize)> = c.errors.iter().map(|e| (e.line, e.column)).collect();
         assert_eq!(
             got,
-            vec![(1, 1), (3, 1), (4, 1), (6, 1), (7, 3), (8, 1), (9, 1), (10, 1)]
+            vec![
+                (1, 1),
+                (3, 1),
+                (4, 1),
+                (6, 1),
+                (7, 3),
+                (8, 1),
+                (9, 1),
+                (10, 1)
+            ]
         );
         assert!(c.errors[0].message.contains("before any section"));
         assert!(c.errors[1].message.contains("expected 'KEY = value'"));
         assert!(c.errors[2].message.contains("shell variable name"));
         assert!(c.errors[3].message.contains("include is not supported"));
         assert!(c.errors[4].message.contains("expected ']'"));
-        assert!(c.errors[5].message.contains("header at line 7 was rejected"));
+        assert!(c.errors[5]
+            .message
+            .contains("header at line 7 was rejected"));
         assert!(c.errors[6].message.contains("expected a name"));
         assert!(c.errors[0].to_string().starts_with("f.conf:1:1: "));
         // What could be read is still there; nothing under a rejected header applies.
@@ -1174,7 +1203,13 @@ mod tests {
 
     #[test]
     fn rejected_header_keys_apply_nowhere() {
-        for header in ["[node1] trailing words", "[]", "[node1", "[node1]]", "[[node1]"] {
+        for header in [
+            "[node1] trailing words",
+            "[]",
+            "[node1",
+            "[node1]]",
+            "[[node1]",
+        ] {
             let text = format!("[default]\nA = d\n{header}\nA = n\nB = n\n[other]\nC = o\n");
             let c = parse("t", &text);
             let bad: Vec<usize> = c.errors.iter().map(|e| e.line).collect();
@@ -1184,12 +1219,18 @@ mod tests {
                 assert_eq!(r.get("A"), Some("d"), "{header}");
                 assert_eq!(r.get("B"), None, "{header}");
             }
-            assert_eq!(c.resolve(&id(Some("other"), None, None)).get("C"), Some("o"));
+            assert_eq!(
+                c.resolve(&id(Some("other"), None, None)).get("C"),
+                Some("o")
+            );
         }
         // getltscfg's grammar allows a key after the header on the same line.
         let c = parse("t", "[node1] A = 1\n");
         assert!(c.errors.is_empty(), "{:?}", c.errors);
-        assert_eq!(c.resolve(&id(Some("node1"), None, None)).get("A"), Some("1"));
+        assert_eq!(
+            c.resolve(&id(Some("node1"), None, None)).get("A"),
+            Some("1")
+        );
     }
 
     #[test]
@@ -1199,7 +1240,10 @@ mod tests {
         let r = c.resolve(&id(Some("n"), None, None));
         assert_eq!((r.get("A"), r.get("B")), (Some("1"), None));
         // LIKE inside [default] is ignored, unless [default] is reached through a LIKE.
-        let c = parse("t", "[default]\nLIKE = x\nA = d\n[x]\nX = 1\n[n]\nLIKE = default\n");
+        let c = parse(
+            "t",
+            "[default]\nLIKE = x\nA = d\n[x]\nX = 1\n[n]\nLIKE = default\n",
+        );
         assert_eq!(c.resolve(&id(Some("m"), None, None)).get("X"), None);
         assert_eq!(c.resolve(&id(Some("n"), None, None)).get("X"), Some("1"));
         // Several LIKE lines: all followed, in order, breadth first; the first listed wins.
@@ -1211,17 +1255,26 @@ mod tests {
         assert_eq!(r.sections, vec!["n", "a", "b", "c"]);
         assert_eq!((r.get("K"), r.get("M")), (Some("a"), Some("b")));
         // Exact before glob; a glob section is not taken for a name it equals.
-        let c = parse("t", "[node*]\nA = g\nB = g\n[node1]\nB = e\n[node\\*]\nC = esc\n");
+        let c = parse(
+            "t",
+            "[node*]\nA = g\nB = g\n[node1]\nB = e\n[node\\*]\nC = esc\n",
+        );
         let r = c.resolve(&id(Some("node1"), None, None));
         assert_eq!(r.sections, vec!["node1", "node*"]);
-        assert_eq!((r.get("A"), r.get("B"), r.get("C")), (Some("g"), Some("e"), None));
+        assert_eq!(
+            (r.get("A"), r.get("B"), r.get("C")),
+            (Some("g"), Some("e"), None)
+        );
         let r = c.resolve(&id(Some("node*"), None, None));
         assert_eq!(r.sections, vec!["node*", "node\\*"]);
     }
 
     #[test]
     fn bytes_bom_and_quoted_keys() {
-        let c = parse("t", b"\xef\xbb\xbf[default]\r\nA = caf\xe9 # Latin-1\r\n\"B\" = 2\r\n");
+        let c = parse(
+            "t",
+            b"\xef\xbb\xbf[default]\r\nA = caf\xe9 # Latin-1\r\n\"B\" = 2\r\n",
+        );
         assert!(c.errors.is_empty(), "{:?}", c.errors);
         // Each change to what was written is reported once, with its place.
         let got: Vec<(usize, usize, &str)> = c
@@ -1246,7 +1299,10 @@ mod tests {
     fn getltscfg_token_quirks() {
         // A declaration may span lines; single quotes are dropped; "..." runs to the
         // last quote on the line.
-        let c = parse("t", "[default]\nA\n=\n1\nB = 'x y'\nC = \"a\" # \"b\"\nD = \"open\n");
+        let c = parse(
+            "t",
+            "[default]\nA\n=\n1\nB = 'x y'\nC = \"a\" # \"b\"\nD = \"open\n",
+        );
         assert!(c.errors.is_empty(), "{:?}", c.errors);
         let r = c.resolve(&Identity::default());
         assert_eq!(
@@ -1266,7 +1322,11 @@ mod tests {
     fn like_chain_on_hostile_input_is_bounded() {
         let mut text = String::from("[s0]\n");
         for i in 0..20_000 {
-            text.push_str(&format!("LIKE = s{}\n[s{}]\nLIKE = s0\nK{i} = v\n", i + 1, i + 1));
+            text.push_str(&format!(
+                "LIKE = s{}\n[s{}]\nLIKE = s0\nK{i} = v\n",
+                i + 1,
+                i + 1
+            ));
         }
         let c = parse("t", &text);
         let r = c.resolve(&id(Some("s0"), None, None));

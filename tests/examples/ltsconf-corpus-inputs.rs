@@ -4,7 +4,9 @@
 use ltsp_tests::ltsconf_gen::{case, CASES, SEED};
 
 fn main() {
-    let dir = std::env::args().nth(1).expect("usage: ltsconf-corpus-inputs DIR");
+    let dir = std::env::args()
+        .nth(1)
+        .expect("usage: ltsconf-corpus-inputs DIR");
     std::fs::create_dir_all(&dir).expect("create DIR");
     for i in 0..CASES {
         let c = case(SEED, i);

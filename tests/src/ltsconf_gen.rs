@@ -40,7 +40,11 @@ impl Rng {
 
 const HOSTS: &[&str] = &["node1", "node2", "ws-a", "kube7", "lab-pc12"];
 const IPS: &[&str] = &["10.0.0.5", "10.0.0.17", "192.168.67.20"];
-const MACS: &[&str] = &["aa:bb:cc:dd:ee:ff", "52:54:00:12:34:56", "00:11:25:84:ce:ba"];
+const MACS: &[&str] = &[
+    "aa:bb:cc:dd:ee:ff",
+    "52:54:00:12:34:56",
+    "00:11:25:84:ce:ba",
+];
 const GROUPS: &[&str] = &["kube", "base", "gpu", "crt_monitor", "lab"];
 const GLOBS: &[&str] = &[
     "node*",
@@ -306,13 +310,15 @@ impl Gen {
         };
         match n {
             0..=34 => {
-                let v = self.r.pick(&["True", "False", "1024x768", "server", "16", "vesa"]);
+                let v = self
+                    .r
+                    .pick(&["True", "False", "1024x768", "server", "16", "vesa"]);
                 self.put(v)
             }
             35..=44 => {
-                let v = self
-                    .r
-                    .pick(&["echo hello world", "/dev/ttyS0", "a b  c", "mount -t tmpfs"]);
+                let v =
+                    self.r
+                        .pick(&["echo hello world", "/dev/ttyS0", "a b  c", "mount -t tmpfs"]);
                 self.put(v)
             }
             45..=54 => {
@@ -342,7 +348,9 @@ impl Gen {
             76 => self.put(""),
             77 => self.put("\"a\" trailing"),
             _ => {
-                let v = self.r.pick(&["yes", "0", "/opt/ltsp", "pc-$HOSTNAME", "`id`"]);
+                let v = self
+                    .r
+                    .pick(&["yes", "0", "/opt/ltsp", "pc-$HOSTNAME", "`id`"]);
                 self.put(v)
             }
         }

@@ -37,7 +37,7 @@ fn load() -> Vec<Expected> {
         .filter(|p| p.extension().is_some_and(|e| e == "case"))
         .collect();
     files.sort();
-    files.iter().map(|p| parse_case(p)).collect()
+    files.iter().map(parse_case).collect()
 }
 
 fn parse_case(path: &PathBuf) -> Expected {
@@ -133,7 +133,11 @@ fn theirs(e: &Expected) -> (Class, BTreeMap<String, String>, Vec<String>) {
             .unwrap_or_else(|| panic!("{}: output line without '='", e.name));
         let key = String::from_utf8_lossy(&line[..eq]).into_owned();
         let v = &line[eq + 1..];
-        assert!(v.len() >= 2 && v[0] == b'"' && v[v.len() - 1] == b'"', "{}", e.name);
+        assert!(
+            v.len() >= 2 && v[0] == b'"' && v[v.len() - 1] == b'"',
+            "{}",
+            e.name
+        );
         let value = String::from_utf8_lossy(&v[1..v.len() - 1]).into_owned();
         let shell = key
             .chars()
@@ -180,7 +184,11 @@ fn corpus_is_the_generators_output() {
     for (i, e) in cases.iter().enumerate() {
         let g = case(SEED, i);
         assert_eq!(e.name, format!("{i:04}"));
-        assert!(e.lts_conf == g.lts_conf, "{}: lts.conf differs from the generator's", e.name);
+        assert!(
+            e.lts_conf == g.lts_conf,
+            "{}: lts.conf differs from the generator's",
+            e.name
+        );
         let id = &e.identity;
         assert_eq!(
             (id.hostname.as_deref(), id.ip.as_deref(), id.mac.as_deref()),
@@ -210,9 +218,10 @@ fn config_gives_getltscfgs_result_or_reports_the_difference() {
             Class::BadKey => {
                 ours == theirs
                     && bad.iter().all(|k| {
-                        c.problems
-                            .iter()
-                            .any(|p| p.contains(&format!("key {:?}", k.to_ascii_uppercase())) || p.contains(&format!("key {k:?}")))
+                        c.problems.iter().any(|p| {
+                            p.contains(&format!("key {:?}", k.to_ascii_uppercase()))
+                                || p.contains(&format!("key {k:?}"))
+                        })
                     })
             }
             // Reported at the latest where getltscfg failed.
@@ -230,9 +239,10 @@ fn config_gives_getltscfgs_result_or_reports_the_difference() {
                     .min();
                 first.is_some_and(|l| l <= their_line)
             }
-            Class::NoResult => c.problems.iter().any(|p| {
-                p.contains("LIKE cycle") || p.contains("include is not supported")
-            }),
+            Class::NoResult => c
+                .problems
+                .iter()
+                .any(|p| p.contains("LIKE cycle") || p.contains("include is not supported")),
         };
         if !ok {
             failures.push(format!(
@@ -278,9 +288,7 @@ fn the_config_command_prints_the_same() {
             .iter()
             .map(|k| format!("printf '%s\\0%s\\0' {k} \"${k}\"\n"))
             .collect::<String>();
-        let (ok, got, _) = run(Command::new("sh")
-            .arg("-c")
-            .arg(format!("{out}\n{script}")));
+        let (ok, got, _) = run(Command::new("sh").arg("-c").arg(format!("{out}\n{script}")));
         assert!(ok, "{}: {err}", e.name);
         let mut fields = got.split('\0');
         let mut back = BTreeMap::new();
