@@ -70,6 +70,31 @@ pub struct LtsConf {
 
 /// Bounds the work on hostile input: longer files are cut (and the cut reported).
 pub const MAX_FILE_BYTES: usize = 4 << 20;
+/// Bounds the memory of the reports: past this many errors (or warnings), one line says
+/// how many more there were.
+pub const MAX_REPORTS: usize = 500;
+
+/// Keeps the first [`MAX_REPORTS`] reports; counts the rest.
+fn keep(list: &mut Vec<ParseError>, dropped: &mut usize, e: ParseError) {
+    if list.len() < MAX_REPORTS {
+        list.push(e);
+    } else {
+        *dropped += 1;
+    }
+}
+
+fn summarise(file: &str, list: &mut Vec<ParseError>, dropped: usize, what: &str) {
+    list.sort_by_key(|e| (e.line, e.column));
+    if dropped > 0 {
+        let last = list.last().map_or(1, |e| e.line);
+        list.push(ParseError {
+            file: file.to_string(),
+            line: last,
+            column: 1,
+            message: format!("and {dropped} more {what} after this line, not listed"),
+        });
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Tok {
@@ -325,12 +350,15 @@ pub fn parse(file: &str, bytes: impl AsRef<[u8]>) -> LtsConf {
         bytes = &bytes[..MAX_FILE_BYTES];
     }
     let mut warnings = Vec::new();
-    let lines = decode(bytes, &mut |l, c, m| warnings.push(mk(l, c, m)));
+    let mut dropped = 0;
+    let lines = decode(bytes, &mut |l, c, m| {
+        keep(&mut warnings, &mut dropped, mk(l, c, m))
+    });
     let mut toks = Vec::new();
     for (idx, (text, terminated)) in lines.iter().enumerate() {
         let chars: Vec<char> = text.chars().collect();
         lex_line(idx + 1, &chars, *terminated, &mut toks, &mut |c, m| {
-            warnings.push(mk(idx + 1, c, m))
+            keep(&mut warnings, &mut dropped, mk(idx + 1, c, m))
         });
     }
     let mut p = Parser {
@@ -340,12 +368,14 @@ pub fn parse(file: &str, bytes: impl AsRef<[u8]>) -> LtsConf {
         warnings,
         current: None,
         last: None,
+        dropped_errors: 0,
+        dropped_warnings: dropped,
     };
     p.run();
     let mut conf = p.conf;
     conf.warnings = p.warnings;
-    conf.errors.sort_by_key(|e| (e.line, e.column));
-    conf.warnings.sort_by_key(|e| (e.line, e.column));
+    summarise(file, &mut conf.errors, p.dropped_errors, "errors");
+    summarise(file, &mut conf.warnings, p.dropped_warnings, "warnings");
     conf
 }
 
@@ -364,25 +394,29 @@ struct Parser {
     warnings: Vec<ParseError>,
     current: Option<usize>,
     last: Option<LastDecl>,
+    dropped_errors: usize,
+    dropped_warnings: usize,
 }
 
 impl Parser {
     fn err(&mut self, line: usize, column: usize, message: String) {
-        self.conf.errors.push(ParseError {
+        let e = ParseError {
             file: self.conf.file.clone(),
             line,
             column,
             message,
-        });
+        };
+        keep(&mut self.conf.errors, &mut self.dropped_errors, e);
     }
 
     fn warn(&mut self, line: usize, column: usize, message: String) {
-        self.warnings.push(ParseError {
+        let e = ParseError {
             file: self.conf.file.clone(),
             line,
             column,
             message,
-        });
+        };
+        keep(&mut self.warnings, &mut self.dropped_warnings, e);
     }
 
     fn tok(&self, i: usize) -> Option<&Tok> {
@@ -1316,6 +1350,18 @@ mod tests {
         let r = c.resolve(&Identity::default());
         assert_eq!((r.get("A"), r.get("B")), (Some(""), Some("1")));
         assert_eq!(c.warnings.len(), 1);
+    }
+
+    #[test]
+    fn reports_on_hostile_input_are_bounded() {
+        let text = "'\n[]\n".repeat(100_000);
+        let c = parse("t", &text);
+        assert_eq!(c.warnings.len(), MAX_REPORTS + 1);
+        assert_eq!(c.errors.len(), MAX_REPORTS + 1);
+        assert!(c.warnings[MAX_REPORTS]
+            .message
+            .starts_with(&format!("and {} more warnings", 100_000 - MAX_REPORTS)));
+        assert!(c.errors[0].message.contains("rejected"));
     }
 
     #[test]
