@@ -214,9 +214,16 @@ impl Gen {
             7..=9 => self.put(&format!("[ {name} ]")),
             10..=12 => self.put(&format!("[{name}] # {name}")),
             13 => self.put(&format!("  [{name}]")),
+            // A key on the header's line: getltscfg's grammar allows it.
+            14..=15 => {
+                self.put(&format!("[{name}] "));
+                self.declaration(crlf);
+            }
             _ => self.put(&format!("[{name}]")),
         }
-        self.nl(crlf);
+        if !(14..=15).contains(&form) {
+            self.nl(crlf);
+        }
         if self.bad && self.r.pct(4) {
             self.put("include other.conf");
             self.nl(crlf);
@@ -285,6 +292,14 @@ impl Gen {
             self.put("=");
             self.nl(crlf);
             self.put("  split");
+            self.nl(crlf);
+            return;
+        }
+        if self.r.pct(2) {
+            // The value on the next line.
+            self.put(" =");
+            self.nl(crlf);
+            self.put("    next-line value");
             self.nl(crlf);
             return;
         }
