@@ -871,7 +871,7 @@ mod tests {
     }
 
     struct FakePlatform {
-        conf: Option<String>,
+        conf: Option<Vec<u8>>,
         nbd_failures: u32,
         fetched: Vec<String>,
         attached: Vec<String>,
@@ -901,7 +901,6 @@ mod tests {
             self.fetched.push(format!("{server}{path}"));
             self.conf
                 .clone()
-                .map(String::into_bytes)
                 .ok_or(tftp::FetchError::NotFound { path: path.into() })
         }
         fn attach_nbd(
@@ -953,9 +952,11 @@ mod tests {
         let l = layout(d.path(), "root=/dev/nbd0 nbdroot=:img ltsp.overlay-size=1G init=/lib/systemd/systemd -- --unit=x");
         let sys = Recorder::default();
         let mut p = FakePlatform {
+            // A byte-order mark before the first section, a Latin-1 comment: both read.
             conf: Some(
-                "[default]\nPREINIT_02 = echo two\nPREINIT_01 = echo one\nRCFILE_1 = echo rc\n"
-                    .into(),
+                b"\xef\xbb\xbf[default]\nPREINIT_02 = echo two\nPREINIT_01 = echo one\n\
+                  # caf\xe9\nRCFILE_1 = echo rc\n"
+                    .to_vec(),
             ),
             nbd_failures: 1,
             fetched: vec![],
@@ -1060,9 +1061,10 @@ mod tests {
             "root=/dev/nbd0 nbdroot=192.0.2.9/img ltsp.conf=none",
         );
         std::fs::create_dir_all(format!("{}/rootfs/lower/etc", l.run)).unwrap();
+        // Not UTF-8 (a Latin-1 comment): the file is still read, the line reported.
         std::fs::write(
             format!("{}/rootfs/lower/etc/lts.conf", l.run),
-            "[default]\nPREINIT_1 = true\nHOSTNAME = from-image\n",
+            b"[default]\n# \xe9t\xe9\nPREINIT_1 = true\nHOSTNAME = from-image\n",
         )
         .unwrap();
         let sys = Recorder::default();
@@ -1088,6 +1090,8 @@ mod tests {
         assert!(p.fetched.is_empty(), "ltsp.conf=none fetches nothing");
         assert_eq!(p.attached, vec!["nbd://192.0.2.9:10809/img"]);
         assert_eq!(b.config.resolved.get("HOSTNAME"), Some("from-image"));
+        assert_eq!(b.config.warnings.len(), 1, "{:?}", b.config.warnings);
+        assert!(b.config.problems.is_empty(), "{:?}", b.config.problems);
     }
 
     #[test]
