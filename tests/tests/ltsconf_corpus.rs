@@ -101,12 +101,16 @@ enum Class {
 
 /// getltscfg's values, its class, and the keys no shell can assign.
 fn theirs(e: &Expected) -> (Class, BTreeMap<String, String>, Vec<String>) {
+    let syntax = e.stderr.iter().any(|l| l.contains("syntax error"));
+    if syntax {
+        // Whether it then returned or not, it read only the part before the error.
+        return (Class::SyntaxError, BTreeMap::new(), Vec::new());
+    }
     if e.exit != 0 {
         return (Class::NoResult, BTreeMap::new(), Vec::new());
     }
-    let syntax = e.stderr.iter().any(|l| l.contains("syntax error"));
     assert!(
-        syntax || e.stderr.is_empty(),
+        e.stderr.is_empty(),
         "{}: unexpected stderr {:?}",
         e.name,
         e.stderr
@@ -127,9 +131,6 @@ fn theirs(e: &Expected) -> (Class, BTreeMap<String, String>, Vec<String>) {
             if line.is_empty() {
                 continue;
             }
-        }
-        if syntax {
-            continue; // its values are those of the part before the error: not compared
         }
         let eq = line
             .iter()
@@ -154,9 +155,7 @@ fn theirs(e: &Expected) -> (Class, BTreeMap<String, String>, Vec<String>) {
             bad.push(key);
         }
     }
-    let class = if syntax {
-        Class::SyntaxError
-    } else if stray {
+    let class = if stray {
         Class::StrayOutput
     } else if !bad.is_empty() {
         Class::BadKey
