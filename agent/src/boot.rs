@@ -265,7 +265,8 @@ fn failed(on_failure: Option<OnFailure>) -> impl Fn(BootError) -> Box<Failed> + 
 #[derive(Debug, Clone)]
 pub struct FetchedConf {
     pub source: String,
-    pub text: String,
+    /// Bytes: the parser reports invalid UTF-8 by line instead of losing the file.
+    pub text: Vec<u8>,
 }
 
 /// What the network steps learnt: the boot NIC, lts.conf if the server had one, and the
@@ -402,7 +403,7 @@ fn configure(
     let Run { cmd, l, .. } = *r;
     pause_at(cmd, Step::Apply);
     let conf = net.conf.clone().or_else(|| {
-        let text = std::fs::read_to_string(layers.lower.join("etc/lts.conf")).ok()?;
+        let text = std::fs::read(layers.lower.join("etc/lts.conf")).ok()?;
         Some(FetchedConf {
             source: "/etc/lts.conf (image)".into(),
             text,
@@ -415,12 +416,16 @@ fn configure(
         mac: Some(info.mac.clone()),
     };
     let config = config::resolve(
-        conf.as_ref().map(|c| (c.source.as_str(), c.text.as_str())),
+        conf.as_ref()
+            .map(|c| (c.source.as_str(), c.text.as_slice())),
         cmd,
         &id,
     );
     for problem in &config.problems {
         log::warn!("lts.conf: {problem} (the boot goes on with what could be read)");
+    }
+    for w in &config.warnings {
+        log::warn!("lts.conf: warning: {w}");
     }
     log::info!(
         "lts.conf: sections applied: {}",
@@ -674,7 +679,7 @@ fn fetch_lts_conf(
                 log::info!("lts.conf: {} bytes from tftp://{addr}{}", bytes.len(), path);
                 return Some(FetchedConf {
                     source: format!("tftp://{addr}{path}"),
-                    text: String::from_utf8_lossy(&bytes).into_owned(),
+                    text: bytes,
                 });
             }
             Err(e) => log::info!("lts.conf: {e}"),
@@ -842,7 +847,7 @@ mod tests {
     }
 
     struct FakePlatform {
-        conf: Option<String>,
+        conf: Option<Vec<u8>>,
         nbd_failures: u32,
         fetched: Vec<String>,
         attached: Vec<String>,
@@ -872,7 +877,6 @@ mod tests {
             self.fetched.push(format!("{server}{path}"));
             self.conf
                 .clone()
-                .map(String::into_bytes)
                 .ok_or(tftp::FetchError::NotFound { path: path.into() })
         }
         fn attach_nbd(
@@ -924,9 +928,11 @@ mod tests {
         let l = layout(d.path(), "root=/dev/nbd0 nbdroot=:img ltsp.overlay-size=1G init=/lib/systemd/systemd -- --unit=x");
         let sys = Recorder::default();
         let mut p = FakePlatform {
+            // A byte-order mark before the first section, a Latin-1 comment: both read.
             conf: Some(
-                "[default]\nPREINIT_02 = echo two\nPREINIT_01 = echo one\nRCFILE_1 = echo rc\n"
-                    .into(),
+                b"\xef\xbb\xbf[default]\nPREINIT_02 = echo two\nPREINIT_01 = echo one\n\
+                  # caf\xe9\nRCFILE_1 = echo rc\n"
+                    .to_vec(),
             ),
             nbd_failures: 1,
             fetched: vec![],
@@ -1031,9 +1037,10 @@ mod tests {
             "root=/dev/nbd0 nbdroot=192.0.2.9/img ltsp.conf=none",
         );
         std::fs::create_dir_all(format!("{}/rootfs/lower/etc", l.run)).unwrap();
+        // Not UTF-8 (a Latin-1 comment): the file is still read, the line reported.
         std::fs::write(
             format!("{}/rootfs/lower/etc/lts.conf", l.run),
-            "[default]\nPREINIT_1 = true\nHOSTNAME = from-image\n",
+            b"[default]\n# \xe9t\xe9\nPREINIT_1 = true\nHOSTNAME = from-image\n",
         )
         .unwrap();
         let sys = Recorder::default();
@@ -1059,6 +1066,8 @@ mod tests {
         assert!(p.fetched.is_empty(), "ltsp.conf=none fetches nothing");
         assert_eq!(p.attached, vec!["nbd://192.0.2.9:10809/img"]);
         assert_eq!(b.config.resolved.get("HOSTNAME"), Some("from-image"));
+        assert_eq!(b.config.warnings.len(), 1, "{:?}", b.config.warnings);
+        assert!(b.config.problems.is_empty(), "{:?}", b.config.problems);
     }
 
     #[test]

@@ -119,7 +119,7 @@ struct Inputs {
 
 impl Inputs {
     fn load(&self) -> Result<config::NodeConfig, String> {
-        let text = std::fs::read_to_string(&self.lts_conf)
+        let bytes = std::fs::read(&self.lts_conf)
             .map_err(|e| format!("{}: {e}", self.lts_conf.display()))?;
         let cmd = match &self.cmdline {
             Some(p) => Cmdline::parse(
@@ -135,7 +135,7 @@ impl Inputs {
             mac: self.mac.clone(),
         };
         let name = self.lts_conf.display().to_string();
-        let c = config::resolve(Some((&name, &text)), &cmd, &id);
+        let c = config::resolve(Some((&name, &bytes)), &cmd, &id);
         if self.explain {
             eprintln!("sections applied: {}", c.resolved.sections.join(" > "));
         }
@@ -267,6 +267,9 @@ fn main() -> ExitCode {
 }
 
 fn report_problems(c: &config::NodeConfig) -> ExitCode {
+    for w in &c.warnings {
+        eprintln!("ltsp-agent: warning: {w}");
+    }
     for p in &c.problems {
         eprintln!("ltsp-agent: {p}");
     }

@@ -47,6 +47,11 @@ fn lts_conf_and_cmdline_never_panic() {
         "\r\n",
         "[!a-",
         "*?",
+        "'",
+        "include ",
+        "\\",
+        "[[:digit:]",
+        "\"K\" = ",
     ];
     let cmd = [
         "root=",
@@ -76,6 +81,14 @@ fn lts_conf_and_cmdline_never_panic() {
     ];
     for _ in 0..20_000 {
         let t = text(&mut r, &conf);
+        // As bytes too: a fragment cut anywhere, a stray Latin-1 byte, a byte-order mark.
+        let mut b = t.clone().into_bytes();
+        if !b.is_empty() {
+            let at = (r.next() % b.len() as u64) as usize;
+            b.insert(at, [0xe9, 0xef, 0xbb, 0xbf, b'\r', 0][at % 6]);
+            let _ = ltsconf::parse("gen", &b[..at]).resolve(&Default::default());
+        }
+        let _ = ltsconf::parse("gen", &b);
         let c = ltsconf::parse("gen", &t);
         let id = ltsconf::Identity {
             hostname: Some("x".into()),

@@ -1,6 +1,8 @@
 //! Helpers for the tests in `tests/tests/`: they run the project's real binaries against
 //! real peers (curl, atftp, tftp-hpa, nbdinfo, nbdcopy, qemu-io, dnsmasq, QEMU).
 
+pub mod ltsconf_gen;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -29,11 +29,27 @@ struct Fixture {
 /// `mode`: the DHCP side, `--proxy-dhcp veth0` or `--dhcp-server veth0`.
 fn start(tag: &str, dhcp: &[&str]) -> Fixture {
     let (ns, srv, cli) = veth_pair(tag, "eth7");
-    ip(&["-n", &srv, "addr", "add", &format!("{SERVER}/24"), "dev", "veth0"]);
+    ip(&[
+        "-n",
+        &srv,
+        "addr",
+        "add",
+        &format!("{SERVER}/24"),
+        "dev",
+        "veth0",
+    ]);
     ip(&["-n", &srv, "link", "set", "lo", "up"]);
     ip(&["-n", &cli, "link", "set", "lo", "up"]);
     // The first address of the subnet is the primary one: real clients use it.
-    ip(&["-n", &cli, "addr", "add", &format!("{CLIENT}/24"), "dev", "eth7"]);
+    ip(&[
+        "-n",
+        &cli,
+        "addr",
+        "add",
+        &format!("{CLIENT}/24"),
+        "dev",
+        "eth7",
+    ]);
     for i in FLOOD_FIRST..=FLOOD_LAST {
         ip(&[
             "-n",
@@ -135,7 +151,10 @@ fn flood(fx: &Fixture, secs: u32) -> std::process::Child {
 fn survives(tag: &str, dhcp: &[&str]) {
     let mut fx = start(tag, dhcp);
     let before = real_clients(&fx, "before");
-    assert!(before.is_empty(), "real clients before the flood: {before:?}");
+    assert!(
+        before.is_empty(),
+        "real clients before the flood: {before:?}"
+    );
     let f = flood(&fx, 25);
     std::thread::sleep(std::time::Duration::from_secs(8));
     let during = real_clients(&fx, "during");
@@ -147,7 +166,12 @@ fn survives(tag: &str, dhcp: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
     // The flood really ran: datagrams and connections went out.
-    for what in ["dhcp datagrams", "udp-datagrams", "tcp-connections", "nbd connections"] {
+    for what in [
+        "dhcp datagrams",
+        "udp-datagrams",
+        "tcp-connections",
+        "nbd connections",
+    ] {
         assert!(count(&report, what) > 0, "no {what} sent:\n{report}");
     }
     assert!(
@@ -158,7 +182,10 @@ fn survives(tag: &str, dhcp: &[&str]) {
     let after = real_clients(&fx, "after");
     let (peak, _) = fx.server.memory_kib();
     eprintln!("{report}peak RSS {peak} KiB");
-    assert!(during.is_empty(), "real clients during the flood: {during:?}\n{report}");
+    assert!(
+        during.is_empty(),
+        "real clients during the flood: {during:?}\n{report}"
+    );
     assert!(after.is_empty(), "real clients after the flood: {after:?}");
     assert!(
         peak > 0 && peak < BUDGET_KIB,
@@ -194,6 +221,11 @@ fn proxy_dhcp_server_survives_hostile_bytes_on_every_port() {
 fn dhcp_server_mode_survives_hostile_bytes_on_every_port() {
     survives(
         "hostd",
-        &["--dhcp-server", "veth0", "--dhcp-range", "192.0.2.100-192.0.2.150"],
+        &[
+            "--dhcp-server",
+            "veth0",
+            "--dhcp-range",
+            "192.0.2.100-192.0.2.150",
+        ],
     );
 }

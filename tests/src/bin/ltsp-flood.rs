@@ -349,7 +349,7 @@ async fn http_conn(o: &Opts, src: IpAddr, half: bool, c: &Counts, end: Instant) 
 
 async fn http_attacker(o: Arc<Opts>, src: IpAddr, i: usize, c: Arc<Counts>, end: Instant) {
     while Instant::now() < end {
-        http_conn(&o, src, i % 2 == 0, &c, end).await;
+        http_conn(&o, src, i.is_multiple_of(2), &c, end).await;
         sleep(Duration::from_millis(200)).await;
     }
 }
@@ -485,7 +485,10 @@ async fn random_udp(o: Arc<Opts>, c: Arc<Counts>, end: Instant) {
             data[0] = 0;
             data[1] = rng.below(7) as u8;
         }
-        if s.send_to(&data, SocketAddr::new(o.server, port)).await.is_ok() {
+        if s.send_to(&data, SocketAddr::new(o.server, port))
+            .await
+            .is_ok()
+        {
             c.random_udp.fetch_add(1, Relaxed);
         }
         i += 1;
@@ -523,7 +526,13 @@ fn main() -> std::process::ExitCode {
         let mut tasks = tokio::task::JoinSet::new();
         for (si, src) in o.sources.iter().enumerate() {
             for k in 0..o.nbd {
-                tasks.spawn(nbd_attacker(o.clone(), *src, (si * 1000 + k) as u64, c.clone(), end));
+                tasks.spawn(nbd_attacker(
+                    o.clone(),
+                    *src,
+                    (si * 1000 + k) as u64,
+                    c.clone(),
+                    end,
+                ));
             }
             if o.tftp > 0 {
                 tasks.spawn(tftp_attacker(o.clone(), *src, c.clone(), end));
