@@ -1,8 +1,8 @@
 //! `lts.conf` as LTSP5's `getltscfg` read it: the same tokens and grammar, so a file that
 //! getltscfg accepted gives the same values; where getltscfg failed (a syntax error made it
 //! drop the rest of the file) or misbehaved, a tolerant reading that reports every problem
-//! with its place. The rules, and where they differ from getltscfg, are in
-//! docs/ltsconf-rules.md.
+//! with its place. The rules, and where they differ from getltscfg, are in the README's
+//! "lts.conf: how settings are resolved".
 //!
 //! Parsing never gives up on the first error: a node must boot on what could be read, so
 //! [`parse`] returns the sections it understood together with the errors and warnings met.
