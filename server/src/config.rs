@@ -146,6 +146,13 @@ pub struct NbdFile {
     pub max_connections_per_client: Option<usize>,
     /// Seconds without a request before a connection is closed (0: never).
     pub idle_timeout: Option<u64>,
+    /// Reply bytes one connection may hold in memory; past it, it is not read from.
+    pub max_reply_bytes_per_connection: Option<usize>,
+    /// Reply bytes all connections together may hold in memory; past it, READs go by
+    /// sendfile(2) with no buffer.
+    pub max_reply_bytes: Option<usize>,
+    /// Seconds a connection's socket may take no reply bytes before it is closed.
+    pub write_timeout: Option<u64>,
     pub enabled: Option<bool>,
 }
 
@@ -216,6 +223,9 @@ pub struct NbdConfig {
     pub max_connections_per_client: usize,
     /// None: connections are never closed for idleness.
     pub idle_timeout: Option<Duration>,
+    pub max_reply_bytes_per_connection: usize,
+    pub max_reply_bytes: usize,
+    pub write_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -249,6 +259,9 @@ pub struct Overrides {
     pub nbd_max_connections: Option<usize>,
     pub nbd_max_connections_per_client: Option<usize>,
     pub nbd_idle_timeout: Option<u64>,
+    pub nbd_max_reply_bytes_per_connection: Option<usize>,
+    pub nbd_max_reply_bytes: Option<usize>,
+    pub nbd_write_timeout: Option<u64>,
     pub no_nbd: bool,
     pub http_listen: Option<SocketAddr>,
     pub boot_kernel: Option<String>,
@@ -406,6 +419,12 @@ impl Config {
                     }
                 }
             }
+            let write_timeout = o.nbd_write_timeout.or(f.nbd.write_timeout).unwrap_or(30);
+            if write_timeout == 0 {
+                return Err(ConfigError::Invalid(
+                    "[nbd] write_timeout must be at least 1 second".into(),
+                ));
+            }
             let default_export = o.default_export.clone().or(f.nbd.default_export);
             if let Some(d) = &default_export {
                 if !exports.iter().any(|e| &e.name == d) {
@@ -436,6 +455,15 @@ impl Config {
                     0 => None,
                     s => Some(Duration::from_secs(s)),
                 },
+                max_reply_bytes_per_connection: o
+                    .nbd_max_reply_bytes_per_connection
+                    .or(f.nbd.max_reply_bytes_per_connection)
+                    .unwrap_or(1 << 20),
+                max_reply_bytes: o
+                    .nbd_max_reply_bytes
+                    .or(f.nbd.max_reply_bytes)
+                    .unwrap_or(16 << 20),
+                write_timeout: Duration::from_secs(write_timeout),
             })
         } else {
             None

@@ -482,8 +482,7 @@ mod tests {
         let crash = include_bytes!("../../../fuzz/regressions/dhcp_reply/option94-length");
         let _ = parse_reply(crash);
         // Another of its length assertions (a bulk-leasequery option), found next.
-        let crash =
-            include_bytes!("../../../fuzz/regressions/dhcp_reply/option-len-debug-assert");
+        let crash = include_bytes!("../../../fuzz/regressions/dhcp_reply/option-len-debug-assert");
         let _ = parse_reply(crash);
     }
 
