@@ -462,7 +462,7 @@ impl Config {
                 max_reply_bytes: o
                     .nbd_max_reply_bytes
                     .or(f.nbd.max_reply_bytes)
-                    .unwrap_or(16 << 20),
+                    .unwrap_or(8 << 20),
                 write_timeout: Duration::from_secs(write_timeout),
             })
         } else {

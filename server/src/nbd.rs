@@ -39,9 +39,8 @@ const MAX_IN_FLIGHT: usize = 64;
 const BATCH: usize = 32;
 /// Buffer the request reader keeps per connection: 18 request headers per read(2).
 const READ_BUF: usize = 512;
-/// Option data accepted in negotiation: a GO/INFO with a name of the 4,096 bytes the NBD
-/// spec allows and a few info requests. Longer ones are refused without being read.
-const MAX_OPTION_DATA: u32 = 4096 + 64;
+/// Info requests a GO/INFO may carry and still be read (real clients send 1 to 4).
+const MAX_INFO_REQUESTS: u32 = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -273,7 +272,7 @@ impl Server {
         // Small buffers: a request header is 28 bytes, an option reply rarely more than a
         // few hundred; replies go by writev/sendfile, not through a buffer.
         let mut rd = BufReader::with_capacity(READ_BUF, rd);
-        let mut wr = BufWriter::with_capacity(1024, wr);
+        let mut wr = BufWriter::with_capacity(512, wr);
         let t = self.cfg.handshake_timeout;
         let opened = match tokio::time::timeout(t, self.negotiate(&mut rd, &mut wr)).await {
             Ok(r) => r?,
@@ -327,7 +326,7 @@ impl Server {
     /// Fixed newstyle negotiation. `Ok(None)`: the client aborted or left cleanly.
     async fn negotiate<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Option<Opened>, SessionError>
     where
-        R: AsyncRead + Unpin,
+        R: tokio::io::AsyncBufRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         wr.write_all(&w::server_greeting()).await?;
@@ -349,7 +348,7 @@ impl Server {
                 Err(e) => return Err(e.into()),
             }
             let h = w::parse_option_header(&hdr)?;
-            if h.len > MAX_OPTION_DATA.min(w::MAX_OPTION_LEN) {
+            if h.len > w::MAX_OPTION_LEN {
                 // Nothing legitimate is this long; reading it would let a client pin memory.
                 let reply = w::option_reply(h.option, w::REP_ERR_TOO_BIG, b"option too long");
                 wr.write_all(&reply).await?;
@@ -358,6 +357,23 @@ impl Server {
                     option: h.option,
                     len: h.len,
                 });
+            }
+            if h.len > self.max_option_data() && h.option != w::OPT_ABORT {
+                // Longer than any option naming one of our exports: skipped, not kept, so
+                // connections stalled mid-option pin little memory.
+                let n =
+                    tokio::io::copy_buf(&mut (&mut *rd).take(h.len as u64), &mut tokio::io::sink())
+                        .await?;
+                if n < h.len as u64 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+                }
+                if h.option == w::OPT_EXPORT_NAME {
+                    return Err(SessionError::UnknownExport(format!("({} bytes)", h.len)));
+                }
+                let why = "option too long for any export of this server";
+                self.reply_err(wr, h.option, w::REP_ERR_TOO_BIG, why)
+                    .await?;
+                continue;
             }
             // Grown as bytes arrive: a length alone pins no memory.
             let mut data = Vec::new();
@@ -442,6 +458,19 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// The longest option data that can name one of the exports: a GO/INFO with the longest
+    /// name and [`MAX_INFO_REQUESTS`] info requests.
+    fn max_option_data(&self) -> u32 {
+        let name = self
+            .cfg
+            .exports
+            .iter()
+            .map(|e| e.name.len())
+            .max()
+            .unwrap_or(0);
+        (4 + name as u32 + 2 + 2 * MAX_INFO_REQUESTS).max(256)
     }
 
     async fn reply_err<W: AsyncWrite + Unpin>(
@@ -561,30 +590,28 @@ where
         srv.pool.clone(),
         srv.cfg.write_timeout,
     ));
-    let read = {
+    let ended = {
         let reading = read_requests(&mut rd, &tx, &img, srv, &conn);
         tokio::pin!(reading);
         tokio::select! {
-            r = &mut reading => Some(r),
+            r = &mut reading => Ok(r),
             // The writer ends first only on an error (a write timeout, a reset): then
             // nothing more is read, and what is in flight is dropped with the channel.
-            _ = &mut writer => None,
+            w = &mut writer => Err(w),
         }
     };
     // Dropping our sender lets the writer finish once every in-flight READ has replied:
     // NBD_CMD_DISC "finishes what is in flight".
     drop(tx);
-    match read {
-        Some(r) => {
+    match ended {
+        Ok(r) => {
             // A failed writer is the cause when both failed (the reader then saw the
             // channel close).
             writer.await.unwrap_or(Ok(()))?;
             r
         }
-        None => match writer.await {
-            Ok(Err(e)) => Err(e.into()),
-            _ => Ok(()),
-        },
+        Err(Ok(Err(e))) => Err(e.into()),
+        Err(_) => Ok(()),
     }
 }
 
@@ -1180,5 +1207,45 @@ mod tests {
         assert_eq!(run.await.unwrap().unwrap().as_deref(), Some("root"));
         assert!(s.srv.budget.peak() <= 8 * 1024);
         assert_eq!(s.srv.budget.used(), 0);
+    }
+
+    /// An option longer than any that names one of our exports is skipped unread into
+    /// memory: ERR_TOO_BIG, and the negotiation goes on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_option_too_long_for_any_export_is_refused_and_negotiation_goes_on() {
+        let s = session(1 << 20, 1 << 20);
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let srv = s.srv.clone();
+        let run =
+            tokio::spawn(
+                async move { srv.serve_stream(server, "192.0.2.1".parse().unwrap()).await },
+            );
+        let (mut crd, mut cwr) = tokio::io::split(client);
+        let mut g = [0u8; 18];
+        crd.read_exact(&mut g).await.unwrap();
+        let mut b = (w::CLIENT_FIXED_NEWSTYLE | w::CLIENT_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
+        let long = w::info_request(&"x".repeat(3000), &[]);
+        b.extend_from_slice(&w::option_header(w::OPT_GO, long.len() as u32));
+        b.extend_from_slice(&long);
+        let go = w::info_request("root", &[]);
+        b.extend_from_slice(&w::option_header(w::OPT_GO, go.len() as u32));
+        b.extend_from_slice(&go);
+        b.extend_from_slice(&w::encode_request(&w::Request {
+            flags: 0,
+            kind: w::CMD_DISC,
+            cookie: 0,
+            offset: 0,
+            len: 0,
+        }));
+        cwr.write_all(&b).await.unwrap();
+        let mut h = [0u8; 20];
+        crd.read_exact(&mut h).await.unwrap();
+        let h = w::parse_option_reply_header(&h).unwrap();
+        assert_eq!(h.reply, w::REP_ERR_TOO_BIG);
+        let mut d = vec![0u8; h.len as usize];
+        crd.read_exact(&mut d).await.unwrap();
+        assert_eq!(run.await.unwrap().unwrap().as_deref(), Some("root"));
     }
 }
