@@ -611,4 +611,41 @@ mod tests {
             Err(ConfigError::ExportFlag(_))
         ));
     }
+
+    #[test]
+    fn nbd_memory_settings_default_parse_and_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("root.img");
+        std::fs::write(&img, b"x").unwrap();
+        let text = |extra: &str| {
+            format!("[tftp]\nenabled = false\n[nbd]\nexports = {{ root = {img:?} }}\n{extra}")
+        };
+        let c = Config::build(
+            parse_file(Path::new("c.toml"), &text("")).unwrap(),
+            &Overrides::default(),
+        )
+        .unwrap();
+        let n = c.nbd.unwrap();
+        assert_eq!(n.max_reply_bytes_per_connection, 1 << 20);
+        assert_eq!(n.max_reply_bytes, 8 << 20);
+        assert_eq!(n.write_timeout, Duration::from_secs(30));
+        let f = parse_file(
+            Path::new("c.toml"),
+            &text("max_reply_bytes_per_connection = 4096\nmax_reply_bytes = 65536\nwrite_timeout = 5\n"),
+        )
+        .unwrap();
+        let o = Overrides {
+            nbd_write_timeout: Some(7),
+            ..Default::default()
+        };
+        let n = Config::build(f, &o).unwrap().nbd.unwrap();
+        assert_eq!(
+            (n.max_reply_bytes_per_connection, n.max_reply_bytes),
+            (4096, 65536)
+        );
+        assert_eq!(n.write_timeout, Duration::from_secs(7));
+        let f = parse_file(Path::new("c.toml"), &text("write_timeout = 0\n")).unwrap();
+        let e = Config::build(f, &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("write_timeout"), "{e}");
+    }
 }
