@@ -156,7 +156,9 @@ pub struct Opened {
 
 impl Server {
     pub fn new(cfg: NbdConfig, status: Arc<Status>) -> Arc<Self> {
-        let conns = Arc::new(Semaphore::new(cfg.max_connections));
+        let conns = Arc::new(Semaphore::new(
+            cfg.max_connections.min(Semaphore::MAX_PERMITS),
+        ));
         let per_client = PerClient::new(cfg.max_connections_per_client);
         let budget = Budget::new(cfg.max_reply_bytes as u64, status.clone());
         // Freed buffers kept for reuse: a quarter of the budget on top of it, at most.
@@ -358,7 +360,7 @@ impl Server {
                     len: h.len,
                 });
             }
-            if h.len > self.max_option_data() && h.option != w::OPT_ABORT {
+            if h.len > self.max_option_data() {
                 // Longer than any option naming one of our exports: skipped, not kept, so
                 // connections stalled mid-option pin little memory.
                 let n =
@@ -582,7 +584,8 @@ where
     W: ReplySink,
 {
     let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
-    let conn = Arc::new(Semaphore::new(srv.cfg.max_reply_bytes_per_connection));
+    let per_conn = srv.cfg.max_reply_bytes_per_connection;
+    let conn = Arc::new(Semaphore::new(per_conn.min(Semaphore::MAX_PERMITS)));
     let mut writer = tokio::spawn(write_replies(
         wr,
         rx,
@@ -747,7 +750,12 @@ async fn charge(
     conn: &Arc<Semaphore>,
     len: u32,
 ) -> Option<(OwnedSemaphorePermit, Charge)> {
-    if len as usize > srv.cfg.max_reply_bytes_per_connection {
+    if len as usize
+        > srv
+            .cfg
+            .max_reply_bytes_per_connection
+            .min(Semaphore::MAX_PERMITS)
+    {
         return None;
     }
     let p = conn.clone().acquire_many_owned(len).await.ok()?;
@@ -1086,7 +1094,7 @@ mod tests {
             }],
             default_export: None,
             handshake_timeout: Duration::from_secs(10),
-            max_connections: 10,
+            max_connections: usize::MAX,
             max_connections_per_client: 0,
             idle_timeout: None,
             max_reply_bytes_per_connection: per_conn,
@@ -1164,7 +1172,8 @@ mod tests {
     /// path) instead of waiting or failing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reads_past_the_server_budget_are_still_served() {
-        let s = session(1 << 20, 8 * 1024);
+        // Any per-connection setting is accepted, however large.
+        let s = session(usize::MAX, 8 * 1024);
         let (client, server) = tokio::io::duplex(64 * 1024);
         let srv = s.srv.clone();
         let run =
