@@ -153,6 +153,13 @@ pub struct NbdFile {
     pub max_connections_per_client: Option<usize>,
     /// Seconds without a request before a connection is closed (0: never).
     pub idle_timeout: Option<u64>,
+    /// Reply bytes one connection may hold in memory; past it, it is not read from.
+    pub max_reply_bytes_per_connection: Option<usize>,
+    /// Reply bytes all connections together may hold in memory; past it, READs go by
+    /// sendfile(2) with no buffer.
+    pub max_reply_bytes: Option<usize>,
+    /// Seconds a connection's socket may take no reply bytes before it is closed.
+    pub write_timeout: Option<u64>,
     pub enabled: Option<bool>,
 }
 
@@ -229,6 +236,9 @@ pub struct NbdConfig {
     pub max_connections_per_client: usize,
     /// None: connections are never closed for idleness.
     pub idle_timeout: Option<Duration>,
+    pub max_reply_bytes_per_connection: usize,
+    pub max_reply_bytes: usize,
+    pub write_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -265,6 +275,9 @@ pub struct Overrides {
     pub nbd_max_connections: Option<usize>,
     pub nbd_max_connections_per_client: Option<usize>,
     pub nbd_idle_timeout: Option<u64>,
+    pub nbd_max_reply_bytes_per_connection: Option<usize>,
+    pub nbd_max_reply_bytes: Option<usize>,
+    pub nbd_write_timeout: Option<u64>,
     pub no_nbd: bool,
     pub http_listen: Option<SocketAddr>,
     pub boot_kernel: Option<String>,
@@ -439,6 +452,12 @@ impl Config {
                     }
                 }
             }
+            let write_timeout = o.nbd_write_timeout.or(f.nbd.write_timeout).unwrap_or(30);
+            if write_timeout == 0 {
+                return Err(ConfigError::Invalid(
+                    "[nbd] write_timeout must be at least 1 second".into(),
+                ));
+            }
             let default_export = o.default_export.clone().or(f.nbd.default_export);
             if let Some(d) = &default_export {
                 if !exports.iter().any(|e| &e.name == d) {
@@ -469,6 +488,15 @@ impl Config {
                     0 => None,
                     s => Some(Duration::from_secs(s)),
                 },
+                max_reply_bytes_per_connection: o
+                    .nbd_max_reply_bytes_per_connection
+                    .or(f.nbd.max_reply_bytes_per_connection)
+                    .unwrap_or(1 << 20),
+                max_reply_bytes: o
+                    .nbd_max_reply_bytes
+                    .or(f.nbd.max_reply_bytes)
+                    .unwrap_or(8 << 20),
+                write_timeout: Duration::from_secs(write_timeout),
             })
         } else {
             None
@@ -656,5 +684,42 @@ mod tests {
             "never unbounded"
         );
         assert_eq!(t.read_ahead_budget, 16 * 1024);
+    }
+
+    #[test]
+    fn nbd_memory_settings_default_parse_and_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("root.img");
+        std::fs::write(&img, b"x").unwrap();
+        let text = |extra: &str| {
+            format!("[tftp]\nenabled = false\n[nbd]\nexports = {{ root = {img:?} }}\n{extra}")
+        };
+        let c = Config::build(
+            parse_file(Path::new("c.toml"), &text("")).unwrap(),
+            &Overrides::default(),
+        )
+        .unwrap();
+        let n = c.nbd.unwrap();
+        assert_eq!(n.max_reply_bytes_per_connection, 1 << 20);
+        assert_eq!(n.max_reply_bytes, 8 << 20);
+        assert_eq!(n.write_timeout, Duration::from_secs(30));
+        let f = parse_file(
+            Path::new("c.toml"),
+            &text("max_reply_bytes_per_connection = 4096\nmax_reply_bytes = 65536\nwrite_timeout = 5\n"),
+        )
+        .unwrap();
+        let o = Overrides {
+            nbd_write_timeout: Some(7),
+            ..Default::default()
+        };
+        let n = Config::build(f, &o).unwrap().nbd.unwrap();
+        assert_eq!(
+            (n.max_reply_bytes_per_connection, n.max_reply_bytes),
+            (4096, 65536)
+        );
+        assert_eq!(n.write_timeout, Duration::from_secs(7));
+        let f = parse_file(Path::new("c.toml"), &text("write_timeout = 0\n")).unwrap();
+        let e = Config::build(f, &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("write_timeout"), "{e}");
     }
 }

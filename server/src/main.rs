@@ -122,6 +122,18 @@ struct ServeArgs {
     /// A node's kernel reconnects through its helper, so this only frees idle sockets.
     #[arg(long, value_name = "SECS")]
     nbd_idle_timeout: Option<u64>,
+    /// Bytes of NBD replies one connection may hold in memory; a client that does not take
+    /// its replies is not read from past it (default 1048576).
+    #[arg(long, value_name = "BYTES")]
+    nbd_max_reply_bytes_per_connection: Option<usize>,
+    /// Bytes of NBD replies all connections may hold in memory; past it, READs are sent
+    /// from the page cache by sendfile, without a buffer (default 8388608).
+    #[arg(long, value_name = "BYTES")]
+    nbd_max_reply_bytes: Option<usize>,
+    /// Seconds an NBD connection's socket may take no reply bytes before the connection
+    /// is closed (default 30).
+    #[arg(long, value_name = "SECS")]
+    nbd_write_timeout: Option<u64>,
     /// Do not serve NBD.
     #[arg(long)]
     no_nbd: bool,
@@ -177,6 +189,9 @@ impl ServeArgs {
             nbd_max_connections: self.nbd_max_connections,
             nbd_max_connections_per_client: self.nbd_max_connections_per_client,
             nbd_idle_timeout: self.nbd_idle_timeout,
+            nbd_max_reply_bytes_per_connection: self.nbd_max_reply_bytes_per_connection,
+            nbd_max_reply_bytes: self.nbd_max_reply_bytes,
+            nbd_write_timeout: self.nbd_write_timeout,
             no_nbd: self.no_nbd,
             http_listen: self.http_listen,
             boot_kernel: self.boot_kernel.clone(),
@@ -242,9 +257,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// Threads for blocking work (NBD reads that miss the page cache, file opens): enough to
+/// keep a disk busy; a flood of cache misses queues instead of starting 512 threads.
+const BLOCKING_THREADS: usize = 32;
+
 fn run(cfg: Config) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
         .build()
     {
         Ok(rt) => rt,

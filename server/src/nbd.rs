@@ -2,6 +2,13 @@
 //! requests, each READ runs as its own task (so replies go out in completion order, as the
 //! kernel allows), one task writes replies and batches them into few syscalls.
 //!
+//! Memory is bounded whatever a client does: reply data held in user space is charged to a
+//! budget per connection (the reader waits when its connection's is spent: a client that
+//! does not take its replies stops being read from) and to one for the whole server (when
+//! that is spent, a READ goes out by sendfile, with no buffer, instead of waiting: hostile
+//! connections holding the shared budget cannot stall a real node). A connection whose
+//! socket takes no bytes for the write timeout is closed, and all it held is given back.
+//!
 //! An export's image is opened when a client selects it and that open file is kept for the
 //! whole connection: renaming a new image over the path changes only later connections.
 
@@ -14,19 +21,26 @@ use std::fs::File;
 use std::io::IoSlice;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// Transmission flags of every export: read-only, and safe to open many connections to.
 pub const EXPORT_FLAGS: u16 = w::TFLAG_HAS_FLAGS | w::TFLAG_READ_ONLY | w::TFLAG_CAN_MULTI_CONN;
-/// Requests a connection may have in flight before the server stops reading more.
-const MAX_IN_FLIGHT: usize = 256;
+/// Requests a connection may have in flight before the server stops reading more. The
+/// kernel's NBD client has at most 128 per socket; each slot is fixed memory per connection.
+const MAX_IN_FLIGHT: usize = 64;
 /// Replies gathered into one writev.
-const BATCH: usize = 64;
+const BATCH: usize = 32;
+/// Buffer the request reader keeps per connection: 18 request headers per read(2).
+const READ_BUF: usize = 512;
+/// Info requests a GO/INFO may carry and still be read (real clients send 1 to 4).
+const MAX_INFO_REQUESTS: u32 = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -46,12 +60,91 @@ pub enum SessionError {
     OptionTooLong { option: u32, len: u32 },
 }
 
+/// Reply bytes held in user space by the whole server; the count is
+/// [`Status::nbd_reply_bytes`], so it shows in the metrics.
+pub struct Budget {
+    max: u64,
+    status: Arc<Status>,
+    /// The most ever in use.
+    peak: std::sync::atomic::AtomicU64,
+}
+
+/// Bytes taken from a [`Budget`], given back when dropped.
+pub struct Charge {
+    budget: Arc<Budget>,
+    n: u64,
+}
+
+impl Budget {
+    pub fn new(max: u64, status: Arc<Status>) -> Arc<Self> {
+        Arc::new(Budget {
+            max,
+            status,
+            peak: Default::default(),
+        })
+    }
+
+    /// `n` bytes if that keeps the total within the budget; never waits.
+    pub fn try_take(self: &Arc<Self>, n: u64) -> Option<Charge> {
+        let used = &self.status.nbd_reply_bytes;
+        let mut cur = used.load(Relaxed);
+        loop {
+            let next = cur.checked_add(n).filter(|&x| x <= self.max)?;
+            match used.compare_exchange_weak(cur, next, Relaxed, Relaxed) {
+                Ok(_) => {
+                    self.peak.fetch_max(next, Relaxed);
+                    return Some(Charge {
+                        budget: self.clone(),
+                        n,
+                    });
+                }
+                Err(x) => cur = x,
+            }
+        }
+    }
+
+    pub fn used(&self) -> u64 {
+        self.status.nbd_reply_bytes.load(Relaxed)
+    }
+
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Relaxed)
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget
+            .status
+            .nbd_reply_bytes
+            .fetch_sub(self.n, Relaxed);
+    }
+}
+
+/// Where replies are written: a TCP socket (large replies then go by sendfile(2)) or any
+/// other byte stream (tests and fuzzing), where they are copied through a small buffer.
+pub trait ReplySink: AsyncWrite + Unpin + Send + 'static {
+    fn socket(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl ReplySink for OwnedWriteHalf {
+    fn socket(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl<T: AsyncWrite + Send + 'static> ReplySink for tokio::io::WriteHalf<T> {}
+
 pub struct Server {
     cfg: NbdConfig,
     status: Arc<Status>,
     conns: Arc<Semaphore>,
     per_client: Arc<PerClient>,
     ids: Identities,
+    budget: Arc<Budget>,
+    pool: Arc<Pool>,
 }
 
 /// What a connection serves once negotiated.
@@ -63,14 +156,21 @@ pub struct Opened {
 
 impl Server {
     pub fn new(cfg: NbdConfig, status: Arc<Status>) -> Arc<Self> {
-        let conns = Arc::new(Semaphore::new(cfg.max_connections));
+        let conns = Arc::new(Semaphore::new(
+            cfg.max_connections.min(Semaphore::MAX_PERMITS),
+        ));
         let per_client = PerClient::new(cfg.max_connections_per_client);
+        let budget = Budget::new(cfg.max_reply_bytes as u64, status.clone());
+        // Freed buffers kept for reuse: a quarter of the budget on top of it, at most.
+        let pool = Arc::new(Pool::new(cfg.max_reply_bytes / 4));
         Arc::new(Server {
             cfg,
             status,
             conns,
             per_client,
             ids: Identities::default(),
+            budget,
+            pool,
         })
     }
 
@@ -143,8 +243,38 @@ impl Server {
     async fn session(&self, stream: TcpStream) -> Result<Option<String>, SessionError> {
         let peer = stream.peer_addr()?;
         let (rd, wr) = stream.into_split();
-        let mut rd = BufReader::with_capacity(256 * 1024, rd);
-        let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+        self.serve_halves(rd, wr, peer.to_string(), peer.ip()).await
+    }
+
+    /// One whole connection (negotiation, then transmission) over any byte stream, through
+    /// the same code as a TCP client: for fuzzing and tests. `peer` is who Status sees.
+    pub async fn serve_stream<S>(
+        &self,
+        stream: S,
+        peer: std::net::IpAddr,
+    ) -> Result<Option<String>, SessionError>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (rd, wr) = tokio::io::split(stream);
+        self.serve_halves(rd, wr, peer.to_string(), peer).await
+    }
+
+    async fn serve_halves<R, W>(
+        &self,
+        rd: R,
+        wr: W,
+        who: String,
+        ip: std::net::IpAddr,
+    ) -> Result<Option<String>, SessionError>
+    where
+        R: AsyncRead + Unpin + Send,
+        W: ReplySink,
+    {
+        // Small buffers: a request header is 28 bytes, an option reply rarely more than a
+        // few hundred; replies go by writev/sendfile, not through a buffer.
+        let mut rd = BufReader::with_capacity(READ_BUF, rd);
+        let mut wr = BufWriter::with_capacity(512, wr);
         let t = self.cfg.handshake_timeout;
         let opened = match tokio::time::timeout(t, self.negotiate(&mut rd, &mut wr)).await {
             Ok(r) => r?,
@@ -154,23 +284,15 @@ impl Server {
             return Ok(None);
         };
         log::info!(
-            "nbd: {peer}: export {:?} ({} bytes) connected",
+            "nbd: {who}: export {:?} ({} bytes) connected",
             opened.name,
             opened.size
         );
         let name = opened.name.clone();
-        // Replies are written with writev straight to the socket, not through the buffer.
         wr.flush().await?;
-        self.status.nbd_connected(peer.ip(), &name);
-        let r = transmit(
-            rd,
-            wr.into_inner(),
-            Arc::new(opened),
-            self.cfg.idle_timeout,
-            &self.status,
-        )
-        .await;
-        self.status.nbd_closed(peer.ip());
+        self.status.nbd_connected(ip, &name);
+        let r = transmit(rd, wr.into_inner(), Arc::new(opened), self).await;
+        self.status.nbd_closed(ip);
         r?;
         Ok(Some(name))
     }
@@ -206,7 +328,7 @@ impl Server {
     /// Fixed newstyle negotiation. `Ok(None)`: the client aborted or left cleanly.
     async fn negotiate<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Option<Opened>, SessionError>
     where
-        R: AsyncRead + Unpin,
+        R: tokio::io::AsyncBufRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         wr.write_all(&w::server_greeting()).await?;
@@ -238,8 +360,29 @@ impl Server {
                     len: h.len,
                 });
             }
-            let mut data = vec![0u8; h.len as usize];
-            rd.read_exact(&mut data).await?;
+            if h.len > self.max_option_data() {
+                // Longer than any option naming one of our exports: skipped, not kept, so
+                // connections stalled mid-option pin little memory.
+                let n =
+                    tokio::io::copy_buf(&mut (&mut *rd).take(h.len as u64), &mut tokio::io::sink())
+                        .await?;
+                if n < h.len as u64 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+                }
+                if h.option == w::OPT_EXPORT_NAME {
+                    return Err(SessionError::UnknownExport(format!("({} bytes)", h.len)));
+                }
+                let why = "option too long for any export of this server";
+                self.reply_err(wr, h.option, w::REP_ERR_TOO_BIG, why)
+                    .await?;
+                continue;
+            }
+            // Grown as bytes arrive: a length alone pins no memory.
+            let mut data = Vec::new();
+            (&mut *rd).take(h.len as u64).read_to_end(&mut data).await?;
+            if data.len() < h.len as usize {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
             match h.option {
                 w::OPT_EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data).into_owned();
@@ -319,6 +462,19 @@ impl Server {
         }
     }
 
+    /// The longest option data that can name one of the exports: a GO/INFO with the longest
+    /// name and [`MAX_INFO_REQUESTS`] info requests.
+    fn max_option_data(&self) -> u32 {
+        let name = self
+            .cfg
+            .exports
+            .iter()
+            .map(|e| e.name.len())
+            .max()
+            .unwrap_or(0);
+        (4 + name as u32 + 2 + 2 * MAX_INFO_REQUESTS).max(256)
+    }
+
     async fn reply_err<W: AsyncWrite + Unpin>(
         &self,
         wr: &mut W,
@@ -380,50 +536,102 @@ pub fn describe(o: &Opened, id: Option<&str>) -> String {
     }
 }
 
-/// One reply on its way to the writer: header plus data for a successful READ.
+/// One reply on its way to the writer; small, as up to [`MAX_IN_FLIGHT`] wait per connection.
 struct Reply {
-    header: [u8; w::SIMPLE_REPLY_LEN],
+    cookie: u64,
+    error: u32,
+    /// Data length of a successful READ: from `buf`, or else sent with sendfile(2).
+    len: u32,
+    offset: u64,
+    buf: Option<Box<Buffered>>,
+}
+
+/// READ data in user space, with what it is charged to (given back when dropped).
+struct Buffered {
     data: Vec<u8>,
-    /// A large READ sent with sendfile(2) by the writer: (image, offset, length).
-    file: Option<(Arc<Opened>, u64, u32)>,
+    _conn: OwnedSemaphorePermit,
+    _all: Charge,
+}
+
+impl Reply {
+    fn header_only(error: u32, cookie: u64) -> Reply {
+        Reply {
+            cookie,
+            error,
+            len: 0,
+            offset: 0,
+            buf: None,
+        }
+    }
 }
 
 /// READs at least this large go page cache -> socket with sendfile (one copy less);
 /// smaller ones are read into pooled buffers and batched into one writev.
 const SENDFILE_MIN: u32 = 64 * 1024;
 
-async fn transmit<R>(
+fn writer_ended() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer ended")
+}
+
+async fn transmit<R, W>(
     mut rd: R,
-    wr: OwnedWriteHalf,
+    wr: W,
     img: Arc<Opened>,
-    idle: Option<std::time::Duration>,
-    status: &Status,
+    srv: &Server,
 ) -> Result<(), SessionError>
 where
-    R: AsyncRead + Unpin,
+    R: AsyncBufReadUnpin,
+    W: ReplySink,
 {
     let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
-    let pool = Arc::new(Pool::default());
-    let writer = tokio::spawn(write_replies(wr, rx, pool.clone()));
-    let result = read_requests(&mut rd, &tx, &img, &pool, idle, status).await;
+    let per_conn = srv.cfg.max_reply_bytes_per_connection;
+    let conn = Arc::new(Semaphore::new(per_conn.min(Semaphore::MAX_PERMITS)));
+    let mut writer = tokio::spawn(write_replies(
+        wr,
+        rx,
+        img.clone(),
+        srv.pool.clone(),
+        srv.cfg.write_timeout,
+    ));
+    let ended = {
+        let reading = read_requests(&mut rd, &tx, &img, srv, &conn);
+        tokio::pin!(reading);
+        tokio::select! {
+            r = &mut reading => Ok(r),
+            // The writer ends first only on an error (a write timeout, a reset): then
+            // nothing more is read, and what is in flight is dropped with the channel.
+            w = &mut writer => Err(w),
+        }
+    };
     // Dropping our sender lets the writer finish once every in-flight READ has replied:
     // NBD_CMD_DISC "finishes what is in flight".
     drop(tx);
-    let written = writer.await.unwrap_or(Ok(()));
-    result?;
-    written.map_err(SessionError::Io)
+    match ended {
+        Ok(r) => {
+            // A failed writer is the cause when both failed (the reader then saw the
+            // channel close).
+            writer.await.unwrap_or(Ok(()))?;
+            r
+        }
+        Err(Ok(Err(e))) => Err(e.into()),
+        Err(_) => Ok(()),
+    }
 }
 
-async fn read_requests<R: AsyncRead + Unpin>(
+/// What the request reader needs of its input: buffered, so headers are not a syscall each.
+pub trait AsyncBufReadUnpin: tokio::io::AsyncBufRead + Unpin + Send {}
+impl<T: tokio::io::AsyncBufRead + Unpin + Send> AsyncBufReadUnpin for T {}
+
+async fn read_requests<R: AsyncBufReadUnpin>(
     rd: &mut R,
     tx: &mpsc::Sender<Reply>,
     img: &Arc<Opened>,
-    pool: &Arc<Pool>,
-    idle: Option<std::time::Duration>,
-    status: &Status,
+    srv: &Server,
+    conn: &Arc<Semaphore>,
 ) -> Result<(), SessionError> {
+    let idle = srv.cfg.idle_timeout;
+    let status = &srv.status;
     let mut hdr = [0u8; w::REQUEST_LEN];
-    let mut drain = vec![0u8; 64 * 1024];
     loop {
         let next = match idle {
             None => rd.read_exact(&mut hdr).await,
@@ -443,55 +651,69 @@ async fn read_requests<R: AsyncRead + Unpin>(
             w::CMD_READ => {
                 if let Some(e) = check_range(&req, img.size) {
                     e
-                } else if req.len >= SENDFILE_MIN {
-                    status.nbd_read(req.len);
-                    tx.send(Reply {
-                        header: w::simple_reply(0, req.cookie),
-                        data: Vec::new(),
-                        file: Some((img.clone(), req.offset, req.len)),
-                    })
-                    .await
-                    .map_err(|_| {
-                        std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer ended")
-                    })?;
-                    continue;
                 } else {
                     status.nbd_read(req.len);
-                    let permit = tx.clone().reserve_owned().await.map_err(|_| {
-                        std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer ended")
-                    })?;
+                    // A free slot first: when the client does not take its replies, this
+                    // is where the reading stops.
+                    let permit = tx
+                        .clone()
+                        .reserve_owned()
+                        .await
+                        .map_err(|_| writer_ended())?;
+                    let by_file = Reply {
+                        cookie: req.cookie,
+                        error: 0,
+                        len: req.len,
+                        offset: req.offset,
+                        buf: None,
+                    };
+                    let held = if req.len < SENDFILE_MIN {
+                        charge(srv, conn, req.len).await
+                    } else {
+                        None
+                    };
+                    let Some((conn_permit, all)) = held else {
+                        permit.send(by_file);
+                        continue;
+                    };
                     // From the page cache (the common case) the read is done here, at once.
                     // A cache miss would block: that READ goes to its own task and its reply
                     // overtakes nothing it should not, while later READs go on.
-                    let mut data = pool.get(req.len as usize);
+                    let mut data = srv.pool.get(req.len as usize);
                     if read_cached(&img.file, &mut data, req.offset) {
                         permit.send(Reply {
-                            header: w::simple_reply(0, req.cookie),
-                            data,
-                            file: None,
+                            buf: Some(Box::new(Buffered {
+                                data,
+                                _conn: conn_permit,
+                                _all: all,
+                            })),
+                            ..by_file
                         });
                         continue;
                     }
-                    pool.put(data);
+                    srv.pool.put(data);
                     let img = img.clone();
-                    let pool = pool.clone();
-                    // A thread of the blocking pool: a disk read must not stall the
-                    // event loop every other client is served from.
+                    let pool = srv.pool.clone();
+                    // A thread of the (capped) blocking pool: a disk read must not stall
+                    // the event loop every other client is served from.
                     tokio::task::spawn_blocking(move || {
                         let mut data = pool.get(req.len as usize);
-                        let error = match img.file.read_exact_at(&mut data, req.offset) {
-                            Ok(()) => 0,
+                        let reply = match img.file.read_exact_at(&mut data, req.offset) {
+                            Ok(()) => Reply {
+                                buf: Some(Box::new(Buffered {
+                                    data,
+                                    _conn: conn_permit,
+                                    _all: all,
+                                })),
+                                ..by_file
+                            },
                             Err(e) => {
                                 log::error!("nbd: read {}+{}: {e}", req.offset, req.len);
-                                data = Vec::new();
-                                w::EIO
+                                pool.put(data);
+                                Reply::header_only(w::EIO, req.cookie)
                             }
                         };
-                        permit.send(Reply {
-                            header: w::simple_reply(error, req.cookie),
-                            data,
-                            file: None,
-                        });
+                        permit.send(reply);
                     });
                     continue;
                 }
@@ -499,11 +721,13 @@ async fn read_requests<R: AsyncRead + Unpin>(
             w::CMD_WRITE => {
                 // The payload follows the header whatever the answer: drain it, or the
                 // next "request" would be the client's data.
-                let mut left = req.len as usize;
-                while left > 0 {
-                    let n = left.min(drain.len());
-                    rd.read_exact(&mut drain[..n]).await?;
-                    left -= n;
+                let n = tokio::io::copy_buf(
+                    &mut (&mut *rd).take(req.len as u64),
+                    &mut tokio::io::sink(),
+                )
+                .await?;
+                if n < req.len as u64 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
                 }
                 w::EPERM
             }
@@ -512,14 +736,31 @@ async fn read_requests<R: AsyncRead + Unpin>(
             w::CMD_DISC => return Ok(()),
             _ => w::EINVAL,
         };
-        tx.send(Reply {
-            header: w::simple_reply(error, req.cookie),
-            data: Vec::new(),
-            file: None,
-        })
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer ended"))?;
+        tx.send(Reply::header_only(error, req.cookie))
+            .await
+            .map_err(|_| writer_ended())?;
     }
+}
+
+/// Charges a buffered READ of `len` bytes: waits for the connection's own budget (so a
+/// client that does not take its replies stops being read from), then takes from the
+/// server's without waiting. None: send it by sendfile, with no buffer.
+async fn charge(
+    srv: &Server,
+    conn: &Arc<Semaphore>,
+    len: u32,
+) -> Option<(OwnedSemaphorePermit, Charge)> {
+    if len as usize
+        > srv
+            .cfg
+            .max_reply_bytes_per_connection
+            .min(Semaphore::MAX_PERMITS)
+    {
+        return None;
+    }
+    let p = conn.clone().acquire_many_owned(len).await.ok()?;
+    let all = srv.budget.try_take(len as u64)?;
+    Some((p, all))
 }
 
 /// Fills `buf` from `file` at `offset` only if that never waits for the disk
@@ -546,58 +787,84 @@ fn check_range(req: &w::Request, size: u64) -> Option<u32> {
     }
 }
 
-async fn write_replies(
-    mut wr: OwnedWriteHalf,
+/// `what` with the write timeout: each call is one wait for the socket to take bytes, so
+/// the timeout is "no progress for that long", not a limit on a long reply.
+async fn progress<T>(
+    t: Duration,
+    what: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    match tokio::time::timeout(t, what).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no write progress for {t:?}: closed"),
+        )),
+    }
+}
+
+async fn write_replies<W: ReplySink>(
+    mut wr: W,
     mut rx: mpsc::Receiver<Reply>,
+    img: Arc<Opened>,
     pool: Arc<Pool>,
+    t: Duration,
 ) -> std::io::Result<()> {
-    let mut batch: Vec<Reply> = Vec::with_capacity(BATCH);
-    while let Some(r) = rx.recv().await {
-        batch.push(r);
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
+    let mut batch: Vec<Reply> = Vec::new();
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
         // Runs of buffered replies go out in one writev (one syscall for many small
         // replies); a sendfile reply is its header with MSG_MORE, then the file's pages.
         let mut i = 0;
         while i < batch.len() {
             let j = batch[i..]
                 .iter()
-                .position(|r| r.file.is_some())
+                .position(|r| r.buf.is_none() && r.len > 0)
                 .map_or(batch.len(), |k| i + k);
             if j > i {
-                write_buffered(&mut wr, &batch[i..j]).await?;
+                write_buffered(&mut wr, &batch[i..j], t).await?;
             }
             if j < batch.len() {
-                let (img, offset, len) = batch[j].file.clone().expect("a sendfile reply");
-                send_with_more(&wr, &batch[j].header).await?;
-                send_file(&wr, &img.file, offset, len as usize).await?;
+                let r = &batch[j];
+                let header = w::simple_reply(0, r.cookie);
+                match wr.socket() {
+                    Some(sock) => {
+                        send_with_more(sock, &header, t).await?;
+                        send_file(sock, &img.file, r.offset, r.len as usize, t).await?;
+                    }
+                    None => copy_file(&mut wr, &header, &img.file, r.offset, r.len, t).await?,
+                }
                 i = j + 1;
             } else {
                 i = j;
             }
         }
         for r in batch.drain(..) {
-            pool.put(r.data);
+            if let Some(b) = r.buf {
+                pool.put(b.data);
+            }
         }
     }
-    wr.shutdown().await
+    progress(t, wr.shutdown()).await
 }
 
-async fn write_buffered(wr: &mut OwnedWriteHalf, replies: &[Reply]) -> std::io::Result<()> {
+async fn write_buffered<W: ReplySink>(
+    wr: &mut W,
+    replies: &[Reply],
+    t: Duration,
+) -> std::io::Result<()> {
+    let headers: Vec<[u8; w::SIMPLE_REPLY_LEN]> = replies
+        .iter()
+        .map(|r| w::simple_reply(r.error, r.cookie))
+        .collect();
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(replies.len() * 2);
-    for r in replies {
-        slices.push(IoSlice::new(&r.header));
-        if !r.data.is_empty() {
-            slices.push(IoSlice::new(&r.data));
+    for (r, h) in replies.iter().zip(&headers) {
+        slices.push(IoSlice::new(h));
+        if let Some(b) = &r.buf {
+            slices.push(IoSlice::new(&b.data));
         }
     }
     let mut bufs = &mut slices[..];
     while !bufs.is_empty() {
-        let n = wr.write_vectored(bufs).await?;
+        let n = progress(t, wr.write_vectored(bufs)).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -606,12 +873,39 @@ async fn write_buffered(wr: &mut OwnedWriteHalf, replies: &[Reply]) -> std::io::
     Ok(())
 }
 
+/// A READ reply without sendfile (the sink is not a socket): through a 64 KiB buffer.
+async fn copy_file<W: ReplySink>(
+    wr: &mut W,
+    header: &[u8],
+    file: &File,
+    offset: u64,
+    len: u32,
+    t: Duration,
+) -> std::io::Result<()> {
+    progress(t, wr.write_all(header)).await?;
+    let mut buf = vec![0u8; (len as usize).min(64 * 1024)];
+    let mut done = 0u64;
+    while done < len as u64 {
+        let n = buf.len().min((len as u64 - done) as usize);
+        file.read_exact_at(&mut buf[..n], offset + done)?;
+        let mut b = &buf[..n];
+        while !b.is_empty() {
+            let k = progress(t, wr.write(b)).await?;
+            if k == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            b = &b[k..];
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
 /// The reply header, with MSG_MORE so it leaves in the same segment as the data after it.
-async fn send_with_more(wr: &OwnedWriteHalf, mut b: &[u8]) -> std::io::Result<()> {
+async fn send_with_more(sock: &TcpStream, mut b: &[u8], t: Duration) -> std::io::Result<()> {
     use nix::sys::socket::{send, MsgFlags};
-    let sock = wr.as_ref();
     while !b.is_empty() {
-        sock.writable().await?;
+        progress(t, sock.writable()).await?;
         match sock.try_io(Interest::WRITABLE, || {
             send(
                 sock.as_raw_fd(),
@@ -631,16 +925,16 @@ async fn send_with_more(wr: &OwnedWriteHalf, mut b: &[u8]) -> std::io::Result<()
 /// `len` bytes of `file` from `offset` into the socket, without a copy through user space.
 /// The header already promised the data: a short or failed read ends the connection.
 async fn send_file(
-    wr: &OwnedWriteHalf,
+    sock: &TcpStream,
     file: &File,
     offset: u64,
     len: usize,
+    t: Duration,
 ) -> std::io::Result<()> {
-    let sock = wr.as_ref();
     let mut off = offset as i64;
     let mut left = len;
     while left > 0 {
-        sock.writable().await?;
+        progress(t, sock.writable()).await?;
         match sock.try_io(Interest::WRITABLE, || {
             nix::sys::sendfile::sendfile64(sock, file, Some(&mut off), left)
                 .map_err(std::io::Error::from)
@@ -659,19 +953,33 @@ async fn send_file(
     Ok(())
 }
 
-/// Read buffers reused across requests: a fresh 256 KiB allocation per READ would be
-/// mmap'ed, faulted in page by page and unmapped again.
-#[derive(Default)]
-struct Pool(std::sync::Mutex<Vec<Vec<u8>>>);
+/// Read buffers reused across requests and connections (a fresh allocation per READ would
+/// be zero-filled and faulted in again), keeping at most `max` bytes.
+struct Pool {
+    max: usize,
+    /// The buffers and the sum of their capacities.
+    inner: std::sync::Mutex<(Vec<Vec<u8>>, usize)>,
+}
 
 impl Pool {
+    fn new(max: usize) -> Self {
+        Pool {
+            max,
+            inner: Default::default(),
+        }
+    }
+
     fn get(&self, len: usize) -> Vec<u8> {
-        let mut b = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default();
+        let mut b = {
+            let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            match g.0.pop() {
+                Some(b) => {
+                    g.1 -= b.capacity();
+                    b
+                }
+                None => Vec::new(),
+            }
+        };
         // Shrinking is free; only growth is zero-filled. The read overwrites all `len`
         // bytes before any is sent.
         b.resize(len, 0);
@@ -679,13 +987,20 @@ impl Pool {
     }
 
     fn put(&self, b: Vec<u8>) {
-        if b.capacity() == 0 {
+        let c = b.capacity();
+        if c == 0 {
             return;
         }
-        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if v.len() < MAX_IN_FLIGHT {
-            v.push(b);
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if g.1 + c <= self.max {
+            g.1 += c;
+            g.0.push(b);
         }
+    }
+
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).1
     }
 }
 
@@ -711,5 +1026,235 @@ mod tests {
             check_range(&r(0, w::MAX_REQUEST_LEN + 1), u64::MAX),
             Some(w::EINVAL)
         );
+    }
+
+    #[test]
+    fn the_budget_never_goes_over_and_charges_come_back() {
+        let status = Arc::new(Status::default());
+        let b = Budget::new(10_000, status.clone());
+        let c1 = b.try_take(6_000).unwrap();
+        let c2 = b.try_take(4_000).unwrap();
+        assert_eq!(b.used(), 10_000);
+        assert!(b.try_take(1).is_none(), "over the budget");
+        assert!(b.try_take(u64::MAX).is_none(), "no overflow");
+        drop(c1);
+        assert_eq!(status.nbd_reply_bytes.load(Relaxed), 4_000);
+        let c3 = b.try_take(6_000).unwrap();
+        drop((c2, c3));
+        assert_eq!(b.used(), 0);
+        assert_eq!(b.peak(), 10_000);
+        // Many threads taking and giving back: the total never passes the budget.
+        let b = Budget::new(64 * 1024, Arc::new(Status::default()));
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for i in 0..20_000u64 {
+                        let c = b.try_take(1 + i % 8192);
+                        assert!(b.used() <= 64 * 1024);
+                        drop(c);
+                    }
+                });
+            }
+        });
+        assert_eq!(b.used(), 0);
+        assert!(b.peak() <= 64 * 1024);
+    }
+
+    #[test]
+    fn the_pool_keeps_at_most_its_bytes() {
+        let p = Pool::new(10_000);
+        let bufs: Vec<_> = (0..5).map(|_| p.get(4096)).collect();
+        for b in bufs {
+            p.put(b);
+        }
+        assert!(p.bytes() <= 10_000 && p.bytes() >= 8192, "{}", p.bytes());
+        let b = p.get(100);
+        assert_eq!(b.len(), 100);
+        assert!(b.capacity() >= 4096, "a pooled buffer is reused");
+        p.put(b);
+        assert!(p.bytes() <= 10_000);
+    }
+
+    struct Session {
+        _dir: tempfile::TempDir,
+        img: Vec<u8>,
+        srv: Arc<Server>,
+    }
+
+    fn session(per_conn: usize, all: usize) -> Session {
+        let dir = tempfile::tempdir().unwrap();
+        let img: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        let path = dir.path().join("root.img");
+        std::fs::write(&path, &img).unwrap();
+        let cfg = NbdConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            exports: vec![Export {
+                name: "root".into(),
+                path,
+            }],
+            default_export: None,
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: usize::MAX,
+            max_connections_per_client: 0,
+            idle_timeout: None,
+            max_reply_bytes_per_connection: per_conn,
+            max_reply_bytes: all,
+            write_timeout: Duration::from_secs(1),
+        };
+        let srv = Server::new(cfg, Arc::new(Status::default()));
+        Session {
+            _dir: dir,
+            img,
+            srv,
+        }
+    }
+
+    /// Client bytes up to transmission: fixed newstyle, no zeroes, EXPORT_NAME "root".
+    fn hello() -> Vec<u8> {
+        let mut b = (w::CLIENT_FIXED_NEWSTYLE | w::CLIENT_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
+        b.extend_from_slice(&w::option_header(w::OPT_EXPORT_NAME, 4));
+        b.extend_from_slice(b"root");
+        b
+    }
+
+    fn read_req(cookie: u64, offset: u64, len: u32) -> [u8; w::REQUEST_LEN] {
+        w::encode_request(&w::Request {
+            flags: 0,
+            kind: w::CMD_READ,
+            cookie,
+            offset,
+            len,
+        })
+    }
+
+    /// A client that sends READs and never takes a reply: the server stops reading it,
+    /// holds no more than the connection's budget, and closes it after the write timeout
+    /// with every byte given back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_takes_no_replies_is_not_read_and_is_closed() {
+        let s = session(16 * 1024, 1 << 20);
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let srv = s.srv.clone();
+        let run =
+            tokio::spawn(
+                async move { srv.serve_stream(server, "192.0.2.1".parse().unwrap()).await },
+            );
+        let (mut crd, mut cwr) = tokio::io::split(client);
+        // The greeting and export answer only, then never read again.
+        let mut g = [0u8; 18 + 10];
+        let sender = tokio::spawn(async move {
+            cwr.write_all(&hello()).await?;
+            for i in 0..100_000u64 {
+                cwr.write_all(&read_req(i, (i * 4096) % (1 << 20), 4096))
+                    .await?;
+            }
+            std::io::Result::Ok(())
+        });
+        crd.read_exact(&mut g).await.unwrap();
+        let r = run.await.unwrap();
+        let e = r.expect_err("closed for its write timeout").to_string();
+        assert!(e.contains("no write progress"), "{e}");
+        let reads = s.srv.status.nbd_reads.load(Relaxed);
+        assert!(reads > 0 && reads < 1000, "{reads} requests were read");
+        assert!(s.srv.budget.peak() <= 16 * 1024, "{}", s.srv.budget.peak());
+        assert!(s.srv.budget.peak() > 0);
+        assert_eq!(s.srv.budget.used(), 0, "charges given back at close");
+        drop(crd);
+        assert!(
+            sender.await.unwrap().is_err(),
+            "the client's sends were not all taken"
+        );
+    }
+
+    /// With the server-wide budget spent, READs still get their data (by the unbuffered
+    /// path) instead of waiting or failing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_past_the_server_budget_are_still_served() {
+        // Any per-connection setting is accepted, however large.
+        let s = session(usize::MAX, 8 * 1024);
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let srv = s.srv.clone();
+        let run =
+            tokio::spawn(
+                async move { srv.serve_stream(server, "192.0.2.1".parse().unwrap()).await },
+            );
+        let (mut crd, mut cwr) = tokio::io::split(client);
+        let n = 300u64;
+        let sender = tokio::spawn(async move {
+            cwr.write_all(&hello()).await?;
+            for i in 0..n {
+                cwr.write_all(&read_req(i, i * 3000, 3000)).await?;
+            }
+            cwr.write_all(&w::encode_request(&w::Request {
+                flags: 0,
+                kind: w::CMD_DISC,
+                cookie: 0,
+                offset: 0,
+                len: 0,
+            }))
+            .await?;
+            std::io::Result::Ok(())
+        });
+        let mut g = [0u8; 18 + 10];
+        crd.read_exact(&mut g).await.unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..n {
+            let mut h = [0u8; w::SIMPLE_REPLY_LEN];
+            crd.read_exact(&mut h).await.unwrap();
+            let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
+            let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+            assert_eq!(error, 0);
+            let mut d = vec![0u8; 3000];
+            crd.read_exact(&mut d).await.unwrap();
+            let off = cookie as usize * 3000;
+            assert!(d == s.img[off..off + 3000], "data of cookie {cookie}");
+            assert!(seen.insert(cookie));
+        }
+        sender.await.unwrap().unwrap();
+        assert_eq!(run.await.unwrap().unwrap().as_deref(), Some("root"));
+        assert!(s.srv.budget.peak() <= 8 * 1024);
+        assert_eq!(s.srv.budget.used(), 0);
+    }
+
+    /// An option longer than any that names one of our exports is skipped unread into
+    /// memory: ERR_TOO_BIG, and the negotiation goes on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_option_too_long_for_any_export_is_refused_and_negotiation_goes_on() {
+        let s = session(1 << 20, 1 << 20);
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let srv = s.srv.clone();
+        let run =
+            tokio::spawn(
+                async move { srv.serve_stream(server, "192.0.2.1".parse().unwrap()).await },
+            );
+        let (mut crd, mut cwr) = tokio::io::split(client);
+        let mut g = [0u8; 18];
+        crd.read_exact(&mut g).await.unwrap();
+        let mut b = (w::CLIENT_FIXED_NEWSTYLE | w::CLIENT_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
+        let long = w::info_request(&"x".repeat(3000), &[]);
+        b.extend_from_slice(&w::option_header(w::OPT_GO, long.len() as u32));
+        b.extend_from_slice(&long);
+        let go = w::info_request("root", &[]);
+        b.extend_from_slice(&w::option_header(w::OPT_GO, go.len() as u32));
+        b.extend_from_slice(&go);
+        b.extend_from_slice(&w::encode_request(&w::Request {
+            flags: 0,
+            kind: w::CMD_DISC,
+            cookie: 0,
+            offset: 0,
+            len: 0,
+        }));
+        cwr.write_all(&b).await.unwrap();
+        let mut h = [0u8; 20];
+        crd.read_exact(&mut h).await.unwrap();
+        let h = w::parse_option_reply_header(&h).unwrap();
+        assert_eq!(h.reply, w::REP_ERR_TOO_BIG);
+        let mut d = vec![0u8; h.len as usize];
+        crd.read_exact(&mut d).await.unwrap();
+        assert_eq!(run.await.unwrap().unwrap().as_deref(), Some("root"));
     }
 }

@@ -44,6 +44,8 @@ pub struct Status {
     pub nbd_connections: AtomicU64,
     pub nbd_reads: AtomicU64,
     pub nbd_read_bytes: AtomicU64,
+    /// NBD reply bytes held in user space now (the server-wide budget's use).
+    pub nbd_reply_bytes: AtomicU64,
     pub tftp_sent: AtomicU64,
     pub tftp_failed: AtomicU64,
     pub tftp_bytes: AtomicU64,

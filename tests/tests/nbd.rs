@@ -474,3 +474,153 @@ fn an_image_renamed_over_the_export_only_affects_new_connections() {
     assert_ne!(before.description, after.description);
     assert_eq!(new.read(0, 65536), new_img[..65536]);
 }
+
+/// A figure of /proc/PID/status, in bytes (VmHWM: peak resident set; VmRSS: now).
+fn vm_bytes(pid: u32, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s
+        .lines()
+        .find(|l| l.starts_with(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"));
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// 32 connections from 8 addresses send READs and never take a reply (before the budgets,
+/// 32 such connections grew the server by ~600 MiB). The server's peak memory stays within
+/// what its settings allow, every one of them is closed after the write timeout, and
+/// meanwhile nbdinfo, nbdcopy and small READs (past the spent server-wide budget) are
+/// served intact.
+#[test]
+fn clients_that_take_no_replies_cost_bounded_memory_and_are_closed() {
+    // The connections' own budgets allow 32 MiB together: the server-wide one must hold.
+    const PER_CONN: u64 = 1024 * 1024;
+    const ALL: u64 = 2 * 1024 * 1024;
+    let fx = start(&[
+        "--nbd-max-reply-bytes-per-connection",
+        &PER_CONN.to_string(),
+        "--nbd-max-reply-bytes",
+        &ALL.to_string(),
+        "--nbd-write-timeout",
+        "3",
+    ]);
+    let a = fx.s.nbd.unwrap();
+    let pid = fx.s.pid();
+    let out = fx.dir.path().join("copy");
+    let copy = || {
+        let (ok, _, err) = run(Command::new(tool("nbdcopy"))
+            .args(["--connections", "2", &uri(a, "root")])
+            .arg(&out));
+        assert!(ok, "nbdcopy: {err}");
+        assert!(
+            std::fs::read(&out).unwrap() == fx.root,
+            "nbdcopy got other bytes"
+        );
+    };
+    // Threads, buffers and pools of a served server exist before the baseline.
+    copy();
+    let mut warm = Raw::connect(a);
+    warm.go("root", &[]).unwrap();
+    for i in 0..64u64 {
+        assert_eq!(
+            warm.read(i * 4096, 4096),
+            fx.root[i as usize * 4096..][..4096]
+        );
+    }
+    drop(warm);
+    let base = vm_bytes(pid, "VmHWM");
+
+    const CONNS: usize = 32;
+    let ended = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut flood = Vec::new();
+    for i in 0..CONNS {
+        let src: std::net::IpAddr = format!("127.0.0.{}", 11 + i / 4).parse().unwrap();
+        let mut s = connect_from(src, a).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).unwrap();
+        s.write_all(&(w::CLIENT_FIXED_NEWSTYLE | w::CLIENT_NO_ZEROES).to_be_bytes())
+            .unwrap();
+        s.write_all(&w::option_header(w::OPT_EXPORT_NAME, 4))
+            .unwrap();
+        s.write_all(b"root").unwrap();
+        let mut r = [0u8; 10];
+        s.read_exact(&mut r).unwrap();
+        let ended = ended.clone();
+        // 60 KiB READs (the buffered path) as fast as the server takes them; no reply is
+        // ever read. The loop ends when the server closes the connection.
+        flood.push(std::thread::spawn(move || {
+            let blob: Vec<u8> = (0..1024u64)
+                .flat_map(|k| {
+                    w::encode_request(&w::Request {
+                        flags: 0,
+                        kind: w::CMD_READ,
+                        cookie: k,
+                        offset: (k * 61_440) % (SIZE as u64 - 61_440),
+                        len: 61_440,
+                    })
+                })
+                .collect();
+            while s.write_all(&blob).is_ok() {}
+            ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            s
+        }));
+    }
+    // During the flood: nbdinfo, nbdcopy and small READs work and get the right bytes.
+    let (ok, info, err) = run(Command::new(tool("nbdinfo")).args(["--size", &uri(a, "root")]));
+    assert!(ok, "nbdinfo during the flood: {err}");
+    assert_eq!(info.trim(), SIZE.to_string());
+    copy();
+    let mut c = Raw::connect(a);
+    c.go("root", &[]).unwrap();
+    for i in 0..256u64 {
+        let off = (i * 65_537) % (SIZE as u64 - 4096);
+        assert_eq!(
+            c.read(off, 4096),
+            fx.root[off as usize..][..4096],
+            "small read at {off} during the flood"
+        );
+    }
+    // Every flooding connection is closed for making no write progress (the deadline is
+    // only a guard against hanging forever).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ended.load(std::sync::atomic::Ordering::SeqCst) < CONNS && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        ended.load(std::sync::atomic::Ordering::SeqCst),
+        CONNS,
+        "flooding connections still open"
+    );
+    let peak = vm_bytes(pid, "VmHWM");
+    for t in flood {
+        drop(t.join().unwrap());
+    }
+    assert!(fx.s.log_has("no write progress for 3s"), "{}", fx.s.log());
+    let closed = fx.s.log().matches("no write progress for 3s").count();
+    assert_eq!(closed, CONNS, "connections closed for the write timeout");
+    // The bound the settings give: the server-wide reply budget, the buffer pool (a
+    // quarter of it), 64 KiB of fixed state per connection, and 6 MiB for the allocator's
+    // slack. Without the budgets this flood costs hundreds of MiB.
+    let bound = ALL + ALL / 4 + CONNS as u64 * 64 * 1024 + 6 * 1024 * 1024;
+    let grew = peak.saturating_sub(base);
+    eprintln!(
+        "server VmHWM: {} KiB before the flood, {} KiB after (+{} KiB, bound {} KiB)",
+        base / 1024,
+        peak / 1024,
+        grew / 1024,
+        bound / 1024
+    );
+    assert!(
+        grew <= bound,
+        "peak RSS grew by {grew} bytes under the flood, over the {bound} the settings allow"
+    );
+    // Closed connections gave their budget back: a fresh client is served.
+    let mut c = Raw::connect(a);
+    c.go("root", &[]).unwrap();
+    assert_eq!(c.read(0, 4096), fx.root[..4096]);
+}
