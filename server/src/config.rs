@@ -390,7 +390,7 @@ impl Config {
                 max_transfers_per_client: o
                     .tftp_max_transfers_per_client
                     .or(f.tftp.max_transfers_per_client)
-                    .unwrap_or(16),
+                    .unwrap_or(8),
                 max_client_timeout: Duration::from_secs(
                     o.tftp_max_client_timeout
                         .or(f.tftp.max_client_timeout)
@@ -483,7 +483,7 @@ impl Config {
                 max_connections_per_client: o
                     .nbd_max_connections_per_client
                     .or(f.nbd.max_connections_per_client)
-                    .unwrap_or(64),
+                    .unwrap_or(16),
                 idle_timeout: match o.nbd_idle_timeout.or(f.nbd.idle_timeout).unwrap_or(0) {
                     0 => None,
                     s => Some(Duration::from_secs(s)),

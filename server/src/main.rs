@@ -78,7 +78,7 @@ struct ServeArgs {
     /// TFTP transfers at once; more are told to retry (default 2048).
     #[arg(long, value_name = "N")]
     tftp_max_transfers: Option<usize>,
-    /// TFTP transfers one client address may have at once; 0: no limit (default 16).
+    /// TFTP transfers one client address may have at once; 0: no limit (default 8).
     #[arg(long, value_name = "N")]
     tftp_max_transfers_per_client: Option<usize>,
     /// Largest TFTP `timeout` option a client is granted; above it the server's own
@@ -115,7 +115,7 @@ struct ServeArgs {
     /// NBD connections at once; more are closed at accept (default 4096).
     #[arg(long, value_name = "N")]
     nbd_max_connections: Option<usize>,
-    /// NBD connections one client address may have open; 0: no limit (default 64).
+    /// NBD connections one client address may have open; 0: no limit (default 16).
     #[arg(long, value_name = "N")]
     nbd_max_connections_per_client: Option<usize>,
     /// Seconds without a request before an NBD connection is closed; 0: never (default).

@@ -230,6 +230,7 @@ impl Server {
             tokio::spawn(async move {
                 let _slot = slot;
                 let _ = stream.set_nodelay(true);
+                keepalive(&stream);
                 match me.session(stream).await {
                     Ok(Some(name)) => log::info!("nbd: {peer}: export {name:?} closed"),
                     Ok(None) => log::debug!("nbd: {peer}: left during negotiation"),
@@ -1002,6 +1003,17 @@ impl Pool {
     fn bytes(&self) -> usize {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).1
     }
+}
+
+/// A node whose link died leaves its connections open on the server, each counting
+/// against the per-client limit while the node reconnects: keepalive probes close them
+/// within about 90 s of silence.
+fn keepalive(stream: &TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(stream, sockopt::KeepAlive, &true);
+    let _ = setsockopt(stream, sockopt::TcpKeepIdle, &60);
+    let _ = setsockopt(stream, sockopt::TcpKeepInterval, &10);
+    let _ = setsockopt(stream, sockopt::TcpKeepCount, &3);
 }
 
 #[cfg(test)]

@@ -650,7 +650,16 @@ fn client_timeouts_above_the_cap_are_not_granted() {
 #[test]
 fn requests_that_never_acknowledge_cannot_hold_every_slot() {
     let fx = fixture();
-    let s = server(fx.dir.path(), &["--tftp-max-transfers", "8"]);
+    // Every client here is 127.0.0.1: the per-client limit is off, the global one is at stake.
+    let s = server(
+        fx.dir.path(),
+        &[
+            "--tftp-max-transfers",
+            "8",
+            "--tftp-max-transfers-per-client",
+            "0",
+        ],
+    );
     let a = s.tftp.unwrap();
     // Eight requests that never acknowledge, as spoofed ones cannot, take every slot.
     let holders: Vec<Raw> = (0..8)
