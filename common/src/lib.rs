@@ -2,6 +2,7 @@
 //! what crosses the wire (NBD, TFTP). Everything here is pure: no I/O, no syscalls.
 
 pub mod cmdline;
+pub mod dhcp;
 pub mod ltsconf;
 pub mod nbd;
 pub mod step;

@@ -80,6 +80,9 @@ pub struct DhcpServerFile {
     pub router: Option<std::net::Ipv4Addr>,
     #[serde(default)]
     pub dns: Vec<std::net::Ipv4Addr>,
+    /// Clients the lease table remembers at most (offers, leases and expired leases kept
+    /// so a client gets its address back). Default: the range size, at most 65536.
+    pub max_leases: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -90,7 +93,14 @@ pub struct DhcpServerConfig {
     pub lease_secs: u64,
     pub router: Option<std::net::Ipv4Addr>,
     pub dns: Vec<std::net::Ipv4Addr>,
+    /// Bound of the lease table (entries).
+    pub max_leases: usize,
 }
+
+/// Default bound of the DHCP server's lease table: the range size, at most this.
+pub const MAX_LEASES_DEFAULT_CAP: usize = 65536;
+/// The longest boot file name: the BOOTP `file` field is 128 bytes, NUL included.
+pub const MAX_BOOT_FILE: usize = 127;
 
 /// `FIRST-LAST` as two IPv4 addresses, FIRST <= LAST.
 pub fn parse_range(s: &str) -> Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)> {
@@ -513,6 +523,18 @@ impl Config {
             uefi: pd.uefi.unwrap_or_else(|| "ipxe.efi".into()),
             ipxe_script: pd.ipxe_script.unwrap_or_else(|| "boot.ipxe".into()),
         };
+        for (key, name) in [
+            ("bios", &pxe_files.bios),
+            ("uefi", &pxe_files.uefi),
+            ("ipxe_script", &pxe_files.ipxe_script),
+        ] {
+            if name.len() > MAX_BOOT_FILE || name.contains('\0') {
+                return Err(ConfigError::Invalid(format!(
+                    "[proxy_dhcp] {key} = {name:?}: a boot file name has at most \
+                     {MAX_BOOT_FILE} bytes and no NUL (the BOOTP file field)"
+                )));
+            }
+        }
         let proxy_dhcp = o
             .proxy_dhcp
             .clone()
@@ -545,13 +567,25 @@ impl Config {
                          (proxyDHCP is for networks that already have a DHCP server)"
                     )));
                 }
+                let size = (u32::from(last) - u32::from(first)) as usize + 1;
+                let max_leases = match ds.max_leases {
+                    Some(0) => {
+                        return Err(ConfigError::Invalid(
+                            "[dhcp_server] max_leases = 0: no client could get an address".into(),
+                        ))
+                    }
+                    Some(n) => n,
+                    None => size.min(MAX_LEASES_DEFAULT_CAP),
+                };
                 Some(DhcpServerConfig {
                     interface,
                     first,
                     last,
-                    lease_secs: ds.lease_time.unwrap_or(43200).max(60),
+                    // Option 51 is 32 bits (0xffffffff: infinite).
+                    lease_secs: ds.lease_time.unwrap_or(43200).clamp(60, u32::MAX as u64),
                     router: ds.router,
                     dns: ds.dns,
+                    max_leases,
                 })
             }
         };
@@ -721,5 +755,45 @@ mod tests {
         let f = parse_file(Path::new("c.toml"), &text("write_timeout = 0\n")).unwrap();
         let e = Config::build(f, &Overrides::default()).unwrap_err();
         assert!(e.to_string().contains("write_timeout"), "{e}");
+    }
+
+    #[test]
+    fn dhcp_settings_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let build = |extra: &str| {
+            let f = parse_file(
+                Path::new("c.toml"),
+                &format!(
+                    "[tftp]\nroot = {:?}\n[nbd]\nlisten = \"127.0.0.1:0\"\n{extra}",
+                    dir.path()
+                ),
+            )
+            .unwrap();
+            Config::build(f, &Overrides::default())
+        };
+        let ds = |extra: &str| {
+            build(&format!(
+                "[dhcp_server]\ninterface = \"x\"\nrange = \"192.0.2.10-192.0.2.19\"\n{extra}"
+            ))
+        };
+        let d = ds("").unwrap().dhcp_server.unwrap();
+        assert_eq!(d.max_leases, 10, "default: the range size");
+        assert_eq!(d.lease_secs, 43200);
+        let d = ds("max_leases = 4\nlease_time = 99999999999").unwrap();
+        let d = d.dhcp_server.unwrap();
+        assert_eq!(d.max_leases, 4);
+        assert_eq!(d.lease_secs, u32::MAX as u64, "option 51 is 32 bits");
+        assert!(ds("max_leases = 0").is_err());
+        let big = build("[dhcp_server]\ninterface = \"x\"\nrange = \"10.0.0.1-10.255.255.254\"\n")
+            .unwrap();
+        assert_eq!(
+            big.dhcp_server.unwrap().max_leases,
+            MAX_LEASES_DEFAULT_CAP,
+            "a /8 range does not mean a 16M-entry table"
+        );
+        // set_fname_str() panics past 128 bytes: such a name is refused at start instead.
+        let e = build(&format!("[proxy_dhcp]\nbios = \"{}\"\n", "a".repeat(128))).unwrap_err();
+        assert!(e.to_string().contains("at most 127 bytes"), "{e}");
+        assert!(build(&format!("[proxy_dhcp]\nbios = \"{}\"\n", "a".repeat(127))).is_ok());
     }
 }

@@ -2,81 +2,296 @@
 //! FIRST-LAST`): addresses from a range, leases kept in memory, and for PXE clients the
 //! same boot files as proxyDHCP gives. Sites with a DHCP server use proxyDHCP instead.
 
-use crate::config::{DhcpServerConfig, ProxyDhcpConfig};
-use crate::proxydhcp::{boot_file, classify, Client};
+use crate::config::{DhcpServerConfig, ProxyDhcpConfig, MAX_BOOT_FILE};
+use crate::proxydhcp::{boot_file, classify, decode_request, serve, Client, Reply, Responder};
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
-use dhcproto::{Decodable, Decoder, Encodable};
-use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use dhcproto::Encodable;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 
 /// How long an offered address is held for the client's REQUEST.
 const OFFER_HOLD: Duration = Duration::from_secs(60);
+/// How long an address a client declined (RFC 2131 §4.4.1: someone else answers ARP for
+/// it) is kept out of the pool.
+pub const DECLINE_HOLD: Duration = Duration::from_secs(600);
+/// Expired offers and declines dropped per call, so no call scans the table.
+const PRUNE_BATCH: usize = 64;
 
-/// The leases: pure bookkeeping, unit-tested without sockets.
+/// `now + d`, or a far time when that overflows (a lease time near u32::MAX seconds).
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(u32::MAX as u64)))
+        .unwrap_or(now)
+}
+
+/// A client's binding: offered (held briefly) or leased (kept after expiry, so the client
+/// gets its address back, until the address is needed for someone else).
+#[derive(Debug, Clone, Copy)]
+struct Binding {
+    ip: u32,
+    until: Instant,
+    leased: bool,
+}
+
+/// Who holds an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    Client([u8; 6]),
+    /// Declined by a client until then: in use by someone we do not know.
+    Declined(Instant),
+}
+
+/// The leases: pure bookkeeping, unit-tested without sockets. Every operation is
+/// O(log n) (plus a bounded batch of pruning): addresses are taken from a cursor over
+/// never-used ones, a set of free ones and a set of leases ordered by expiry, never by a
+/// scan of the range.
 #[derive(Debug)]
 pub struct Pool {
     first: u32,
     last: u32,
-    /// Never handed out (the server's own address).
-    reserved: Vec<Ipv4Addr>,
-    leases: HashMap<[u8; 6], (Ipv4Addr, Instant)>,
+    /// Never handed out: the server's own address, the router, the DNS servers.
+    reserved: HashSet<u32>,
+    /// Bound of the table: addresses held by clients or declined.
+    max: usize,
+    /// Addresses from here to `last` were never handed out.
+    fresh: u64,
+    /// Offered or declined once, never leased, free again.
+    free: BTreeSet<u32>,
+    by_mac: HashMap<[u8; 6], Binding>,
+    by_ip: HashMap<u32, Holder>,
+    /// Offers and declines by end of hold.
+    holds: BTreeSet<(Instant, u32)>,
+    /// Leases by expiry, expired ones included until reclaimed.
+    leases: BTreeSet<(Instant, u32)>,
+    /// Addresses and entries examined, for the tests' proof that nothing scans the range.
+    pub examined: u64,
 }
 
 impl Pool {
-    pub fn new(first: Ipv4Addr, last: Ipv4Addr, reserved: Vec<Ipv4Addr>) -> Pool {
+    pub fn new(first: Ipv4Addr, last: Ipv4Addr, reserved: &[Ipv4Addr], max: usize) -> Pool {
         Pool {
             first: first.into(),
             last: last.into(),
-            reserved,
-            leases: HashMap::new(),
+            reserved: reserved.iter().map(|&a| u32::from(a)).collect(),
+            max: max.max(1),
+            fresh: u32::from(first) as u64,
+            free: BTreeSet::new(),
+            by_mac: HashMap::new(),
+            by_ip: HashMap::new(),
+            holds: BTreeSet::new(),
+            leases: BTreeSet::new(),
+            examined: 0,
         }
     }
 
-    fn in_range(&self, ip: Ipv4Addr) -> bool {
-        let n = u32::from(ip);
-        n >= self.first && n <= self.last && !self.reserved.contains(&ip)
+    /// Addresses held (by clients, or declined): the table's size.
+    pub fn len(&self) -> usize {
+        self.by_ip.len()
     }
 
-    fn taken_by_other(&self, ip: Ipv4Addr, mac: &[u8; 6], now: Instant) -> bool {
-        self.leases
-            .iter()
-            .any(|(m, (a, until))| m != mac && *a == ip && *until > now)
+    pub fn is_empty(&self) -> bool {
+        self.by_ip.is_empty()
     }
 
-    /// The address to offer: the client's own (current or expired, if still free), else
-    /// the first free one; held for a minute. None: the range is full.
-    pub fn offer(&mut self, mac: [u8; 6], now: Instant) -> Option<Ipv4Addr> {
-        let ip = match self.leases.get(&mac) {
-            Some((ip, _)) if self.in_range(*ip) && !self.taken_by_other(*ip, &mac, now) => *ip,
-            _ => (self.first..=self.last)
-                .map(Ipv4Addr::from)
-                .find(|ip| self.in_range(*ip) && !self.taken_by_other(*ip, &mac, now))?,
-        };
-        let until = self
-            .leases
-            .get(&mac)
-            .map_or(now, |l| l.1)
-            .max(now + OFFER_HOLD);
-        self.leases.insert(mac, (ip, until));
+    fn in_range(&self, ip: u32) -> bool {
+        ip >= self.first && ip <= self.last && !self.reserved.contains(&ip)
+    }
+
+    /// The entry of `ip` in `holds` or `leases`.
+    fn timer(&self, ip: u32) -> Option<(Instant, bool)> {
+        match self.by_ip.get(&ip)? {
+            Holder::Declined(t) => Some((*t, false)),
+            Holder::Client(m) => self.by_mac.get(m).map(|b| (b.until, b.leased)),
+        }
+    }
+
+    /// Forgets who holds `ip` (the address itself goes nowhere: the caller decides).
+    fn unlink(&mut self, ip: u32) {
+        if let Some((t, leased)) = self.timer(ip) {
+            if leased {
+                self.leases.remove(&(t, ip));
+            } else {
+                self.holds.remove(&(t, ip));
+            }
+        }
+        if let Some(Holder::Client(m)) = self.by_ip.remove(&ip) {
+            self.by_mac.remove(&m);
+        }
+    }
+
+    fn bind(&mut self, mac: [u8; 6], ip: u32, until: Instant, leased: bool) {
+        self.by_ip.insert(ip, Holder::Client(mac));
+        self.by_mac.insert(mac, Binding { ip, until, leased });
+        if leased {
+            self.leases.insert((until, ip));
+        } else {
+            self.holds.insert((until, ip));
+        }
+    }
+
+    /// Changes the end (and kind) of `mac`'s binding.
+    fn rebind(&mut self, mac: [u8; 6], until: Instant, leased: bool) {
+        if let Some(b) = self.by_mac.get(&mac).copied() {
+            self.unlink(b.ip);
+            self.bind(mac, b.ip, until, leased);
+        }
+    }
+
+    /// Drops up to `limit` expired offers and declines; their addresses are free again.
+    fn prune(&mut self, now: Instant, limit: usize) -> usize {
+        let mut n = 0;
+        while n < limit {
+            match self.holds.first() {
+                Some(&(t, ip)) if t <= now => {
+                    self.examined += 1;
+                    self.unlink(ip);
+                    self.free.insert(ip);
+                    n += 1;
+                }
+                _ => break,
+            }
+        }
+        n
+    }
+
+    /// The oldest expired lease's address, taken from its client.
+    fn reclaim(&mut self, now: Instant) -> Option<u32> {
+        let &(t, ip) = self.leases.first()?;
+        if t > now {
+            return None;
+        }
+        self.examined += 1;
+        self.unlink(ip);
         Some(ip)
     }
 
-    /// A REQUEST for `ip`: true when leased for `time` (ACK), false for a NAK (not ours to give).
+    /// A never-leased address: never used at all first, then offered-and-dropped ones.
+    fn take_unused(&mut self) -> Option<u32> {
+        // Skips only reserved addresses and ones taken by a direct REQUEST: each is
+        // passed once in the pool's life.
+        while self.fresh <= self.last as u64 {
+            let ip = self.fresh as u32;
+            self.fresh += 1;
+            self.examined += 1;
+            if self.in_range(ip) && !self.by_ip.contains_key(&ip) {
+                return Some(ip);
+            }
+        }
+        while let Some(ip) = self.free.pop_first() {
+            self.examined += 1;
+            if !self.by_ip.contains_key(&ip) {
+                return Some(ip);
+            }
+        }
+        None
+    }
+
+    /// Room for one more entry: true when the table is under its bound, or made so.
+    fn room(&mut self, now: Instant) -> bool {
+        if self.by_ip.len() < self.max {
+            return true;
+        }
+        if self.prune(now, 1) == 1 {
+            return true;
+        }
+        match self.reclaim(now) {
+            Some(ip) => {
+                self.free.insert(ip);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The address to offer: the client's own (current or expired, if nobody took it),
+    /// else a never-used one, else the longest-expired lease; held for a minute. None:
+    /// every address is held (or the table is at its bound with nothing expired).
+    pub fn offer(&mut self, mac: [u8; 6], now: Instant) -> Option<Ipv4Addr> {
+        self.prune(now, PRUNE_BATCH);
+        let hold = later(now, OFFER_HOLD);
+        if let Some(b) = self.by_mac.get(&mac).copied() {
+            self.rebind(mac, b.until.max(hold), b.leased);
+            return Some(b.ip.into());
+        }
+        if !self.room(now) {
+            return None;
+        }
+        let ip = match self.take_unused() {
+            Some(ip) => ip,
+            None => self.reclaim(now)?,
+        };
+        self.bind(mac, ip, hold, false);
+        Some(ip.into())
+    }
+
+    /// A REQUEST for `ip`: true when leased for `time` (ACK), false for a NAK (not ours to
+    /// give, or someone else's).
     pub fn request(&mut self, mac: [u8; 6], ip: Ipv4Addr, time: Duration, now: Instant) -> bool {
-        if !self.in_range(ip) || self.taken_by_other(ip, &mac, now) {
+        self.prune(now, PRUNE_BATCH);
+        let ip = u32::from(ip);
+        if !self.in_range(ip) {
             return false;
         }
-        self.leases.insert(mac, (ip, now + time));
+        let until = later(now, time);
+        match self.by_ip.get(&ip).copied() {
+            Some(Holder::Client(m)) if m == mac => {
+                self.rebind(mac, until, true);
+                return true;
+            }
+            // Someone else's, or declined: only once that has ended.
+            Some(_) => match self.timer(ip) {
+                Some((t, _)) if t <= now => self.unlink(ip),
+                _ => return false,
+            },
+            None => {}
+        }
+        // A free address (a client that kept it across our restart, or INIT-REBOOT):
+        // the client gives up any other one it held.
+        if let Some(b) = self.by_mac.get(&mac).copied() {
+            self.unlink(b.ip);
+            self.free.insert(b.ip);
+        } else if !self.room(now) {
+            return false;
+        }
+        self.free.remove(&ip);
+        self.bind(mac, ip, until, true);
         true
     }
 
+    /// The client gives its address back: it stays the client's until someone needs it.
     pub fn release(&mut self, mac: [u8; 6], now: Instant) {
-        if let Some(l) = self.leases.get_mut(&mac) {
-            l.1 = now;
+        let Some(b) = self.by_mac.get(&mac).copied() else {
+            return;
+        };
+        if b.leased {
+            self.rebind(mac, now, true);
+        } else {
+            self.unlink(b.ip);
+            self.free.insert(b.ip);
         }
+    }
+
+    /// The client chose another server: its offer here ends.
+    pub fn withdraw(&mut self, mac: [u8; 6]) {
+        if let Some(b) = self.by_mac.get(&mac).copied().filter(|b| !b.leased) {
+            self.unlink(b.ip);
+            self.free.insert(b.ip);
+        }
+    }
+
+    /// The client found `ip` in use (DHCPDECLINE): nobody gets it for [`DECLINE_HOLD`].
+    pub fn decline(&mut self, mac: [u8; 6], ip: Ipv4Addr, now: Instant) {
+        let ip = u32::from(ip);
+        if self.by_mac.get(&mac).map(|b| b.ip) != Some(ip) {
+            return;
+        }
+        self.unlink(ip);
+        let until = later(now, DECLINE_HOLD);
+        self.by_ip.insert(ip, Holder::Declined(until));
+        self.holds.insert((until, ip));
     }
 }
 
@@ -89,11 +304,24 @@ pub struct DhcpServer {
     status: Arc<crate::status::Status>,
 }
 
-fn mac_of(m: &Message) -> [u8; 6] {
-    let mut mac = [0u8; 6];
-    let c = m.chaddr();
-    mac.copy_from_slice(&c[..6.min(c.len())]);
-    mac
+/// An Ethernet client's MAC; None for other hardware (this server leases by MAC).
+fn mac_of(m: &Message) -> Option<[u8; 6]> {
+    crate::proxydhcp::chaddr(m).try_into().ok()
+}
+
+/// Addresses in the range that are never leased: the server's, the router's, the DNS
+/// servers', and the subnet's network and broadcast addresses.
+pub fn reserved(cfg: &DhcpServerConfig, server: Ipv4Addr, mask: Ipv4Addr) -> Vec<Ipv4Addr> {
+    let mut r = vec![server];
+    r.extend(cfg.router);
+    r.extend(cfg.dns.iter().copied());
+    let (ip, m) = (u32::from(server), u32::from(mask));
+    // /31 and /32 have no network or broadcast address (RFC 3021).
+    if m.leading_ones() <= 30 {
+        r.push(Ipv4Addr::from(ip & m));
+        r.push(Ipv4Addr::from(ip | !m));
+    }
+    r
 }
 
 impl DhcpServer {
@@ -122,7 +350,12 @@ impl DhcpServer {
         mask: Ipv4Addr,
         status: Arc<crate::status::Status>,
     ) -> DhcpServer {
-        let pool = Mutex::new(Pool::new(cfg.first, cfg.last, vec![server]));
+        let pool = Mutex::new(Pool::new(
+            cfg.first,
+            cfg.last,
+            &reserved(&cfg, server, mask),
+            cfg.max_leases,
+        ));
         DhcpServer {
             cfg,
             boot,
@@ -133,46 +366,56 @@ impl DhcpServer {
         }
     }
 
-    /// What the server does with one datagram: decode, answer, encode. Everything a
-    /// hostile client sends goes through here (fuzzed).
-    pub fn handle(&self, datagram: &[u8], now: Instant) -> Option<Vec<u8>> {
-        let m = Message::decode(&mut Decoder::new(datagram)).ok()?;
-        self.answer(&m, now)?.to_vec().ok()
+    fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        // The pool's invariants hold between calls: a poisoned lock is still usable.
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The reply to one message, if it gets one.
+    /// Clients in the lease table (for tests and status).
+    pub fn table_len(&self) -> usize {
+        self.pool().len()
+    }
+
+    /// The reply to one checked message, if it gets one.
     pub fn answer(&self, m: &Message, now: Instant) -> Option<Message> {
-        if m.opcode() != Opcode::BootRequest || m.hlen() != 6 {
+        if m.opcode() != Opcode::BootRequest {
             return None;
         }
-        let mac = mac_of(m);
+        let mac = mac_of(m)?;
         let lease = Duration::from_secs(self.cfg.lease_secs);
+        let requested = match m.opts().get(OptionCode::RequestedIpAddress) {
+            Some(DhcpOption::RequestedIpAddress(ip)) => Some(*ip),
+            _ => None,
+        };
+        let other_server = matches!(m.opts().get(OptionCode::ServerIdentifier),
+            Some(DhcpOption::ServerIdentifier(s)) if *s != self.server);
         let (kind, ip) = match m.opts().msg_type()? {
-            MessageType::Discover => (
-                MessageType::Offer,
-                self.pool.lock().unwrap().offer(mac, now)?,
-            ),
+            MessageType::Discover => (MessageType::Offer, self.pool().offer(mac, now)?),
             MessageType::Request => {
                 // A REQUEST naming another server: the client chose that one.
-                if let Some(DhcpOption::ServerIdentifier(s)) =
-                    m.opts().get(OptionCode::ServerIdentifier)
-                {
-                    if *s != self.server {
-                        return None;
-                    }
+                if other_server {
+                    self.pool().withdraw(mac);
+                    return None;
                 }
-                let ip = match m.opts().get(OptionCode::RequestedIpAddress) {
-                    Some(DhcpOption::RequestedIpAddress(ip)) => *ip,
-                    _ => m.ciaddr(),
-                };
-                if self.pool.lock().unwrap().request(mac, ip, lease, now) {
+                let ip = requested.unwrap_or(m.ciaddr());
+                if self.pool().request(mac, ip, lease, now) {
                     (MessageType::Ack, ip)
                 } else {
                     (MessageType::Nak, Ipv4Addr::UNSPECIFIED)
                 }
             }
-            MessageType::Release => {
-                self.pool.lock().unwrap().release(mac, now);
+            MessageType::Decline if !other_server => {
+                let ip = requested?;
+                log::warn!(
+                    "dhcp-server: {}: declined {ip} (in use by another host?); not leased for {} s",
+                    crate::proxydhcp::mac_text(m),
+                    DECLINE_HOLD.as_secs()
+                );
+                self.pool().decline(mac, ip, now);
+                return None;
+            }
+            MessageType::Release if !other_server => {
+                self.pool().release(mac, now);
                 return None;
             }
             _ => return None,
@@ -193,19 +436,22 @@ impl DhcpServer {
                 Ipv4Addr::UNSPECIFIED
             },
             m.giaddr(),
-            &m.chaddr()[..6],
+            &mac,
         );
         r.set_opcode(Opcode::BootReply)
             .set_htype(m.htype())
             .set_flags(Flags::default().set_broadcast());
         if let Some(f) = &file {
-            r.set_fname_str(f);
+            // Config refuses longer names; cut rather than let set_fname panic.
+            r.set_fname(&f.as_bytes()[..f.len().min(MAX_BOOT_FILE)]);
         }
         let o = r.opts_mut();
         o.insert(DhcpOption::MessageType(kind));
         o.insert(DhcpOption::ServerIdentifier(self.server));
         if kind != MessageType::Nak {
-            o.insert(DhcpOption::AddressLeaseTime(self.cfg.lease_secs as u32));
+            o.insert(DhcpOption::AddressLeaseTime(
+                self.cfg.lease_secs.min(u32::MAX as u64) as u32,
+            ));
             o.insert(DhcpOption::SubnetMask(self.mask));
             if let Some(gw) = self.cfg.router {
                 o.insert(DhcpOption::Router(vec![gw]));
@@ -220,95 +466,149 @@ impl DhcpServer {
         Some(r)
     }
 
+    /// Serves port 67 ([`crate::proxydhcp::serve`]).
     pub async fn run(self: Arc<Self>, sock: UdpSocket) {
-        let mut buf = vec![0u8; 2048];
-        loop {
-            let (n, _peer) = match sock.recv_from(&mut buf).await {
-                Ok(x) => x,
-                Err(e) => {
-                    log::warn!("dhcp-server: receive: {e}");
-                    continue;
-                }
-            };
-            let Ok(m) = Message::decode(&mut Decoder::new(&buf[..n])) else {
-                continue;
-            };
-            let Some(r) = self.answer(&m, Instant::now()) else {
-                continue;
-            };
-            let Ok(bytes) = r.to_vec() else { continue };
-            let to = crate::proxydhcp::reply_to_unaddressed(&m);
-            let mac = crate::proxydhcp::mac_text(&m);
-            match sock.send_to(&bytes, to).await {
-                Ok(_) => {
-                    log::info!(
-                        "dhcp-server: {mac}: {:?} {} {}",
-                        r.opts().msg_type().unwrap_or(MessageType::Unknown(0)),
-                        r.yiaddr(),
-                        String::from_utf8_lossy(r.fname().unwrap_or_default())
-                            .trim_end_matches('\0')
-                    );
-                    if let Some(f) = r.fname().filter(|f| f.first() != Some(&0)) {
-                        self.status
-                            .dhcp_seen(&mac, String::from_utf8_lossy(f).trim_end_matches('\0'));
-                    }
-                }
-                Err(e) => log::warn!("dhcp-server: {mac}: send: {e}"),
-            }
-        }
+        serve(self, sock, 67).await
+    }
+}
+
+impl Responder for DhcpServer {
+    fn name(&self) -> &'static str {
+        "dhcp-server"
+    }
+
+    fn status(&self) -> &crate::status::Status {
+        &self.status
+    }
+
+    /// Decode (after the checks dhcproto needs), answer, encode.
+    fn handle(
+        &self,
+        datagram: &[u8],
+        _port: u16,
+        _peer: SocketAddr,
+        now: Instant,
+    ) -> Option<Reply> {
+        let m = decode_request(datagram, "dhcp-server")?;
+        let r = self.answer(&m, now)?;
+        let bytes = r.to_vec().ok()?;
+        let file = r
+            .fname()
+            .map(|f| {
+                String::from_utf8_lossy(f)
+                    .trim_end_matches('\0')
+                    .to_string()
+            })
+            .filter(|f| !f.is_empty());
+        let mac = crate::proxydhcp::mac_text(&m);
+        Some(Reply {
+            bytes,
+            to: crate::proxydhcp::reply_to_unaddressed(&m),
+            summary: format!(
+                "{mac}: {:?} {} {}",
+                r.opts().msg_type().unwrap_or(MessageType::Unknown(0)),
+                r.yiaddr(),
+                file.as_deref().unwrap_or_default()
+            ),
+            mac,
+            file,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dhcproto::{Decodable, Decoder};
 
     const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
     const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 2];
+    const DAY: Duration = Duration::from_secs(86400);
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
     }
 
-    #[test]
-    fn a_discover_gets_an_offer_and_garbage_nothing() {
-        let cfg = DhcpServerConfig {
+    fn cfg(first: &str, last: &str, max_leases: usize) -> DhcpServerConfig {
+        DhcpServerConfig {
             interface: "x".into(),
-            first: ip("192.0.2.100"),
-            last: ip("192.0.2.110"),
+            first: ip(first),
+            last: ip(last),
             lease_secs: 3600,
             router: Some(ip("192.0.2.254")),
-            dns: vec![],
-        };
+            dns: vec![ip("192.0.2.53")],
+            max_leases,
+        }
+    }
+
+    fn server(c: DhcpServerConfig) -> DhcpServer {
         let files = ProxyDhcpConfig {
             interface: String::new(),
             bios: "undionly.kpxe".into(),
             uefi: "ipxe.efi".into(),
             ipxe_script: "boot.ipxe".into(),
         };
-        let s = DhcpServer::new(
-            cfg,
+        DhcpServer::new(
+            c,
             files,
             ip("192.0.2.1"),
             ip("255.255.255.0"),
             crate::status::Status::new([]),
-        );
+        )
+    }
+
+    fn msg(kind: MessageType, mac: &[u8; 6], opts: Vec<DhcpOption>) -> Vec<u8> {
         let mut d = Message::new_with_id(
             7,
             Ipv4Addr::UNSPECIFIED,
             Ipv4Addr::UNSPECIFIED,
             Ipv4Addr::UNSPECIFIED,
             Ipv4Addr::UNSPECIFIED,
-            &A,
+            mac,
         );
-        d.opts_mut()
-            .insert(DhcpOption::MessageType(MessageType::Discover));
-        d.opts_mut().insert(DhcpOption::ClassIdentifier(
-            b"PXEClient:Arch:00000".to_vec(),
-        ));
-        let bytes = d.to_vec().unwrap();
+        d.opts_mut().insert(DhcpOption::MessageType(kind));
+        for o in opts {
+            d.opts_mut().insert(o);
+        }
+        d.to_vec().unwrap()
+    }
+
+    fn peer() -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68))
+    }
+
+    fn reply(s: &DhcpServer, bytes: &[u8], now: Instant) -> Option<Message> {
+        let r = s.handle(bytes, 67, peer(), now)?;
+        Some(Message::decode(&mut Decoder::new(&r.bytes)).unwrap())
+    }
+
+    /// Deterministic pseudo-random MACs (xorshift), locally administered.
+    fn macs(seed: u64) -> impl Iterator<Item = [u8; 6]> {
+        let mut x = seed | 1;
+        std::iter::repeat_with(move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let b = x.to_be_bytes();
+            [0x02, b[3], b[4], b[5], b[6], b[7]]
+        })
+    }
+
+    #[test]
+    fn a_discover_gets_an_offer_and_garbage_nothing() {
+        let s = server(cfg("192.0.2.100", "192.0.2.110", 11));
+        let bytes = msg(
+            MessageType::Discover,
+            &A,
+            vec![DhcpOption::ClassIdentifier(
+                b"PXEClient:Arch:00000".to_vec(),
+            )],
+        );
         let now = Instant::now();
-        let r = Message::decode(&mut Decoder::new(&s.handle(&bytes, now).unwrap())).unwrap();
+        let out = s.handle(&bytes, 67, peer(), now).unwrap();
+        assert_eq!(out.to, SocketAddr::from((Ipv4Addr::BROADCAST, 68)));
+        assert_eq!(out.file.as_deref(), Some("undionly.kpxe"));
+        let r = Message::decode(&mut Decoder::new(&out.bytes)).unwrap();
         assert_eq!(r.opts().msg_type(), Some(MessageType::Offer));
         assert_eq!(r.yiaddr(), ip("192.0.2.100"));
         assert_eq!(r.siaddr(), ip("192.0.2.1"));
@@ -317,9 +617,48 @@ mod tests {
             matches!(r.opts().get(OptionCode::Router), Some(DhcpOption::Router(g)) if g == &vec![ip("192.0.2.254")])
         );
         for n in 0..bytes.len() {
-            let _ = s.handle(&bytes[..n], now);
+            let _ = s.handle(&bytes[..n], 67, peer(), now);
         }
-        assert!(s.handle(b"not dhcp at all", now).is_none());
+        assert!(s.handle(b"not dhcp at all", 67, peer(), now).is_none());
+    }
+
+    /// Datagrams that trip dhcproto (hlen past chaddr, option-length assertions), kept
+    /// in fuzz/regressions/dhcp_server: dropped, and the table is untouched.
+    #[test]
+    fn crash_inputs_are_dropped() {
+        let s = server(cfg("192.0.2.100", "192.0.2.110", 11));
+        let now = Instant::now();
+        let crashes: [(&str, &[u8]); 5] = [
+            (
+                "hlen-200-discover",
+                include_bytes!("../../fuzz/regressions/dhcp_server/hlen-200-discover"),
+            ),
+            (
+                "option94-length-2",
+                include_bytes!("../../fuzz/regressions/dhcp_server/option94-length-2"),
+            ),
+            (
+                "option151-length-0",
+                include_bytes!("../../fuzz/regressions/dhcp_server/option151-length-0"),
+            ),
+            (
+                "option80-length-1",
+                include_bytes!("../../fuzz/regressions/dhcp_server/option80-length-1"),
+            ),
+            (
+                "option153-length-3",
+                include_bytes!("../../fuzz/regressions/dhcp_server/option153-length-3"),
+            ),
+        ];
+        for (name, bytes) in crashes {
+            assert!(s.handle(bytes, 67, peer(), now).is_none(), "{name}");
+        }
+        assert_eq!(s.table_len(), 0);
+        // Repaired, the first one is an ordinary DISCOVER and gets an offer.
+        let mut fixed = crashes[0].1.to_vec();
+        fixed[1] = 1;
+        fixed[2] = 6;
+        assert!(s.handle(&fixed, 67, peer(), now).is_some());
     }
 
     #[test]
@@ -328,7 +667,8 @@ mod tests {
         let mut p = Pool::new(
             ip("192.0.2.100"),
             ip("192.0.2.102"),
-            vec![ip("192.0.2.101")],
+            &[ip("192.0.2.101")],
+            10,
         );
         let a = p.offer(A, now).unwrap();
         assert_eq!(a, ip("192.0.2.100"));
@@ -338,19 +678,243 @@ mod tests {
             "the same client, the same address"
         );
         let b = p.offer(B, now).unwrap();
-        assert_eq!(b, ip("192.0.2.102"), "the server's own address is skipped");
-        let day = Duration::from_secs(86400);
-        assert!(p.request(A, a, day, now));
-        assert!(!p.request(B, a, day, now), "NAK: A holds it");
-        assert!(!p.request(B, ip("192.0.2.101"), day, now), "NAK: reserved");
-        assert!(!p.request(B, ip("198.51.100.1"), day, now), "NAK: not ours");
+        assert_eq!(b, ip("192.0.2.102"), "the reserved address is skipped");
+        assert!(p.request(A, a, DAY, now));
+        assert!(!p.request(B, a, DAY, now), "NAK: A holds it");
+        assert!(!p.request(B, ip("192.0.2.101"), DAY, now), "NAK: reserved");
+        assert!(!p.request(B, ip("198.51.100.1"), DAY, now), "NAK: not ours");
         // Range full for a third client until a lease ends.
         let c = [0x52, 0x54, 0, 0, 0, 3];
-        assert!(p.request(B, b, day, now));
+        assert!(p.request(B, b, DAY, now));
         assert_eq!(p.offer(c, now), None);
         p.release(B, now);
         assert_eq!(p.offer(c, now + Duration::from_secs(1)), Some(b));
         // After a reboot A gets its address back.
         assert_eq!(p.offer(A, now + Duration::from_secs(10)), Some(a));
+    }
+
+    #[test]
+    fn the_server_router_dns_network_and_broadcast_are_never_leased() {
+        // The whole /24 as the range: every address but five can be leased.
+        let s = server(cfg("192.0.2.0", "192.0.2.255", 1000));
+        let now = Instant::now();
+        let mut got = HashSet::new();
+        for mac in macs(1).take(300) {
+            if let Some(r) = reply(&s, &msg(MessageType::Discover, &mac, vec![]), now) {
+                assert_eq!(r.opts().msg_type(), Some(MessageType::Offer));
+                assert!(got.insert(r.yiaddr()), "{} offered twice", r.yiaddr());
+            }
+        }
+        assert_eq!(got.len(), 256 - 5);
+        for never in [
+            "192.0.2.1",
+            "192.0.2.254",
+            "192.0.2.53",
+            "192.0.2.0",
+            "192.0.2.255",
+        ] {
+            assert!(!got.contains(&ip(never)), "{never} was offered");
+            let req = msg(
+                MessageType::Request,
+                &B,
+                vec![DhcpOption::RequestedIpAddress(ip(never))],
+            );
+            let r = reply(&s, &req, now).unwrap();
+            assert_eq!(r.opts().msg_type(), Some(MessageType::Nak), "{never}");
+        }
+    }
+
+    #[test]
+    fn a_declined_address_is_kept_from_everyone_for_a_while() {
+        let s = server(cfg("192.0.2.100", "192.0.2.101", 10));
+        let now = Instant::now();
+        let x = reply(&s, &msg(MessageType::Discover, &A, vec![]), now)
+            .unwrap()
+            .yiaddr();
+        let req = msg(
+            MessageType::Request,
+            &A,
+            vec![DhcpOption::RequestedIpAddress(x)],
+        );
+        assert_eq!(
+            reply(&s, &req, now).unwrap().opts().msg_type(),
+            Some(MessageType::Ack)
+        );
+        // B's DECLINE of A's address is ignored: only the holder can decline.
+        let b_decline = msg(
+            MessageType::Decline,
+            &B,
+            vec![DhcpOption::RequestedIpAddress(x)],
+        );
+        assert!(s.handle(&b_decline, 67, peer(), now).is_none());
+        assert_eq!(
+            reply(&s, &req, now).unwrap().opts().msg_type(),
+            Some(MessageType::Ack),
+            "still A's"
+        );
+        let decline = msg(
+            MessageType::Decline,
+            &A,
+            vec![
+                DhcpOption::RequestedIpAddress(x),
+                DhcpOption::ServerIdentifier(ip("192.0.2.1")),
+            ],
+        );
+        assert!(s.handle(&decline, 67, peer(), now).is_none());
+        // Nobody gets it, A included, and a REQUEST for it is refused.
+        let t = now + Duration::from_secs(1);
+        let a2 = reply(&s, &msg(MessageType::Discover, &A, vec![]), t).unwrap();
+        assert_ne!(a2.yiaddr(), x);
+        assert!(
+            reply(&s, &msg(MessageType::Discover, &B, vec![]), t).is_none(),
+            "range full"
+        );
+        let b_req = msg(
+            MessageType::Request,
+            &B,
+            vec![DhcpOption::RequestedIpAddress(x)],
+        );
+        assert_eq!(
+            reply(&s, &b_req, t).unwrap().opts().msg_type(),
+            Some(MessageType::Nak)
+        );
+        // Once the hold is over, it is offered again.
+        let after = now + DECLINE_HOLD + Duration::from_secs(1);
+        assert_eq!(
+            reply(&s, &msg(MessageType::Discover, &B, vec![]), after)
+                .unwrap()
+                .yiaddr(),
+            x
+        );
+    }
+
+    #[test]
+    fn never_used_addresses_go_before_expired_ones_oldest_expired_first() {
+        let now = Instant::now();
+        let mut p = Pool::new(ip("192.0.2.100"), ip("192.0.2.103"), &[], 10);
+        let hour = Duration::from_secs(3600);
+        let a = p.offer(A, now).unwrap();
+        assert!(p.request(A, a, hour, now));
+        let b = p.offer(B, now).unwrap();
+        assert!(p.request(B, b, 2 * hour, now));
+        let later = now + 3 * hour;
+        // Both leases are over, yet new clients get the two never-used addresses first.
+        let c = p.offer([2, 0, 0, 0, 0, 3], later).unwrap();
+        let d = p.offer([2, 0, 0, 0, 0, 4], later).unwrap();
+        assert_eq!((c, d), (ip("192.0.2.102"), ip("192.0.2.103")));
+        // Then the one that expired first (A's), then B's.
+        assert_eq!(p.offer([2, 0, 0, 0, 0, 5], later), Some(a));
+        assert_eq!(p.offer([2, 0, 0, 0, 0, 6], later), Some(b));
+        // A lost its address to someone else: it gets none now (all held), not a shared one.
+        assert_eq!(p.offer(A, later), None);
+    }
+
+    /// A flood of DISCOVERs (and REQUESTs) with random MACs: the table stays within its
+    /// bound, and a real client still renews its own address and gets it back.
+    #[test]
+    fn a_flood_of_random_macs_neither_grows_the_table_nor_starves_a_renewal() {
+        let s = server(cfg("192.0.2.100", "192.0.2.149", 50));
+        let t0 = Instant::now();
+        let a = reply(&s, &msg(MessageType::Discover, &A, vec![]), t0)
+            .unwrap()
+            .yiaddr();
+        let renew = msg(
+            MessageType::Request,
+            &A,
+            vec![DhcpOption::RequestedIpAddress(a)],
+        );
+        assert_eq!(
+            reply(&s, &renew, t0).unwrap().opts().msg_type(),
+            Some(MessageType::Ack)
+        );
+        let mut offers = 0;
+        for (i, mac) in macs(7).take(20_000).enumerate() {
+            // 10 ms apart: 200 s in all, so offers expire and are pruned along the way.
+            let now = t0 + Duration::from_millis(10 * i as u64);
+            if s.handle(&msg(MessageType::Discover, &mac, vec![]), 67, peer(), now)
+                .is_some()
+            {
+                offers += 1;
+            }
+            if i % 7 == 0 {
+                // Spoofed REQUESTs for the real client's address and others.
+                let grab = msg(
+                    MessageType::Request,
+                    &mac,
+                    vec![DhcpOption::RequestedIpAddress(Ipv4Addr::from(
+                        u32::from(a) + (i as u32 % 3),
+                    ))],
+                );
+                let _ = s.handle(&grab, 67, peer(), now);
+            }
+            assert!(s.table_len() <= 50, "table {} at {i}", s.table_len());
+            if i % 1000 == 999 {
+                assert_eq!(
+                    reply(&s, &renew, now).unwrap().opts().msg_type(),
+                    Some(MessageType::Ack),
+                    "renewal at {i}"
+                );
+            }
+        }
+        assert!(offers > 100, "offers resumed as holds expired ({offers})");
+        let end = t0 + Duration::from_secs(200);
+        assert_eq!(
+            reply(&s, &msg(MessageType::Discover, &A, vec![]), end)
+                .unwrap()
+                .yiaddr(),
+            a,
+            "A's DISCOVER still finds its own address"
+        );
+    }
+
+    /// A /8 range with a small table: each DISCOVER and REQUEST examines a handful of
+    /// entries, never the range.
+    #[test]
+    fn no_operation_scans_the_range() {
+        let mut p = Pool::new(ip("10.0.0.0"), ip("10.255.255.255"), &[], 1000);
+        let t0 = Instant::now();
+        let n = 50_000u64;
+        for (i, mac) in macs(3).take(n as usize).enumerate() {
+            let now = t0 + Duration::from_millis(5 * i as u64);
+            let _ = p.offer(mac, now);
+            let _ = p.request(
+                mac,
+                Ipv4Addr::from(0x0a00_0000 + (i as u32 * 7919) % (1 << 24)),
+                DAY,
+                now,
+            );
+            assert!(p.len() <= 1000);
+        }
+        assert!(
+            p.examined <= 4 * 2 * n,
+            "{} entries examined for {} operations",
+            p.examined,
+            2 * n
+        );
+    }
+
+    #[test]
+    fn a_request_for_another_server_withdraws_our_offer() {
+        let s = server(cfg("192.0.2.100", "192.0.2.100", 10));
+        let now = Instant::now();
+        let x = reply(&s, &msg(MessageType::Discover, &A, vec![]), now)
+            .unwrap()
+            .yiaddr();
+        assert!(reply(&s, &msg(MessageType::Discover, &B, vec![]), now).is_none());
+        let elsewhere = msg(
+            MessageType::Request,
+            &A,
+            vec![
+                DhcpOption::RequestedIpAddress(ip("198.51.100.9")),
+                DhcpOption::ServerIdentifier(ip("198.51.100.1")),
+            ],
+        );
+        assert!(s.handle(&elsewhere, 67, peer(), now).is_none());
+        assert_eq!(
+            reply(&s, &msg(MessageType::Discover, &B, vec![]), now)
+                .unwrap()
+                .yiaddr(),
+            x
+        );
     }
 }

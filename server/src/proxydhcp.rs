@@ -6,12 +6,16 @@
 //! Which file: firmware PXE gets an iPXE binary for its architecture (BIOS: option 93 = 0;
 //! UEFI x86-64: 7 or 9); iPXE itself (user class `iPXE` or option 175) gets `boot.ipxe`,
 //! so the chain ends there instead of looping.
+//!
+//! Both DHCP modes (this one and `dhcpd`) run the one receive loop here, [`serve`], around
+//! their pure [`Responder::handle`]; that function is what the fuzz targets drive.
 
-use crate::config::ProxyDhcpConfig;
+use crate::config::{ProxyDhcpConfig, MAX_BOOT_FILE};
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::net::UdpSocket;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +28,77 @@ pub enum ProxyDhcpError {
         iface: String,
         source: std::io::Error,
     },
+}
+
+/// One reply to send, from [`Responder::handle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub bytes: Vec<u8>,
+    pub to: SocketAddr,
+    /// The client's hardware address as text, for logs and status.
+    pub mac: String,
+    /// What was answered, for the log line (after "NAME: ").
+    pub summary: String,
+    /// The boot file given, recorded in status.
+    pub file: Option<String>,
+}
+
+/// One DHCP mode's logic: from a datagram to the reply, without sockets.
+pub trait Responder: Send + Sync + 'static {
+    /// Log prefix: "proxy-dhcp" or "dhcp-server".
+    fn name(&self) -> &'static str;
+    /// Everything a client on the boot network sends goes through here (fuzzed): it
+    /// answers or drops, never panics. `port` is the local port it came in on.
+    fn handle(&self, datagram: &[u8], port: u16, peer: SocketAddr, now: Instant) -> Option<Reply>;
+    fn status(&self) -> &crate::status::Status;
+}
+
+/// The receive loop of both DHCP modes: receive, [`Responder::handle`], send.
+pub async fn serve<R: Responder>(r: Arc<R>, sock: UdpSocket, port: u16) {
+    let name = r.name();
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let (n, peer) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                log::warn!("{name}: receive on port {port}: {e}");
+                continue;
+            }
+        };
+        let Some(reply) = r.handle(&buf[..n], port, peer, Instant::now()) else {
+            continue;
+        };
+        match sock.send_to(&reply.bytes, reply.to).await {
+            Ok(_) => {
+                log::info!("{name}: {}", reply.summary);
+                if let Some(f) = &reply.file {
+                    r.status().dhcp_seen(&reply.mac, f);
+                }
+            }
+            Err(e) => log::warn!("{name}: {}: send to {}: {e}", reply.mac, reply.to),
+        }
+    }
+}
+
+/// A BOOTREQUEST from the network, decoded only once the fields dhcproto trusts are
+/// checked (see `ltsp_common::dhcp`); anything else is dropped here.
+pub fn decode_request(datagram: &[u8], who: &str) -> Option<Message> {
+    if let Err(e) = ltsp_common::dhcp::check(datagram, ltsp_common::dhcp::BOOTREQUEST) {
+        // Debug only: a flood of garbage must not flood the log too.
+        log::debug!("{who}: dropped a malformed datagram: {e}");
+        return None;
+    }
+    Message::decode(&mut Decoder::new(datagram)).ok()
+}
+
+/// The client hardware address; empty for an hlen that does not fit chaddr (dhcproto's
+/// `chaddr()` would panic on it).
+pub(crate) fn chaddr(m: &Message) -> &[u8] {
+    if m.hlen() <= ltsp_common::dhcp::MAX_HLEN {
+        m.chaddr()
+    } else {
+        &[]
+    }
 }
 
 /// The kind of client asking, from its DISCOVER/REQUEST.
@@ -80,12 +155,13 @@ pub fn answer(req: &Message, kind: MessageType, server: Ipv4Addr, file: &str) ->
         Ipv4Addr::UNSPECIFIED,
         server,
         req.giaddr(),
-        &req.chaddr()[..(req.hlen() as usize).min(16)],
+        chaddr(req),
     );
     r.set_opcode(Opcode::BootReply)
         .set_htype(req.htype())
         .set_flags(Flags::default().set_broadcast())
-        .set_fname_str(file);
+        // Config refuses longer names; cut rather than let set_fname panic.
+        .set_fname(&file.as_bytes()[..file.len().min(MAX_BOOT_FILE)]);
     let o = r.opts_mut();
     o.insert(DhcpOption::MessageType(kind));
     o.insert(DhcpOption::ServerIdentifier(server));
@@ -111,7 +187,8 @@ pub(crate) fn reply_to_unaddressed(m: &Message) -> SocketAddr {
 
 /// The client's hardware address as `aa:bb:cc:dd:ee:ff`, for logs and status.
 pub(crate) fn mac_text(m: &Message) -> String {
-    m.chaddr()[..6.min(m.chaddr().len())]
+    let c = chaddr(m);
+    c[..6.min(c.len())]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -191,59 +268,58 @@ impl ProxyDhcp {
             cfg.uefi,
             cfg.ipxe_script
         );
-        Ok((
-            Arc::new(ProxyDhcp {
-                cfg,
-                server,
-                status,
-            }),
-            s67,
-            s4011,
-        ))
+        Ok((Arc::new(ProxyDhcp::new(cfg, server, status)), s67, s4011))
     }
 
-    pub async fn run(self: Arc<Self>, sock: UdpSocket, port: u16) {
-        let mut buf = vec![0u8; 2048];
-        loop {
-            let (n, peer) = match sock.recv_from(&mut buf).await {
-                Ok(x) => x,
-                Err(e) => {
-                    log::warn!("proxy-dhcp: receive: {e}");
-                    continue;
-                }
-            };
-            let Ok(m) = Message::decode(&mut Decoder::new(&buf[..n])) else {
-                continue;
-            };
-            if m.opcode() != Opcode::BootRequest {
-                continue;
-            }
-            let kind = match (port, m.opts().msg_type()) {
-                (67, Some(MessageType::Discover)) => MessageType::Offer,
-                (4011, Some(MessageType::Request)) => MessageType::Ack,
-                _ => continue,
-            };
-            let client = classify(&m);
-            let Some(file) = boot_file(client, &self.cfg) else {
-                continue;
-            };
-            let reply = answer(&m, kind, self.server, &file);
-            let Ok(bytes) = reply.to_vec() else { continue };
-            // A request to 4011 comes from an address: answer there.
-            let to = if port == 4011 {
-                peer
-            } else {
-                reply_to_unaddressed(&m)
-            };
-            let mac = mac_text(&m);
-            match sock.send_to(&bytes, to).await {
-                Ok(_) => {
-                    log::info!("proxy-dhcp: {mac} ({client:?}): {kind:?} with {file:?} to {to}");
-                    self.status.dhcp_seen(&mac, &file);
-                }
-                Err(e) => log::warn!("proxy-dhcp: {mac}: send to {to}: {e}"),
-            }
+    /// The logic without sockets (tests and fuzzing build it directly).
+    pub fn new(cfg: ProxyDhcpConfig, server: Ipv4Addr, status: Arc<crate::status::Status>) -> Self {
+        ProxyDhcp {
+            cfg,
+            server,
+            status,
         }
+    }
+
+    /// Serves one of the two ports ([`serve`]).
+    pub async fn run(self: Arc<Self>, sock: UdpSocket, port: u16) {
+        serve(self, sock, port).await
+    }
+}
+
+impl Responder for ProxyDhcp {
+    fn name(&self) -> &'static str {
+        "proxy-dhcp"
+    }
+
+    fn status(&self) -> &crate::status::Status {
+        &self.status
+    }
+
+    /// Port 67: a DISCOVER gets an OFFER (broadcast, or to its relay). Port 4011: a
+    /// REQUEST gets an ACK, sent back where it came from.
+    fn handle(&self, datagram: &[u8], port: u16, peer: SocketAddr, _now: Instant) -> Option<Reply> {
+        let m = decode_request(datagram, "proxy-dhcp")?;
+        let kind = match (port, m.opts().msg_type()) {
+            (67, Some(MessageType::Discover)) => MessageType::Offer,
+            (4011, Some(MessageType::Request)) => MessageType::Ack,
+            _ => return None,
+        };
+        let client = classify(&m);
+        let file = boot_file(client, &self.cfg)?;
+        let bytes = answer(&m, kind, self.server, &file).to_vec().ok()?;
+        let to = if port == 4011 {
+            peer
+        } else {
+            reply_to_unaddressed(&m)
+        };
+        let mac = mac_text(&m);
+        Some(Reply {
+            bytes,
+            to,
+            summary: format!("{mac} ({client:?}): {kind:?} with {file:?} to {to}"),
+            mac,
+            file: Some(file),
+        })
     }
 }
 
@@ -326,5 +402,108 @@ mod tests {
         assert!(r.opts().get(OptionCode::ClientMachineIdentifier).is_some());
         let fname = r.fname().unwrap();
         assert!(fname.starts_with(b"undionly.kpxe\0"));
+    }
+
+    fn proxy() -> ProxyDhcp {
+        ProxyDhcp::new(
+            cfg(),
+            Ipv4Addr::new(192, 0, 2, 1),
+            crate::status::Status::new([]),
+        )
+    }
+
+    fn peer() -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::new(192, 0, 2, 77), 68))
+    }
+
+    #[test]
+    fn the_loops_function_answers_on_67_and_on_4011() {
+        let p = proxy();
+        let now = Instant::now();
+        let d = discover(pxe(7)).to_vec().unwrap();
+        let r = p.handle(&d, 67, peer(), now).expect("an offer");
+        assert_eq!(r.to, SocketAddr::from((Ipv4Addr::BROADCAST, 68)));
+        assert_eq!(r.mac, "52:54:00:12:34:56");
+        assert_eq!(r.file.as_deref(), Some("ipxe.efi"));
+        let m = Message::decode(&mut Decoder::new(&r.bytes)).unwrap();
+        assert_eq!(m.opts().msg_type(), Some(MessageType::Offer));
+        // A DISCOVER on 4011 is not answered; a REQUEST there is, to its sender.
+        assert!(p.handle(&d, 4011, peer(), now).is_none());
+        let mut q = discover(pxe(0));
+        q.opts_mut()
+            .insert(DhcpOption::MessageType(MessageType::Request));
+        let q = q.to_vec().unwrap();
+        let r = p.handle(&q, 4011, peer(), now).expect("an ack");
+        assert_eq!(r.to, peer());
+        let m = Message::decode(&mut Decoder::new(&r.bytes)).unwrap();
+        assert_eq!(m.opts().msg_type(), Some(MessageType::Ack));
+        assert!(p.handle(&q, 67, peer(), now).is_none());
+        // The longest chaddr there is (16 bytes) is still served.
+        let mut long = d.clone();
+        long[2] = 16;
+        let r = p.handle(&long, 67, peer(), now).expect("hlen 16 is valid");
+        let m = Message::decode(&mut Decoder::new(&r.bytes)).unwrap();
+        assert_eq!(m.hlen(), 16);
+    }
+
+    /// The datagrams that aborted the server (hlen past chaddr's 16 bytes: dhcproto's
+    /// `chaddr()` slices by it) or tripped dhcproto's option-length assertions, kept in
+    /// fuzz/regressions/proxy_dhcp. Each must be dropped on both ports.
+    #[test]
+    fn crash_inputs_are_dropped_on_both_ports() {
+        let p = proxy();
+        let now = Instant::now();
+        let crashes: [(&str, &[u8]); 6] = [
+            (
+                "hlen-200-discover",
+                include_bytes!("../../fuzz/regressions/proxy_dhcp/hlen-200-discover"),
+            ),
+            (
+                "hlen-17-discover",
+                include_bytes!("../../fuzz/regressions/proxy_dhcp/hlen-17-discover"),
+            ),
+            (
+                "hlen-255-request-4011",
+                include_bytes!("../../fuzz/regressions/proxy_dhcp/hlen-255-request-4011"),
+            ),
+            (
+                "option94-length-2",
+                include_bytes!("../../fuzz/regressions/proxy_dhcp/option94-length-2"),
+            ),
+            (
+                "option151-length-0",
+                include_bytes!("../../fuzz/regressions/proxy_dhcp/option151-length-0"),
+            ),
+            (
+                "option81-length-1",
+                include_bytes!("../../fuzz/regressions/proxy_dhcp/option81-length-1"),
+            ),
+        ];
+        for (name, bytes) in crashes {
+            for port in [67, 4011] {
+                assert!(
+                    p.handle(bytes, port, peer(), now).is_none(),
+                    "{name} on {port}"
+                );
+            }
+        }
+        // The same DISCOVER with a sane hlen is answered: the drop is the check, not luck.
+        let mut fixed = crashes[0].1.to_vec();
+        fixed[1] = 1;
+        fixed[2] = 6;
+        assert!(p.handle(&fixed, 67, peer(), now).is_some());
+        // Every prefix of a real DISCOVER, and each byte flipped, is handled too.
+        let d = discover(pxe(0)).to_vec().unwrap();
+        for n in 0..d.len() {
+            let _ = p.handle(&d[..n], 67, peer(), now);
+        }
+        for i in 0..d.len() {
+            for v in [0u8, 0x7f, 0xff] {
+                let mut x = d.clone();
+                x[i] = v;
+                let _ = p.handle(&x, 67, peer(), now);
+                let _ = p.handle(&x, 4011, peer(), now);
+            }
+        }
     }
 }

@@ -154,3 +154,142 @@ fn the_agent_gets_a_lease_from_ltsp_servers_own_dhcp_server() {
         s.log()
     );
 }
+
+/// A DHCP server that answers every DISCOVER and REQUEST with hostile replies first
+/// (addresses no host can have, a hole-y mask, hlen 200, another transaction, a NAK from
+/// a server the client did not choose) and only then a good one. Runs in namespace `ns`
+/// until `stop`; returns how many of each message it answered.
+fn hostile_server(
+    ns: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u32, u32)> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    use std::net::UdpSocket;
+    let netns = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+    std::thread::spawn(move || {
+        // Only this thread enters the namespace.
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let sock = UdpSocket::bind("0.0.0.0:67").unwrap();
+        setsockopt(&sock, sockopt::BindToDevice, &"veth0".into()).unwrap();
+        sock.set_broadcast(true).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+            .unwrap();
+        let to = "255.255.255.255:68";
+        let server_id = [192, 0, 2, 1];
+        let (mut discovers, mut requests) = (0, 0);
+        let mut buf = [0u8; 1500];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok(n) = sock.recv(&mut buf) else {
+                continue;
+            };
+            let req = &buf[..n];
+            if n < 240 {
+                continue;
+            }
+            let good_opts = |kind: u8| -> Vec<u8> {
+                let mut o = vec![53, 1, kind, 54, 4];
+                o.extend_from_slice(&server_id);
+                o.extend_from_slice(&[1, 4, 255, 255, 255, 0]);
+                // A multicast router first, then the real one.
+                o.extend_from_slice(&[3, 8, 224, 0, 0, 9, 192, 0, 2, 1]);
+                o.extend_from_slice(&[6, 8, 0, 0, 0, 0, 192, 0, 2, 53]);
+                let name = b"evil'$(reboot)'";
+                o.extend_from_slice(&[12, name.len() as u8]);
+                o.extend_from_slice(name);
+                o.push(255);
+                o
+            };
+            match message_type(req) {
+                Some(1) => {
+                    discovers += 1;
+                    let mut bad_mask = good_opts(2);
+                    bad_mask.splice(11..15, [0, 0, 0, 0]);
+                    let mut other_xid = dhcp_reply(req, [192, 0, 2, 82], &good_opts(2));
+                    other_xid[4] ^= 0xff;
+                    let mut hlen = dhcp_reply(req, [192, 0, 2, 83], &good_opts(2));
+                    hlen[2] = 200;
+                    for r in [
+                        dhcp_reply(req, [255, 255, 255, 255], &good_opts(2)),
+                        dhcp_reply(req, [224, 0, 0, 1], &good_opts(2)),
+                        dhcp_reply(req, [192, 0, 2, 81], &bad_mask),
+                        hlen,
+                        other_xid,
+                        dhcp_reply(req, [192, 0, 2, 80], &good_opts(2)),
+                    ] {
+                        sock.send_to(&r, to).unwrap();
+                    }
+                }
+                Some(3) => {
+                    requests += 1;
+                    let nak = [53, 1, 6, 54, 4, 192, 0, 2, 99, 255];
+                    let mut holey = good_opts(5);
+                    holey.splice(11..15, [255, 0, 255, 0]);
+                    for r in [
+                        dhcp_reply(req, [0, 0, 0, 0], &nak),
+                        dhcp_reply(req, [192, 0, 2, 80], &holey),
+                        dhcp_reply(req, [192, 0, 2, 80], &good_opts(5)),
+                    ] {
+                        sock.send_to(&r, to).unwrap();
+                    }
+                }
+                _ => {}
+            }
+        }
+        (discovers, requests)
+    })
+}
+
+/// Option 53 of a BOOTP/DHCP datagram.
+fn message_type(p: &[u8]) -> Option<u8> {
+    let mut i = 240;
+    while i + 1 < p.len() {
+        match p[i] {
+            0 => i += 1,
+            255 => return None,
+            53 if p[i + 1] == 1 => return p.get(i + 2).copied(),
+            _ => i += 2 + p[i + 1] as usize,
+        }
+    }
+    None
+}
+
+/// A BOOTREPLY to `req` offering `yiaddr`, with raw options `opts`.
+fn dhcp_reply(req: &[u8], yiaddr: [u8; 4], opts: &[u8]) -> Vec<u8> {
+    let mut r = req[..240].to_vec();
+    r[0] = 2;
+    r[16..20].copy_from_slice(&yiaddr);
+    r.extend_from_slice(opts);
+    r
+}
+
+#[test]
+#[ignore = "needs root: network namespaces"]
+fn hostile_replies_are_ignored_and_the_good_one_is_taken() {
+    let (_guard, srv, cli) = served_pair("hostile", "52:54:00:aa:bb:ee");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = hostile_server(&srv, stop.clone());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (ok, out, err) = run(Command::new(tool("ip"))
+        .args(["netns", "exec", &cli])
+        .arg(bin("ltsp-agent"))
+        .args([
+            "net",
+            "--cmdline",
+            "BOOTIF=01-52-54-00-aa-bb-ee ltsp.timeout=20",
+        ]));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (discovers, requests) = server.join().unwrap();
+    assert!(ok, "{err}\n{out}");
+    assert!(discovers >= 1 && requests >= 1, "{discovers} {requests}");
+    assert!(out.contains("IPV4ADDR='192.0.2.80'\n"), "{out}");
+    assert!(out.contains("IPV4NETMASK='255.255.255.0'\n"), "{out}");
+    assert!(out.contains("IPV4GATEWAY='192.0.2.1'\n"), "{out}");
+    assert!(out.contains("IPV4DNS0='192.0.2.53'\n"), "{out}");
+    assert!(
+        out.contains("HOSTNAME=''\n"),
+        "no quote reaches the file: {out}"
+    );
+    assert!(err.contains("ignored a reply"), "{err}");
+    let (_, show, _) = run(Command::new(tool("ip")).args(["-n", &cli, "addr", "show", "eth7"]));
+    assert!(show.contains("inet 192.0.2.80/24"), "{show}");
+}

@@ -3,7 +3,7 @@
 //! klibc's ipconfig and systemd-networkd do the same). Messages are dhcproto's; the
 //! IPv4/UDP framing around them is the pure functions below.
 
-use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
+use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, OptionCode};
 use dhcproto::{Decodable, Encodable};
 use std::io;
 use std::net::Ipv4Addr;
@@ -112,36 +112,108 @@ impl Default for Lease {
     }
 }
 
-pub fn lease_of(m: &Message) -> Lease {
+/// An address we can take as our own, or use as a router or server: unicast, not
+/// 0.0.0.0/8, loopback, multicast, or 240.0.0.0/4 (which holds the broadcast address).
+pub fn is_host_address(a: Ipv4Addr) -> bool {
+    let o = a.octets();
+    o[0] != 0 && !a.is_loopback() && !a.is_multicast() && o[0] < 240
+}
+
+/// A host or domain name as /etc/hostname and resolv.conf take it: letters, digits,
+/// hyphens, dots; labels of 1..=63 bytes, 253 in all.
+fn is_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.trim_end_matches('.').split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// A path or file name that can be written between single quotes in a shell file
+/// (/run/net-IFACE.conf is sourced by scripts): printable ASCII without quotes or
+/// backslashes.
+fn is_quotable(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s.bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'\'' && b != b'"' && b != b'\\')
+}
+
+/// How many DNS servers a lease keeps (resolv.conf reads three).
+const MAX_DNS: usize = 3;
+
+/// The lease a reply offers, checked: Err when the address itself is unusable (then the
+/// whole reply is ignored); a field that is unusable (a router, a DNS server, a name) is
+/// left out and logged.
+pub fn lease_of(m: &Message) -> Result<Lease, String> {
     let o = m.opts();
+    let ip = m.yiaddr();
+    if !is_host_address(ip) {
+        return Err(format!("offers {ip}, which no host can have"));
+    }
     let mut l = Lease {
-        ip: m.yiaddr(),
+        ip,
         prefix: 24,
         ..Default::default()
     };
     if let Some(DhcpOption::SubnetMask(mask)) = o.get(OptionCode::SubnetMask) {
-        l.prefix = super::link::prefix_len(*mask);
+        let m = u32::from(*mask);
+        let prefix = m.leading_ones();
+        if prefix == 0 || m.count_ones() != prefix {
+            return Err(format!("subnet mask {mask} is not a prefix of 1..=32 bits"));
+        }
+        l.prefix = prefix as u8;
     }
+    if l.prefix <= 30 {
+        let hostmask = u32::MAX >> l.prefix;
+        let host = u32::from(ip) & hostmask;
+        if host == 0 || host == hostmask {
+            return Err(format!(
+                "offers {ip}/{}, the subnet's network or broadcast address",
+                l.prefix
+            ));
+        }
+    }
+    let mut dropped = Vec::new();
     if let Some(DhcpOption::Router(r)) = o.get(OptionCode::Router) {
-        l.router = r.first().copied();
+        l.router = r.iter().copied().find(|&g| is_host_address(g) && g != ip);
+        if l.router.is_none() {
+            dropped.push("router");
+        }
     }
     if let Some(DhcpOption::DomainNameServer(d)) = o.get(OptionCode::DomainNameServer) {
-        l.dns = d.clone();
+        l.dns = d
+            .iter()
+            .copied()
+            .filter(|&a| is_host_address(a))
+            .take(MAX_DNS)
+            .collect();
+        if l.dns.len() < d.len().min(MAX_DNS) {
+            dropped.push("DNS server");
+        }
     }
-    if let Some(DhcpOption::Hostname(h)) = o.get(OptionCode::Hostname) {
-        l.hostname = Some(h.clone());
-    }
-    if let Some(DhcpOption::DomainName(d)) = o.get(OptionCode::DomainName) {
-        l.domain = Some(d.clone());
-    }
+    let mut name = |code: OptionCode, what: &'static str, ok: fn(&str) -> bool| match o.get(code) {
+        Some(DhcpOption::Hostname(s) | DhcpOption::DomainName(s) | DhcpOption::RootPath(s)) => {
+            let s = s.trim_end_matches('\0');
+            if ok(s) {
+                Some(s.to_string())
+            } else {
+                dropped.push(what);
+                None
+            }
+        }
+        _ => None,
+    };
+    l.hostname = name(OptionCode::Hostname, "host name", is_dns_name);
+    l.domain = name(OptionCode::DomainName, "domain name", is_dns_name);
+    l.root_path = name(OptionCode::RootPath, "root path", is_quotable);
     if let Some(DhcpOption::ServerIdentifier(s)) = o.get(OptionCode::ServerIdentifier) {
         l.server_id = Some(*s);
     }
     if let Some(DhcpOption::AddressLeaseTime(t)) = o.get(OptionCode::AddressLeaseTime) {
         l.lease_secs = Some(*t);
-    }
-    if let Some(DhcpOption::RootPath(p)) = o.get(OptionCode::RootPath) {
-        l.root_path = Some(p.clone());
     }
     let siaddr = m.siaddr();
     l.next_server = if !siaddr.is_unspecified() {
@@ -154,39 +226,91 @@ pub fn lease_of(m: &Message) -> Lease {
     } else {
         None
     };
-    l.bootfile = m
-        .fname()
-        .map(|f| {
-            String::from_utf8_lossy(f)
-                .trim_end_matches('\0')
-                .to_string()
-        })
-        .filter(|f| !f.is_empty())
-        .or_else(|| match o.get(OptionCode::BootfileName) {
-            Some(DhcpOption::BootfileName(b)) => Some(
-                String::from_utf8_lossy(b)
-                    .trim_end_matches('\0')
-                    .to_string(),
-            ),
+    if l.next_server.is_some_and(|s| !is_host_address(s)) {
+        l.next_server = None;
+        dropped.push("next server");
+    }
+    let text = |b: &[u8]| {
+        String::from_utf8_lossy(b)
+            .trim_end_matches('\0')
+            .to_string()
+    };
+    let file = m.fname().map(text).filter(|f| !f.is_empty()).or_else(|| {
+        match o.get(OptionCode::BootfileName) {
+            Some(DhcpOption::BootfileName(b)) => Some(text(b)),
             _ => None,
-        });
-    l
+        }
+    });
+    l.bootfile = match file {
+        Some(f) if is_quotable(&f) => Some(f),
+        Some(_) => {
+            dropped.push("boot file");
+            None
+        }
+        None => None,
+    };
+    if !dropped.is_empty() {
+        log::warn!(
+            "dhcp: reply for {ip}: left out its unusable {}",
+            dropped.join(", ")
+        );
+    }
+    Ok(l)
 }
 
-/// Decodes a DHCP message from anyone on the wire. dhcproto may panic on some malformed
-/// options (a debug assertion, found by fuzzing): such a packet is dropped like any
-/// other garbage instead of failing the boot.
-fn decode(payload: &[u8]) -> Option<Message> {
+/// Decodes a DHCP reply from anyone on the wire, after checking the fields dhcproto
+/// trusts (`ltsp_common::dhcp::check`). The unwind guard stays as a second line, for
+/// builds where panics unwind.
+fn decode(payload: &[u8]) -> Result<Message, Ignored> {
+    ltsp_common::dhcp::check(payload, ltsp_common::dhcp::BOOTREPLY).map_err(Ignored::Malformed)?;
     std::panic::catch_unwind(|| Message::decode(&mut dhcproto::Decoder::new(payload)).ok())
         .ok()
         .flatten()
+        .ok_or(Ignored::Undecodable)
 }
 
-/// What one received frame says, if it is a DHCP reply to port 68: its xid, message type
-/// and lease. Everything a hostile DHCP server sends goes through here (fuzzed).
-pub fn parse_reply(p: &[u8]) -> Option<(u32, Option<MessageType>, Lease)> {
-    let m = decode(unframe(p)?)?;
-    Some((m.xid(), m.opts().msg_type(), lease_of(&m)))
+/// A reply to our transaction, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Offer(Lease),
+    Ack(Lease),
+    /// The server that refused (its option 54).
+    Nak(Option<Ipv4Addr>),
+}
+
+/// Why a received frame is not acted on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Ignored {
+    /// Not a DHCP reply to port 68, or one for another client or transaction: the usual
+    /// traffic of a network where many nodes boot at once.
+    #[error("not a reply to us")]
+    NotOurs,
+    #[error("malformed: {0}")]
+    Malformed(ltsp_common::dhcp::Malformed),
+    #[error("undecodable")]
+    Undecodable,
+    #[error("{0}")]
+    Unusable(String),
+}
+
+/// What one received frame is to a client waiting on transaction `xid` for `mac`.
+/// Everything a hostile host on the network sends the client goes through here (fuzzed):
+/// it never panics, and an `Ok` lease is one the node can configure.
+pub fn parse_reply(frame: &[u8], xid: u32, mac: &[u8; 6]) -> Result<Reply, Ignored> {
+    let m = decode(unframe(frame).ok_or(Ignored::NotOurs)?)?;
+    if m.xid() != xid || m.hlen() != 6 || m.chaddr() != &mac[..] {
+        return Err(Ignored::NotOurs);
+    }
+    let server = match m.opts().get(OptionCode::ServerIdentifier) {
+        Some(DhcpOption::ServerIdentifier(s)) => Some(*s),
+        _ => None,
+    };
+    match m.opts().msg_type() {
+        Some(MessageType::Offer) => Ok(Reply::Offer(lease_of(&m).map_err(Ignored::Unusable)?)),
+        Some(MessageType::Ack) => Ok(Reply::Ack(lease_of(&m).map_err(Ignored::Unusable)?)),
+        Some(MessageType::Nak) => Ok(Reply::Nak(server)),
+        other => Err(Ignored::Unusable(format!("message type {other:?}"))),
+    }
 }
 
 /// An empty BOOTREQUEST. Built by decoding bytes because dhcproto's constructors go
@@ -209,7 +333,7 @@ fn request_message(
     xid: u32,
     mac: &[u8; 6],
     secs: u16,
-    offer: Option<&Message>,
+    offer: Option<&Lease>,
 ) -> Message {
     let mut m = blank_request(xid, mac);
     m.set_flags(Flags::default().set_broadcast());
@@ -232,11 +356,9 @@ fn request_message(
         OptionCode::BootfileName,
     ]));
     if let Some(offer) = offer {
-        o.insert(DhcpOption::RequestedIpAddress(offer.yiaddr()));
-        if let Some(DhcpOption::ServerIdentifier(s)) =
-            offer.opts().get(OptionCode::ServerIdentifier)
-        {
-            o.insert(DhcpOption::ServerIdentifier(*s));
+        o.insert(DhcpOption::RequestedIpAddress(offer.ip));
+        if let Some(s) = offer.server_id {
+            o.insert(DhcpOption::ServerIdentifier(s));
         }
     }
     m
@@ -335,6 +457,11 @@ impl PacketSocket {
     }
 }
 
+/// An ACK from the server whose offer we took (when both name themselves).
+fn same_server(ack: &Lease, offer: &Lease) -> bool {
+    ack.server_id.is_none() || offer.server_id.is_none() || ack.server_id == offer.server_id
+}
+
 /// Runs DISCOVER..ACK on `iface` until `deadline`, resending with exponential backoff
 /// (1, 2, 4, 4... s). Returns the lease and the time spent blocked waiting for the
 /// server's packets (building and reading messages is ours, and not counted).
@@ -356,6 +483,7 @@ pub fn acquire(
     let mut wait = Duration::from_millis(250);
     let mut tries = 0;
     let mut buf = vec![0u8; 2048];
+    let mut ignored = 0u32;
     let sock_err = |source| DhcpError::Socket {
         iface: iface.into(),
         source,
@@ -369,8 +497,7 @@ pub fn acquire(
         sock.send_broadcast(&discover).map_err(sock_err)?;
         log::debug!("dhcp: {iface}: DISCOVER xid {xid:#x}");
         let round_end = (Instant::now() + wait).min(deadline);
-        let mut offer: Option<Message> = None;
-        let mut acked: Option<Message> = None;
+        let mut offer: Option<Lease> = None;
         while let Some(left) = round_end.checked_duration_since(Instant::now()) {
             let t = Instant::now();
             let got = sock.recv(&mut buf, left).map_err(sock_err)?;
@@ -378,46 +505,38 @@ pub fn acquire(
             let Some(n) = got else {
                 break;
             };
-            let Some(payload) = unframe(&buf[..n]) else {
-                continue;
-            };
-            let Some(m) = decode(payload) else {
-                continue;
-            };
-            if m.xid() != xid
-                || m.opcode() != Opcode::BootReply
-                || m.chaddr().get(..6) != Some(&mac[..])
-            {
-                continue;
-            }
-            match (m.opts().msg_type(), &offer) {
-                (Some(MessageType::Offer), None) => {
-                    log::debug!(
-                        "dhcp: {iface}: OFFER {} from {:?}",
-                        m.yiaddr(),
-                        lease_of(&m).server_id
-                    );
-                    let req = request_message(MessageType::Request, xid, mac, secs, Some(&m))
+            match (parse_reply(&buf[..n], xid, mac), &offer) {
+                (Ok(Reply::Offer(l)), None) => {
+                    log::debug!("dhcp: {iface}: OFFER {} from {:?}", l.ip, l.server_id);
+                    let req = request_message(MessageType::Request, xid, mac, secs, Some(&l))
                         .to_vec()
                         .map_err(|e| DhcpError::Encode(e.to_string()))?;
                     sock.send_broadcast(&req).map_err(sock_err)?;
-                    offer = Some(m);
+                    offer = Some(l);
                 }
-                (Some(MessageType::Ack), Some(o)) if m.yiaddr() == o.yiaddr() => {
-                    acked = Some(m);
-                    break;
+                (Ok(Reply::Ack(l)), Some(o)) if l.ip == o.ip && same_server(&l, o) => {
+                    if ignored > 0 {
+                        log::warn!("dhcp: {iface}: {ignored} unusable replies were ignored");
+                    }
+                    return Ok((l, waited));
                 }
-                (Some(MessageType::Nak), Some(_)) => {
+                // Only the server we asked can refuse us: anyone else's NAK is noise.
+                (Ok(Reply::Nak(from)), Some(o)) if o.server_id.is_none() || from == o.server_id => {
                     log::warn!(
                         "dhcp: {iface}: server refused the offered address (NAK); starting over"
                     );
                     break;
                 }
-                _ => {}
+                (Ok(_), _) | (Err(Ignored::NotOurs), _) => {}
+                (Err(e @ Ignored::Unusable(_)), _) => {
+                    ignored += 1;
+                    // The first few are worth a line; a flood must not fill the console.
+                    if ignored <= 3 {
+                        log::warn!("dhcp: {iface}: ignored a reply: {e}; still waiting");
+                    }
+                }
+                (Err(e), _) => log::debug!("dhcp: {iface}: ignored a frame: {e}"),
             }
-        }
-        if let Some(m) = acked {
-            return Ok((lease_of(&m), waited));
         }
         wait = (wait * 2).min(Duration::from_secs(4));
     }
@@ -431,6 +550,7 @@ pub fn acquire(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dhcproto::v4::Opcode;
 
     #[test]
     fn framing_round_trip() {
@@ -461,29 +581,192 @@ mod tests {
         assert_eq!(back.opts().msg_type(), Some(MessageType::Discover));
     }
 
+    const SEED_MAC: [u8; 6] = [0x52, 0x54, 0, 1, 2, 3];
+
     #[test]
     fn parse_reply_reads_the_fuzz_seed_and_survives_its_truncations() {
         let seed = include_bytes!("../../../fuzz/seeds/dhcp-ack");
-        let (xid, kind, l) = parse_reply(seed).expect("a framed ACK");
-        assert_eq!(xid, 0x1234);
-        assert_eq!(kind, Some(MessageType::Ack));
+        let Ok(Reply::Ack(l)) = parse_reply(seed, 0x1234, &SEED_MAC) else {
+            panic!("a framed ACK: {:?}", parse_reply(seed, 0x1234, &SEED_MAC));
+        };
         assert_eq!(l.ip, Ipv4Addr::new(192, 0, 2, 50));
         assert_eq!(l.hostname.as_deref(), Some("n50"));
         assert_eq!(l.root_path.as_deref(), Some("/srv/root"));
+        assert_eq!(parse_reply(seed, 0x1235, &SEED_MAC), Err(Ignored::NotOurs));
+        assert_eq!(
+            parse_reply(seed, 0x1234, &[2, 0, 0, 0, 0, 1]),
+            Err(Ignored::NotOurs)
+        );
         for n in 0..seed.len() {
-            let _ = parse_reply(&seed[..n]);
+            if let Ok(Reply::Ack(l)) = parse_reply(&seed[..n], 0x1234, &SEED_MAC) {
+                assert_eq!(l.ip, Ipv4Addr::new(192, 0, 2, 50), "cut at {n}");
+            }
         }
     }
 
     #[test]
     fn fuzzer_crashes_stay_fixed() {
-        // Option 94 (client network interface) with a length other than 3: dhcproto's
-        // debug assertion panicked; the packet must just be dropped or parsed.
-        let crash = include_bytes!("../../../fuzz/regressions/dhcp_reply/option94-length");
-        let _ = parse_reply(crash);
-        // Another of its length assertions (a bulk-leasequery option), found next.
-        let crash = include_bytes!("../../../fuzz/regressions/dhcp_reply/option-len-debug-assert");
-        let _ = parse_reply(crash);
+        // Option 94 (client network interface) with a length other than 3, and a
+        // bulk-leasequery option of the wrong length: dhcproto's debug assertions
+        // panicked on them. They are refused before dhcproto sees them.
+        for crash in [
+            &include_bytes!("../../../fuzz/regressions/dhcp_reply/option94-length")[..],
+            &include_bytes!("../../../fuzz/regressions/dhcp_reply/option-len-debug-assert")[..],
+        ] {
+            let payload = unframe(crash).expect("framed");
+            let xid = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+            let mac: [u8; 6] = payload[28..34].try_into().unwrap();
+            assert!(matches!(
+                parse_reply(crash, xid, &mac),
+                Err(Ignored::Malformed(_))
+            ));
+        }
+    }
+
+    /// A reply from a server to SEED_MAC, framed as the packet socket receives it.
+    fn reply(kind: MessageType, yiaddr: [u8; 4], opts: Vec<DhcpOption>) -> Vec<u8> {
+        let mut m = blank_request(0x77, &SEED_MAC);
+        m.set_opcode(Opcode::BootReply);
+        m.set_yiaddr(Ipv4Addr::from(yiaddr));
+        m.opts_mut().insert(DhcpOption::MessageType(kind));
+        m.opts_mut()
+            .insert(DhcpOption::ServerIdentifier(Ipv4Addr::new(192, 0, 2, 1)));
+        for o in opts {
+            m.opts_mut().insert(o);
+        }
+        to_client(&m.to_vec().unwrap())
+    }
+
+    fn to_client(payload: &[u8]) -> Vec<u8> {
+        let mut f = frame(payload);
+        f[20..22].copy_from_slice(&67u16.to_be_bytes());
+        f[22..24].copy_from_slice(&68u16.to_be_bytes());
+        f
+    }
+
+    fn parse(f: &[u8]) -> Result<Reply, Ignored> {
+        parse_reply(f, 0x77, &SEED_MAC)
+    }
+
+    fn ack_lease(f: &[u8]) -> Lease {
+        match parse(f) {
+            Ok(Reply::Ack(l)) => l,
+            other => panic!("an ACK: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unusable_address_or_mask_makes_the_reply_ignored() {
+        let mask = |m: [u8; 4]| vec![DhcpOption::SubnetMask(Ipv4Addr::from(m))];
+        let good = reply(MessageType::Ack, [192, 0, 2, 50], mask([255, 255, 255, 0]));
+        assert_eq!(ack_lease(&good).prefix, 24);
+        for (what, ip, opts) in [
+            ("0.0.0.0", [0, 0, 0, 0], vec![]),
+            ("0/8", [0, 1, 2, 3], vec![]),
+            ("broadcast", [255, 255, 255, 255], vec![]),
+            ("multicast", [224, 0, 0, 1], vec![]),
+            ("loopback", [127, 0, 0, 1], vec![]),
+            ("class E", [250, 0, 0, 1], vec![]),
+            (
+                "subnet broadcast",
+                [192, 0, 2, 255],
+                mask([255, 255, 255, 0]),
+            ),
+            ("network address", [192, 0, 2, 0], mask([255, 255, 255, 0])),
+            ("mask 0", [192, 0, 2, 50], mask([0, 0, 0, 0])),
+            ("holey mask", [192, 0, 2, 50], mask([255, 0, 255, 0])),
+        ] {
+            for kind in [MessageType::Offer, MessageType::Ack] {
+                assert!(
+                    matches!(
+                        parse(&reply(kind, ip, opts.clone())),
+                        Err(Ignored::Unusable(_))
+                    ),
+                    "{what} in an {kind:?}"
+                );
+            }
+        }
+        // /31 and /32 have no network or broadcast address: .0 and .255 are hosts there.
+        let p2p = reply(MessageType::Ack, [192, 0, 2, 0], mask([255, 255, 255, 254]));
+        assert_eq!(ack_lease(&p2p).prefix, 31);
+        let host = reply(
+            MessageType::Ack,
+            [192, 0, 2, 255],
+            mask([255, 255, 255, 255]),
+        );
+        assert_eq!(ack_lease(&host).prefix, 32);
+    }
+
+    #[test]
+    fn unusable_fields_are_left_out_and_the_rest_is_kept() {
+        let ip = |a, b, c, d| Ipv4Addr::new(a, b, c, d);
+        let f = reply(
+            MessageType::Ack,
+            [192, 0, 2, 50],
+            vec![
+                DhcpOption::Router(vec![ip(0, 0, 0, 0), ip(192, 0, 2, 50), ip(192, 0, 2, 254)]),
+                // 60 servers, the first ones unusable.
+                DhcpOption::DomainNameServer(
+                    [ip(255, 255, 255, 255), ip(224, 0, 0, 251)]
+                        .into_iter()
+                        .chain((1..=58).map(|i| ip(192, 0, 2, i)))
+                        .collect(),
+                ),
+                DhcpOption::Hostname("n1'; reboot; '".into()),
+                DhcpOption::DomainName("lab.example".into()),
+                DhcpOption::RootPath("/srv/root'$(id)".into()),
+            ],
+        );
+        let l = ack_lease(&f);
+        assert_eq!(l.router, Some(ip(192, 0, 2, 254)), "first usable, not ours");
+        assert_eq!(
+            l.dns,
+            vec![ip(192, 0, 2, 1), ip(192, 0, 2, 2), ip(192, 0, 2, 3)]
+        );
+        assert_eq!(l.hostname, None, "a quote cannot reach /run/net-*.conf");
+        assert_eq!(l.domain.as_deref(), Some("lab.example"));
+        assert_eq!(l.root_path, None);
+        let f = reply(
+            MessageType::Ack,
+            [192, 0, 2, 50],
+            vec![
+                DhcpOption::Router(vec![ip(224, 0, 0, 1)]),
+                DhcpOption::Hostname("node-7".into()),
+            ],
+        );
+        let l = ack_lease(&f);
+        assert_eq!(l.router, None);
+        assert_eq!(l.hostname.as_deref(), Some("node-7"));
+    }
+
+    #[test]
+    fn hostile_headers_and_option_floods_are_dropped_or_bounded() {
+        let good = reply(MessageType::Offer, [192, 0, 2, 50], vec![]);
+        assert!(matches!(parse(&good), Ok(Reply::Offer(_))));
+        // hlen 200: dhcproto's chaddr() would slice past its 16 bytes.
+        let mut bad = good.clone();
+        bad[28 + 2] = 200;
+        assert_eq!(
+            parse(&bad),
+            Err(Ignored::Malformed(ltsp_common::dhcp::Malformed::Hlen(200)))
+        );
+        // A request (op 1) sent to port 68 is no reply.
+        let mut req = good.clone();
+        req[28] = 1;
+        assert!(matches!(parse(&req), Err(Ignored::Malformed(_))));
+        // No message type, or a type a server does not send.
+        let none = reply(MessageType::Discover, [192, 0, 2, 50], vec![]);
+        assert!(matches!(parse(&none), Err(Ignored::Unusable(_))));
+        // 700 unknown options in one datagram: parsed, the lease is the same.
+        let mut payload = unframe(&good).unwrap().to_vec();
+        payload.pop(); // End
+        for _ in 0..350 {
+            payload.extend_from_slice(&[200, 0, 201, 0]);
+        }
+        payload.push(255);
+        assert!(
+            matches!(parse(&to_client(&payload)), Ok(Reply::Offer(l)) if l.ip == Ipv4Addr::new(192, 0, 2, 50))
+        );
     }
 
     #[test]
@@ -503,7 +786,7 @@ mod tests {
         o.insert(DhcpOption::Hostname("n50".into()));
         let bytes = m.to_vec().unwrap();
         let back = Message::from_bytes(&bytes).unwrap();
-        let l = lease_of(&back);
+        let l = lease_of(&back).unwrap();
         assert_eq!(l.ip, Ipv4Addr::new(192, 0, 2, 50));
         assert_eq!(l.prefix, 24);
         assert_eq!(l.router, Some(Ipv4Addr::new(192, 0, 2, 254)));
