@@ -113,6 +113,30 @@ pub struct ProxyDhcpConfig {
 pub struct HttpFile {
     /// Status endpoints (/healthz, /metrics, /nodes); off unless set.
     pub listen: Option<SocketAddr>,
+    /// Connections open at once; more are closed at accept.
+    pub max_connections: Option<usize>,
+    /// Connections one client address may have open (0: no limit).
+    pub max_connections_per_client: Option<usize>,
+    /// Seconds a client has to send a request's header, and to send the next one on a
+    /// kept-alive connection.
+    pub header_timeout: Option<u64>,
+    /// Largest request header (request line included), in bytes.
+    pub max_header_bytes: Option<usize>,
+    /// Seconds a response may make no progress (a client not reading) before closing.
+    pub write_timeout: Option<u64>,
+}
+
+/// The HTTP listener and its limits (a hostile client cannot hold what others need).
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    /// 0: no limit.
+    pub max_connections_per_client: usize,
+    /// Also bounds how long a kept-alive connection may sit idle.
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub write_timeout: Duration,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -222,7 +246,7 @@ pub struct NbdConfig {
 pub struct Config {
     pub tftp: Option<TftpConfig>,
     pub nbd: Option<NbdConfig>,
-    pub http_listen: Option<SocketAddr>,
+    pub http: Option<HttpConfig>,
     pub proxy_dhcp: Option<ProxyDhcpConfig>,
     pub dhcp_server: Option<DhcpServerConfig>,
     /// Boot file names for PXE clients ([proxy_dhcp] bios/uefi/ipxe_script), used by
@@ -251,6 +275,11 @@ pub struct Overrides {
     pub nbd_idle_timeout: Option<u64>,
     pub no_nbd: bool,
     pub http_listen: Option<SocketAddr>,
+    pub http_max_connections: Option<usize>,
+    pub http_max_connections_per_client: Option<usize>,
+    pub http_header_timeout: Option<u64>,
+    pub http_max_header_bytes: Option<usize>,
+    pub http_write_timeout: Option<u64>,
     pub boot_kernel: Option<String>,
     pub boot_initrd: Option<String>,
     pub boot_cmdline: Option<String>,
@@ -494,10 +523,41 @@ impl Config {
                 })
             }
         };
+        let h = f.http;
+        let http = o.http_listen.or(h.listen).map(|listen| HttpConfig {
+            listen,
+            max_connections: o
+                .http_max_connections
+                .or(h.max_connections)
+                .unwrap_or(256)
+                .max(1),
+            max_connections_per_client: o
+                .http_max_connections_per_client
+                .or(h.max_connections_per_client)
+                .unwrap_or(8),
+            header_timeout: Duration::from_secs(
+                o.http_header_timeout
+                    .or(h.header_timeout)
+                    .unwrap_or(10)
+                    .max(1),
+            ),
+            // Boot clients send a few hundred bytes; below 1 KiB nothing would get through.
+            max_header_bytes: o
+                .http_max_header_bytes
+                .or(h.max_header_bytes)
+                .unwrap_or(16 * 1024)
+                .max(1024),
+            write_timeout: Duration::from_secs(
+                o.http_write_timeout
+                    .or(h.write_timeout)
+                    .unwrap_or(30)
+                    .max(1),
+            ),
+        });
         Ok(Config {
             tftp,
             nbd,
-            http_listen: o.http_listen.or(f.http.listen),
+            http,
             proxy_dhcp,
             dhcp_server,
             pxe_files,

@@ -1,0 +1,473 @@
+//! The HTTP listener: `/healthz` (readiness: every export readable and hashed), `/metrics`
+//! (Prometheus text format), `/nodes` (one line per node, for `ltsp-server status`), and
+//! the boot files: `/files/PATH` as TFTP gives them (same confinement, same generated
+//! scripts) and `/boot.ipxe` (iPXE fetches a kernel and initramfs over HTTP many times
+//! faster than over TFTP).
+//!
+//! A hostile client cannot hold what others need. Connections are capped in total, per
+//! client address, and by the descriptors NBD does not keep in reserve: over a cap a
+//! connection gets a 503 and is closed at accept, never waited for. A request header must
+//! arrive whole within `header_timeout` (which also bounds a kept-alive connection's idle
+//! time: hyper starts that timer as soon as it waits for the next request) and within
+//! `max_header_bytes` (else 431). A response that makes no progress for `write_timeout`
+//! is abandoned.
+
+use crate::bootfiles::{BootFiles, Content, Refusal};
+use crate::config::HttpConfig;
+use crate::limits::{Descriptors, FdSlot, PerClient, Slot};
+use crate::status::Status;
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, SizeHint};
+use hyper::{Request, Response, StatusCode};
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+type Body = BoxBody<Bytes, io::Error>;
+
+fn reply(code: StatusCode, body: String) -> Response<Body> {
+    let full = Full::new(Bytes::from(body)).map_err(|never| match never {});
+    let mut r = Response::new(full.boxed());
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+/// A file streamed in chunks read off the async threads (a page-cache miss may block).
+struct FileBody {
+    file: Arc<File>,
+    off: u64,
+    end: u64,
+    reading: Option<tokio::task::JoinHandle<io::Result<Bytes>>>,
+    done: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+const CHUNK: u64 = 256 * 1024;
+
+impl hyper::body::Body for FileBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if self.off >= self.end {
+            if let Some(done) = self.done.take() {
+                done();
+            }
+            return Poll::Ready(None);
+        }
+        if self.reading.is_none() {
+            let (file, off) = (self.file.clone(), self.off);
+            let n = CHUNK.min(self.end - off) as usize;
+            self.reading = Some(tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; n];
+                let mut got = 0;
+                while got < n {
+                    let k = file.read_at(&mut buf[got..], off + got as u64)?;
+                    if k == 0 {
+                        return Err(io::Error::other("file shrank while being sent"));
+                    }
+                    got += k;
+                }
+                Ok(Bytes::from(buf))
+            }));
+        }
+        let joined = std::task::ready!(Pin::new(self.reading.as_mut().unwrap()).poll(cx));
+        self.reading = None;
+        let chunk = joined.map_err(io::Error::other).and_then(|r| r);
+        Poll::Ready(Some(chunk.map(|b| {
+            self.off += b.len() as u64;
+            // hyper stops polling once is_end_stream() says so: report now.
+            if self.off >= self.end {
+                if let Some(done) = self.done.take() {
+                    done();
+                }
+            }
+            Frame::data(b)
+        })))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.off >= self.end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.end - self.off)
+    }
+}
+
+/// An IO whose writes fail once one has made no progress for `limit`: a client that stops
+/// reading cannot hold a connection, its buffers and its file open for ever.
+pub struct WriteTimeout<IO> {
+    io: IO,
+    limit: Duration,
+    /// Armed while a write is pending; reset by any progress.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl<IO> WriteTimeout<IO> {
+    pub fn new(io: IO, limit: Duration) -> Self {
+        WriteTimeout {
+            io,
+            limit,
+            timer: None,
+            armed: false,
+        }
+    }
+
+    fn check<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.armed = false;
+            return r;
+        }
+        let deadline = tokio::time::Instant::now() + self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.armed {
+            timer.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client read nothing for {}s (write timeout)",
+                    self.limit.as_secs()
+                ),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for WriteTimeout<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.check(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.check(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.check(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.check(cx, r)
+    }
+}
+
+/// What a connection holds while open: one of each cap.
+struct Admitted {
+    _total: OwnedSemaphorePermit,
+    _client: Slot,
+    _fd: FdSlot,
+}
+
+/// Sent to a connection over a cap, if its socket takes it at once; then it is closed.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+Content-Length: 20\r\nRetry-After: 1\r\nConnection: close\r\n\r\nbusy: retry shortly\n";
+
+/// The HTTP side of the server: status, and the boot files if TFTP is configured.
+pub struct Http {
+    cfg: HttpConfig,
+    status: Arc<Status>,
+    /// The TFTP root and `[boot]`, shared with TFTP.
+    files: Option<Arc<BootFiles>>,
+    total: Arc<Semaphore>,
+    per_client: Arc<PerClient>,
+    fds: Arc<Descriptors>,
+    started: Instant,
+}
+
+impl Http {
+    /// `fds`: the descriptor pool HTTP shares with TFTP (NBD's reserve is what it leaves).
+    pub fn new(
+        cfg: HttpConfig,
+        status: Arc<Status>,
+        files: Option<Arc<BootFiles>>,
+        fds: Arc<Descriptors>,
+    ) -> Arc<Http> {
+        Arc::new(Http {
+            total: Arc::new(Semaphore::new(cfg.max_connections)),
+            per_client: PerClient::new(cfg.max_connections_per_client),
+            cfg,
+            status,
+            files,
+            fds,
+            started: Instant::now(),
+        })
+    }
+
+    /// One slot of every cap, or the counter of the cap that was met.
+    fn admit(
+        &self,
+        peer: SocketAddr,
+    ) -> Result<Admitted, (&'static str, &std::sync::atomic::AtomicU64)> {
+        let s = &self.status;
+        let total = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ("connections open", &s.http_refused_total))?;
+        let client = self.per_client.try_acquire(peer.ip()).ok_or((
+            "connections open from this address",
+            &s.http_refused_per_client,
+        ))?;
+        let fd = self.fds.try_acquire().ok_or((
+            "descriptors in use (the rest is NBD's reserve)",
+            &s.http_refused_descriptors,
+        ))?;
+        Ok(Admitted {
+            _total: total,
+            _client: client,
+            _fd: fd,
+        })
+    }
+
+    /// Accepts and serves connections until the task is dropped. Never waits for a slot:
+    /// a connection over a cap is closed at once.
+    pub async fn run(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        log::info!(
+            "http: at most {} connections, {} per client address; header {} bytes within {}s; write timeout {}s",
+            self.cfg.max_connections,
+            self.cfg.max_connections_per_client,
+            self.cfg.max_header_bytes,
+            self.cfg.header_timeout.as_secs(),
+            self.cfg.write_timeout.as_secs()
+        );
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    log::warn!("http: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let admitted = match self.admit(peer) {
+                Ok(a) => a,
+                Err((why, counter)) => {
+                    counter.fetch_add(1, Relaxed);
+                    log::debug!("http: {peer}: refused: {why}");
+                    let _ = stream.try_write(BUSY);
+                    continue;
+                }
+            };
+            let Ok(local) = stream.local_addr() else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.status.http_connections.fetch_add(1, Relaxed);
+                me.status.http_open.fetch_add(1, Relaxed);
+                let _ = me.clone().serve_connection(stream, peer, local).await;
+                me.status.http_open.fetch_sub(1, Relaxed);
+                drop(admitted);
+            });
+        }
+    }
+
+    /// Serves one connection until it closes: the whole request handling, as the accept
+    /// loop runs it (the fuzz target drives this with arbitrary bytes). `peer` and `local`
+    /// are the client's address and the address it reached this server at.
+    pub async fn serve_connection<IO>(
+        self: Arc<Self>,
+        io: IO,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<(), hyper::Error>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let me = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let r = me.route(peer, local, &req);
+            async move { Ok::<_, std::convert::Infallible>(r) }
+        });
+        let io = hyper_util::rt::TokioIo::new(WriteTimeout::new(io, self.cfg.write_timeout));
+        let r = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.cfg.header_timeout)
+            .max_header_size(self.cfg.max_header_bytes)
+            // The read buffer holds a header at most (request bodies are never read).
+            .max_buf_size(self.cfg.max_header_bytes.max(MIN_BUF))
+            .serve_connection(io, svc)
+            .await;
+        if let Err(e) = &r {
+            if is_timeout(e) {
+                self.status.http_timeouts.fetch_add(1, Relaxed);
+                log::debug!("http: {peer}: closed: {}", describe(e));
+            } else {
+                log::debug!("http: {peer}: {}", describe(e));
+            }
+        }
+        r
+    }
+
+    fn file(&self, peer: SocketAddr, local: SocketAddr, path: &str) -> Response<Body> {
+        let Some(files) = &self.files else {
+            return reply(StatusCode::NOT_FOUND, "no TFTP root configured\n".into());
+        };
+        let found = match files.lookup(path, local.ip(), Some(local.port())) {
+            Ok(f) => f,
+            Err(Refusal { code, message }) => {
+                let code = if code == ltsp_common::tftp::ERR_NOT_FOUND {
+                    StatusCode::NOT_FOUND
+                } else {
+                    StatusCode::FORBIDDEN
+                };
+                return reply(code, format!("{message}\n"));
+            }
+        };
+        let rel = found.path;
+        let (f, len) = match found.content {
+            Content::File(f, len) => (f, len),
+            Content::Generated(s) => {
+                self.status.tftp_done(peer.ip(), &rel, s.len() as u64, true);
+                return reply(StatusCode::OK, s);
+            }
+        };
+        let status = self.status.clone();
+        let started = Instant::now();
+        let body = FileBody {
+            file: Arc::new(f),
+            off: 0,
+            end: len,
+            reading: None,
+            done: Some(Box::new(move || {
+                status.tftp_done(peer.ip(), &rel, len, true);
+                log::info!(
+                    "http: {peer}: sent {rel:?} ({len} bytes) in {:.3}s",
+                    started.elapsed().as_secs_f64()
+                );
+            })),
+        };
+        let mut r = Response::new(body.boxed());
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/octet-stream"),
+        );
+        r
+    }
+
+    fn route(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+        req: &Request<hyper::body::Incoming>,
+    ) -> Response<Body> {
+        if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+            return reply(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+        }
+        let status = &self.status;
+        match req.uri().path() {
+            "/healthz" => match status.health() {
+                Ok(()) => reply(StatusCode::OK, "ok\n".into()),
+                Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+            },
+            "/metrics" => reply(
+                StatusCode::OK,
+                status.metrics(self.started.elapsed().as_secs_f64()),
+            ),
+            "/nodes" => reply(StatusCode::OK, status.nodes_text()),
+            "/boot.ipxe" => match self.files.as_ref().and_then(|f| {
+                crate::bootfiles::ipxe_script(f.boot(), Some(local.port()), Some(local.ip()))
+            }) {
+                Some(s) => {
+                    status.tftp_done(peer.ip(), "boot.ipxe", s.len() as u64, true);
+                    reply(StatusCode::OK, s)
+                }
+                None => reply(
+                    StatusCode::NOT_FOUND,
+                    "no [boot] kernel configured\n".into(),
+                ),
+            },
+            p if p.starts_with("/files/") => self.file(peer, local, &p["/files/".len()..]),
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                "not found: try /healthz /metrics /nodes /boot.ipxe /files/PATH\n".into(),
+            ),
+        }
+    }
+}
+
+/// hyper's smallest allowed read buffer.
+const MIN_BUF: usize = 8192;
+
+/// A header that came too slowly (or never, on a kept-alive connection), or a response
+/// the client stopped reading.
+fn is_timeout(e: &hyper::Error) -> bool {
+    if e.is_timeout() {
+        return true;
+    }
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// The error and its causes on one line.
+fn describe(e: &hyper::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
