@@ -643,4 +643,35 @@ mod tests {
             Err(ConfigError::ExportFlag(_))
         ));
     }
+
+    #[test]
+    fn http_limits_default_and_come_from_file_or_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Overrides {
+            tftp_root: Some(dir.path().to_path_buf()),
+            no_nbd: true,
+            ..Default::default()
+        };
+        assert!(Config::build(FileConfig::default(), &o)
+            .unwrap()
+            .http
+            .is_none());
+        let f = parse_file(
+            Path::new("c.toml"),
+            "[http]\nlisten = \"127.0.0.1:8080\"\nmax_connections_per_client = 2\nwrite_timeout = 5\nmax_header_bytes = 10\n",
+        )
+        .unwrap();
+        let o = Overrides {
+            http_header_timeout: Some(3),
+            ..o
+        };
+        let h = Config::build(f, &o).unwrap().http.unwrap();
+        assert_eq!(h.listen.port(), 8080);
+        assert_eq!(h.max_connections, 256);
+        assert_eq!(h.max_connections_per_client, 2);
+        assert_eq!(h.header_timeout, Duration::from_secs(3));
+        assert_eq!(h.write_timeout, Duration::from_secs(5));
+        // Too small to carry any real request: raised to the floor.
+        assert_eq!(h.max_header_bytes, 1024);
+    }
 }

@@ -471,3 +471,195 @@ fn describe(e: &hyper::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    fn http(root: Option<&std::path::Path>) -> Arc<Http> {
+        http_with(root, 3)
+    }
+
+    fn http_with(root: Option<&std::path::Path>, fd_slots: usize) -> Arc<Http> {
+        let cfg = HttpConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            max_connections: 4,
+            max_connections_per_client: 2,
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+            write_timeout: Duration::from_secs(30),
+        };
+        let files = root.map(|r| {
+            let boot = crate::config::BootFile {
+                kernel: Some("vmlinuz".into()),
+                ..Default::default()
+            };
+            Arc::new(BootFiles::open(r, boot).unwrap())
+        });
+        Http::new(cfg, Status::new([]), files, Descriptors::new(fd_slots))
+    }
+
+    /// Serves one connection on a duplex pipe; returns the client's end and the server task.
+    fn connect(
+        h: &Arc<Http>,
+        pipe: usize,
+    ) -> (
+        DuplexStream,
+        tokio::task::JoinHandle<Result<(), hyper::Error>>,
+    ) {
+        let (client, server) = tokio::io::duplex(pipe);
+        let peer = "192.0.2.10:40000".parse().unwrap();
+        let local = "192.0.2.1:8080".parse().unwrap();
+        let task = tokio::spawn(h.clone().serve_connection(server, peer, local));
+        (client, task)
+    }
+
+    /// Everything the server sends until it closes. Time is paused in these tests: if the
+    /// server never closes, the hour passes at once and the test fails instead of hanging.
+    async fn read_all(c: &mut DuplexStream) -> String {
+        let mut v = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(3600), c.read_to_end(&mut v)).await;
+        assert!(r.is_ok(), "the server never closed the connection");
+        String::from_utf8_lossy(&v).into_owned()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_are_answered_and_idle_keepalive_is_closed() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("vmlinuz"), b"kernel bytes").unwrap();
+        let h = http(Some(d.path()));
+        let (mut c, task) = connect(&h, 64 * 1024);
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /files/vmlinuz HTTP/1.1\r\nHost: x\r\n\r\nGET /files/boot.ipxe HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // Kept alive, then idle: closed by the header timer (time is paused: no wait).
+        let text = read_all(&mut c).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("\r\n\r\nok\n"), "{text}");
+        assert!(text.contains("\r\n\r\nkernel bytes"), "{text}");
+        // boot.ipxe over /files/ is the generated one, naming this server's HTTP port.
+        assert!(
+            text.contains("kernel http://192.0.2.1:8080/files/vmlinuz "),
+            "{text}"
+        );
+        assert!(task.await.unwrap().unwrap_err().is_timeout());
+        assert_eq!(h.status.http_timeouts.load(Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_sent_header_is_closed_after_the_header_timeout() {
+        let h = http(None);
+        let (mut c, task) = connect(&h, 4096);
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let text = read_all(&mut c).await;
+        assert!(!text.contains(" 200 "), "{text}");
+        assert!(started.elapsed() >= Duration::from_secs(10));
+        assert!(task.await.unwrap().is_err());
+        assert_eq!(h.status.http_timeouts.load(Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_huge_header_gets_431() {
+        let h = http(None);
+        let (mut c, task) = connect(&h, 256 * 1024);
+        let mut req = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+        req.resize(req.len() + 32 * 1024, b'a');
+        req.extend_from_slice(b"\r\n\r\n");
+        c.write_all(&req).await.unwrap();
+        let text = read_all(&mut c).await;
+        assert!(
+            text.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{text}"
+        );
+        assert!(task.await.unwrap().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
+        let d = tempfile::tempdir().unwrap();
+        let big = vec![7u8; 4 << 20];
+        std::fs::write(d.path().join("big"), &big).unwrap();
+        let h = http(Some(d.path()));
+        let (mut c, task) = connect(&h, 64 * 1024);
+        c.write_all(b"GET /files/big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // Never read: the pipe fills and the server's writes stay pending.
+        let e = tokio::time::timeout(Duration::from_secs(3600), task)
+            .await
+            .expect("the server never gave up")
+            .unwrap()
+            .unwrap_err();
+        assert!(is_timeout(&e), "{}", describe(&e));
+        assert!(describe(&e).contains("write timeout"), "{}", describe(&e));
+        assert_eq!(h.status.http_timeouts.load(Relaxed), 1);
+        // What was sent is a truncated body: the connection was given up, not finished.
+        let text = read_all(&mut c).await;
+        assert!(text.len() < big.len(), "{}", text.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_that_keeps_up_is_not_dropped() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut w = WriteTimeout::new(a, Duration::from_secs(5));
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut buf = [0u8; 512];
+            while got < 64 * 1024 {
+                // Slower than the pipe, faster than the timeout.
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                got += b.read(&mut buf).await.unwrap();
+            }
+            got
+        });
+        w.write_all(&vec![1u8; 64 * 1024]).await.unwrap();
+        assert_eq!(reader.await.unwrap(), 64 * 1024);
+        // Nobody reads now: the next write fails after the limit.
+        let (a, _b) = tokio::io::duplex(16);
+        let mut w = WriteTimeout::new(a, Duration::from_secs(5));
+        let e = tokio::time::timeout(Duration::from_secs(3600), w.write_all(&[0u8; 64]))
+            .await
+            .expect("the write never timed out")
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[test]
+    fn caps_count_total_per_client_and_descriptors() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _g = rt.enter();
+        let h = http(None);
+        let a: SocketAddr = "192.0.2.10:1".parse().unwrap();
+        let b: SocketAddr = "192.0.2.11:1".parse().unwrap();
+        let c: SocketAddr = "192.0.2.12:1".parse().unwrap();
+        let a1 = h.admit(a).ok().unwrap();
+        let _a2 = h.admit(a).ok().unwrap();
+        assert!(h.admit(a).is_err(), "a third from one address (cap 2)");
+        assert_eq!(h.status.http_refused_per_client.load(Relaxed), 0);
+        let _b1 = h.admit(b).ok().unwrap();
+        // Three descriptor slots are gone; the total cap (4) is not reached.
+        assert!(
+            matches!(h.admit(c), Err((_, n)) if std::ptr::eq(n, &h.status.http_refused_descriptors))
+        );
+        drop(a1);
+        let _c1 = h.admit(c).ok().unwrap();
+        assert!(
+            matches!(h.admit(b), Err((_, n)) if std::ptr::eq(n, &h.status.http_refused_descriptors))
+        );
+        // With descriptors to spare, the total cap (4) is what stops the fifth.
+        let h = http_with(None, 100);
+        let held: Vec<_> = [a, a, b, b]
+            .iter()
+            .map(|p| h.admit(*p).ok().unwrap())
+            .collect();
+        assert!(matches!(h.admit(c), Err((_, n)) if std::ptr::eq(n, &h.status.http_refused_total)));
+        drop(held);
+        assert!(h.admit(c).is_ok());
+    }
+}
