@@ -209,6 +209,32 @@ struct Admitted {
     _fd: FdSlot,
 }
 
+/// The cap a refused connection met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cap {
+    Total,
+    PerClient,
+    Descriptors,
+}
+
+impl Cap {
+    fn why(self) -> &'static str {
+        match self {
+            Cap::Total => "connections open",
+            Cap::PerClient => "connections open from this address",
+            Cap::Descriptors => "descriptors in use (the rest is NBD's reserve)",
+        }
+    }
+
+    fn counter(self, s: &Status) -> &std::sync::atomic::AtomicU64 {
+        match self {
+            Cap::Total => &s.http_refused_total,
+            Cap::PerClient => &s.http_refused_per_client,
+            Cap::Descriptors => &s.http_refused_descriptors,
+        }
+    }
+}
+
 /// Sent to a connection over a cap, if its socket takes it at once; then it is closed.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
 Content-Length: 20\r\nRetry-After: 1\r\nConnection: close\r\n\r\nbusy: retry shortly\n";
@@ -244,25 +270,18 @@ impl Http {
         })
     }
 
-    /// One slot of every cap, or the counter of the cap that was met.
-    fn admit(
-        &self,
-        peer: SocketAddr,
-    ) -> Result<Admitted, (&'static str, &std::sync::atomic::AtomicU64)> {
-        let s = &self.status;
+    /// One slot of every cap, or the cap that was met.
+    fn admit(&self, peer: SocketAddr) -> Result<Admitted, Cap> {
         let total = self
             .total
             .clone()
             .try_acquire_owned()
-            .map_err(|_| ("connections open", &s.http_refused_total))?;
-        let client = self.per_client.try_acquire(peer.ip()).ok_or((
-            "connections open from this address",
-            &s.http_refused_per_client,
-        ))?;
-        let fd = self.fds.try_acquire().ok_or((
-            "descriptors in use (the rest is NBD's reserve)",
-            &s.http_refused_descriptors,
-        ))?;
+            .map_err(|_| Cap::Total)?;
+        let client = self
+            .per_client
+            .try_acquire(peer.ip())
+            .ok_or(Cap::PerClient)?;
+        let fd = self.fds.try_acquire().ok_or(Cap::Descriptors)?;
         Ok(Admitted {
             _total: total,
             _client: client,
@@ -293,9 +312,9 @@ impl Http {
             };
             let admitted = match self.admit(peer) {
                 Ok(a) => a,
-                Err((why, counter)) => {
-                    counter.fetch_add(1, Relaxed);
-                    log::debug!("http: {peer}: refused: {why}");
+                Err(cap) => {
+                    cap.counter(&self.status).fetch_add(1, Relaxed);
+                    log::debug!("http: {peer}: refused: {}", cap.why());
                     let _ = stream.try_write(BUSY);
                     continue;
                 }
@@ -640,25 +659,24 @@ mod tests {
         let c: SocketAddr = "192.0.2.12:1".parse().unwrap();
         let a1 = h.admit(a).ok().unwrap();
         let _a2 = h.admit(a).ok().unwrap();
-        assert!(h.admit(a).is_err(), "a third from one address (cap 2)");
-        assert_eq!(h.status.http_refused_per_client.load(Relaxed), 0);
+        assert_eq!(
+            h.admit(a).err(),
+            Some(Cap::PerClient),
+            "a third from one address"
+        );
         let _b1 = h.admit(b).ok().unwrap();
         // Three descriptor slots are gone; the total cap (4) is not reached.
-        assert!(
-            matches!(h.admit(c), Err((_, n)) if std::ptr::eq(n, &h.status.http_refused_descriptors))
-        );
+        assert!(matches!(h.admit(c), Err(Cap::Descriptors)));
         drop(a1);
         let _c1 = h.admit(c).ok().unwrap();
-        assert!(
-            matches!(h.admit(b), Err((_, n)) if std::ptr::eq(n, &h.status.http_refused_descriptors))
-        );
+        assert!(matches!(h.admit(b), Err(Cap::Descriptors)));
         // With descriptors to spare, the total cap (4) is what stops the fifth.
         let h = http_with(None, 100);
         let held: Vec<_> = [a, a, b, b]
             .iter()
             .map(|p| h.admit(*p).ok().unwrap())
             .collect();
-        assert!(matches!(h.admit(c), Err((_, n)) if std::ptr::eq(n, &h.status.http_refused_total)));
+        assert!(matches!(h.admit(c), Err(Cap::Total)));
         drop(held);
         assert!(h.admit(c).is_ok());
     }
