@@ -21,7 +21,8 @@ struct Setup {
 fn setup() -> &'static Setup {
     static S: OnceLock<Setup> = OnceLock::new();
     S.get_or_init(|| {
-        let root = std::env::temp_dir().join(format!("ltsp-fuzz-http-{}", std::process::id()));
+        // One fixed directory (same contents every run), not one per process left behind.
+        let root = std::env::temp_dir().join("ltsp-fuzz-http");
         std::fs::create_dir_all(root.join("ltsp/amd64")).unwrap();
         std::fs::write(root.join("ltsp/amd64/vmlinuz"), vec![0x5a; 4096]).unwrap();
         let boot = BootFile {
