@@ -605,6 +605,38 @@ mod tests {
         assert_eq!(h.status.http_timeouts.load(Relaxed), 1);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn files_are_sent_whole_from_a_cold_page_cache_and_a_warm_one() {
+        let d = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(1u32 << 20) + 3).map(|i| (i * 7 % 251) as u8).collect();
+        let path = d.path().join("cold");
+        std::fs::write(&path, &data).unwrap();
+        let f = File::open(&path).unwrap();
+        // Written just now: dirty pages are not dropped until written back.
+        f.sync_all().unwrap();
+        rustix::fs::fadvise(&f, 0, 0, rustix::fs::Advice::DontNeed).unwrap();
+        assert!(
+            read_cached(&f, 0, CHUNK as usize).is_none(),
+            "a cold page read without waiting"
+        );
+        let h = http(Some(d.path()));
+        for round in ["cold", "warm"] {
+            let (mut c, task) = connect(&h, 64 * 1024);
+            c.write_all(b"GET /files/cold HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).await.unwrap();
+            let body = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            assert!(got[body..] == data[..], "{round}: the body differs");
+            task.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            read_cached(&f, 0, CHUNK as usize).as_deref(),
+            Some(&data[..CHUNK as usize])
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_half_sent_header_is_closed_after_the_header_timeout() {
         let h = http(None);
