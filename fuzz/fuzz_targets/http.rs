@@ -10,7 +10,6 @@ use ltsp_server::http::Http;
 use ltsp_server::limits::Descriptors;
 use ltsp_server::status::Status;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Setup {
@@ -32,14 +31,7 @@ fn setup() -> &'static Setup {
             ..Default::default()
         };
         let files = Arc::new(BootFiles::open(&root, boot).unwrap());
-        let cfg = HttpConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            max_connections: 256,
-            max_connections_per_client: 8,
-            header_timeout: Duration::from_secs(10),
-            max_header_bytes: 16 * 1024,
-            write_timeout: Duration::from_secs(30),
-        };
+        let cfg = HttpConfig::new("127.0.0.1:0".parse().unwrap());
         let http = Http::new(
             cfg,
             Status::new(["root".to_string()]),

@@ -139,6 +139,20 @@ pub struct HttpConfig {
     pub write_timeout: Duration,
 }
 
+impl HttpConfig {
+    /// The defaults, listening on `listen`.
+    pub fn new(listen: SocketAddr) -> HttpConfig {
+        HttpConfig {
+            listen,
+            max_connections: 256,
+            max_connections_per_client: 8,
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+            write_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TftpFile {
@@ -524,35 +538,29 @@ impl Config {
             }
         };
         let h = f.http;
-        let http = o.http_listen.or(h.listen).map(|listen| HttpConfig {
-            listen,
-            max_connections: o
-                .http_max_connections
-                .or(h.max_connections)
-                .unwrap_or(256)
-                .max(1),
-            max_connections_per_client: o
-                .http_max_connections_per_client
-                .or(h.max_connections_per_client)
-                .unwrap_or(8),
-            header_timeout: Duration::from_secs(
-                o.http_header_timeout
-                    .or(h.header_timeout)
-                    .unwrap_or(10)
+        let http = o.http_listen.or(h.listen).map(|listen| {
+            let d = HttpConfig::new(listen);
+            let secs = |v: Option<u64>, d: Duration| v.map_or(d, |s| Duration::from_secs(s.max(1)));
+            HttpConfig {
+                max_connections: o
+                    .http_max_connections
+                    .or(h.max_connections)
+                    .unwrap_or(d.max_connections)
                     .max(1),
-            ),
-            // Boot clients send a few hundred bytes; below 1 KiB nothing would get through.
-            max_header_bytes: o
-                .http_max_header_bytes
-                .or(h.max_header_bytes)
-                .unwrap_or(16 * 1024)
-                .max(1024),
-            write_timeout: Duration::from_secs(
-                o.http_write_timeout
-                    .or(h.write_timeout)
-                    .unwrap_or(30)
-                    .max(1),
-            ),
+                max_connections_per_client: o
+                    .http_max_connections_per_client
+                    .or(h.max_connections_per_client)
+                    .unwrap_or(d.max_connections_per_client),
+                header_timeout: secs(o.http_header_timeout.or(h.header_timeout), d.header_timeout),
+                // Boot clients send a few hundred bytes; below 1 KiB nothing would get through.
+                max_header_bytes: o
+                    .http_max_header_bytes
+                    .or(h.max_header_bytes)
+                    .unwrap_or(d.max_header_bytes)
+                    .max(1024),
+                write_timeout: secs(o.http_write_timeout.or(h.write_timeout), d.write_timeout),
+                ..d
+            }
         });
         Ok(Config {
             tftp,

@@ -70,20 +70,32 @@ fn metric(h: SocketAddr, src: &str, line: &str) -> bool {
     true
 }
 
-#[test]
-fn the_ninth_connection_from_one_address_is_refused_while_another_is_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = ServerProc::start(&[
+/// A server with HTTP on loopback and a TFTP root (`dir`), no NBD, plus `extra` flags.
+fn start_http(dir: &std::path::Path, extra: &[&str]) -> (ServerProc, SocketAddr) {
+    let mut args = vec![
         "--tftp-root",
-        dir.path().to_str().unwrap(),
+        dir.to_str().unwrap(),
         "--no-nbd",
         "--http-listen",
         "127.0.0.1:0",
-        // Held connections stay open for the whole test.
-        "--http-header-timeout",
-        "3600",
-    ]);
-    let h = s.http.unwrap();
+    ];
+    args.extend_from_slice(extra);
+    let s = ServerProc::start(&args);
+    let h = s.http.expect("http address in the log");
+    (s, h)
+}
+
+#[test]
+fn the_ninth_connection_from_one_address_is_refused_while_another_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, h) = start_http(
+        dir.path(),
+        &[
+            // Held connections stay open for the whole test.
+            "--http-header-timeout",
+            "3600",
+        ],
+    );
     let held: Vec<TcpStream> = (0..8)
         .map(|_| connect_from(ip("127.0.0.1"), h).unwrap())
         .collect();
@@ -111,16 +123,7 @@ fn the_ninth_connection_from_one_address_is_refused_while_another_is_served() {
 #[test]
 fn a_half_sent_header_and_an_idle_keepalive_are_closed_while_curl_is_served() {
     let dir = tempfile::tempdir().unwrap();
-    let s = ServerProc::start(&[
-        "--tftp-root",
-        dir.path().to_str().unwrap(),
-        "--no-nbd",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--http-header-timeout",
-        "2",
-    ]);
-    let h = s.http.unwrap();
+    let (_s, h) = start_http(dir.path(), &["--http-header-timeout", "2"]);
     let mut half = TcpStream::connect(h).unwrap();
     half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         .unwrap();
@@ -145,16 +148,7 @@ fn a_client_that_never_reads_a_large_file_is_dropped_after_the_write_timeout() {
     // Far more than the socket buffers of both ends can hold.
     let size = 64 << 20;
     std::fs::write(dir.path().join("big"), pattern(size, 3)).unwrap();
-    let s = ServerProc::start(&[
-        "--tftp-root",
-        dir.path().to_str().unwrap(),
-        "--no-nbd",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--http-write-timeout",
-        "2",
-    ]);
-    let h = s.http.unwrap();
+    let (s, h) = start_http(dir.path(), &["--http-write-timeout", "2"]);
     let mut c = TcpStream::connect(h).unwrap();
     let me = c.local_addr().unwrap();
     c.write_all(b"GET /files/big HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -180,16 +174,7 @@ fn a_client_that_never_reads_a_large_file_is_dropped_after_the_write_timeout() {
 #[test]
 fn a_huge_header_gets_431_or_a_close() {
     let dir = tempfile::tempdir().unwrap();
-    let s = ServerProc::start(&[
-        "--tftp-root",
-        dir.path().to_str().unwrap(),
-        "--no-nbd",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--http-max-header-bytes",
-        "16384",
-    ]);
-    let h = s.http.unwrap();
+    let (_s, h) = start_http(dir.path(), &["--http-max-header-bytes", "16384"]);
     let request = |extra: usize| {
         let mut c = TcpStream::connect(h).unwrap();
         let mut req = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: ".to_vec();
