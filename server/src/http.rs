@@ -47,7 +47,8 @@ fn reply(code: StatusCode, body: String) -> Response<Body> {
     r
 }
 
-/// A file streamed in chunks read off the async threads (a page-cache miss may block).
+/// A file streamed in chunks: read at once when the page cache has them, else off the
+/// async threads (a page-cache miss may block).
 struct FileBody {
     file: Arc<File>,
     off: u64,
