@@ -123,6 +123,44 @@ pub struct ProxyDhcpConfig {
 pub struct HttpFile {
     /// Status endpoints (/healthz, /metrics, /nodes); off unless set.
     pub listen: Option<SocketAddr>,
+    /// Connections open at once; more are closed at accept.
+    pub max_connections: Option<usize>,
+    /// Connections one client address may have open (0: no limit).
+    pub max_connections_per_client: Option<usize>,
+    /// Seconds a client has to send a request's header, and to send the next one on a
+    /// kept-alive connection.
+    pub header_timeout: Option<u64>,
+    /// Largest request header (request line included), in bytes.
+    pub max_header_bytes: Option<usize>,
+    /// Seconds a response may make no progress (a client not reading) before closing.
+    pub write_timeout: Option<u64>,
+}
+
+/// The HTTP listener and its limits (a hostile client cannot hold what others need).
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    /// 0: no limit.
+    pub max_connections_per_client: usize,
+    /// Also bounds how long a kept-alive connection may sit idle.
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub write_timeout: Duration,
+}
+
+impl HttpConfig {
+    /// The defaults, listening on `listen`.
+    pub fn new(listen: SocketAddr) -> HttpConfig {
+        HttpConfig {
+            listen,
+            max_connections: 256,
+            max_connections_per_client: 8,
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+            write_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -255,7 +293,7 @@ pub struct NbdConfig {
 pub struct Config {
     pub tftp: Option<TftpConfig>,
     pub nbd: Option<NbdConfig>,
-    pub http_listen: Option<SocketAddr>,
+    pub http: Option<HttpConfig>,
     pub proxy_dhcp: Option<ProxyDhcpConfig>,
     pub dhcp_server: Option<DhcpServerConfig>,
     /// Boot file names for PXE clients ([proxy_dhcp] bios/uefi/ipxe_script), used by
@@ -290,6 +328,11 @@ pub struct Overrides {
     pub nbd_write_timeout: Option<u64>,
     pub no_nbd: bool,
     pub http_listen: Option<SocketAddr>,
+    pub http_max_connections: Option<usize>,
+    pub http_max_connections_per_client: Option<usize>,
+    pub http_header_timeout: Option<u64>,
+    pub http_max_header_bytes: Option<usize>,
+    pub http_write_timeout: Option<u64>,
     pub boot_kernel: Option<String>,
     pub boot_initrd: Option<String>,
     pub boot_cmdline: Option<String>,
@@ -589,10 +632,35 @@ impl Config {
                 })
             }
         };
+        let h = f.http;
+        let http = o.http_listen.or(h.listen).map(|listen| {
+            let d = HttpConfig::new(listen);
+            let secs = |v: Option<u64>, d: Duration| v.map_or(d, |s| Duration::from_secs(s.max(1)));
+            HttpConfig {
+                max_connections: o
+                    .http_max_connections
+                    .or(h.max_connections)
+                    .unwrap_or(d.max_connections)
+                    .max(1),
+                max_connections_per_client: o
+                    .http_max_connections_per_client
+                    .or(h.max_connections_per_client)
+                    .unwrap_or(d.max_connections_per_client),
+                header_timeout: secs(o.http_header_timeout.or(h.header_timeout), d.header_timeout),
+                // Boot clients send a few hundred bytes; below 1 KiB nothing would get through.
+                max_header_bytes: o
+                    .http_max_header_bytes
+                    .or(h.max_header_bytes)
+                    .unwrap_or(d.max_header_bytes)
+                    .max(1024),
+                write_timeout: secs(o.http_write_timeout.or(h.write_timeout), d.write_timeout),
+                ..d
+            }
+        });
         Ok(Config {
             tftp,
             nbd,
-            http_listen: o.http_listen.or(f.http.listen),
+            http,
             proxy_dhcp,
             dhcp_server,
             pxe_files,
@@ -795,5 +863,36 @@ mod tests {
         let e = build(&format!("[proxy_dhcp]\nbios = \"{}\"\n", "a".repeat(128))).unwrap_err();
         assert!(e.to_string().contains("at most 127 bytes"), "{e}");
         assert!(build(&format!("[proxy_dhcp]\nbios = \"{}\"\n", "a".repeat(127))).is_ok());
+    }
+
+    #[test]
+    fn http_limits_default_and_come_from_file_or_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Overrides {
+            tftp_root: Some(dir.path().to_path_buf()),
+            no_nbd: true,
+            ..Default::default()
+        };
+        assert!(Config::build(FileConfig::default(), &o)
+            .unwrap()
+            .http
+            .is_none());
+        let f = parse_file(
+            Path::new("c.toml"),
+            "[http]\nlisten = \"127.0.0.1:8080\"\nmax_connections_per_client = 2\nwrite_timeout = 5\nmax_header_bytes = 10\n",
+        )
+        .unwrap();
+        let o = Overrides {
+            http_header_timeout: Some(3),
+            ..o
+        };
+        let h = Config::build(f, &o).unwrap().http.unwrap();
+        assert_eq!(h.listen.port(), 8080);
+        assert_eq!(h.max_connections, 256);
+        assert_eq!(h.max_connections_per_client, 2);
+        assert_eq!(h.header_timeout, Duration::from_secs(3));
+        assert_eq!(h.write_timeout, Duration::from_secs(5));
+        // Too small to carry any real request: raised to the floor.
+        assert_eq!(h.max_header_bytes, 1024);
     }
 }

@@ -1,7 +1,9 @@
 //! ltsp-server: TFTP and NBD for network-booted nodes, in one async process.
 
+pub mod bootfiles;
 pub mod config;
 pub mod dhcpd;
+pub mod http;
 pub mod identity;
 pub mod limits;
 pub mod nbd;
@@ -11,6 +13,7 @@ pub mod tftp;
 
 use config::Config;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -37,34 +40,35 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let mut tasks = tokio::task::JoinSet::new();
+    let fds = descriptors(cfg.nbd.as_ref().map_or(0, |n| n.max_connections));
     let exports = cfg
         .nbd
         .iter()
         .flat_map(|n| n.exports.iter().map(|e| e.name.clone()));
     let status = status::Status::new(exports);
+    // The TFTP root, opened once: TFTP and HTTP serve the same files.
+    let files = match &cfg.tftp {
+        Some(t) => Some(Arc::new(
+            bootfiles::BootFiles::open(&t.root, t.boot.clone()).map_err(|source| {
+                tftp::TftpError::Root {
+                    path: t.root.clone(),
+                    source,
+                }
+            })?,
+        )),
+        None => None,
+    };
     let mut http_port = None;
-    if let Some(addr) = cfg.http_listen {
+    if let Some(h) = cfg.http.clone() {
+        let addr = h.listen;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| ServeError::HttpBind { addr, source })?;
         let local = listener.local_addr().unwrap_or(addr);
-        let root = match &cfg.tftp {
-            Some(t) => Some(std::sync::Arc::new(std::fs::File::open(&t.root).map_err(
-                |source| tftp::TftpError::Root {
-                    path: t.root.clone(),
-                    source,
-                },
-            )?)),
-            None => None,
-        };
-        let h = status::Http {
-            status: status.clone(),
-            root,
-            boot: cfg.tftp.as_ref().map(|t| t.boot.clone()),
-        };
         log::info!("http: /healthz /metrics /nodes /boot.ipxe /files/ on {local}");
         http_port = Some(local.port());
-        tasks.spawn(status::serve_http(std::sync::Arc::new(h), listener));
+        let http = http::Http::new(h, status.clone(), files.clone(), fds.clone());
+        tasks.spawn(http.run(listener));
     }
     if let Some(d) = cfg.dhcp_server {
         let (srv, sock) = dhcpd::DhcpServer::bind(d, cfg.pxe_files.clone(), status.clone())?;
@@ -75,11 +79,11 @@ pub async fn serve(
         tasks.spawn(proxy.clone().run(s67, 67));
         tasks.spawn(proxy.run(s4011, 4011));
     }
-    if let Some(t) = cfg.tftp {
+    if let (Some(t), Some(files)) = (cfg.tftp, files) {
         let root = t.root.clone();
         let single = t.single_port;
         let http_port = http_port.filter(|_| t.boot.http == Some(true));
-        let server = tftp::Server::new(t, status.clone(), http_port)?;
+        let server = tftp::Server::new(t, files, status.clone(), http_port)?;
         let sock = server.bind()?;
         let local = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
         if single {
@@ -106,4 +110,49 @@ pub async fn serve(
     log::info!("shutting down");
     tasks.shutdown().await;
     Ok(())
+}
+
+/// Raises the descriptor limit, then sets NBD's reserve aside (accepting a node's root
+/// must never fail because HTTP or TFTP used every descriptor): the rest is the pool HTTP
+/// connections and TFTP transfers take a slot from.
+fn descriptors(nbd_max_connections: usize) -> Arc<limits::Descriptors> {
+    let limit = match limits::raise_nofile() {
+        Ok(n) if n.soft_before < n.soft => {
+            log::info!(
+                "descriptors: soft limit raised from {} to {} (the hard limit)",
+                n.soft_before,
+                n.soft
+            );
+            n.soft
+        }
+        Ok(n) => {
+            log::info!("descriptors: soft limit {} (hard limit {})", n.soft, n.hard);
+            n.soft
+        }
+        Err(e) => {
+            let now = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+            let soft = now.current.unwrap_or(u64::MAX);
+            log::warn!("descriptors: cannot raise the soft limit {soft} to the hard one: {e}");
+            soft
+        }
+    };
+    let plan = limits::FdPlan::new(limit, nbd_max_connections);
+    if plan.covered {
+        log::info!(
+            "descriptors: {} kept for NBD ({nbd_max_connections} connections) and the server; \
+             HTTP connections and TFTP transfers share {} slots",
+            plan.reserve,
+            plan.slots
+        );
+    } else {
+        log::warn!(
+            "descriptors: the limit {limit} cannot keep {} for NBD's {nbd_max_connections} \
+             connections: HTTP and TFTP get {} slots, and NBD accepts may fail while those are \
+             all in use (raise LimitNOFILE or lower [nbd] max_connections)",
+            limits::FDS_BASE
+                .saturating_add(limits::FDS_PER_NBD.saturating_mul(nbd_max_connections as u64)),
+            plan.slots
+        );
+    }
+    limits::Descriptors::new(plan.slots)
 }

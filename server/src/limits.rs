@@ -1,7 +1,9 @@
-//! Per-client limits: one misbehaving or hostile address cannot take every slot.
+//! Limits: one misbehaving or hostile address cannot take every slot, and HTTP or TFTP
+//! cannot take the descriptors NBD (the nodes' roots) needs to accept.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Counts what each client address holds open, up to `max` each (0: no limit).
@@ -55,6 +57,137 @@ impl Drop for Slot {
     }
 }
 
+/// Descriptors for everything but connections: listeners, the runtime, images being
+/// hashed, DHCP sockets.
+pub const FDS_BASE: u64 = 64;
+/// An NBD connection holds its socket and its own handle on the image.
+pub const FDS_PER_NBD: u64 = 2;
+/// An HTTP connection or a TFTP transfer holds a socket and the file it sends.
+pub const FDS_PER_SLOT: u64 = 2;
+/// HTTP and TFTP always get at least this many slots, even when NBD's reserve cannot be
+/// kept whole.
+const MIN_SLOTS: u64 = 16;
+
+/// The descriptor limit (RLIMIT_NOFILE) before and after [`raise_nofile`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nofile {
+    pub soft_before: u64,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Raises the soft descriptor limit to the hard one (an unlimited hard limit means the
+/// kernel's fs.nr_open). Connections are many and cheap; select() is never used.
+pub fn raise_nofile() -> std::io::Result<Nofile> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let nr_open = || {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1 << 20)
+    };
+    let now = getrlimit(Resource::Nofile);
+    let hard = now.maximum.unwrap_or_else(nr_open);
+    let soft_before = now.current.unwrap_or(hard);
+    if soft_before < hard {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(hard),
+                maximum: now.maximum,
+            },
+        )?;
+    }
+    let after = getrlimit(Resource::Nofile);
+    Ok(Nofile {
+        soft_before,
+        soft: after.current.unwrap_or(hard),
+        hard,
+    })
+}
+
+/// How a descriptor limit is shared: NBD's reserve, and slots for HTTP and TFTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdPlan {
+    /// Descriptors kept back for NBD and the base.
+    pub reserve: u64,
+    /// HTTP connections and TFTP transfers at once, together.
+    pub slots: usize,
+    /// False when the limit is too low to keep the whole reserve: NBD accepts may then
+    /// fail once HTTP and TFTP use all their slots.
+    pub covered: bool,
+}
+
+impl FdPlan {
+    pub fn new(limit: u64, nbd_max_connections: usize) -> FdPlan {
+        let reserve =
+            FDS_BASE.saturating_add(FDS_PER_NBD.saturating_mul(nbd_max_connections as u64));
+        let rest = limit.saturating_sub(reserve);
+        if rest >= MIN_SLOTS * FDS_PER_SLOT {
+            FdPlan {
+                reserve,
+                slots: usize::try_from(rest / FDS_PER_SLOT).unwrap_or(usize::MAX),
+                covered: true,
+            }
+        } else {
+            // Half of what the base leaves: NBD keeps the other half.
+            let slots = (limit.saturating_sub(FDS_BASE) / 2 / FDS_PER_SLOT).max(1);
+            FdPlan {
+                reserve: limit.saturating_sub(slots * FDS_PER_SLOT),
+                slots: slots as usize,
+                covered: false,
+            }
+        }
+    }
+}
+
+/// The descriptors HTTP connections and TFTP transfers may hold, as slots; NBD is not
+/// counted here: what is left over is its reserve.
+pub struct Descriptors {
+    max: usize,
+    used: AtomicUsize,
+}
+
+/// One slot of the pool; given back when dropped.
+pub struct FdSlot {
+    owner: Arc<Descriptors>,
+}
+
+impl Descriptors {
+    pub fn new(slots: usize) -> Arc<Self> {
+        Arc::new(Descriptors {
+            max: slots,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// A slot, or None when the pool is used up (never waits).
+    pub fn try_acquire(self: &Arc<Self>) -> Option<FdSlot> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(FdSlot {
+            owner: self.clone(),
+        })
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+impl Drop for FdSlot {
+    fn drop(&mut self) {
+        self.owner.used.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +211,54 @@ mod tests {
         assert_eq!(unlimited.held_by(a), 100);
         drop(many);
         assert_eq!(unlimited.held_by(a), 0);
+    }
+
+    #[test]
+    fn descriptor_slots_run_out_and_come_back() {
+        let d = Descriptors::new(2);
+        let a = d.try_acquire().unwrap();
+        let _b = d.try_acquire().unwrap();
+        assert!(d.try_acquire().is_none(), "a third slot of two");
+        assert_eq!(d.in_use(), 2);
+        drop(a);
+        assert_eq!(d.in_use(), 1);
+        assert!(d.try_acquire().is_some());
+    }
+
+    #[test]
+    fn nbd_keeps_its_reserve_when_the_limit_allows() {
+        // A usual systemd hard limit and the default NBD cap: everything fits.
+        let p = FdPlan::new(524_288, 4096);
+        assert_eq!(p.reserve, FDS_BASE + 2 * 4096);
+        assert_eq!(p.slots as u64, (524_288 - p.reserve) / FDS_PER_SLOT);
+        assert!(p.covered);
+        // 1024 cannot hold 4096 NBD connections: HTTP and TFTP get a share, and it says so.
+        let p = FdPlan::new(1024, 4096);
+        assert!(!p.covered);
+        assert_eq!(p.slots, (1024 - 64) / 2 / 2);
+        assert!(p.reserve + p.slots as u64 * FDS_PER_SLOT <= 1024);
+        assert!(FdPlan::new(0, 0).slots >= 1);
+        assert!(FdPlan::new(u64::MAX, usize::MAX).slots > 0);
+    }
+
+    #[test]
+    fn nofile_soft_limit_is_raised_to_the_hard_one() {
+        use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+        // Start below the hard limit (lowering is always allowed), as under systemd's 1024.
+        let was = getrlimit(Resource::Nofile);
+        let low = was.maximum.unwrap_or(1 << 20).min(1 << 20) / 2;
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(low),
+                maximum: was.maximum,
+            },
+        )
+        .unwrap();
+        let n = raise_nofile().unwrap();
+        assert_eq!(n.soft_before, low);
+        assert_eq!(n.soft, n.hard);
+        assert!(n.hard > low);
+        assert_eq!(getrlimit(Resource::Nofile).current, Some(n.hard));
     }
 }

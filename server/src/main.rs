@@ -152,6 +152,23 @@ struct ServeArgs {
     /// Address for /healthz, /metrics and /nodes over HTTP (default: off).
     #[arg(long, value_name = "ADDR:PORT")]
     http_listen: Option<SocketAddr>,
+    /// HTTP connections at once; more are closed at accept (default 256).
+    #[arg(long, value_name = "N")]
+    http_max_connections: Option<usize>,
+    /// HTTP connections one client address may have open; 0: no limit (default 8).
+    #[arg(long, value_name = "N")]
+    http_max_connections_per_client: Option<usize>,
+    /// Seconds a client has to send a request header, and to send the next request on a
+    /// kept-alive connection (default 10).
+    #[arg(long, value_name = "SECS")]
+    http_header_timeout: Option<u64>,
+    /// Largest HTTP request header in bytes; larger gets 431 (default 16384).
+    #[arg(long, value_name = "BYTES")]
+    http_max_header_bytes: Option<usize>,
+    /// Seconds an HTTP response may make no progress (a client not reading) before the
+    /// connection is closed (default 30).
+    #[arg(long, value_name = "SECS")]
+    http_write_timeout: Option<u64>,
     /// Kernel file, relative to the TFTP root, for the generated boot.ipxe.
     #[arg(long, value_name = "PATH")]
     boot_kernel: Option<String>,
@@ -194,6 +211,11 @@ impl ServeArgs {
             nbd_write_timeout: self.nbd_write_timeout,
             no_nbd: self.no_nbd,
             http_listen: self.http_listen,
+            http_max_connections: self.http_max_connections,
+            http_max_connections_per_client: self.http_max_connections_per_client,
+            http_header_timeout: self.http_header_timeout,
+            http_max_header_bytes: self.http_max_header_bytes,
+            http_write_timeout: self.http_write_timeout,
             boot_kernel: self.boot_kernel.clone(),
             boot_initrd: self.boot_initrd.clone(),
             boot_cmdline: self.boot_cmdline.clone(),
@@ -241,8 +263,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         "ipxe" => match cfg.tftp.as_ref().and_then(|t| {
-            let port = cfg.http_listen.filter(|_| t.boot.http == Some(true));
-            ltsp_server::tftp::ipxe_script(&t.boot, port.map(|a| a.port()), None)
+            let port = cfg.http.as_ref().filter(|_| t.boot.http == Some(true));
+            ltsp_server::bootfiles::ipxe_script(&t.boot, port.map(|h| h.listen.port()), None)
         }) {
             Some(s) => {
                 print!("{s}");

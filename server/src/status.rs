@@ -1,25 +1,13 @@
-//! What the server and its nodes are doing: counters, each node's progress, and an HTTP
-//! listener for `/healthz` (readiness: every export readable and hashed), `/metrics`
-//! (Prometheus text format), `/nodes` (one line per node, for `ltsp-server status`), and
-//! the boot files: `/files/PATH` from the TFTP root (same confinement) and `/boot.ipxe`
-//! (iPXE fetches a kernel and initramfs over HTTP many times faster than over TFTP).
+//! What the server and its nodes are doing: counters, each node's progress, readiness
+//! (every export readable and hashed), the Prometheus text of `/metrics` and the table of
+//! `/nodes` (the HTTP side serves them).
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Frame, SizeHint};
-use hyper::{Request, Response, StatusCode};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::fs::File;
-use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::FileExt;
-use std::pin::Pin;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// One node's progress, as the server saw it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -50,6 +38,14 @@ pub struct Status {
     pub tftp_failed: AtomicU64,
     pub tftp_bytes: AtomicU64,
     pub proxy_dhcp_answers: AtomicU64,
+    pub http_open: AtomicU64,
+    pub http_connections: AtomicU64,
+    /// HTTP connections closed at accept, by the cap they met.
+    pub http_refused_total: AtomicU64,
+    pub http_refused_per_client: AtomicU64,
+    pub http_refused_descriptors: AtomicU64,
+    /// HTTP connections closed for a header that took too long or a client not reading.
+    pub http_timeouts: AtomicU64,
     /// Export name -> identity once hashed; None while hashing or unreadable.
     exports: Mutex<BTreeMap<String, Option<String>>>,
     nodes: Mutex<BTreeMap<IpAddr, Node>>,
@@ -215,6 +211,24 @@ impl Status {
             "counter",
             self.proxy_dhcp_answers.load(Relaxed),
         );
+        counter(
+            "ltsp_http_connections_open",
+            "HTTP connections open now",
+            "gauge",
+            self.http_open.load(Relaxed),
+        );
+        counter(
+            "ltsp_http_connections_total",
+            "HTTP connections accepted",
+            "counter",
+            self.http_connections.load(Relaxed),
+        );
+        counter(
+            "ltsp_http_timeouts_total",
+            "HTTP connections closed: request header too slow, idle, or client not reading",
+            "counter",
+            self.http_timeouts.load(Relaxed),
+        );
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         counter(
             "ltsp_nodes_seen",
@@ -228,6 +242,18 @@ impl Status {
             "gauge",
             nodes.values().filter(|n| n.nbd_open > 0).count() as u64,
         );
+        let _ = writeln!(m, "# HELP ltsp_http_refused_total HTTP connections closed at accept, by the cap they met\n# TYPE ltsp_http_refused_total counter");
+        for (reason, n) in [
+            ("total", &self.http_refused_total),
+            ("per_client", &self.http_refused_per_client),
+            ("descriptors", &self.http_refused_descriptors),
+        ] {
+            let _ = writeln!(
+                m,
+                "ltsp_http_refused_total{{reason=\"{reason}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
         let _ = writeln!(m, "# HELP ltsp_uptime_seconds Seconds since the server started\n# TYPE ltsp_uptime_seconds gauge\nltsp_uptime_seconds {uptime:.0}");
         let _ = writeln!(m, "# HELP ltsp_export_info An export and its image identity\n# TYPE ltsp_export_info gauge");
         for (name, id) in self
@@ -282,213 +308,6 @@ fn escape(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
-type Body = BoxBody<Bytes, std::io::Error>;
-
-fn reply(code: StatusCode, body: String) -> Response<Body> {
-    let full = Full::new(Bytes::from(body)).map_err(|never| match never {});
-    let mut r = Response::new(full.boxed());
-    *r.status_mut() = code;
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    r
-}
-
-/// A file streamed in chunks read off the async threads (a page-cache miss may block).
-struct FileBody {
-    file: Arc<File>,
-    off: u64,
-    end: u64,
-    reading: Option<tokio::task::JoinHandle<std::io::Result<Bytes>>>,
-    done: Option<Box<dyn FnOnce() + Send + Sync>>,
-}
-
-const CHUNK: u64 = 256 * 1024;
-
-impl hyper::body::Body for FileBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        if self.off >= self.end {
-            if let Some(done) = self.done.take() {
-                done();
-            }
-            return Poll::Ready(None);
-        }
-        if self.reading.is_none() {
-            let (file, off) = (self.file.clone(), self.off);
-            let n = CHUNK.min(self.end - off) as usize;
-            self.reading = Some(tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; n];
-                let mut got = 0;
-                while got < n {
-                    let k = file.read_at(&mut buf[got..], off + got as u64)?;
-                    if k == 0 {
-                        return Err(std::io::Error::other("file shrank while being sent"));
-                    }
-                    got += k;
-                }
-                Ok(Bytes::from(buf))
-            }));
-        }
-        let joined = std::task::ready!(Pin::new(self.reading.as_mut().unwrap()).poll(cx));
-        self.reading = None;
-        let chunk = joined.map_err(std::io::Error::other).and_then(|r| r);
-        Poll::Ready(Some(chunk.map(|b| {
-            self.off += b.len() as u64;
-            // hyper stops polling once is_end_stream() says so: report now.
-            if self.off >= self.end {
-                if let Some(done) = self.done.take() {
-                    done();
-                }
-            }
-            Frame::data(b)
-        })))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.off >= self.end
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.end - self.off)
-    }
-}
-
-/// What the HTTP listener serves: status, and the boot files if TFTP is configured.
-pub struct Http {
-    pub status: Arc<Status>,
-    /// The TFTP root, opened once (paths resolve beneath it, as for TFTP).
-    pub root: Option<Arc<File>>,
-    /// `[boot]`: boot.ipxe is generated from it, with HTTP URLs.
-    pub boot: Option<crate::config::BootFile>,
-}
-
-fn file(h: &Http, peer: SocketAddr, path: &str) -> Response<Body> {
-    let Some(root) = &h.root else {
-        return reply(StatusCode::NOT_FOUND, "no TFTP root configured\n".into());
-    };
-    let refused = |r: crate::tftp::Refusal| {
-        let code = if r.code == ltsp_common::tftp::ERR_NOT_FOUND {
-            StatusCode::NOT_FOUND
-        } else {
-            StatusCode::FORBIDDEN
-        };
-        reply(code, format!("{}\n", r.message))
-    };
-    let rel = match crate::tftp::normalise_path(path) {
-        Ok(r) => r,
-        Err(r) => return refused(r),
-    };
-    let (f, len) = match crate::tftp::open_beneath(root, &rel) {
-        Ok(x) => x,
-        Err(r) => return refused(r),
-    };
-    let status = h.status.clone();
-    let started = Instant::now();
-    let body = FileBody {
-        file: Arc::new(f),
-        off: 0,
-        end: len,
-        reading: None,
-        done: Some(Box::new(move || {
-            status.tftp_done(peer.ip(), &rel, len, true);
-            log::info!(
-                "http: {peer}: sent {rel:?} ({len} bytes) in {:.3}s",
-                started.elapsed().as_secs_f64()
-            );
-        })),
-    };
-    let mut r = Response::new(body.boxed());
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/octet-stream"),
-    );
-    r
-}
-
-fn route(
-    h: &Http,
-    started: Instant,
-    peer: SocketAddr,
-    local: SocketAddr,
-    req: &Request<hyper::body::Incoming>,
-) -> Response<Body> {
-    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
-    }
-    let status = &h.status;
-    match req.uri().path() {
-        "/healthz" => match status.health() {
-            Ok(()) => reply(StatusCode::OK, "ok\n".into()),
-            Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
-        },
-        "/metrics" => reply(
-            StatusCode::OK,
-            status.metrics(started.elapsed().as_secs_f64()),
-        ),
-        "/nodes" => reply(StatusCode::OK, status.nodes_text()),
-        "/boot.ipxe" => match h
-            .boot
-            .as_ref()
-            .and_then(|b| crate::tftp::ipxe_script(b, Some(local.port()), Some(local.ip())))
-        {
-            Some(s) => {
-                status.tftp_done(peer.ip(), "boot.ipxe", s.len() as u64, true);
-                reply(StatusCode::OK, s)
-            }
-            None => reply(
-                StatusCode::NOT_FOUND,
-                "no [boot] kernel configured\n".into(),
-            ),
-        },
-        p if p.starts_with("/files/") => file(h, peer, &p["/files/".len()..]),
-        _ => reply(
-            StatusCode::NOT_FOUND,
-            "not found: try /healthz /metrics /nodes /boot.ipxe /files/PATH\n".into(),
-        ),
-    }
-}
-
-/// Serves the HTTP endpoints until the task is dropped.
-pub async fn serve_http(h: Arc<Http>, listener: tokio::net::TcpListener) {
-    let started = Instant::now();
-    loop {
-        let (stream, peer): (_, SocketAddr) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                log::warn!("http: accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let Ok(local) = stream.local_addr() else {
-            continue;
-        };
-        let h = h.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let r = route(&h, started, peer, local, &req);
-                async move { Ok::<_, std::convert::Infallible>(r) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(io, svc);
-            if let Err(e) = conn.await {
-                log::debug!("http: {peer}: {e}");
-            }
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,5 +348,15 @@ mod tests {
             .nodes_text()
             .contains("\nPXE-CLIENT\tPROXY-DHCP-FILE\tLAST-SEEN\n52:54:00:12:34:56\tipxe.efi\t"));
         assert!(s.metrics(7.0).contains("ltsp_proxy_dhcp_answers_total 1"));
+        s.http_refused_per_client.fetch_add(2, Relaxed);
+        let m = s.metrics(8.0);
+        assert!(
+            m.contains("ltsp_http_refused_total{reason=\"per_client\"} 2\n"),
+            "{m}"
+        );
+        assert!(
+            m.contains("ltsp_http_refused_total{reason=\"total\"} 0\n"),
+            "{m}"
+        );
     }
 }

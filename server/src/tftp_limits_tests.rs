@@ -156,7 +156,10 @@ fn cfg(root: PathBuf) -> TftpConfig {
 
 fn start(cfg: TftpConfig) -> (Arc<Server>, SocketAddr) {
     let status = crate::status::Status::new(Vec::<String>::new());
-    let srv = Server::new(cfg, status, None).unwrap();
+    let files = Arc::new(
+        crate::bootfiles::BootFiles::open(&cfg.root, cfg.boot.clone()).expect("open the root"),
+    );
+    let srv = Server::new(cfg, files, status, None).unwrap();
     let sock = srv.bind().unwrap();
     let addr = sock.local_addr().unwrap();
     tokio::spawn(srv.clone().run(sock));

@@ -80,31 +80,41 @@ impl ServerProc {
     /// Starts the server with `args` after `serve`. Listeners default to loopback port 0;
     /// the real ports are read back from the log.
     pub fn start(args: &[&str]) -> ServerProc {
-        Self::spawn(None, args)
+        Self::spawn(&[], args)
     }
 
     /// The same, inside the network namespace `ns`.
     pub fn start_in(ns: &str, args: &[&str]) -> ServerProc {
-        Self::spawn(Some(ns), args)
+        Self::spawn(&["ip", "netns", "exec", ns], args)
     }
 
     /// The release build (the shipped profile), inside the network namespace `ns`.
     pub fn start_release_in(ns: &str, args: &[&str]) -> ServerProc {
-        Self::spawn_bin(release_bin("ltsp-server"), Some(ns), args)
+        Self::spawn_bin(
+            release_bin("ltsp-server"),
+            &["ip", "netns", "exec", ns],
+            args,
+        )
     }
 
-    fn spawn(ns: Option<&str>, args: &[&str]) -> ServerProc {
-        Self::spawn_bin(bin("ltsp-server"), ns, args)
+    /// The same, run by a command that execs it in place (so the PID is the server's):
+    /// e.g. `["prlimit", "--nofile=256:512", "--"]`.
+    pub fn start_under(wrapper: &[&str], args: &[&str]) -> ServerProc {
+        Self::spawn(wrapper, args)
     }
 
-    fn spawn_bin(server: PathBuf, ns: Option<&str>, args: &[&str]) -> ServerProc {
-        let mut cmd = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(server);
+    fn spawn(wrapper: &[&str], args: &[&str]) -> ServerProc {
+        Self::spawn_bin(bin("ltsp-server"), wrapper, args)
+    }
+
+    fn spawn_bin(server: PathBuf, wrapper: &[&str], args: &[&str]) -> ServerProc {
+        let mut cmd = match wrapper {
+            [first, rest @ ..] => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(server);
                 c
             }
-            None => Command::new(server),
+            [] => Command::new(server),
         };
         cmd.arg("serve");
         if !args
