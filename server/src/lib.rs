@@ -83,7 +83,7 @@ pub async fn serve(
         let root = t.root.clone();
         let single = t.single_port;
         let http_port = http_port.filter(|_| t.boot.http == Some(true));
-        let server = tftp::Server::new(t, files, status.clone(), http_port)?;
+        let server = tftp::Server::new(t, files, status.clone(), http_port, fds.clone())?;
         let sock = server.bind()?;
         let local = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
         if single {

@@ -212,14 +212,15 @@ impl Server {
                 }
             };
             let Ok(permit) = self.conns.clone().try_acquire_owned() else {
-                log::warn!(
+                // Debug: a flood of refusals must not become a flood of log lines.
+                log::debug!(
                     "nbd: {peer}: refused: {} connections open",
                     self.cfg.max_connections
                 );
                 continue;
             };
             let Some(slot) = self.per_client.try_acquire(peer.ip()) else {
-                log::warn!(
+                log::debug!(
                     "nbd: {peer}: refused: {} connections open from {}",
                     self.cfg.max_connections_per_client,
                     peer.ip()

@@ -37,6 +37,8 @@ pub struct Status {
     pub tftp_sent: AtomicU64,
     pub tftp_failed: AtomicU64,
     pub tftp_bytes: AtomicU64,
+    /// Unconfirmed TFTP transfers cancelled to make room for a new request.
+    pub tftp_evicted: AtomicU64,
     pub proxy_dhcp_answers: AtomicU64,
     pub http_open: AtomicU64,
     pub http_connections: AtomicU64,
@@ -186,6 +188,18 @@ impl Status {
             "Bytes served by NBD READs",
             "counter",
             self.nbd_read_bytes.load(Relaxed),
+        );
+        counter(
+            "ltsp_nbd_reply_bytes",
+            "NBD reply bytes held in memory now (the server-wide budget in use)",
+            "gauge",
+            self.nbd_reply_bytes.load(Relaxed),
+        );
+        counter(
+            "ltsp_tftp_evicted_total",
+            "Unacknowledged TFTP transfers cancelled to make room for a new request",
+            "counter",
+            self.tftp_evicted.load(Relaxed),
         );
         counter(
             "ltsp_tftp_transfers_total",

@@ -109,16 +109,21 @@ pub struct Server {
     ahead: Arc<Budget>,
     /// Packet buffers of the windows being sent now, in bytes ([`SEND_BUDGET`]).
     sending: Arc<Semaphore>,
+    /// Each transfer binds a socket: it takes a slot of the descriptors left after NBD's
+    /// reserve, so a TFTP flood can never stop NBD accepts.
+    fds: Arc<crate::limits::Descriptors>,
 }
 
 impl Server {
     /// `files`: the TFTP root, opened once and shared with HTTP. `http_port`: the boot
-    /// files go by HTTP from this port (`[boot] http`).
+    /// files go by HTTP from this port (`[boot] http`). `fds`: the descriptors HTTP and TFTP
+    /// share.
     pub fn new(
         cfg: TftpConfig,
         files: Arc<BootFiles>,
         status: Arc<crate::status::Status>,
         http_port: Option<u16>,
+        fds: Arc<crate::limits::Descriptors>,
     ) -> Result<Arc<Self>, TftpError> {
         let slots = Slots::new(cfg.max_transfers);
         let per_client = crate::limits::PerClient::new(cfg.max_transfers_per_client);
@@ -133,6 +138,7 @@ impl Server {
             active: Mutex::new(HashMap::new()),
             ahead,
             sending: Arc::new(Semaphore::new(SEND_BUDGET)),
+            fds,
         }))
     }
 
@@ -189,7 +195,7 @@ impl Server {
                 Packet::Rrq(req) => {
                     // Per client first: a request refused here must not evict anyone.
                     let Some(slot) = self.per_client.try_acquire(peer.ip()) else {
-                        log::warn!(
+                        log::debug!(
                             "tftp: {peer}: refused {:?}: {} transfers open from {}",
                             req.filename,
                             self.cfg.max_transfers_per_client,
@@ -206,8 +212,18 @@ impl Server {
                             .await;
                         continue;
                     };
+                    let Some(fd) = self.fds.try_acquire() else {
+                        log::debug!("tftp: {peer}: refused {:?}: no descriptor", req.filename);
+                        let _ = sock
+                            .send_to(
+                                &tftp::error(tftp::ERR_UNDEFINED, "server busy, retry"),
+                                peer,
+                            )
+                            .await;
+                        continue;
+                    };
                     let Some((ticket, evicted)) = self.slots.acquire() else {
-                        log::warn!(
+                        log::debug!(
                             "tftp: {peer}: refused {:?}: too many transfers",
                             req.filename
                         );
@@ -219,6 +235,11 @@ impl Server {
                             .await;
                         continue;
                     };
+                    // The listener does not know whether someone was evicted: count here.
+                    self.status.tftp_evicted.store(
+                        self.slots.evicted.load(Ordering::Relaxed),
+                        Ordering::Relaxed,
+                    );
                     let me = self.clone();
                     let link = if self.cfg.single_port {
                         let (tx, rx) = mpsc::channel(FORWARD_QUEUE);
@@ -236,7 +257,7 @@ impl Server {
                         if single {
                             me.active.lock().unwrap().remove(&peer);
                         }
-                        drop(slot);
+                        drop((slot, fd));
                     });
                 }
                 Packet::Wrq(req) => {

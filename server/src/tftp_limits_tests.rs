@@ -159,7 +159,8 @@ fn start(cfg: TftpConfig) -> (Arc<Server>, SocketAddr) {
     let files = Arc::new(
         crate::bootfiles::BootFiles::open(&cfg.root, cfg.boot.clone()).expect("open the root"),
     );
-    let srv = Server::new(cfg, files, status, None).unwrap();
+    let fds = crate::limits::Descriptors::new(1 << 16);
+    let srv = Server::new(cfg, files, status, None, fds).unwrap();
     let sock = srv.bind().unwrap();
     let addr = sock.local_addr().unwrap();
     tokio::spawn(srv.clone().run(sock));
