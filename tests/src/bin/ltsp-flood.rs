@@ -551,10 +551,16 @@ fn main() -> std::process::ExitCode {
             tasks.spawn(random_udp(o.clone(), c.clone(), end));
         }
         // Every task ends by `end`; the margin covers a connect or handshake in progress.
-        let _ = timeout(o.duration + Duration::from_secs(15), async {
+        // SIGTERM (the caller is done with the flood) ends it early, with the counts.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        let all_done = timeout(o.duration + Duration::from_secs(15), async {
             while tasks.join_next().await.is_some() {}
-        })
-        .await;
+        });
+        tokio::select! {
+            _ = all_done => {}
+            _ = term.recv() => {}
+        }
         tasks.abort_all();
     });
     let g = |a: &AtomicU64| a.load(Relaxed);
