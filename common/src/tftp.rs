@@ -50,7 +50,13 @@ pub enum DecodeError {
     NotText,
     #[error("option {0:?} has no value")]
     OptionWithoutValue(String),
+    #[error("file name of {0} bytes; at most {MAX_NAME}")]
+    NameTooLong(usize),
 }
+
+/// Longest file name a request may carry: a boot path is short, and a transfer keeps its
+/// name for its whole life (status, logs).
+pub const MAX_NAME: usize = 512;
 
 pub fn decode(b: &[u8]) -> Result<Packet<'_>, DecodeError> {
     if b.len() < 2 {
@@ -70,6 +76,9 @@ pub fn decode(b: &[u8]) -> Result<Packet<'_>, DecodeError> {
                 return Err(DecodeError::Unterminated);
             }
             let filename = fields.remove(0);
+            if filename.len() > MAX_NAME {
+                return Err(DecodeError::NameTooLong(filename.len()));
+            }
             let mode = fields.remove(0).to_ascii_lowercase();
             if fields.len() % 2 != 0 {
                 return Err(DecodeError::OptionWithoutValue(fields.pop().unwrap()));
@@ -362,5 +371,13 @@ mod tests {
             assert_eq!(n.timeout_secs, 1, "{t}");
             assert!(acc.is_empty(), "{t}: {acc:?}");
         }
+    }
+
+    #[test]
+    fn names_past_the_limit_are_refused() {
+        let ok = rrq(&"a".repeat(MAX_NAME), "octet", &[]);
+        assert!(matches!(decode(&ok), Ok(Packet::Rrq(_))));
+        let long = rrq(&"/".repeat(65_000), "octet", &[]);
+        assert_eq!(decode(&long), Err(DecodeError::NameTooLong(65_000)));
     }
 }

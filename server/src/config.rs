@@ -103,6 +103,9 @@ pub const MAX_LEASES_DEFAULT_CAP: usize = 65536;
 pub const MAX_BOOT_FILE: usize = 127;
 
 /// `FIRST-LAST` as two IPv4 addresses, FIRST <= LAST.
+/// Addresses a DHCP server range may hold (a /16).
+pub const MAX_DHCP_RANGE: u32 = 65536;
+
 pub fn parse_range(s: &str) -> Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)> {
     let (a, b) = s.split_once('-')?;
     let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
@@ -601,6 +604,13 @@ impl Config {
                         "dhcp range {range:?}: expected FIRST-LAST, e.g. 192.0.2.100-192.0.2.199"
                     ))
                 })?;
+                // Every address a client can make the server track is in the range: a /16
+                // at most keeps that bounded.
+                if u32::from(last) - u32::from(first) >= MAX_DHCP_RANGE {
+                    return Err(ConfigError::Invalid(format!(
+                        "dhcp range {range:?}: at most {MAX_DHCP_RANGE} addresses"
+                    )));
+                }
                 if proxy_dhcp
                     .as_ref()
                     .is_some_and(|p| p.interface == interface)
@@ -852,13 +862,12 @@ mod tests {
         assert_eq!(d.max_leases, 4);
         assert_eq!(d.lease_secs, u32::MAX as u64, "option 51 is 32 bits");
         assert!(ds("max_leases = 0").is_err());
-        let big = build("[dhcp_server]\ninterface = \"x\"\nrange = \"10.0.0.1-10.255.255.254\"\n")
-            .unwrap();
-        assert_eq!(
-            big.dhcp_server.unwrap().max_leases,
-            MAX_LEASES_DEFAULT_CAP,
-            "a /8 range does not mean a 16M-entry table"
-        );
+        // A /8 range is refused: every address in it is one a client could make us track.
+        let big = build("[dhcp_server]\ninterface = \"x\"\nrange = \"10.0.0.1-10.255.255.254\"\n");
+        assert!(big.unwrap_err().to_string().contains("at most 65536"));
+        let b16 =
+            build("[dhcp_server]\ninterface = \"x\"\nrange = \"10.0.0.0-10.0.255.255\"\n").unwrap();
+        assert_eq!(b16.dhcp_server.unwrap().max_leases, MAX_LEASES_DEFAULT_CAP);
         // set_fname_str() panics past 128 bytes: such a name is refused at start instead.
         let e = build(&format!("[proxy_dhcp]\nbios = \"{}\"\n", "a".repeat(128))).unwrap_err();
         assert!(e.to_string().contains("at most 127 bytes"), "{e}");

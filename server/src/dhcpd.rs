@@ -66,6 +66,9 @@ pub struct Pool {
     holds: BTreeSet<(Instant, u32)>,
     /// Leases by expiry, expired ones included until reclaimed.
     leases: BTreeSet<(Instant, u32)>,
+    /// Addresses held as declined now: capped, so DISCOVER-then-DECLINE from spoofed MACs
+    /// cannot take the whole range out of service.
+    declined: usize,
     /// Addresses and entries examined, for the tests' proof that nothing scans the range.
     pub examined: u64,
 }
@@ -82,6 +85,7 @@ impl Pool {
             by_mac: HashMap::new(),
             by_ip: HashMap::new(),
             holds: BTreeSet::new(),
+            declined: 0,
             leases: BTreeSet::new(),
             examined: 0,
         }
@@ -98,6 +102,12 @@ impl Pool {
 
     fn in_range(&self, ip: u32) -> bool {
         ip >= self.first && ip <= self.last && !self.reserved.contains(&ip)
+    }
+
+    /// At most a quarter of the range (and of the table) is held as declined.
+    fn max_declined(&self) -> usize {
+        let range = (self.last - self.first) as usize + 1;
+        (range.min(self.max) / 4).max(1)
     }
 
     /// The entry of `ip` in `holds` or `leases`.
@@ -117,8 +127,12 @@ impl Pool {
                 self.holds.remove(&(t, ip));
             }
         }
-        if let Some(Holder::Client(m)) = self.by_ip.remove(&ip) {
-            self.by_mac.remove(&m);
+        match self.by_ip.remove(&ip) {
+            Some(Holder::Client(m)) => {
+                self.by_mac.remove(&m);
+            }
+            Some(Holder::Declined(_)) => self.declined -= 1,
+            None => {}
         }
     }
 
@@ -288,7 +302,14 @@ impl Pool {
         if self.by_mac.get(&mac).map(|b| b.ip) != Some(ip) {
             return;
         }
+        if self.declined >= self.max_declined() {
+            // Declines past the cap are not believed: the offer simply ends.
+            self.unlink(ip);
+            self.free.insert(ip);
+            return;
+        }
         self.unlink(ip);
+        self.declined += 1;
         let until = later(now, DECLINE_HOLD);
         self.by_ip.insert(ip, Holder::Declined(until));
         self.holds.insert((until, ip));
@@ -406,7 +427,7 @@ impl DhcpServer {
             }
             MessageType::Decline if !other_server => {
                 let ip = requested?;
-                log::warn!(
+                log::debug!(
                     "dhcp-server: {}: declined {ip} (in use by another host?); not leased for {} s",
                     crate::proxydhcp::mac_text(m),
                     DECLINE_HOLD.as_secs()
@@ -722,6 +743,25 @@ mod tests {
             let r = reply(&s, &req, now).unwrap();
             assert_eq!(r.opts().msg_type(), Some(MessageType::Nak), "{never}");
         }
+    }
+
+    #[test]
+    fn declines_cannot_take_the_range_out_of_service() {
+        // 8 addresses: at most 2 held as declined; DISCOVER-then-DECLINE from ever new
+        // (spoofed) MACs must leave the rest to real clients.
+        let mut p = Pool::new(ip("192.0.2.100"), ip("192.0.2.107"), &[], 8);
+        let now = Instant::now();
+        for i in 0..8u8 {
+            let mac = [2, 0, 0, 0, 0, i];
+            let Some(a) = p.offer(mac, now) else { break };
+            p.decline(mac, a, now);
+        }
+        assert_eq!(p.declined, 2);
+        let real = [2, 0, 0, 0, 1, 1];
+        assert!(
+            p.offer(real, now).is_some(),
+            "a real client still gets an address"
+        );
     }
 
     #[test]

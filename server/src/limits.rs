@@ -188,6 +188,46 @@ impl Drop for FdSlot {
     }
 }
 
+/// At most `per_sec` log lines a second from one source of lines a flood could trigger
+/// (a hostile client must not turn into a flood of log lines); the rest are counted and
+/// reported with the next line let through.
+pub struct LogLimit {
+    per_sec: u32,
+    /// (second of the window, lines let through in it, lines suppressed since the last).
+    state: Mutex<(u64, u32, u64)>,
+}
+
+impl LogLimit {
+    pub const fn new(per_sec: u32) -> Self {
+        LogLimit {
+            per_sec,
+            state: Mutex::new((0, 0, 0)),
+        }
+    }
+
+    /// Some(n): log this line, saying that `n` were suppressed before it; None: skip it.
+    pub fn allow(&self) -> Option<u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.allow_at(now)
+    }
+
+    fn allow_at(&self, now: u64) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.0 != now {
+            s.0 = now;
+            s.1 = 0;
+        }
+        if s.1 >= self.per_sec {
+            s.2 += 1;
+            return None;
+        }
+        s.1 += 1;
+        Some(std::mem::take(&mut s.2))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,5 +300,15 @@ mod tests {
         assert_eq!(n.soft, n.hard);
         assert!(n.hard > low);
         assert_eq!(getrlimit(Resource::Nofile).current, Some(n.hard));
+    }
+
+    #[test]
+    fn log_limit_lets_a_few_lines_through_and_counts_the_rest() {
+        let l = LogLimit::new(3);
+        let first: Vec<Option<u64>> = (0..5).map(|_| l.allow_at(100)).collect();
+        assert_eq!(first, [Some(0), Some(0), Some(0), None, None]);
+        // The next second: the first line says two were suppressed.
+        assert_eq!(l.allow_at(101), Some(2));
+        assert_eq!(l.allow_at(101), Some(0));
     }
 }

@@ -752,7 +752,7 @@ async fn charge(
     conn: &Arc<Semaphore>,
     len: u32,
 ) -> Option<(OwnedSemaphorePermit, Charge)> {
-    if len as usize
+    if len.max(4096) as usize
         > srv
             .cfg
             .max_reply_bytes_per_connection
@@ -760,8 +760,10 @@ async fn charge(
     {
         return None;
     }
-    let p = conn.clone().acquire_many_owned(len).await.ok()?;
-    let all = srv.budget.try_take(len as u64)?;
+    // A READ costs at least a page: tiny ones must not slip under the budget in numbers.
+    let cost = len.max(4096);
+    let p = conn.clone().acquire_many_owned(cost).await.ok()?;
+    let all = srv.budget.try_take(cost as u64)?;
     Some((p, all))
 }
 

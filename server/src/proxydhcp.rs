@@ -53,6 +53,9 @@ pub trait Responder: Send + Sync + 'static {
     fn status(&self) -> &crate::status::Status;
 }
 
+/// Answers logged: a flood of DISCOVERs with random MACs would log one line each.
+static ANSWERS: crate::limits::LogLimit = crate::limits::LogLimit::new(50);
+
 /// The receive loop of both DHCP modes: receive, [`Responder::handle`], send.
 pub async fn serve<R: Responder>(r: Arc<R>, sock: UdpSocket, port: u16) {
     let name = r.name();
@@ -62,6 +65,8 @@ pub async fn serve<R: Responder>(r: Arc<R>, sock: UdpSocket, port: u16) {
             Ok(x) => x,
             Err(e) => {
                 log::warn!("{name}: receive on port {port}: {e}");
+                // A persistent error must not spin the loop.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
         };
@@ -70,7 +75,9 @@ pub async fn serve<R: Responder>(r: Arc<R>, sock: UdpSocket, port: u16) {
         };
         match sock.send_to(&reply.bytes, reply.to).await {
             Ok(_) => {
-                log::info!("{name}: {}", reply.summary);
+                if let Some(n) = ANSWERS.allow() {
+                    log::info!("{name}: {}{}", reply.summary, crate::tftp::more(n));
+                }
                 if let Some(f) = &reply.file {
                     r.status().dhcp_seen(&reply.mac, f);
                 }
@@ -140,7 +147,7 @@ pub fn boot_file(c: Client, cfg: &ProxyDhcpConfig) -> Option<String> {
         Client::Firmware(6 | 7 | 9) => Some(cfg.uefi.clone()),
         // ARM, Itanium, HTTP-boot clients...: not served; say so once per request.
         Client::Firmware(other) => {
-            log::info!("proxy-dhcp: client architecture {other} is not served");
+            log::debug!("proxy-dhcp: client architecture {other} is not served");
             None
         }
     }

@@ -170,6 +170,8 @@ impl Server {
                 Ok(x) => x,
                 Err(e) => {
                     log::warn!("tftp: receive: {e}");
+                    // A persistent error must not spin the loop.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
@@ -261,7 +263,7 @@ impl Server {
                     });
                 }
                 Packet::Wrq(req) => {
-                    log::info!("tftp: {peer}: refused write of {:?}", req.filename);
+                    log::debug!("tftp: {peer}: refused write of {:?}", req.filename);
                     let _ = sock
                         .send_to(&tftp::error(tftp::ERR_ACCESS, "read-only server"), peer)
                         .await;
@@ -316,7 +318,9 @@ impl Server {
             Ok(s) => s,
             Err(r) => {
                 self.status.tftp_done(peer.ip(), &req.filename, 0, false);
-                log::info!("tftp: {peer}: {:?}: {}", req.filename, r.message);
+                if let Some(n) = NOTICES.allow() {
+                    log::info!("tftp: {peer}: {:?}: {}{}", req.filename, r.message, more(n));
+                }
                 let _ = sock.send_to(&tftp::error(r.code, &r.message), peer).await;
                 return;
             }
@@ -393,8 +397,24 @@ impl Server {
                  new request",
                 req.filename
             ),
-            Err(e) => log::warn!("tftp: {peer}: {:?}: {e}", req.filename),
+            Err(e) => {
+                if let Some(n) = NOTICES.allow() {
+                    log::warn!("tftp: {peer}: {:?}: {e}{}", req.filename, more(n));
+                }
+            }
         }
+    }
+}
+
+/// Refusals and failed transfers: a spoofed flood triggers one per request.
+static NOTICES: crate::limits::LogLimit = crate::limits::LogLimit::new(20);
+
+/// The note a rate-limited line carries about the lines left out before it.
+pub(crate) fn more(suppressed: u64) -> String {
+    if suppressed == 0 {
+        String::new()
+    } else {
+        format!(" ({suppressed} similar lines suppressed)")
     }
 }
 /// Largest datagram a transfer waits for: an ERROR with a 512-byte message (an ACK is 4).

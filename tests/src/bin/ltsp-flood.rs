@@ -589,5 +589,20 @@ fn main() -> std::process::ExitCode {
         g(&c.random_udp),
         g(&c.errors)
     );
+    let sent = [
+        &c.nbd_open,
+        &c.tftp_rrq,
+        &c.http_open,
+        &c.dhcp_sent,
+        &c.random_tcp,
+        &c.random_udp,
+    ]
+    .iter()
+    .map(|a| g(a))
+    .sum::<u64>();
+    if sent == 0 {
+        eprintln!("ltsp-flood: no attack could start");
+        return std::process::ExitCode::from(1);
+    }
     std::process::ExitCode::SUCCESS
 }
