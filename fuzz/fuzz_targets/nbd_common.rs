@@ -1,7 +1,7 @@
 //! A server with a small temp image, shared by the NBD fuzz targets: each input is a whole
 //! client session over an in-memory stream, through `Server::serve_stream`, the function
 //! every TCP connection runs.
-use ltsp_server::config::{Export, NbdConfig};
+use ltsp_server::config::NbdConfig;
 use ltsp_server::nbd::Server;
 use ltsp_server::status::Status;
 use std::sync::{Arc, OnceLock};
@@ -21,22 +21,9 @@ fn fx() -> &'static Fx {
         let path = dir.join("root.img");
         let img: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, img).expect("write the image");
-        let cfg = NbdConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            exports: vec![Export {
-                name: "root".into(),
-                path,
-            }],
-            default_export: None,
-            handshake_timeout: Duration::from_secs(10),
-            max_connections: 4,
-            max_connections_per_client: 0,
-            idle_timeout: None,
-            // Small budgets: both the buffered and the unbuffered READ paths are taken.
-            max_reply_bytes_per_connection: 16 * 1024,
-            max_reply_bytes: 8 * 1024,
-            write_timeout: Duration::from_secs(5),
-        };
+        // Small budgets: both the buffered and the unbuffered READ paths are taken.
+        let mut cfg = NbdConfig::for_tests(path, 16 * 1024, 8 * 1024, Duration::from_secs(5));
+        cfg.max_connections = 4;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

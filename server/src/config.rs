@@ -292,6 +292,28 @@ pub struct NbdConfig {
     pub write_timeout: Duration,
 }
 
+impl NbdConfig {
+    /// One export `root` at `path` on loopback, with limits off and the given reply
+    /// budgets: for tests and fuzz targets that drive sessions without sockets.
+    pub fn for_tests(path: PathBuf, per_conn: usize, all: usize, write: Duration) -> Self {
+        NbdConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            exports: vec![Export {
+                name: "root".into(),
+                path,
+            }],
+            default_export: None,
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: usize::MAX,
+            max_connections_per_client: 0,
+            idle_timeout: None,
+            max_reply_bytes_per_connection: per_conn,
+            max_reply_bytes: all,
+            write_timeout: write,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub tftp: Option<TftpConfig>,

@@ -1096,26 +1096,32 @@ mod tests {
         srv: Arc<Server>,
     }
 
+    impl Session {
+        /// A session served over an in-memory stream: (its task, the client's halves).
+        #[allow(clippy::type_complexity)]
+        fn spawn(
+            &self,
+        ) -> (
+            tokio::task::JoinHandle<Result<Option<String>, SessionError>>,
+            tokio::io::ReadHalf<tokio::io::DuplexStream>,
+            tokio::io::WriteHalf<tokio::io::DuplexStream>,
+        ) {
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            let srv = self.srv.clone();
+            let run = tokio::spawn(async move {
+                srv.serve_stream(server, "192.0.2.1".parse().unwrap()).await
+            });
+            let (crd, cwr) = tokio::io::split(client);
+            (run, crd, cwr)
+        }
+    }
+
     fn session(per_conn: usize, all: usize) -> Session {
         let dir = tempfile::tempdir().unwrap();
         let img: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
         let path = dir.path().join("root.img");
         std::fs::write(&path, &img).unwrap();
-        let cfg = NbdConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            exports: vec![Export {
-                name: "root".into(),
-                path,
-            }],
-            default_export: None,
-            handshake_timeout: Duration::from_secs(10),
-            max_connections: usize::MAX,
-            max_connections_per_client: 0,
-            idle_timeout: None,
-            max_reply_bytes_per_connection: per_conn,
-            max_reply_bytes: all,
-            write_timeout: Duration::from_secs(1),
-        };
+        let cfg = NbdConfig::for_tests(path, per_conn, all, Duration::from_secs(1));
         let srv = Server::new(cfg, Arc::new(Status::default()));
         Session {
             _dir: dir,
@@ -1150,13 +1156,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_that_takes_no_replies_is_not_read_and_is_closed() {
         let s = session(16 * 1024, 1 << 20);
-        let (client, server) = tokio::io::duplex(64 * 1024);
-        let srv = s.srv.clone();
-        let run =
-            tokio::spawn(
-                async move { srv.serve_stream(server, "192.0.2.1".parse().unwrap()).await },
-            );
-        let (mut crd, mut cwr) = tokio::io::split(client);
+        let (run, mut crd, mut cwr) = s.spawn();
         // The greeting and export answer only, then never read again.
         let mut g = [0u8; 18 + 10];
         let sender = tokio::spawn(async move {
@@ -1189,13 +1189,7 @@ mod tests {
     async fn reads_past_the_server_budget_are_still_served() {
         // Any per-connection setting is accepted, however large.
         let s = session(usize::MAX, 8 * 1024);
-        let (client, server) = tokio::io::duplex(64 * 1024);
-        let srv = s.srv.clone();
-        let run =
-            tokio::spawn(
-                async move { srv.serve_stream(server, "192.0.2.1".parse().unwrap()).await },
-            );
-        let (mut crd, mut cwr) = tokio::io::split(client);
+        let (run, mut crd, mut cwr) = s.spawn();
         let n = 300u64;
         let sender = tokio::spawn(async move {
             cwr.write_all(&hello()).await?;
@@ -1238,13 +1232,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_option_too_long_for_any_export_is_refused_and_negotiation_goes_on() {
         let s = session(1 << 20, 1 << 20);
-        let (client, server) = tokio::io::duplex(64 * 1024);
-        let srv = s.srv.clone();
-        let run =
-            tokio::spawn(
-                async move { srv.serve_stream(server, "192.0.2.1".parse().unwrap()).await },
-            );
-        let (mut crd, mut cwr) = tokio::io::split(client);
+        let (run, mut crd, mut cwr) = s.spawn();
         let mut g = [0u8; 18];
         crd.read_exact(&mut g).await.unwrap();
         let mut b = (w::CLIENT_FIXED_NEWSTYLE | w::CLIENT_NO_ZEROES)

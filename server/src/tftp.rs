@@ -214,17 +214,12 @@ impl Server {
                             .await;
                         continue;
                     };
-                    let Some(fd) = self.fds.try_acquire() else {
-                        log::debug!("tftp: {peer}: refused {:?}: no descriptor", req.filename);
-                        let _ = sock
-                            .send_to(
-                                &tftp::error(tftp::ERR_UNDEFINED, "server busy, retry"),
-                                peer,
-                            )
-                            .await;
-                        continue;
-                    };
-                    let Some((ticket, evicted)) = self.slots.acquire() else {
+                    // A descriptor for its socket, then a slot (maybe an unconfirmed one's).
+                    let admitted = self
+                        .fds
+                        .try_acquire()
+                        .and_then(|fd| self.slots.acquire().map(|slot| (fd, slot)));
+                    let Some((fd, (ticket, evicted))) = admitted else {
                         log::debug!(
                             "tftp: {peer}: refused {:?}: too many transfers",
                             req.filename

@@ -20,38 +20,32 @@ pub fn workspace_root() -> PathBuf {
 /// Path of a workspace binary, built (once per test process) so it is never stale.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "ltsp-server", "-p", "ltsp-agent"])
-            .current_dir(workspace_root())
-            .status()
-            .expect("run cargo build");
-        assert!(st.success(), "cargo build of the binaries failed");
-    });
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace_root().join("target"));
-    target.join("debug").join(name)
+    built(&BUILT, &["-p", "ltsp-server", "-p", "ltsp-agent"], "debug").join(name)
 }
 
 /// Path of a workspace binary in the shipped profile (release: optimised, panic=abort),
 /// built once per test process. Hostile-input tests run this one: a panic there aborts.
 pub fn release_bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
+    built(&BUILT, &["--release", "-p", "ltsp-server"], "release").join(name)
+}
+
+/// `cargo build ARGS` once per `once`; the profile's output directory.
+fn built(once: &OnceLock<()>, args: &[&str], profile: &str) -> PathBuf {
+    once.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let st = Command::new(cargo)
-            .args(["build", "--quiet", "--release", "-p", "ltsp-server"])
+            .args(["build", "--quiet"])
+            .args(args)
             .current_dir(workspace_root())
             .status()
-            .expect("run cargo build --release");
-        assert!(st.success(), "cargo build --release of ltsp-server failed");
+            .expect("run cargo build");
+        assert!(st.success(), "cargo build {args:?} failed");
     });
-    let target = std::env::var("CARGO_TARGET_DIR")
+    std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace_root().join("target"));
-    target.join("release").join(name)
+        .unwrap_or_else(|_| workspace_root().join("target"))
+        .join(profile)
 }
 
 /// A peer the set-up installs. Missing is a failed test, not a skip: `scripts/setup`

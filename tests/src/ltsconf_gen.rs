@@ -17,17 +17,17 @@ pub struct Case {
 }
 
 /// xorshift64*: small, fixed, and the same on every platform.
-struct Rng(u64);
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        (self.next_u64() % n as u64) as usize
     }
     /// True with probability `pct` percent.
     fn pct(&mut self, pct: usize) -> bool {
@@ -80,7 +80,7 @@ const KEYS: &[&str] = &[
 pub fn case(seed: u64, i: usize) -> Case {
     let mut r = Rng(seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     for _ in 0..4 {
-        r.next();
+        r.next_u64();
     }
     let hostname = r.pick(HOSTS).to_string();
     let ip = r.pick(IPS).to_string();

@@ -54,14 +54,7 @@ fn dhcp_against_dnsmasq_gives_a_permanent_address() {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let (ok, out, err) = run(Command::new(tool("ip"))
-        .args(["netns", "exec", &cli])
-        .arg(bin("ltsp-agent"))
-        .args([
-            "net",
-            "--cmdline",
-            "BOOTIF=01-52-54-00-aa-bb-cc ltsp.timeout=20",
-        ]));
+    let (ok, out, err) = agent_net(&cli, "BOOTIF=01-52-54-00-aa-bb-cc ltsp.timeout=20");
     let _ = dns.kill();
     let _ = dns.wait();
     assert!(ok, "{err}\n{out}");
@@ -133,14 +126,7 @@ fn the_agent_gets_a_lease_from_ltsp_servers_own_dhcp_server() {
     assert!(
         s.log_has("dhcp-server: leasing 192.0.2.70-192.0.2.71 on veth0 as 192.0.2.1/255.255.255.0")
     );
-    let (ok, out, err) = run(Command::new(tool("ip"))
-        .args(["netns", "exec", &cli])
-        .arg(bin("ltsp-agent"))
-        .args([
-            "net",
-            "--cmdline",
-            "BOOTIF=01-52-54-00-aa-bb-dd ltsp.timeout=20",
-        ]));
+    let (ok, out, err) = agent_net(&cli, "BOOTIF=01-52-54-00-aa-bb-dd ltsp.timeout=20");
     assert!(ok, "{err}\n{out}\n{}", s.log());
     assert!(out.contains("IPV4ADDR='192.0.2.70'\n"), "{out}");
     assert!(
@@ -269,14 +255,7 @@ fn hostile_replies_are_ignored_and_the_good_one_is_taken() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let server = hostile_server(&srv, stop.clone());
     std::thread::sleep(std::time::Duration::from_millis(200));
-    let (ok, out, err) = run(Command::new(tool("ip"))
-        .args(["netns", "exec", &cli])
-        .arg(bin("ltsp-agent"))
-        .args([
-            "net",
-            "--cmdline",
-            "BOOTIF=01-52-54-00-aa-bb-ee ltsp.timeout=20",
-        ]));
+    let (ok, out, err) = agent_net(&cli, "BOOTIF=01-52-54-00-aa-bb-ee ltsp.timeout=20");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (discovers, requests) = server.join().unwrap();
     assert!(ok, "{err}\n{out}");
@@ -292,4 +271,12 @@ fn hostile_replies_are_ignored_and_the_good_one_is_taken() {
     assert!(err.contains("ignored a reply"), "{err}");
     let (_, show, _) = run(Command::new(tool("ip")).args(["-n", &cli, "addr", "show", "eth7"]));
     assert!(show.contains("inet 192.0.2.80/24"), "{show}");
+}
+
+/// `ltsp-agent net --cmdline CMDLINE` in the client namespace: (ok, stdout, stderr).
+fn agent_net(cli: &str, cmdline: &str) -> (bool, String, String) {
+    run(Command::new(tool("ip"))
+        .args(["netns", "exec", cli])
+        .arg(bin("ltsp-agent"))
+        .args(["net", "--cmdline", cmdline]))
 }

@@ -126,29 +126,6 @@ fn tftp_hpa_and_atftp_with_windowsize() {
     );
 }
 
-#[test]
-fn netascii_round_trips_through_tftp_hpa() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = b"line one\nline two\r\nbare cr\rend\n".repeat(100);
-    std::fs::write(dir.path().join("text"), &text).unwrap();
-    let s = server(dir.path(), &[]);
-    let a = s.tftp.unwrap();
-    let dst = dir.path().join("out");
-    let (ok, _, err) = run(Command::new(tool("tftp"))
-        .args([
-            &a.ip().to_string(),
-            &a.port().to_string(),
-            "-m",
-            "ascii",
-            "-c",
-            "get",
-            "text",
-        ])
-        .arg(&dst));
-    assert!(ok, "{err}");
-    check(&dst, &text, "netascii");
-}
-
 /// A minimal client that shows what the server sends, packet by packet.
 struct Raw {
     sock: UdpSocket,
@@ -550,19 +527,6 @@ fn crlf_text() -> Vec<u8> {
     text
 }
 
-/// RFC 1350 netascii: LF -> CR LF, CR -> CR NUL.
-fn netascii(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for &b in data {
-        match b {
-            b'\n' => out.extend_from_slice(b"\r\n"),
-            b'\r' => out.extend_from_slice(b"\r\0"),
-            b => out.push(b),
-        }
-    }
-    out
-}
-
 #[test]
 fn netascii_on_the_wire_is_converted_block_by_block() {
     let dir = tempfile::tempdir().unwrap();
@@ -602,7 +566,7 @@ fn netascii_on_the_wire_is_converted_block_by_block() {
             break;
         }
     }
-    let want = netascii(&text);
+    let want = ltsp_server::tftp::to_netascii(&text);
     assert!(got == want, "{} bytes, want {}", got.len(), want.len());
     assert_eq!(&got[510..514], b"a\r\nb", "CR LF across blocks 1 and 2");
     // tftp-hpa in ascii mode turns it back into the file.

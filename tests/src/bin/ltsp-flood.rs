@@ -140,17 +140,16 @@ fn parse(args: Vec<String>) -> Result<Opts, String> {
     Ok(o)
 }
 
-/// xorshift64*: deterministic per task, no dependency.
-struct Rng(u64);
+/// Deterministic per task: the generator the lts.conf corpus uses, seeded apart.
+struct Rng(ltsp_tests::ltsconf_gen::Rng);
 impl Rng {
     fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        Rng(ltsp_tests::ltsconf_gen::Rng(
+            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        ))
     }
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        self.0.next_u64()
     }
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
