@@ -188,6 +188,15 @@ impl Drop for FdSlot {
     }
 }
 
+/// The note a rate-limited line carries about the lines left out before it.
+pub fn suppressed(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" ({n} similar lines suppressed)")
+    }
+}
+
 /// At most `per_sec` log lines a second from one source of lines a flood could trigger
 /// (a hostile client must not turn into a flood of log lines); the rest are counted and
 /// reported with the next line let through.

@@ -76,7 +76,7 @@ pub async fn serve<R: Responder>(r: Arc<R>, sock: UdpSocket, port: u16) {
         match sock.send_to(&reply.bytes, reply.to).await {
             Ok(_) => {
                 if let Some(n) = ANSWERS.allow() {
-                    log::info!("{name}: {}{}", reply.summary, crate::tftp::more(n));
+                    log::info!("{name}: {}{}", reply.summary, crate::limits::suppressed(n));
                 }
                 if let Some(f) = &reply.file {
                     r.status().dhcp_seen(&reply.mac, f);

@@ -314,7 +314,12 @@ impl Server {
             Err(r) => {
                 self.status.tftp_done(peer.ip(), &req.filename, 0, false);
                 if let Some(n) = NOTICES.allow() {
-                    log::info!("tftp: {peer}: {:?}: {}{}", req.filename, r.message, more(n));
+                    log::info!(
+                        "tftp: {peer}: {:?}: {}{}",
+                        req.filename,
+                        r.message,
+                        crate::limits::suppressed(n)
+                    );
                 }
                 let _ = sock.send_to(&tftp::error(r.code, &r.message), peer).await;
                 return;
@@ -394,7 +399,11 @@ impl Server {
             ),
             Err(e) => {
                 if let Some(n) = NOTICES.allow() {
-                    log::warn!("tftp: {peer}: {:?}: {e}{}", req.filename, more(n));
+                    log::warn!(
+                        "tftp: {peer}: {:?}: {e}{}",
+                        req.filename,
+                        crate::limits::suppressed(n)
+                    );
                 }
             }
         }
@@ -404,14 +413,6 @@ impl Server {
 /// Refusals and failed transfers: a spoofed flood triggers one per request.
 static NOTICES: crate::limits::LogLimit = crate::limits::LogLimit::new(20);
 
-/// The note a rate-limited line carries about the lines left out before it.
-pub(crate) fn more(suppressed: u64) -> String {
-    if suppressed == 0 {
-        String::new()
-    } else {
-        format!(" ({suppressed} similar lines suppressed)")
-    }
-}
 /// Largest datagram a transfer waits for: an ERROR with a 512-byte message (an ACK is 4).
 /// Anything longer is not for a transfer, and is not queued or buffered for it.
 const MAX_INBOUND: usize = 516;
