@@ -165,7 +165,7 @@ fn a_broken_file_is_a_clear_error_and_a_non_zero_exit() {
     assert!(!ok);
     let name = f.display().to_string();
     assert!(
-        err.contains(&format!("{name}:1:1: key KEY before any section")),
+        err.contains(&format!("{name}:1:1: \"KEY\" before any section")),
         "{err}"
     );
     assert!(
@@ -173,7 +173,9 @@ fn a_broken_file_is_a_clear_error_and_a_non_zero_exit() {
         "{err}"
     );
     assert!(
-        err.contains(&format!("{name}:5:5: unterminated double quote")),
+        err.contains(&format!(
+            "{name}:5:5: a '\"' with no closing '\"' on the line is ignored"
+        )),
         "{err}"
     );
     assert!(err.contains("LIKE cycle a -> b -> a"), "{err}");
