@@ -114,7 +114,11 @@ fn a_missing_export_is_named_and_the_node_halts() {
 #[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn a_malformed_lts_conf_is_logged_with_its_line_and_the_node_boots() {
     let out = fault("bad-ltsconf");
-    has(&out, "lts.conf:3:1: section header: expected ']'");
+    has(
+        &out,
+        "lts.conf:3:19: section header \"[52:54:00:12:34:56\" rejected",
+    );
+    has(&out, "lts.conf:4:1: \"SOUND\" not applied");
     has(&out, "lts.conf:5:1: expected 'KEY = value'");
 }
 
