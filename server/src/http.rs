@@ -21,18 +21,19 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, SizeHint};
 use hyper::{Request, Response, StatusCode};
+use std::collections::HashMap;
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::FileExt;
 use std::pin::Pin;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 type Body = BoxBody<Bytes, io::Error>;
 
@@ -289,6 +290,17 @@ pub struct Http {
     per_client: Arc<PerClient>,
     fds: Arc<Descriptors>,
     started: Instant,
+    /// Open connections, so that when all are taken one of the address holding the most
+    /// can make room: a few addresses cannot lock everyone else out.
+    open: Mutex<HashMap<u64, Open>>,
+    next_id: AtomicU64,
+}
+
+/// An open connection: its client, when it opened, and how to close it.
+struct Open {
+    ip: IpAddr,
+    since: Instant,
+    close: oneshot::Sender<()>,
 }
 
 impl Http {
@@ -307,7 +319,92 @@ impl Http {
             files,
             fds,
             started: Instant::now(),
+            open: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
         })
+    }
+
+    /// All connections are taken: closes the oldest connection of the address that holds
+    /// the most, if that is more than `ip` would hold with this one. The scan is of the open
+    /// connections only (at most `max_connections`).
+    fn evict_for(&self, ip: IpAddr) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts: HashMap<IpAddr, usize> = HashMap::new();
+        for c in open.values() {
+            *counts.entry(c.ip).or_default() += 1;
+        }
+        let mine = counts.get(&ip).copied().unwrap_or(0);
+        let Some((top, n)) = counts.into_iter().max_by_key(|(_, n)| *n) else {
+            return false;
+        };
+        if n <= mine + 1 {
+            return false;
+        }
+        let victim = open
+            .iter()
+            .filter(|(_, c)| c.ip == top)
+            .min_by_key(|(_, c)| c.since)
+            .map(|(id, _)| *id);
+        match victim.and_then(|id| open.remove(&id)) {
+            Some(c) => {
+                log::debug!("http: closed a connection of {top} ({n} open) for {ip}");
+                let _ = c.close.send(());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// After an eviction: the slot it frees, within a second.
+    async fn admit_after_eviction(&self, peer: SocketAddr) -> Result<Admitted, Cap> {
+        let total =
+            tokio::time::timeout(Duration::from_secs(1), self.total.clone().acquire_owned())
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .ok_or(Cap::Total)?;
+        let client = self
+            .per_client
+            .try_acquire(peer.ip())
+            .ok_or(Cap::PerClient)?;
+        let fd = self.fds.try_acquire().ok_or(Cap::Descriptors)?;
+        Ok(Admitted {
+            _total: total,
+            _client: client,
+            _fd: fd,
+        })
+    }
+
+    /// Serves an admitted connection, registered so that it can be closed to make room.
+    async fn serve_admitted(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        admitted: Admitted,
+    ) {
+        let id = self.next_id.fetch_add(1, Relaxed);
+        let (close, closed) = oneshot::channel();
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id,
+            Open {
+                ip: peer.ip(),
+                since: Instant::now(),
+                close,
+            },
+        );
+        self.status.http_connections.fetch_add(1, Relaxed);
+        self.status.http_open.fetch_add(1, Relaxed);
+        tokio::select! {
+            _ = self.clone().serve_connection(stream, peer, local) => {}
+            _ = closed => {}
+        }
+        self.status.http_open.fetch_sub(1, Relaxed);
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        drop(admitted);
     }
 
     /// One slot of every cap, or the cap that was met.
@@ -350,28 +447,33 @@ impl Http {
                     continue;
                 }
             };
-            let admitted = match self.admit(peer) {
-                Ok(a) => a,
-                Err(cap) => {
-                    cap.counter(&self.status).fetch_add(1, Relaxed);
-                    log::debug!("http: {peer}: refused: {}", cap.why());
-                    let _ = stream.try_write(BUSY);
-                    continue;
-                }
-            };
             let Ok(local) = stream.local_addr() else {
                 continue;
             };
             let _ = stream.set_nodelay(true);
             let me = self.clone();
-            tokio::spawn(async move {
-                me.status.http_connections.fetch_add(1, Relaxed);
-                me.status.http_open.fetch_add(1, Relaxed);
-                let _ = me.clone().serve_connection(stream, peer, local).await;
-                me.status.http_open.fetch_sub(1, Relaxed);
-                drop(admitted);
-            });
+            match self.admit(peer) {
+                Ok(a) => {
+                    tokio::spawn(me.serve_admitted(stream, peer, local, a));
+                }
+                // Another address holds more than its share: one of its connections goes.
+                Err(Cap::Total) if self.evict_for(peer.ip()) => {
+                    tokio::spawn(async move {
+                        match me.admit_after_eviction(peer).await {
+                            Ok(a) => me.serve_admitted(stream, peer, local, a).await,
+                            Err(cap) => me.refuse(&stream, peer, cap),
+                        }
+                    });
+                }
+                Err(cap) => self.refuse(&stream, peer, cap),
+            }
         }
+    }
+
+    fn refuse(&self, stream: &tokio::net::TcpStream, peer: SocketAddr, cap: Cap) {
+        cap.counter(&self.status).fetch_add(1, Relaxed);
+        log::debug!("http: {peer}: refused: {}", cap.why());
+        let _ = stream.try_write(BUSY);
     }
 
     /// Serves one connection until it closes: the whole request handling, as the accept
@@ -723,6 +825,42 @@ mod tests {
             .expect("the write never timed out")
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[test]
+    fn when_all_are_taken_the_address_holding_most_makes_room() {
+        let h = http(None);
+        let t0 = Instant::now();
+        let mut rx = Vec::new();
+        let mut open = |ip: &str, age: u64| {
+            let (close, closed) = oneshot::channel();
+            let id = h.next_id.fetch_add(1, Relaxed);
+            h.open.lock().unwrap().insert(
+                id,
+                Open {
+                    ip: ip.parse().unwrap(),
+                    since: t0 - Duration::from_secs(age),
+                    close,
+                },
+            );
+            rx.push((ip.to_string(), age, closed));
+        };
+        for age in [5, 9, 7] {
+            open("192.0.2.10", age);
+        }
+        open("192.0.2.11", 20);
+        // A newcomer: the oldest connection of .10 (three open) goes, not .11's older one.
+        assert!(h.evict_for("192.0.2.99".parse().unwrap()));
+        let mut gone = Vec::new();
+        for (ip, age, c) in rx.iter_mut() {
+            if c.try_recv().is_ok() {
+                gone.push((ip.clone(), *age));
+            }
+        }
+        assert_eq!(gone, [("192.0.2.10".to_string(), 9)]);
+        // .10 now holds two: a client holding one already is no fairer with a second.
+        assert!(!h.evict_for("192.0.2.11".parse().unwrap()));
+        assert!(h.evict_for("192.0.2.12".parse().unwrap()));
     }
 
     #[test]

@@ -207,6 +207,9 @@ fn descriptor_limit_is_raised_and_nbd_accepts_whatever_http_holds() {
             &format!("root={}", img.display()),
             "--nbd-max-connections",
             &nbd_max.to_string(),
+            // Every client here is 127.0.0.1.
+            "--nbd-max-connections-per-client",
+            "0",
             "--http-listen",
             "127.0.0.1:0",
             // Only the descriptor pool limits HTTP here, and held connections stay open.
