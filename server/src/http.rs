@@ -363,16 +363,7 @@ impl Http {
                 .ok()
                 .and_then(|r| r.ok())
                 .ok_or(Cap::Total)?;
-        let client = self
-            .per_client
-            .try_acquire(peer.ip())
-            .ok_or(Cap::PerClient)?;
-        let fd = self.fds.try_acquire().ok_or(Cap::Descriptors)?;
-        Ok(Admitted {
-            _total: total,
-            _client: client,
-            _fd: fd,
-        })
+        self.admit_with(total, peer)
     }
 
     /// Serves an admitted connection, registered so that it can be closed to make room.
@@ -414,6 +405,11 @@ impl Http {
             .clone()
             .try_acquire_owned()
             .map_err(|_| Cap::Total)?;
+        self.admit_with(total, peer)
+    }
+
+    /// The per-client and descriptor slots, once a slot of the total is held.
+    fn admit_with(&self, total: OwnedSemaphorePermit, peer: SocketAddr) -> Result<Admitted, Cap> {
         let client = self
             .per_client
             .try_acquire(peer.ip())
