@@ -211,6 +211,11 @@ pub struct NbdFile {
     pub max_reply_bytes: Option<usize>,
     /// Seconds a connection's socket may take no reply bytes before it is closed.
     pub write_timeout: Option<u64>,
+    /// Content-addressed store of image versions (default: `.ltsp-versions` beside each
+    /// export). Replicas that share it serve each other's versions.
+    pub versions_dir: Option<PathBuf>,
+    /// Seconds a version is kept after its last connection closed (default 7 days).
+    pub version_retention: Option<u64>,
     pub enabled: Option<bool>,
 }
 
@@ -277,6 +282,10 @@ pub struct Export {
     pub path: PathBuf,
 }
 
+/// A version no connection uses is kept this long (seconds): a week covers a node that
+/// reconnects after any outage an operator would sit through.
+pub const DEFAULT_VERSION_RETENTION: u64 = 7 * 24 * 3600;
+
 #[derive(Debug, Clone)]
 pub struct NbdConfig {
     pub listen: SocketAddr,
@@ -290,6 +299,10 @@ pub struct NbdConfig {
     pub max_reply_bytes_per_connection: usize,
     pub max_reply_bytes: usize,
     pub write_timeout: Duration,
+    /// Content-addressed store of versions; None: `.ltsp-versions` beside each export.
+    pub versions_dir: Option<PathBuf>,
+    /// How long a version no connection uses stays available.
+    pub version_retention: Duration,
 }
 
 impl NbdConfig {
@@ -310,6 +323,8 @@ impl NbdConfig {
             max_reply_bytes_per_connection: per_conn,
             max_reply_bytes: all,
             write_timeout: write,
+            versions_dir: None,
+            version_retention: Duration::from_secs(DEFAULT_VERSION_RETENTION),
         }
     }
 }
@@ -351,6 +366,8 @@ pub struct Overrides {
     pub nbd_max_reply_bytes_per_connection: Option<usize>,
     pub nbd_max_reply_bytes: Option<usize>,
     pub nbd_write_timeout: Option<u64>,
+    pub nbd_versions_dir: Option<PathBuf>,
+    pub nbd_version_retention: Option<u64>,
     pub no_nbd: bool,
     pub http_listen: Option<SocketAddr>,
     pub http_max_connections: Option<usize>,
@@ -575,6 +592,12 @@ impl Config {
                     .or(f.nbd.max_reply_bytes)
                     .unwrap_or(8 << 20),
                 write_timeout: Duration::from_secs(write_timeout),
+                versions_dir: o.nbd_versions_dir.clone().or(f.nbd.versions_dir),
+                version_retention: Duration::from_secs(
+                    o.nbd_version_retention
+                        .or(f.nbd.version_retention)
+                        .unwrap_or(DEFAULT_VERSION_RETENTION),
+                ),
             })
         } else {
             None

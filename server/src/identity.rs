@@ -1,72 +1,18 @@
 //! Image identity: a BLAKE3 hash of an image's whole content, sent in the NBD export
 //! description. A node that reconnects, to this server after a restart or to another one,
-//! compares it and refuses different bytes; two servers with copies of one image agree.
-//!
-//! Hashing 1 GiB takes about a second, so each file version is hashed once (keyed by
-//! device, inode, size and mtime) and exports are hashed when the server starts.
+//! asks for that identity and refuses different bytes; two servers with copies of one image
+//! agree. [`crate::versions`] hashes each file version once, in a task of its own.
 
-use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
-use std::sync::{Arc, Mutex};
-use tokio::sync::OnceCell;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// File versions remembered; old ones are forgotten first.
-const REMEMBERED: usize = 64;
+/// Length of `blake3:` and 64 hex digits.
+pub const LEN: usize = 7 + 64;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Key {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: i64,
-    mtime_nsec: i64,
-}
-
-type Cell = Arc<OnceCell<String>>;
-
-/// Per file version, its hash once computed; and the versions oldest first.
-#[derive(Default)]
-pub struct Identities {
-    known: Mutex<(HashMap<Key, Cell>, Vec<Key>)>,
-}
-
-impl Identities {
-    /// `blake3:<hex>` of the open file's content, computed at most once per file version.
-    pub async fn of(&self, file: &File) -> std::io::Result<String> {
-        let m = file.metadata()?;
-        let key = Key {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.len(),
-            mtime: m.mtime(),
-            mtime_nsec: m.mtime_nsec(),
-        };
-        let cell = {
-            let mut g = self.known.lock().unwrap();
-            let (map, order) = &mut *g;
-            if !map.contains_key(&key) {
-                if order.len() >= REMEMBERED {
-                    let old = order.remove(0);
-                    map.remove(&old);
-                }
-                order.push(key);
-            }
-            map.entry(key).or_default().clone()
-        };
-        let f = file.try_clone()?;
-        cell.get_or_try_init(|| async move {
-            tokio::task::spawn_blocking(move || hash_file(&f))
-                .await
-                .map_err(std::io::Error::other)?
-        })
-        .await
-        .cloned()
-    }
-}
-
-/// Hashes with positional reads, so the file offset other users see is untouched.
-pub fn hash_file(f: &File) -> std::io::Result<String> {
+/// `blake3:<hex>` of the file's content. Positional reads leave the file offset others
+/// see untouched; `done` counts the bytes hashed so far (progress for waiting clients).
+pub fn hash_file(f: &File, done: &AtomicU64) -> std::io::Result<String> {
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0u64;
@@ -77,48 +23,73 @@ pub fn hash_file(f: &File) -> std::io::Result<String> {
         }
         h.update(&buf[..n]);
         off += n as u64;
+        done.store(off, Relaxed);
     }
     Ok(format!("blake3:{}", h.finalize().to_hex()))
+}
+
+/// Whether `s` is an identity this server could have made: `blake3:` and 64 lowercase hex
+/// digits. Checked before it names a file in the store, so it can never be a path.
+pub fn is_identity(s: &str) -> bool {
+    s.len() == LEN
+        && s.starts_with("blake3:")
+        && s[7..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
 
-    #[tokio::test]
-    async fn same_bytes_same_identity_other_bytes_other() {
-        let dir = tempfile::tempdir().unwrap();
-        let write = |name: &str, data: &[u8]| {
-            let p = dir.path().join(name);
-            std::fs::File::create(&p).unwrap().write_all(data).unwrap();
-            File::open(p).unwrap()
-        };
-        let ids = Identities::default();
-        let a = ids.of(&write("a", b"image one")).await.unwrap();
-        let copy = ids.of(&write("b", b"image one")).await.unwrap();
-        let other = ids.of(&write("c", b"image two")).await.unwrap();
-        assert_eq!(a, copy, "a copy elsewhere has the same identity");
-        assert_ne!(a, other);
-        assert!(a.starts_with("blake3:") && a.len() == 7 + 64, "{a}");
-        // The known BLAKE3 of the empty input.
-        assert_eq!(
-            ids.of(&write("e", b"")).await.unwrap(),
-            "blake3:af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_rewritten_file_is_hashed_again() {
+    fn hash(data: &[u8]) -> String {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("img");
-        std::fs::write(&p, b"version 1").unwrap();
-        let ids = Identities::default();
-        let v1 = ids.of(&File::open(&p).unwrap()).await.unwrap();
-        // Same inode, new content and mtime.
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        std::fs::write(&p, b"version 2").unwrap();
-        let v2 = ids.of(&File::open(&p).unwrap()).await.unwrap();
-        assert_ne!(v1, v2);
+        std::fs::write(&p, data).unwrap();
+        let done = AtomicU64::new(0);
+        let id = hash_file(&File::open(p).unwrap(), &done).unwrap();
+        assert_eq!(
+            done.load(Relaxed),
+            data.len() as u64,
+            "progress reaches the size"
+        );
+        id
+    }
+
+    #[test]
+    fn same_bytes_same_identity_other_bytes_other() {
+        let a = hash(b"image one");
+        assert_eq!(
+            a,
+            hash(b"image one"),
+            "a copy elsewhere has the same identity"
+        );
+        assert_ne!(a, hash(b"image two"));
+        assert!(is_identity(&a), "{a}");
+        // The known BLAKE3 of the empty input.
+        assert_eq!(
+            hash(b""),
+            "blake3:af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+        );
+        // More than one buffer.
+        assert_ne!(hash(&vec![1u8; 3 << 20]), hash(&vec![2u8; 3 << 20]));
+    }
+
+    #[test]
+    fn only_well_formed_identities_pass() {
+        let good = format!("blake3:{}", "0123456789abcdef".repeat(4));
+        assert!(is_identity(&good));
+        for bad in [
+            "",
+            "blake3:",
+            &good[..LEN - 1],
+            &format!("{good}0"),
+            &good.replace("blake3", "sha256"),
+            &good.replace('a', "A"),
+            &format!("blake3:../../{}", "0".repeat(58)),
+            &format!("blake3:{}/", "0".repeat(63)),
+        ] {
+            assert!(!is_identity(bad), "{bad:?}");
+        }
     }
 }

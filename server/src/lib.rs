@@ -10,6 +10,7 @@ pub mod nbd;
 pub mod proxydhcp;
 pub mod status;
 pub mod tftp;
+pub mod versions;
 
 use config::Config;
 use std::net::SocketAddr;

@@ -134,6 +134,14 @@ struct ServeArgs {
     /// is closed (default 30).
     #[arg(long, value_name = "SECS")]
     nbd_write_timeout: Option<u64>,
+    /// Content-addressed store of image versions; replicas sharing it serve each other's
+    /// versions (default: .ltsp-versions beside each export).
+    #[arg(long, value_name = "DIR")]
+    nbd_versions_dir: Option<PathBuf>,
+    /// Seconds a version stays available after its last connection closed (default
+    /// 604800, a week).
+    #[arg(long, value_name = "SECS")]
+    nbd_version_retention: Option<u64>,
     /// Do not serve NBD.
     #[arg(long)]
     no_nbd: bool,
@@ -209,6 +217,8 @@ impl ServeArgs {
             nbd_max_reply_bytes_per_connection: self.nbd_max_reply_bytes_per_connection,
             nbd_max_reply_bytes: self.nbd_max_reply_bytes,
             nbd_write_timeout: self.nbd_write_timeout,
+            nbd_versions_dir: self.nbd_versions_dir.clone(),
+            nbd_version_retention: self.nbd_version_retention,
             no_nbd: self.no_nbd,
             http_listen: self.http_listen,
             http_max_connections: self.http_max_connections,

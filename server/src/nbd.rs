@@ -11,11 +11,13 @@
 //!
 //! An export's image is opened when a client selects it and that open file is kept for the
 //! whole connection: renaming a new image over the path changes only later connections.
+//! `NAME@blake3:<hex>` selects a version by identity ([`crate::versions`]): what a node's
+//! reconnect asks for, so it finds the bytes it runs after any upgrade.
 
 use crate::config::{Export, NbdConfig};
-use crate::identity::Identities;
 use crate::limits::PerClient;
 use crate::status::Status;
+use crate::versions::{Identity, Use, Versions};
 use ltsp_common::nbd::{self as w, InfoRequest};
 use std::fs::File;
 use std::io::IoSlice;
@@ -142,7 +144,7 @@ pub struct Server {
     status: Arc<Status>,
     conns: Arc<Semaphore>,
     per_client: Arc<PerClient>,
-    ids: Identities,
+    versions: Arc<Versions>,
     budget: Arc<Budget>,
     pool: Arc<Pool>,
 }
@@ -152,6 +154,22 @@ pub struct Opened {
     pub name: String,
     pub file: File,
     pub size: u64,
+    pub identity: Identity,
+    /// Keeps the version available while the connection lives.
+    _used: Use,
+}
+
+/// How long a client that asks for the identity waits for a hash in progress before it is
+/// told `hashing=NN%` and retries: short images are answered at once, long ones do not
+/// hold the handshake.
+const HASH_WAIT: Duration = Duration::from_secs(1);
+
+/// `NAME@blake3:<hex>`: the export and the version asked for; else the name alone.
+pub fn split_version(name: &str) -> (&str, Option<&str>) {
+    match name.rsplit_once('@') {
+        Some((base, v)) if v.starts_with("blake3:") => (base, Some(v)),
+        _ => (name, None),
+    }
 }
 
 impl Server {
@@ -161,6 +179,12 @@ impl Server {
         ));
         let per_client = PerClient::new(cfg.max_connections_per_client);
         let budget = Budget::new(cfg.max_reply_bytes as u64, status.clone());
+        let versions = Versions::new(
+            cfg.exports.clone(),
+            cfg.versions_dir.clone(),
+            cfg.version_retention,
+            status.clone(),
+        );
         // Freed buffers kept for reuse: a quarter of the budget on top of it, at most.
         let pool = Arc::new(Pool::new(cfg.max_reply_bytes / 4));
         Arc::new(Server {
@@ -168,39 +192,20 @@ impl Server {
             status,
             conns,
             per_client,
-            ids: Identities::default(),
+            versions,
             budget,
             pool,
         })
     }
 
-    /// Hashes every export now, so the first node does not wait for it.
-    fn hash_exports(self: &Arc<Self>) {
-        for e in self.cfg.exports.clone() {
-            let me = self.clone();
-            tokio::spawn(async move {
-                let t = std::time::Instant::now();
-                let id = match File::open(&e.path) {
-                    Ok(f) => me.ids.of(&f).await,
-                    Err(err) => Err(err),
-                };
-                match id {
-                    Ok(id) => {
-                        log::info!(
-                            "nbd: export {:?}: {id} (hashed in {:.2} s)",
-                            e.name,
-                            t.elapsed().as_secs_f64()
-                        );
-                        me.status.export_ready(&e.name, &id);
-                    }
-                    Err(err) => log::warn!("nbd: export {:?}: {}: {err}", e.name, e.path.display()),
-                }
-            });
-        }
+    /// Hashes every export and follows their paths (see [`crate::versions`]); `run` does
+    /// it, tests and fuzz targets that drive sessions directly call it themselves.
+    pub fn start_versions(&self) {
+        self.versions.start();
     }
 
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
-        self.hash_exports();
+        self.start_versions();
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(x) => x,
@@ -292,7 +297,11 @@ impl Server {
         );
         let name = opened.name.clone();
         wr.flush().await?;
-        self.status.nbd_connected(ip, &name);
+        let version = match &opened.identity {
+            Identity::Known(id) => Some(id.as_str()),
+            _ => None,
+        };
+        self.status.nbd_connected(ip, &name, version);
         let r = transmit(rd, wr.into_inner(), Arc::new(opened), self).await;
         self.status.nbd_closed(ip);
         r?;
@@ -313,17 +322,43 @@ impl Server {
         self.cfg.exports.iter().find(|e| e.name == name)
     }
 
-    fn open(&self, name: &str) -> Result<Opened, u32> {
-        let e = self.lookup(name).ok_or(w::REP_ERR_UNKNOWN)?;
-        let file = File::open(&e.path).map_err(|err| {
-            log::error!("nbd: export {:?}: {}: {err}", e.name, e.path.display());
-            w::REP_ERR_UNKNOWN
-        })?;
-        let size = file.metadata().map_err(|_| w::REP_ERR_UNKNOWN)?.len();
+    /// `wait`: how long to wait for a hash in progress (clients that ask for the identity).
+    async fn open(&self, name: &str, wait: Duration) -> Result<Opened, (u32, String)> {
+        let (base, version) = split_version(name);
+        let e = self
+            .lookup(base)
+            .ok_or_else(|| (w::REP_ERR_UNKNOWN, format!("no export named {base:?}")))?;
+        let v = match version {
+            Some(id) => self.versions.get(id).ok_or_else(|| {
+                (
+                    w::REP_ERR_UNKNOWN,
+                    format!(
+                        "export {:?}: version {id} is not held by this server",
+                        e.name
+                    ),
+                )
+            })?,
+            None => {
+                let mut v = self.versions.current(e, wait).await;
+                if v.is_none() {
+                    // Not looked at yet (a path that was missing at start, say): now.
+                    self.versions.refresh(e);
+                    v = self.versions.current(e, wait).await;
+                }
+                v.ok_or_else(|| {
+                    (
+                        w::REP_ERR_UNKNOWN,
+                        format!("export {:?}: image not readable", e.name),
+                    )
+                })?
+            }
+        };
         Ok(Opened {
             name: e.name.clone(),
-            file,
-            size,
+            file: v.file,
+            size: v.size,
+            identity: v.identity,
+            _used: v.used,
         })
     }
 
@@ -389,7 +424,7 @@ impl Server {
                 w::OPT_EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data).into_owned();
                     // This option has no error reply: an unknown name can only be a close.
-                    let Ok(o) = self.open(&name) else {
+                    let Ok(o) = self.open(&name, Duration::ZERO).await else {
                         return Err(SessionError::UnknownExport(name));
                     };
                     wr.write_all(&o.size.to_be_bytes()).await?;
@@ -440,10 +475,15 @@ impl Server {
                             continue;
                         }
                     };
-                    let o = match self.open(&req.name) {
+                    // Only a client that asks for the description needs the identity.
+                    let wait = if req.requests.contains(&w::INFO_DESCRIPTION) {
+                        HASH_WAIT
+                    } else {
+                        Duration::ZERO
+                    };
+                    let o = match self.open(&req.name, wait).await {
                         Ok(o) => o,
-                        Err(code) => {
-                            let msg = format!("no export named {:?}", req.name);
+                        Err((code, msg)) => {
                             self.reply_err(wr, h.option, code, &msg).await?;
                             continue;
                         }
@@ -474,6 +514,8 @@ impl Server {
             .map(|e| e.name.len())
             .max()
             .unwrap_or(0);
+        // `@blake3:<hex>` may follow the name.
+        let name = name + 1 + crate::identity::LEN;
         (4 + name as u32 + 2 + 2 * MAX_INFO_REQUESTS).max(256)
     }
 
@@ -505,16 +547,7 @@ impl Server {
             let mut d = r.to_be_bytes().to_vec();
             match r {
                 w::INFO_NAME => d.extend_from_slice(o.name.as_bytes()),
-                w::INFO_DESCRIPTION => {
-                    let id = match self.ids.of(&o.file).await {
-                        Ok(id) => Some(id),
-                        Err(e) => {
-                            log::error!("nbd: export {:?}: hashing the image: {e}", o.name);
-                            None
-                        }
-                    };
-                    d.extend_from_slice(describe(o, id.as_deref()).as_bytes())
-                }
+                w::INFO_DESCRIPTION => d.extend_from_slice(describe(o).as_bytes()),
                 w::INFO_BLOCK_SIZE => {
                     d.extend_from_slice(&1u32.to_be_bytes());
                     d.extend_from_slice(&4096u32.to_be_bytes());
@@ -530,11 +563,15 @@ impl Server {
 }
 
 /// A human-readable description that also identifies the image's bytes: `id=` is the
-/// content hash ([`crate::identity`]), equal on every server that has a copy.
-pub fn describe(o: &Opened, id: Option<&str>) -> String {
-    match id {
-        Some(id) => format!("ltsp-rs image {} size={} id={id}", o.name, o.size),
-        None => format!("ltsp-rs image {} size={}", o.name, o.size),
+/// content hash ([`crate::identity`]), equal on every server that has a copy. While the
+/// hash is computed, `hashing=NN%` instead: a client that needs the identity retries.
+pub fn describe(o: &Opened) -> String {
+    match &o.identity {
+        Identity::Known(id) => format!("ltsp-rs image {} size={} id={id}", o.name, o.size),
+        Identity::Hashing(pct) => {
+            format!("ltsp-rs image {} size={} hashing={pct}%", o.name, o.size)
+        }
+        Identity::Unknown => format!("ltsp-rs image {} size={}", o.name, o.size),
     }
 }
 

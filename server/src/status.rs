@@ -16,6 +16,8 @@ pub struct Node {
     pub files: Vec<String>,
     pub nbd_open: u32,
     pub export: Option<String>,
+    /// The image version its last connection reads, when known.
+    pub version: Option<String>,
     /// Unix seconds.
     pub first_seen: u64,
     pub last_seen: u64,
@@ -53,6 +55,9 @@ pub struct Status {
     nodes: Mutex<BTreeMap<IpAddr, Node>>,
     /// PXE clients answered by proxyDHCP, by MAC: (file given, unix seconds).
     pxe: Mutex<BTreeMap<String, (String, u64)>>,
+    /// Image versions held: identity -> the exports it is current for (none: kept for the
+    /// nodes that still run it).
+    versions: Mutex<BTreeMap<String, Vec<String>>>,
 }
 
 fn now() -> u64 {
@@ -111,13 +116,32 @@ impl Status {
         }
     }
 
-    pub fn nbd_connected(&self, ip: IpAddr, export: &str) {
+    /// `version`: the identity of the image served, when known.
+    pub fn nbd_connected(&self, ip: IpAddr, export: &str, version: Option<&str>) {
         self.nbd_open.fetch_add(1, Relaxed);
         self.nbd_connections.fetch_add(1, Relaxed);
         self.node(ip, |n| {
             n.nbd_open += 1;
             n.export = Some(export.to_string());
+            n.version = version.map(str::to_string);
         });
+    }
+
+    /// The versions held now ([`crate::versions`]), each with the exports it is current for.
+    pub fn set_versions(&self, list: Vec<(String, Vec<String>)>) {
+        *self.versions.lock().unwrap_or_else(|p| p.into_inner()) = list.into_iter().collect();
+    }
+
+    /// Nodes with a connection open, by the version they read.
+    fn nodes_by_version(&self) -> BTreeMap<String, Vec<IpAddr>> {
+        let mut m: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        for (ip, n) in nodes.iter().filter(|(_, n)| n.nbd_open > 0) {
+            if let Some(v) = &n.version {
+                m.entry(v.clone()).or_default().push(*ip);
+            }
+        }
+        m
     }
 
     pub fn nbd_closed(&self, ip: IpAddr) {
@@ -268,6 +292,22 @@ impl Status {
                 n.load(Relaxed)
             );
         }
+        drop(nodes);
+        let using = self.nodes_by_version();
+        let _ = writeln!(m, "# HELP ltsp_image_version_nodes Nodes connected to each image version this server holds; current: the exports it is current for\n# TYPE ltsp_image_version_nodes gauge");
+        for (id, current) in self
+            .versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                m,
+                "ltsp_image_version_nodes{{identity=\"{id}\",current=\"{}\"}} {}",
+                escape(&current.join(",")),
+                using.get(id).map_or(0, Vec::len)
+            );
+        }
         let _ = writeln!(m, "# HELP ltsp_uptime_seconds Seconds since the server started\n# TYPE ltsp_uptime_seconds gauge\nltsp_uptime_seconds {uptime:.0}");
         let _ = writeln!(m, "# HELP ltsp_export_info An export and its image identity\n# TYPE ltsp_export_info gauge");
         for (name, id) in self
@@ -290,20 +330,47 @@ impl Status {
     pub fn nodes_text(&self) -> String {
         let t = now();
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        let mut s = String::from("NODE\tNBD\tEXPORT\tLAST-FILE\tLAST-SEEN\n");
+        let mut s = String::from("NODE\tNBD\tEXPORT\tVERSION\tLAST-FILE\tLAST-SEEN\n");
         for (ip, n) in nodes.iter() {
             let _ = writeln!(
                 s,
-                "{ip}\t{}\t{}\t{}\t{}s ago",
+                "{ip}\t{}\t{}\t{}\t{}\t{}s ago",
                 if n.nbd_open > 0 {
                     format!("connected({})", n.nbd_open)
                 } else {
                     "-".into()
                 },
                 n.export.as_deref().unwrap_or("-"),
+                n.version.as_deref().map_or("-", short),
                 n.files.last().map(String::as_str).unwrap_or("-"),
                 t.saturating_sub(n.last_seen)
             );
+        }
+        drop(nodes);
+        let versions = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        if !versions.is_empty() {
+            let using = self.nodes_by_version();
+            s.push_str("\nVERSION\tCURRENT-FOR\tNODES\n");
+            for (id, current) in versions.iter() {
+                let nodes: Vec<String> = using
+                    .get(id)
+                    .map(|v| v.iter().map(IpAddr::to_string).collect())
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    s,
+                    "{id}\t{}\t{}",
+                    if current.is_empty() {
+                        "-".into()
+                    } else {
+                        current.join(",")
+                    },
+                    if nodes.is_empty() {
+                        "-".into()
+                    } else {
+                        nodes.join(" ")
+                    }
+                );
+            }
         }
         let pxe = self.pxe.lock().unwrap_or_else(|p| p.into_inner());
         if !pxe.is_empty() {
@@ -314,6 +381,11 @@ impl Status {
         }
         s
     }
+}
+
+/// An identity as the node table shows it: enough hex digits to tell versions apart.
+fn short(id: &str) -> &str {
+    id.get(..7 + 12).unwrap_or(id)
 }
 
 fn escape(s: &str) -> String {
@@ -336,7 +408,7 @@ mod tests {
         let ip: IpAddr = "192.0.2.10".parse().unwrap();
         s.tftp_done(ip, "ltsp/amd64/vmlinuz", 1000, true);
         s.tftp_done(ip, "nope", 0, false);
-        s.nbd_connected(ip, "root");
+        s.nbd_connected(ip, "root", Some("blake3:aa"));
         s.nbd_read(4096);
         let m = s.metrics(5.0);
         for want in [
@@ -352,7 +424,28 @@ mod tests {
         }
         let nodes = s.nodes_text();
         assert!(
-            nodes.contains("192.0.2.10\tconnected(1)\troot\tltsp/amd64/vmlinuz\t"),
+            nodes.contains("192.0.2.10\tconnected(1)\troot\tblake3:aa\tltsp/amd64/vmlinuz\t"),
+            "{nodes}"
+        );
+        // The versions held, the exports each is current for and the nodes on each.
+        s.set_versions(vec![
+            ("blake3:aa".into(), vec!["root".into()]),
+            ("blake3:bb".into(), vec![]),
+        ]);
+        let m = s.metrics(5.5);
+        assert!(
+            m.contains("ltsp_image_version_nodes{identity=\"blake3:aa\",current=\"root\"} 1\n"),
+            "{m}"
+        );
+        assert!(
+            m.contains("ltsp_image_version_nodes{identity=\"blake3:bb\",current=\"\"} 0\n"),
+            "{m}"
+        );
+        let nodes = s.nodes_text();
+        assert!(
+            nodes.contains(
+                "\nVERSION\tCURRENT-FOR\tNODES\nblake3:aa\troot\t192.0.2.10\nblake3:bb\t-\t-\n"
+            ),
             "{nodes}"
         );
         s.nbd_closed(ip);
