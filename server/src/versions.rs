@@ -580,10 +580,7 @@ fn prune(dir: &Path, keep: u64, held: &std::collections::HashSet<String>) {
             .or_else(|_| ent.metadata())
             .and_then(|m| m.modified());
         let Ok(used) = used else { continue };
-        if now
-            .duration_since(used)
-            .map_or(false, |d| d.as_secs() >= keep)
-        {
+        if now.duration_since(used).is_ok_and(|d| d.as_secs() >= keep) {
             log::info!(
                 "nbd: {id}: unused for {keep} s; removed from {}",
                 dir.display()
@@ -806,7 +803,7 @@ mod tests {
             "{:?}",
             v.identity
         );
-        assert!(!vs.status.health().is_ok(), "not ready while hashing");
+        assert!(vs.status.health().is_err(), "not ready while hashing");
         *gate.0.lock().unwrap() = true;
         gate.1.notify_all();
         let v = known(&vs, &e).await;
