@@ -268,6 +268,7 @@ pub const OPTIONS: &[(&str, &str, &str)] = &[
     ("ltsp.nbd-connections=", "auto", "NBD connections per device when the server offers CAN_MULTI_CONN; auto: 2, or 1 on a single CPU (the block layer then uses one queue, so a second connection would only cost)"),
     ("ltsp.nbd-timeout=", "10", "seconds an NBD request may take before the kernel marks its connection dead and resends it (a killed server's unanswered requests wait this long)"),
     ("ltsp.dead-timeout=", "300", "seconds the kernel holds I/O while a dead NBD connection is being replaced"),
+    ("ltsp.allow-anonymous=", "0", "1: accept an NBD server that gives no image identity (checked by size only)"),
     ("ltsp.modules=", "(none)", "extra kernel modules to load, comma separated"),
     ("ltsp.KEY=", "", "any other name overrides lts.conf's KEY (upper-cased); `NONE` unsets it"),
 ];
@@ -290,6 +291,8 @@ pub struct Cmdline {
     pub on_failure: OnFailure,
     pub debug: bool,
     pub reconnect: bool,
+    /// Accept an NBD server that gives no image identity (then only the size is checked).
+    pub allow_anonymous: bool,
     pub breaks: Vec<Step>,
     /// 0: auto, see [`Cmdline::nbd_connections_for`].
     pub nbd_connections: u32,
@@ -320,6 +323,7 @@ impl Default for Cmdline {
             on_failure: OnFailure::Reboot(Duration::from_secs(60)),
             debug: false,
             reconnect: true,
+            allow_anonymous: false,
             breaks: Vec::new(),
             nbd_connections: 0,
             nbd_timeout: Duration::from_secs(10),
@@ -487,6 +491,9 @@ impl Cmdline {
             },
             "debug" => self.debug = !matches!(val, "0" | "no" | "false" | "off"),
             "reconnect" => self.reconnect = !matches!(val, "0" | "no" | "false" | "off"),
+            "allow-anonymous" => {
+                self.allow_anonymous = !matches!(val, "0" | "no" | "false" | "off")
+            }
             "break" => {
                 for b in val.split(',').filter(|b| !b.is_empty()) {
                     match Step::from_break(b) {

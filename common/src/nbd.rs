@@ -251,16 +251,30 @@ pub struct ExportInfo {
     pub block_size: Option<(u32, u32, u32)>,
 }
 
+/// How ltsp-server's export descriptions begin.
+pub const LTSP_DESCRIPTION: &str = "ltsp-rs image ";
+
 impl ExportInfo {
     /// What identifies the image's bytes: ltsp-server's `id=` content hash in the
-    /// description, else the whole description (other servers), else nothing.
+    /// description, else the whole description (other servers), else nothing. An
+    /// ltsp-server description without `id=` (still hashing, or failed) is no identity.
     pub fn identity(&self) -> Option<&str> {
         let d = self.description.as_deref()?;
-        Some(
-            d.split_whitespace()
-                .find_map(|w| w.strip_prefix("id="))
-                .unwrap_or(d),
-        )
+        match d.split_whitespace().find_map(|w| w.strip_prefix("id=")) {
+            Some(id) => Some(id),
+            None if d.starts_with(LTSP_DESCRIPTION) => None,
+            None => Some(d),
+        }
+    }
+
+    /// ltsp-server's `hashing=NN%`: the identity is being computed; ask again shortly.
+    pub fn hashing(&self) -> Option<&str> {
+        let d = self.description.as_deref()?;
+        if !d.starts_with(LTSP_DESCRIPTION) {
+            return None;
+        }
+        d.split_whitespace()
+            .find_map(|w| w.strip_prefix("hashing="))
     }
 }
 
@@ -299,6 +313,12 @@ mod tests {
         assert_eq!(i.identity(), Some("some other server's words"));
         i.description = Some("ltsp-rs image root size=512 id=blake3:ab12".into());
         assert_eq!(i.identity(), Some("blake3:ab12"));
+        assert_eq!(i.hashing(), None);
+        i.description = Some("ltsp-rs image root size=512 hashing=42%".into());
+        assert_eq!(i.identity(), None, "no identity yet");
+        assert_eq!(i.hashing(), Some("42%"));
+        i.description = Some("other server hashing=1%".into());
+        assert_eq!(i.hashing(), None, "only ltsp-server's word counts");
     }
 
     use super::*;

@@ -339,13 +339,9 @@ impl Server {
                 )
             })?,
             None => {
-                let mut v = self.versions.current(e, wait).await;
-                if v.is_none() {
-                    // Not looked at yet (a path that was missing at start, say): now.
-                    self.versions.refresh(e);
-                    v = self.versions.current(e, wait).await;
-                }
-                v.ok_or_else(|| {
+                // The file at the path now (a stat; inotify may not have told us yet).
+                self.versions.refresh(e);
+                self.versions.current(e, wait).await.ok_or_else(|| {
                     (
                         w::REP_ERR_UNKNOWN,
                         format!("export {:?}: image not readable", e.name),

@@ -260,6 +260,18 @@ impl Versions {
     /// Looks at the export's path; a new file version there becomes current and is
     /// hashed by a thread of its own, which no client can cancel.
     pub fn refresh(self: &Arc<Self>, e: &Export) {
+        // A stat first: the common case (nothing changed) opens nothing.
+        if let Ok(m) = std::fs::metadata(&e.path) {
+            let key = key_of(&m);
+            if self
+                .lock()
+                .current
+                .get(&e.name)
+                .is_some_and(|c| c.key == key)
+            {
+                return;
+            }
+        }
         let file = match File::open(&e.path) {
             Ok(f) => f,
             Err(err) => {
@@ -363,8 +375,9 @@ impl Versions {
         }
     }
 
-    /// The export's current version. `wait`: how long a client that needs the identity
-    /// waits for a hash in progress before it is told to retry.
+    /// The export's current version, as last looked at (see [`Versions::refresh`]).
+    /// `wait`: how long a client that needs the identity waits for a hash in progress
+    /// before it is told to retry.
     pub async fn current(&self, e: &Export, wait: Duration) -> Option<Version> {
         let (rec, ready) = {
             let st = self.lock();

@@ -475,6 +475,77 @@ fn an_image_renamed_over_the_export_only_affects_new_connections() {
     assert_eq!(new.read(0, 65536), new_img[..65536]);
 }
 
+/// The identity in an ltsp-server description, once hashed (`hashing=` means: retry).
+fn identity_of(a: SocketAddr, name: &str) -> String {
+    for _ in 0..200 {
+        let mut c = Raw::connect(a);
+        let i = c.go(name, &[w::INFO_DESCRIPTION]).unwrap();
+        if let Some(id) = i.identity() {
+            return id.to_string();
+        }
+        assert!(i.hashing().is_some(), "{:?}", i.description);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{name}: never hashed");
+}
+
+/// A running node reconnects by identity (`root@blake3:<hex>`) and finds the bytes it
+/// booted from after the image was replaced, and after the server restarted too; the
+/// plain name gives the new image; nbdinfo reads a version by its name.
+#[test]
+fn a_replaced_image_is_still_served_by_its_identity() {
+    let fx = start(&[]);
+    let a = fx.s.nbd.unwrap();
+    let v1 = identity_of(a, "root");
+    let new_img = pattern(SIZE, 77);
+    let tmp = fx.dir.path().join("root.img.new");
+    std::fs::write(&tmp, &new_img).unwrap();
+    std::fs::rename(&tmp, fx.dir.path().join("root.img")).unwrap();
+    let v2 = identity_of(a, "root");
+    assert_ne!(v1, v2);
+    let mut old = Raw::connect(a);
+    let i = old
+        .go(&format!("root@{v1}"), &[w::INFO_DESCRIPTION])
+        .unwrap();
+    assert_eq!(i.identity(), Some(v1.as_str()));
+    assert_eq!(old.read(0, 65536), fx.root[..65536]);
+    let mut new = Raw::connect(a);
+    new.go("root", &[]).unwrap();
+    assert_eq!(new.read(0, 65536), new_img[..65536]);
+    // A version never held is an unknown export, with a reason.
+    let missing = format!("root@blake3:{}", "0".repeat(64));
+    assert_eq!(
+        Raw::connect(a).go(&missing, &[]).unwrap_err(),
+        w::REP_ERR_UNKNOWN
+    );
+    let (ok, out, err) =
+        run(Command::new(tool("nbdinfo")).args(["--size", &uri(a, &format!("root@{v1}"))]));
+    assert!(ok, "nbdinfo of a version: {err}");
+    assert_eq!(out.trim(), SIZE.to_string());
+    // A restarted server still serves v1: it was kept in .ltsp-versions beside the export.
+    let store = fx
+        .dir
+        .path()
+        .join(".ltsp-versions")
+        .join(format!("blake3-{}", &v1[7..]));
+    assert!(
+        std::fs::read(&store).unwrap() == fx.root,
+        "the stored version is v1's bytes"
+    );
+    let mut fx = fx;
+    let dir = fx.dir.path().to_path_buf();
+    let a_root = format!("root={}", dir.join("root.img").display());
+    let s2 = ServerProc::start(&["--no-tftp", "--export", &a_root]);
+    std::mem::swap(&mut fx.s, &mut { s2 });
+    let a = fx.s.nbd.unwrap();
+    let mut again = Raw::connect(a);
+    let i = again
+        .go(&format!("root@{v1}"), &[w::INFO_DESCRIPTION])
+        .unwrap();
+    assert_eq!(i.identity(), Some(v1.as_str()));
+    assert_eq!(again.read(SIZE as u64 - 4096, 4096), fx.root[SIZE - 4096..]);
+}
+
 /// A figure of /proc/PID/status, in bytes (VmHWM: peak resident set; VmRSS: now).
 fn vm_bytes(pid: u32, key: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -36,6 +36,8 @@ pub enum NbdError {
     },
     #[error("{device} did not show its size within {secs} s after NBD_CMD_CONNECT")]
     DeviceTimeout { device: String, secs: u64 },
+    #[error("{target}: the server gives no image identity, so a reconnect could not tell its bytes from others: refused (ltsp.allow-anonymous=1 accepts it, checked by size only)")]
+    Anonymous { target: String },
 }
 
 /// The device the root is on: N of `root=/dev/nbdN`, 0 by default.
@@ -88,13 +90,29 @@ pub fn attach(
         info.flags,
         info.description.as_deref().unwrap_or("no description")
     );
+    let identity = info.identity().map(str::to_string);
+    if identity.is_none() {
+        if !cmd.allow_anonymous {
+            return Err(NbdError::Anonymous {
+                target: t.to_string(),
+            });
+        }
+        log::warn!(
+            "nbd: {t} gives no image identity; accepted, checking the size only \
+             (ltsp.allow-anonymous=1)"
+        );
+    }
     let mut conns = vec![first];
     if info.flags & ltsp_common::nbd::TFLAG_CAN_MULTI_CONN != 0 {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         for n in 1..cmd.nbd_connections_for(cpus) {
-            let c = handshake::connect(t, Duration::from_secs(5))?;
+            // By identity: an image swapped meanwhile does not split the device.
+            let c = match &identity {
+                Some(id) => handshake::connect_version(t, id, Duration::from_secs(5))?,
+                None => handshake::connect(t, Duration::from_secs(5))?,
+            };
             // Every connection must reach the same bytes.
-            if c.info.description != info.description || c.info.size != info.size {
+            if c.info.identity() != identity.as_deref() || c.info.size != info.size {
                 return Err(NbdError::ImageChanged {
                     target: t.to_string(),
                     n,
@@ -105,6 +123,9 @@ pub fn attach(
             conns.push(c);
         }
     }
+    // Listening before NBD_CMD_CONNECT: a link that dies from its first moment is seen.
+    let mut events = netlink::Genl::open()?;
+    events.subscribe()?;
     let mut g = netlink::Genl::open()?;
     let cfg = netlink::DeviceConfig {
         index,
@@ -117,7 +138,7 @@ pub fn attach(
     };
     let socks: Vec<&std::net::TcpStream> = conns.iter().map(|c| &c.stream).collect();
     g.connect(&cfg, &socks)?;
-    *genl = Some(g);
+    *genl = Some(events);
     let device = format!("/dev/nbd{index}");
     wait_for_device(&device, index)?;
     // The kernel holds its own references to the sockets; ours close here.
@@ -125,7 +146,7 @@ pub fn attach(
         device,
         size: info.size,
         connections: conns.len() as u32,
-        identity: info.identity().map(str::to_string),
+        identity,
         description: info.description,
     })
 }
@@ -152,13 +173,12 @@ fn wait_for_device(device: &str, index: u32) -> Result<(), NbdError> {
     }
 }
 
-/// The netlink socket `attach` used (else a new one), subscribed to link-dead events.
+/// The link-dead listener `attach` subscribed before NBD_CMD_CONNECT (else a new one).
 pub fn link_dead_events(genl: &mut Option<netlink::Genl>) -> Option<OwnedFd> {
-    let g = match genl.take() {
+    let subscribed = match genl.take() {
         Some(g) => Ok(g),
-        None => netlink::Genl::open(),
+        None => netlink::Genl::open().and_then(|mut g| g.subscribe().map(|_| g)),
     };
-    let subscribed = g.and_then(|mut g| g.subscribe().map(|_| g));
     match subscribed {
         Ok(g) => Some(g.into_fd()),
         Err(e) => {

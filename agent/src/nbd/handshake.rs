@@ -42,6 +42,8 @@ pub enum HandshakeError {
     },
     #[error("{target}: export size {size} is not a whole number of 512-byte sectors")]
     BadSize { target: String, size: u64 },
+    #[error("{target}: the server is still hashing the image ({done} done); retrying")]
+    Hashing { target: String, done: String },
 }
 
 /// A negotiated connection, ready for transmission.
@@ -89,6 +91,13 @@ pub fn connect(t: &NbdTarget, timeout: Duration) -> Result<Connected, HandshakeE
         e => e,
     })?;
     stream.set_read_timeout(None).map_err(io)?;
+    if let Some(done) = info.hashing() {
+        // The connection closes with `stream`: the server sees a client leave.
+        return Err(HandshakeError::Hashing {
+            target,
+            done: done.to_string(),
+        });
+    }
     if info.size == 0 || info.size % 512 != 0 {
         return Err(HandshakeError::BadSize {
             target,
@@ -96,6 +105,25 @@ pub fn connect(t: &NbdTarget, timeout: Duration) -> Result<Connected, HandshakeE
         });
     }
     Ok(Connected { stream, info, addr })
+}
+
+/// A connection to the version `identity` of `t`'s export (`NAME@blake3:<hex>`, which
+/// ltsp-server serves for as long as it holds that version); a server that does not know
+/// that name (an older one, or one that never held the version) is asked for the plain
+/// name, and the caller checks the identity it gives.
+pub fn connect_version(
+    t: &NbdTarget,
+    identity: &str,
+    timeout: Duration,
+) -> Result<Connected, HandshakeError> {
+    let versioned = NbdTarget {
+        export: format!("{}@{identity}", t.export),
+        ..t.clone()
+    };
+    match connect(&versioned, timeout) {
+        Err(HandshakeError::NoExport { .. }) => connect(t, timeout),
+        r => r,
+    }
 }
 
 /// A server that vanishes without a FIN (power loss, cable) is noticed on an idle

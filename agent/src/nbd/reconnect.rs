@@ -104,10 +104,12 @@ pub fn order(n: usize, current: usize) -> Vec<usize> {
     (0..n).map(|i| (current + i) % n.max(1)).collect()
 }
 
-/// A new connection must reach exactly the bytes the kernel already caches.
+/// A new connection must reach exactly the bytes the kernel already caches. A node booted
+/// with no identity (`ltsp.allow-anonymous=1`, the boot refused it otherwise) can only
+/// check the size.
 pub fn check(w: &Watch, target: &NbdTarget, info: &ExportInfo) -> Result<(), Box<ReconnectError>> {
     let got = info.identity().map(str::to_string);
-    if info.size != w.size || got != w.identity {
+    if info.size != w.size || (w.identity.is_some() && got != w.identity) {
         return Err(Box::new(ReconnectError::OtherImage {
             target: target.to_string(),
             got,
@@ -122,7 +124,12 @@ pub fn check(w: &Watch, target: &NbdTarget, info: &ExportInfo) -> Result<(), Box
 /// Opens negotiated connections; real TCP at run time, scripted in tests.
 pub trait Dialer {
     type Conn;
-    fn dial(&mut self, t: &NbdTarget) -> Result<(Self::Conn, ExportInfo), HandshakeError>;
+    /// A connection to `t`, asking for the version `identity` when the node knows it.
+    fn dial(
+        &mut self,
+        t: &NbdTarget,
+        identity: Option<&str>,
+    ) -> Result<(Self::Conn, ExportInfo), HandshakeError>;
     fn sleep(&mut self, d: Duration);
 }
 
@@ -146,7 +153,7 @@ pub fn replace<D: Dialer>(
             let mut conns = Vec::new();
             let mut failed = None;
             while conns.len() < n {
-                match d.dial(&t) {
+                match d.dial(&t, w.identity.as_deref()) {
                     Ok((c, info)) => match check(w, &t, &info) {
                         Ok(()) => conns.push(c),
                         Err(e) => {
@@ -192,8 +199,15 @@ pub struct TcpDialer {
 
 impl Dialer for TcpDialer {
     type Conn = Connected;
-    fn dial(&mut self, t: &NbdTarget) -> Result<(Connected, ExportInfo), HandshakeError> {
-        let c = handshake::connect(t, self.timeout)?;
+    fn dial(
+        &mut self,
+        t: &NbdTarget,
+        identity: Option<&str>,
+    ) -> Result<(Connected, ExportInfo), HandshakeError> {
+        let c = match identity {
+            Some(id) => handshake::connect_version(t, id, self.timeout)?,
+            None => handshake::connect(t, self.timeout)?,
+        };
         let info = c.info.clone();
         Ok((c, info))
     }
@@ -320,22 +334,34 @@ pub fn run(mut w: Watch) -> Result<(), WatchError> {
             w.targets[w.current]
         );
         // Keep trying for as long as the node lives: after the dead-connection timeout
-        // the kernel fails I/O, but a new connection still revives the device.
-        let conns = loop {
-            match replace(&mut w, &mut dialer, dead, Duration::from_secs(3600)) {
-                Ok(c) => break c,
-                Err(e) => log::error!("nbd-watch: still no server after an hour: {e}"),
+        // the kernel fails I/O, but a new connection still revives the device. A failed
+        // RECONFIGURE brings no new event, so it is retried here, with new connections.
+        let mut pause = Duration::from_millis(500);
+        loop {
+            let conns = loop {
+                match replace(&mut w, &mut dialer, dead, Duration::from_secs(3600)) {
+                    Ok(c) => break c,
+                    Err(e) => log::error!("nbd-watch: still no server after an hour: {e}"),
+                }
+            };
+            let socks: Vec<&std::net::TcpStream> = conns.iter().map(|c| &c.stream).collect();
+            match cmds.reconfigure(w.index, w.identity.as_deref(), &socks) {
+                Ok(()) => {
+                    log::info!(
+                        "nbd-watch: /dev/nbd{}: {dead} connection(s) replaced via {} after \
+                         {:.2} s",
+                        w.index,
+                        w.targets[w.current],
+                        t0.elapsed().as_secs_f64()
+                    );
+                    break;
+                }
+                Err(e) => {
+                    log::error!("nbd-watch: {e}; trying again in {pause:?}");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
             }
-        };
-        let socks: Vec<&std::net::TcpStream> = conns.iter().map(|c| &c.stream).collect();
-        match cmds.reconfigure(w.index, w.identity.as_deref(), &socks) {
-            Ok(()) => log::info!(
-                "nbd-watch: /dev/nbd{}: {dead} connection(s) replaced via {} after {:.2} s",
-                w.index,
-                w.targets[w.current],
-                t0.elapsed().as_secs_f64()
-            ),
-            Err(e) => log::error!("nbd-watch: {e}"),
         }
     }
 }
@@ -373,16 +399,28 @@ mod tests {
     struct Script {
         answers: Vec<(String, VecDeque<Result<ExportInfo, ()>>)>,
         dialed: Vec<String>,
+        /// The version each dial asked for.
+        asked: Vec<Option<String>>,
         slept: Duration,
     }
 
     impl Dialer for Script {
         type Conn = String;
-        fn dial(&mut self, t: &NbdTarget) -> Result<(String, ExportInfo), HandshakeError> {
+        fn dial(
+            &mut self,
+            t: &NbdTarget,
+            identity: Option<&str>,
+        ) -> Result<(String, ExportInfo), HandshakeError> {
             let host = t.host.clone().unwrap();
             self.dialed.push(host.clone());
+            self.asked.push(identity.map(str::to_string));
             let q = &mut self.answers.iter_mut().find(|(h, _)| *h == host).unwrap().1;
             match q.pop_front().unwrap_or(Err(())) {
+                // A server still hashing: what the handshake makes of `hashing=`.
+                Ok(i) if i.hashing().is_some() => Err(HandshakeError::Hashing {
+                    target: t.to_string(),
+                    done: i.hashing().unwrap().into(),
+                }),
                 Ok(i) => Ok((host, i)),
                 Err(()) => Err(HandshakeError::Connect {
                     target: t.to_string(),
@@ -423,6 +461,55 @@ mod tests {
             ]
         );
         assert_eq!(s.slept, Duration::from_millis(300), "0.1 s then 0.2 s");
+        assert!(
+            s.asked.iter().all(|a| a.as_deref() == Some("blake3:aa")),
+            "every dial asks for the version the node runs: {:?}",
+            s.asked
+        );
+    }
+
+    #[test]
+    fn a_server_still_hashing_is_asked_again() {
+        let mut s = Script::default();
+        let hashing = ExportInfo {
+            size: 4096,
+            description: Some("ltsp-rs image root size=4096 hashing=40%".into()),
+            ..Default::default()
+        };
+        s.answers.push((
+            "192.0.2.1".into(),
+            VecDeque::from([
+                Ok(hashing.clone()),
+                Ok(hashing),
+                Ok(info(4096, "blake3:aa")),
+            ]),
+        ));
+        s.answers.push(("192.0.2.2".into(), VecDeque::new()));
+        let mut w = watch();
+        let c = replace(&mut w, &mut s, 1, Duration::from_secs(60)).unwrap();
+        assert_eq!(c, vec!["192.0.2.1".to_string()]);
+        assert_eq!(s.dialed.iter().filter(|h| *h == "192.0.2.1").count(), 3);
+    }
+
+    #[test]
+    fn an_anonymous_node_checks_the_size_only() {
+        // Booted with ltsp.allow-anonymous=1 from a server that gave no identity.
+        let mut w = watch();
+        w.identity = None;
+        let t = w.targets[0].clone();
+        let plain = ExportInfo {
+            size: 4096,
+            ..Default::default()
+        };
+        assert!(check(&w, &t, &plain).is_ok());
+        assert!(check(&w, &t, &info(4096, "blake3:aa")).is_ok());
+        assert!(
+            check(&w, &t, &info(8192, "blake3:aa")).is_err(),
+            "other size"
+        );
+        // A node that knows its identity never takes a server without one.
+        let w = watch();
+        assert!(check(&w, &t, &plain).is_err());
     }
 
     #[test]
