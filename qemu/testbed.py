@@ -106,7 +106,8 @@ class BedSettings:
     (ltsp-server is the DHCP server). nbd: False serves TFTP only. second_server: a second
     ltsp-server on SERVER2_IP exporting a copy of the image (another file, same bytes).
     boot_files: "http" has iPXE fetch the kernel and initramfs from ltsp-server's HTTP port
-    instead of TFTP. loader: "ipxe" or "grub". kernel: a directory with another vmlinuz and
+    instead of TFTP. versions_dir: the content-addressed store of image versions every
+    ltsp-server of the bed shares (--nbd-versions-dir). loader: "ipxe" or "grub". kernel: a directory with another vmlinuz and
     initrd-standalone.img (qemu/prepare-generic). stock: the stock Debian image directory
     (initramfs-tools + nbd-client, served by nbd-server) instead of ours."""
     artifacts: str
@@ -122,6 +123,7 @@ class BedSettings:
     boot_files: str = "tftp"
     loader: str = "ipxe"
     kernel: str | None = None
+    versions_dir: str | None = None
 
 
 class Bed:
@@ -280,12 +282,18 @@ class Bed:
             self.server_args += ["--proxy-dhcp", "br0"]
         if s.dhcp == "server":
             self.server_args += ["--dhcp-server", "br0", "--dhcp-range", "192.0.2.100-192.0.2.199"]
+        if s.versions_dir:
+            self.server_args += ["--nbd-versions-dir", s.versions_dir]
         ready = "nbd: listening" if nbd[0] != "--no-nbd" else "tftp: serving"
         self.server = self.launch(self.server_args, self.server_log, ready)
 
-    def start_server2(self):
-        self.server2 = self.launch(["serve", "--no-tftp", "--nbd-listen", f"{SERVER2_IP}:10809",
-                                    "--export", f"root={self.squashfs2}"], self.server2_log, "nbd: listening")
+    def start_server2(self, image=None):
+        """The second server, exporting `image` (default: the bed's copy of the image)."""
+        args = ["serve", "--no-tftp", "--nbd-listen", f"{SERVER2_IP}:10809",
+                "--export", f"root={image or self.squashfs2}"]
+        if self.settings.versions_dir:
+            args += ["--nbd-versions-dir", self.settings.versions_dir]
+        self.server2 = self.launch(args, self.server2_log, "nbd: listening")
 
     def restart_server(self):
         """Starts the (killed) first server again with the same settings."""

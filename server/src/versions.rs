@@ -526,7 +526,11 @@ fn put(dir: &Path, id: &str, file: &File) -> std::io::Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".tmp-{}-{}", &id[7..], std::process::id()));
+    // Unique among replicas sharing the store (in containers every server may be PID 1).
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let tmp = dir.join(format!(".tmp-{}-{}-{nanos}", &id[7..], std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     // The open file, not the path: the path may hold another image by now.
     let by_fd = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
@@ -581,6 +585,17 @@ fn prune(dir: &Path, keep: u64, held: &std::collections::HashSet<String>) {
     for ent in entries.flatten() {
         let name = ent.file_name();
         let Some(name) = name.to_str() else { continue };
+        if name.starts_with(".tmp-") {
+            // A copy that a server stopped in the middle of, a day ago or more.
+            let old = ent
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| now.duration_since(t).is_ok_and(|d| d.as_secs() > 86_400));
+            if old {
+                let _ = std::fs::remove_file(ent.path());
+            }
+            continue;
+        }
         let Some(hex) = name.strip_prefix("blake3-") else {
             continue;
         };

@@ -129,12 +129,7 @@ fn kubernetes_servers_are_redundant_on_the_host_network_with_health_probes() {
         .as_vec()
         .unwrap()
         .iter()
-        .map(|m| {
-            (
-                m["subPath"].as_str().unwrap(),
-                m["mountPath"].as_str().unwrap(),
-            )
-        })
+        .filter_map(|m| Some((m["subPath"].as_str()?, m["mountPath"].as_str().unwrap())))
         .collect();
     assert!(mounts.contains(&("server.toml", "/etc/ltsp/server.toml")));
     let tftp_root = cfg.tftp.root.unwrap();
@@ -150,6 +145,30 @@ fn kubernetes_servers_are_redundant_on_the_host_network_with_health_probes() {
         pod["volumes"][0]["configMap"]["name"].as_str(),
         gen["name"].as_str()
     );
+
+    // Every replica mounts the one shared store of versions where the server keeps them:
+    // a rollout strands no node.
+    let versions_dir = cfg.nbd.versions_dir.clone().expect("[nbd] versions_dir");
+    let mount = c["volumeMounts"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"].as_str() == versions_dir.to_str())
+        .expect("a volume at versions_dir");
+    let vol = pod["volumes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    let claim = vol["persistentVolumeClaim"]["claimName"].as_str().unwrap();
+    let pvc = yaml("deploy/kubernetes/versions-pvc.yaml");
+    assert_eq!(pvc["metadata"]["name"].as_str(), Some(claim));
+    assert_eq!(
+        pvc["spec"]["accessModes"][0].as_str(),
+        Some("ReadWriteMany")
+    );
+    assert!(resources.contains(&"versions-pvc.yaml"));
 
     let pdb = yaml("deploy/kubernetes/poddisruptionbudget.yaml");
     assert_eq!(pdb["spec"]["minAvailable"].as_i64(), Some(1));

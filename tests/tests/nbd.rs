@@ -536,7 +536,7 @@ fn a_replaced_image_is_still_served_by_its_identity() {
     let dir = fx.dir.path().to_path_buf();
     let a_root = format!("root={}", dir.join("root.img").display());
     let s2 = ServerProc::start(&["--no-tftp", "--export", &a_root]);
-    std::mem::swap(&mut fx.s, &mut { s2 });
+    fx.s = s2;
     let a = fx.s.nbd.unwrap();
     let mut again = Raw::connect(a);
     let i = again
