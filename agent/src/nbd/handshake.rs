@@ -91,13 +91,6 @@ pub fn connect(t: &NbdTarget, timeout: Duration) -> Result<Connected, HandshakeE
         e => e,
     })?;
     stream.set_read_timeout(None).map_err(io)?;
-    if let Some(done) = info.hashing() {
-        // The connection closes with `stream`: the server sees a client leave.
-        return Err(HandshakeError::Hashing {
-            target,
-            done: done.to_string(),
-        });
-    }
     if info.size == 0 || info.size % 512 != 0 {
         return Err(HandshakeError::BadSize {
             target,
@@ -184,7 +177,16 @@ pub fn negotiate<S: Read + Write>(
             w::REP_INFO => {
                 let _ = w::apply_info_reply(&mut info, &d);
             }
-            w::REP_ACK => return Ok(info),
+            w::REP_ACK => {
+                if let Some(done) = info.hashing() {
+                    // No identity yet: the caller drops the connection and asks again.
+                    return Err(HandshakeError::Hashing {
+                        target: target.into(),
+                        done: done.to_string(),
+                    });
+                }
+                return Ok(info);
+            }
             w::REP_ERR_UNSUP => break, // an old server: EXPORT_NAME below
             code => {
                 return Err(HandshakeError::NoExport {
@@ -286,6 +288,26 @@ mod tests {
         .unwrap();
         assert_eq!(info.size, 4096);
         assert_eq!(info.description.as_deref(), Some("image v2"));
+
+        // ltsp-server still hashing the image: no identity yet, so no connection.
+        let mut srv = w::server_greeting().to_vec();
+        let mut d = w::INFO_DESCRIPTION.to_be_bytes().to_vec();
+        d.extend_from_slice(b"ltsp-rs image root size=4096 hashing=12%");
+        srv.extend(w::option_reply(w::OPT_GO, w::REP_INFO, &d));
+        srv.extend(w::option_reply(w::OPT_GO, w::REP_ACK, b""));
+        let e = negotiate(
+            &mut Script {
+                r: Cursor::new(srv),
+                w: Vec::new(),
+            },
+            "root",
+            "t",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, HandshakeError::Hashing { done, .. } if done == "12%"),
+            "{e}"
+        );
 
         let mut srv = w::server_greeting().to_vec();
         srv.extend(w::option_reply(
