@@ -61,7 +61,13 @@ impl Layout {
 /// The network side of the boot: real sockets at boot, scripted answers in tests.
 pub trait Platform {
     fn bring_up(&mut self, cmd: &Cmdline, deadline: Instant) -> Result<NetInfo, net::NetError>;
-    fn fetch(&mut self, server: SocketAddr, path: &str) -> Result<Vec<u8>, tftp::FetchError>;
+    /// Fetches `path` by TFTP; gives up at `deadline` whatever the server does.
+    fn fetch(
+        &mut self,
+        server: SocketAddr,
+        path: &str,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, tftp::FetchError>;
     /// Negotiates with `target` and hands the connections to the kernel as /dev/nbd`index`.
     fn attach_nbd(
         &mut self,
@@ -316,7 +322,8 @@ fn network_steps(r: &Run, p: &mut dyn Platform, tl: &mut Timeline) -> Result<Net
         .server
         .clone()
         .or(info.lease.next_server.map(|s| s.to_string()));
-    let conf = fetch_lts_conf(p, cmd, &info, server.as_deref());
+    let conf_deadline = (Instant::now() + LTSCONF_DEADLINE).min(deadline);
+    let conf = fetch_lts_conf(p, cmd, &info, server.as_deref(), conf_deadline);
     Ok(NetStep { info, conf, server })
 }
 
@@ -643,13 +650,20 @@ fn write_run_files(l: &Layout, net: &NetInfo) {
     }
 }
 
+/// How long the whole lts.conf fetch may take, every path tried included. A few-KiB file
+/// takes milliseconds on a LAN, and even the 1 MiB limit takes well under a second; a
+/// server still sending after this is broken or hostile.
+pub const LTSCONF_DEADLINE: Duration = Duration::from_secs(10);
+
 /// lts.conf by TFTP: `ltsp.conf=`, else next to the boot file, else /ltsp/<arch>/lts.conf.
-/// None when the server has none: the image's /etc/lts.conf is read after the root mount.
+/// None when the server has none, or did not send it by `deadline`: the image's
+/// /etc/lts.conf is read after the root mount, as when the server has no file.
 fn fetch_lts_conf(
     p: &mut dyn Platform,
     cmd: &Cmdline,
     net: &NetInfo,
     server: Option<&str>,
+    deadline: Instant,
 ) -> Option<FetchedConf> {
     let paths: Vec<String> = match cmd.conf_path.as_deref() {
         Some("none") => return None,
@@ -674,13 +688,20 @@ fn fetch_lts_conf(
         return None;
     };
     for path in paths {
-        match p.fetch(SocketAddr::new(addr, 69), &path) {
+        match p.fetch(SocketAddr::new(addr, 69), &path, deadline) {
             Ok(bytes) => {
                 log::info!("lts.conf: {} bytes from tftp://{addr}{}", bytes.len(), path);
                 return Some(FetchedConf {
                     source: format!("tftp://{addr}{path}"),
                     text: bytes,
                 });
+            }
+            Err(e @ tftp::FetchError::Deadline { .. }) => {
+                log::error!(
+                    "step `{}`: {e}: giving up on the server's lts.conf; the boot goes on with the image's /etc/lts.conf if it has one",
+                    Step::LtsConf.name()
+                );
+                return None;
             }
             Err(e) => log::info!("lts.conf: {e}"),
         }
@@ -795,8 +816,20 @@ impl Platform for RealPlatform {
         net::bring_up(cmd, deadline)
     }
 
-    fn fetch(&mut self, server: SocketAddr, path: &str) -> Result<Vec<u8>, tftp::FetchError> {
-        tftp::fetch(server, path, Duration::from_millis(500), 4, 1 << 20)
+    fn fetch(
+        &mut self,
+        server: SocketAddr,
+        path: &str,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, tftp::FetchError> {
+        tftp::fetch(
+            server,
+            path,
+            Duration::from_millis(500),
+            4,
+            1 << 20,
+            deadline,
+        )
     }
 
     fn attach_nbd(
@@ -846,11 +879,16 @@ mod tests {
         );
     }
 
+    #[derive(Default)]
     struct FakePlatform {
         conf: Option<Vec<u8>>,
         nbd_failures: u32,
         fetched: Vec<String>,
         attached: Vec<String>,
+        /// Paths whose server keeps the transfer going past the deadline.
+        endless: Vec<String>,
+        /// The deadline each fetch was given.
+        deadlines: Vec<Instant>,
     }
 
     impl Platform for FakePlatform {
@@ -873,8 +911,22 @@ mod tests {
                 dhcp_wait: Duration::ZERO,
             })
         }
-        fn fetch(&mut self, server: SocketAddr, path: &str) -> Result<Vec<u8>, tftp::FetchError> {
+        fn fetch(
+            &mut self,
+            server: SocketAddr,
+            path: &str,
+            deadline: Instant,
+        ) -> Result<Vec<u8>, tftp::FetchError> {
             self.fetched.push(format!("{server}{path}"));
+            self.deadlines.push(deadline);
+            if self.endless.iter().any(|e| e == path) {
+                return Err(tftp::FetchError::Deadline {
+                    path: path.into(),
+                    server,
+                    got: 4096,
+                    secs: 10.0,
+                });
+            }
             self.conf
                 .clone()
                 .ok_or(tftp::FetchError::NotFound { path: path.into() })
@@ -937,6 +989,7 @@ mod tests {
             nbd_failures: 1,
             fetched: vec![],
             attached: vec![],
+            ..Default::default()
         };
         std::fs::create_dir_all(format!("{}/rootfs/lower/etc", l.run)).unwrap();
         std::fs::write(
@@ -1049,6 +1102,7 @@ mod tests {
             nbd_failures: 0,
             fetched: vec![],
             attached: vec![],
+            ..Default::default()
         };
         let b = boot(&sys, &mut p, Mode::Worker, &l)
             .unwrap_or_else(|f| panic!("worker returns: {}", f.0));
@@ -1071,6 +1125,61 @@ mod tests {
     }
 
     #[test]
+    fn an_lts_conf_transfer_past_its_deadline_falls_back_to_the_image() {
+        let cmd = Cmdline::parse("root=/dev/nbd0");
+        let net = NetInfo {
+            lease: Lease {
+                bootfile: Some("ltsp/amd64/pxelinux.0".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let deadline = Instant::now() + LTSCONF_DEADLINE;
+        // Not there: both paths tried, under one deadline for the whole step.
+        let mut p = FakePlatform::default();
+        assert!(fetch_lts_conf(&mut p, &cmd, &net, Some("192.0.2.1"), deadline).is_none());
+        assert_eq!(
+            p.fetched,
+            [
+                "192.0.2.1:69ltsp/amd64/lts.conf",
+                "192.0.2.1:69/ltsp/amd64/lts.conf"
+            ]
+        );
+        assert_eq!(p.deadlines, [deadline, deadline]);
+        // A transfer that never ends: the step gives up (the deadline is spent, so the
+        // second path is not tried) and the boot goes on without the server's file.
+        let mut p = FakePlatform {
+            conf: Some(b"[default]\nX = 1\n".to_vec()),
+            endless: vec!["ltsp/amd64/lts.conf".into()],
+            ..Default::default()
+        };
+        assert!(fetch_lts_conf(&mut p, &cmd, &net, Some("192.0.2.1"), deadline).is_none());
+        assert_eq!(p.fetched, ["192.0.2.1:69ltsp/amd64/lts.conf"]);
+
+        // The whole boot: the image's lts.conf applies.
+        let d = tempfile::tempdir().unwrap();
+        let l = layout(d.path(), "root=/dev/nbd0 nbdroot=192.0.2.9/img");
+        std::fs::create_dir_all(format!("{}/rootfs/lower/etc", l.run)).unwrap();
+        std::fs::write(
+            format!("{}/rootfs/lower/etc/lts.conf", l.run),
+            "[default]\nHOSTNAME = from-image\n",
+        )
+        .unwrap();
+        let mut p = FakePlatform {
+            conf: Some(b"[default]\nHOSTNAME = from-server\n".to_vec()),
+            endless: vec!["/ltsp/amd64/lts.conf".into()],
+            ..Default::default()
+        };
+        let before = Instant::now();
+        let b = boot(&Recorder::default(), &mut p, Mode::Worker, &l)
+            .unwrap_or_else(|f| panic!("the boot goes on: {}", f.0));
+        assert_eq!(b.config.resolved.get("HOSTNAME"), Some("from-image"));
+        assert_eq!(p.deadlines.len(), 1);
+        assert!(p.deadlines[0] <= Instant::now() + LTSCONF_DEADLINE);
+        assert!(p.deadlines[0] >= before + LTSCONF_DEADLINE);
+    }
+
+    #[test]
     fn failures_name_their_step() {
         let d = tempfile::tempdir().unwrap();
         let l = layout(d.path(), "quiet");
@@ -1080,6 +1189,7 @@ mod tests {
             nbd_failures: 0,
             fetched: vec![],
             attached: vec![],
+            ..Default::default()
         };
         let (e, _) = *boot(&sys, &mut p, Mode::Worker, &l).err().unwrap();
         assert_eq!(e.step(), Some(Step::Cmdline));
@@ -1101,6 +1211,7 @@ mod tests {
             nbd_failures: 100,
             fetched: vec![],
             attached: vec![],
+            ..Default::default()
         };
         let t0 = Instant::now();
         let (e, _) = *boot(&Recorder::default(), &mut p, Mode::Worker, &l)
