@@ -152,6 +152,12 @@ fn a_hung_preinit_command_is_killed_named_and_the_node_boots() {
         &out,
         "step `preinit`: PREINIT_02_HANG `trap '' TERM; while :; do sleep 1; done` still running after 5 s",
     );
-    has(&out, "SIGKILL 5 s later); not run: PREINIT_03_AFTER; the boot goes on");
-    has(&out, "from PREINIT start to multi-user; none of its processes left");
+    has(
+        &out,
+        "SIGKILL 5 s later); not run: PREINIT_03_AFTER; the boot goes on",
+    );
+    has(
+        &out,
+        "from PREINIT start to multi-user; none of its processes left",
+    );
 }
