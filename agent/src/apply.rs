@@ -10,6 +10,7 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Units a diskless node must not run, masked unless KEEP_SYSTEM_SERVICES names them.
 /// The first group would reconfigure or take down the boot NIC that carries the root
@@ -49,8 +50,6 @@ pub struct Node {
 pub enum ApplyError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("HOSTNAME {0:?}: not a valid host name (letters, digits, '-', '.'; 1-253 chars)")]
-    BadHostname(String),
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> ApplyError + '_ {
@@ -68,25 +67,86 @@ pub struct Report {
     pub warnings: Vec<String>,
 }
 
-/// `PREINIT_*` values in natural key order: run by the boot just before exec init.
-pub fn preinit_commands(cfg: &Resolved) -> Vec<String> {
+/// The lts.conf key that bounds the PREINIT commands' run time; not a command itself.
+pub const PREINIT_TIMEOUT: &str = "PREINIT_TIMEOUT";
+
+/// How long the PREINIT commands may run, all together, when PREINIT_TIMEOUT is not set:
+/// enough for a mount, a download or a fetch of keys over a slow link; what takes longer
+/// belongs in a systemd unit, where it does not hold up the boot.
+pub const PREINIT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
+
+/// `PREINIT_*` keys and values in natural key order (PREINIT_TIMEOUT left out): run by
+/// the boot just before exec init.
+pub fn preinit_commands(cfg: &Resolved) -> Vec<(String, String)> {
     cfg.list("PREINIT_")
         .into_iter()
-        .map(|(_, v)| v.to_string())
+        .filter(|(k, _)| *k != PREINIT_TIMEOUT)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// PREINIT_TIMEOUT in whole seconds (1 to a day), else the default with a warning.
+pub fn preinit_timeout(cfg: &Resolved) -> (Duration, Option<String>) {
+    let Some(v) = cfg.get(PREINIT_TIMEOUT) else {
+        return (PREINIT_TIMEOUT_DEFAULT, None);
+    };
+    match v.trim().parse::<u64>() {
+        Ok(n @ 1..=86400) => (Duration::from_secs(n), None),
+        _ => (
+            PREINIT_TIMEOUT_DEFAULT,
+            Some(format!(
+                "{PREINIT_TIMEOUT} {v:?}: expected whole seconds, 1 to 86400; using {}",
+                PREINIT_TIMEOUT_DEFAULT.as_secs()
+            )),
+        ),
+    }
 }
 
 /// The hostname the node gets: HOSTNAME, else the one DHCP or `ip=` gave, else
 /// HOSTNAME_BASE (default `ltsp`) with HOSTNAME_EXTRA: `ip` (default, last octet) or
-/// `mac` (the MAC's hex digits), as LTSP5 built it.
+/// `mac` (the MAC's hex digits), as LTSP5 built it. An invalid name is never used: the
+/// next source is, and a warning names the value and where it came from.
 pub fn hostname(cfg: &Resolved, node: &Node) -> Option<String> {
-    if let Some(h) = cfg.get("HOSTNAME") {
-        return Some(h.to_string());
+    choose_hostname(cfg, node).0
+}
+
+/// [`hostname`], with a warning for each invalid name passed over.
+pub fn choose_hostname(cfg: &Resolved, node: &Node) -> (Option<String>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let mut take = |name: &str, source: &str| {
+        // An absolute name's final dot (from DHCP) is not part of the host name.
+        let trimmed = name.strip_suffix('.').unwrap_or(name);
+        if valid_hostname(trimmed) {
+            Some(trimmed.to_string())
+        } else {
+            warnings.push(format!(
+                "hostname {name:?} from {source} is not a valid host name \
+                 (letters, digits, '-', '.'; at most 64 chars): not used"
+            ));
+            None
+        }
+    };
+    let chosen = cfg
+        .get("HOSTNAME")
+        .and_then(|h| take(h, "lts.conf HOSTNAME"))
+        .or_else(|| {
+            node.hostname
+                .as_deref()
+                .and_then(|h| take(h, "DHCP or ip="))
+        })
+        .or_else(|| {
+            let base = cfg.get("HOSTNAME_BASE").unwrap_or("ltsp");
+            generated(base, cfg, node)
+                .and_then(|h| take(&h, "HOSTNAME_BASE"))
+                .or_else(|| generated("ltsp", cfg, node))
+        });
+    if let (Some(name), false) = (&chosen, warnings.is_empty()) {
+        warnings.push(format!("hostname: using {name:?} instead"));
     }
-    if let Some(h) = &node.hostname {
-        return Some(h.clone());
-    }
-    let base = cfg.get("HOSTNAME_BASE").unwrap_or("ltsp");
+    (chosen, warnings)
+}
+
+fn generated(base: &str, cfg: &Resolved, node: &Node) -> Option<String> {
     match cfg.get("HOSTNAME_EXTRA").unwrap_or("ip") {
         e if e.eq_ignore_ascii_case("mac") => node
             .mac
@@ -96,13 +156,16 @@ pub fn hostname(cfg: &Resolved, node: &Node) -> Option<String> {
     }
 }
 
-fn valid_hostname(h: &str) -> bool {
+/// A name sethostname(2) and systemd take: at most 64 bytes (HOST_NAME_MAX), dot-separated
+/// labels of letters, digits and inner hyphens.
+pub fn valid_hostname(h: &str) -> bool {
     !h.is_empty()
-        && h.len() <= 253
+        && h.len() <= 64
         && h.split('.').all(|l| {
             !l.is_empty()
                 && l.len() <= 63
                 && !l.starts_with('-')
+                && !l.ends_with('-')
                 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
 }
@@ -298,14 +361,15 @@ fn rc_local(root: Tree, cfg: &Resolved, r: &mut Report) -> Result<(), ApplyError
 }
 
 fn hosts(root: Tree, cfg: &Resolved, node: &Node, r: &mut Report) -> Result<(), ApplyError> {
-    let Some(name) = hostname(cfg, node) else {
-        r.warnings
-            .push("no hostname: neither HOSTNAME, DHCP, nor an IP address to build one".into());
+    let (name, warnings) = choose_hostname(cfg, node);
+    r.warnings.extend(warnings);
+    let Some(name) = name else {
+        r.warnings.push(
+            "no hostname: neither a valid HOSTNAME, DHCP name, nor an IP address to build one"
+                .into(),
+        );
         return Ok(());
     };
-    if !valid_hostname(&name) {
-        return Err(ApplyError::BadHostname(name));
-    }
     root.write("/etc/hostname", &format!("{name}\n"), 0o644, r)?;
     let short = name.split('.').next().unwrap_or(&name);
     let mut s = String::from(
@@ -331,25 +395,65 @@ fn hosts(root: Tree, cfg: &Resolved, node: &Node, r: &mut Report) -> Result<(), 
 }
 
 fn dns(root: Tree, cfg: &Resolved, node: &Node, r: &mut Report) -> Result<(), ApplyError> {
+    // Each value becomes a line of resolv.conf: anything but an address or a domain name
+    // (a newline from a cmdline override, say) is left out, never written.
     let servers: Vec<String> = match cfg.get("DNS_SERVER") {
-        Some(v) => v.split_whitespace().map(str::to_string).collect(),
+        Some(v) => v
+            .split_whitespace()
+            .filter(|d| {
+                let ok = d.parse::<std::net::IpAddr>().is_ok();
+                if !ok {
+                    r.warnings
+                        .push(format!("DNS_SERVER {d:?}: not an IP address; left out"));
+                }
+                ok
+            })
+            .map(str::to_string)
+            .collect(),
         None => node.dns.iter().map(|d| d.to_string()).collect(),
     };
-    let search = cfg
-        .get("SEARCH_DOMAIN")
-        .map(str::to_string)
-        .or_else(|| node.domain.clone());
-    if servers.is_empty() && search.is_none() {
+    let (search, source) = match cfg.get("SEARCH_DOMAIN") {
+        Some(v) => (Some(v.to_string()), "SEARCH_DOMAIN"),
+        None => (node.domain.clone(), "the DHCP domain name"),
+    };
+    let search: Vec<&str> = search
+        .as_deref()
+        .unwrap_or("")
+        .split_whitespace()
+        .filter(|d| {
+            let ok = valid_domain(d);
+            if !ok {
+                r.warnings
+                    .push(format!("{source} {d:?}: not a domain name; left out"));
+            }
+            ok
+        })
+        .collect();
+    if servers.is_empty() && search.is_empty() {
         return Ok(());
     }
     let mut s = String::from("# Written by ltsp-agent at boot.\n");
-    if let Some(d) = search {
-        s.push_str(&format!("search {d}\n"));
+    if !search.is_empty() {
+        s.push_str(&format!("search {}\n", search.join(" ")));
     }
     for d in servers {
         s.push_str(&format!("nameserver {d}\n"));
     }
     root.write("/etc/resolv.conf", &s, 0o644, r)
+}
+
+/// A DNS domain as a search list takes it: dot-separated labels of letters, digits, '-'
+/// and '_' (service names), an optional final dot, 253 bytes in all.
+pub fn valid_domain(d: &str) -> bool {
+    let d = d.strip_suffix('.').unwrap_or(d);
+    !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 fn timezone(root: Tree, cfg: &Resolved, r: &mut Report) -> Result<(), ApplyError> {
@@ -494,6 +598,30 @@ mod tests {
     }
 
     #[test]
+    fn preinit_timeout_is_a_setting_not_a_command() {
+        let cfg = resolved("[default]\nPREINIT_10 = b\nPREINIT_2 = a\nPREINIT_TIMEOUT = 5\n");
+        assert_eq!(
+            preinit_commands(&cfg),
+            [
+                ("PREINIT_2".to_string(), "a".to_string()),
+                ("PREINIT_10".into(), "b".into())
+            ]
+        );
+        assert_eq!(preinit_timeout(&cfg), (Duration::from_secs(5), None));
+        assert_eq!(
+            preinit_timeout(&resolved("[default]\nX = 1\n")),
+            (PREINIT_TIMEOUT_DEFAULT, None)
+        );
+        for bad in ["0", "-1", "5s", "86401", ""] {
+            let (t, w) = preinit_timeout(&resolved(&format!(
+                "[default]\nPREINIT_TIMEOUT = \"{bad}\"\n"
+            )));
+            assert_eq!(t, PREINIT_TIMEOUT_DEFAULT, "{bad:?}");
+            assert!(w.unwrap().contains(&format!("{bad:?}")), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn hostname_rules() {
         let n = node();
         assert_eq!(
@@ -540,11 +668,95 @@ mod tests {
             fs::read_to_string(d.path().join("etc/hostname")).unwrap(),
             "node7.lab\n"
         );
+    }
+
+    #[test]
+    fn an_invalid_hostname_is_replaced_by_the_generated_one() {
+        let d = tempfile::tempdir().unwrap();
+        // A typo in lts.conf: warned about by value and source, never fatal.
         let bad = resolved("[default]\nHOSTNAME = bad_name!\n");
-        assert!(matches!(
-            apply(Tree::Dir(d.path()), &bad, &node()),
-            Err(ApplyError::BadHostname(_))
-        ));
+        let r = apply(Tree::Dir(d.path()), &bad, &node()).expect("a typo never fails apply");
+        assert_eq!(
+            fs::read_to_string(d.path().join("etc/hostname")).unwrap(),
+            "ltsp42\n"
+        );
+        assert!(
+            r.warnings[0].contains("\"bad_name!\" from lts.conf HOSTNAME"),
+            "{:?}",
+            r.warnings
+        );
+        assert!(
+            r.warnings[1].contains("using \"ltsp42\""),
+            "{:?}",
+            r.warnings
+        );
+        assert!(fs::read_to_string(d.path().join("etc/hosts"))
+            .unwrap()
+            .contains("192.0.2.42\tltsp42\n"));
+        // Hostile names from DHCP or ip=: shell syntax, a newline, a quote, a NUL, too long.
+        for h in [
+            "$(reboot)",
+            "`reboot`",
+            "n1\n192.0.2.66 server",
+            "n1'x",
+            "n1\0",
+            &"a".repeat(65),
+            "-lead",
+            "trail-",
+        ] {
+            let n = Node {
+                hostname: Some(h.into()),
+                ..node()
+            };
+            let (name, w) = choose_hostname(&resolved("[default]\nX = 1\n"), &n);
+            assert_eq!(name.as_deref(), Some("ltsp42"), "{h:?}");
+            assert!(
+                w[0].contains(&format!("{h:?} from DHCP or ip=")),
+                "{h:?}: {w:?}"
+            );
+            assert!(!w[0].contains('\n'), "the warning is one line: {w:?}");
+        }
+        // An absolute name's final dot is dropped, not the name.
+        let n = Node {
+            hostname: Some("node9.lab.".into()),
+            ..node()
+        };
+        assert_eq!(
+            hostname(&resolved("[default]\nX = 1\n"), &n).as_deref(),
+            Some("node9.lab")
+        );
+        // A bad HOSTNAME_BASE falls back to the default base.
+        let (name, w) = choose_hostname(&resolved("[default]\nHOSTNAME_BASE = k 8\n"), &node());
+        assert_eq!(name.as_deref(), Some("ltsp42"));
+        assert!(w[0].contains("\"k 842\" from HOSTNAME_BASE"), "{w:?}");
+    }
+
+    #[test]
+    fn resolv_conf_takes_only_addresses_and_domain_names() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = resolved("[default]\nX = 1\n");
+        // What a cmdline override (ltsp.SEARCH_DOMAIN=...) could carry.
+        cfg.set_override(
+            "SEARCH_DOMAIN",
+            "lab.example\nnameserver 203.0.113.66 $(x) _svc.ok.",
+        );
+        cfg.set_override("DNS_SERVER", "192.0.2.53 evil\nline 2001:db8::1");
+        let r = apply(Tree::Dir(d.path()), &cfg, &node()).unwrap();
+        assert_eq!(
+            fs::read_to_string(d.path().join("etc/resolv.conf")).unwrap(),
+            "# Written by ltsp-agent at boot.\n\
+             search lab.example nameserver 203.0.113.66 _svc.ok.\n\
+             nameserver 192.0.2.53\nnameserver 2001:db8::1\n",
+            "a newline only separates words: no line of its own"
+        );
+        let left_out: Vec<_> = r
+            .warnings
+            .iter()
+            .filter(|w| w.contains("left out"))
+            .collect();
+        assert_eq!(left_out.len(), 3, "{:?}", r.warnings);
+        assert!(left_out[0].contains("\"evil\""), "{left_out:?}");
+        assert!(left_out[2].contains("\"$(x)\""), "{left_out:?}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::modules::{self, Modules};
 use crate::nbd::attach::{self as nbd, nbd_index};
 use crate::nbd::netlink;
 use crate::net::{self, NetInfo};
-use crate::system::System;
+use crate::system::{Limit, Outcome, System};
 use crate::{log as blog, rootfs, switch_root, tftp};
 use ltsp_common::cmdline::{Cmdline, NbdTarget, OnFailure};
 use ltsp_common::ltsconf::Identity;
@@ -61,7 +61,13 @@ impl Layout {
 /// The network side of the boot: real sockets at boot, scripted answers in tests.
 pub trait Platform {
     fn bring_up(&mut self, cmd: &Cmdline, deadline: Instant) -> Result<NetInfo, net::NetError>;
-    fn fetch(&mut self, server: SocketAddr, path: &str) -> Result<Vec<u8>, tftp::FetchError>;
+    /// Fetches `path` by TFTP; gives up at `deadline` whatever the server does.
+    fn fetch(
+        &mut self,
+        server: SocketAddr,
+        path: &str,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, tftp::FetchError>;
     /// Negotiates with `target` and hands the connections to the kernel as /dev/nbd`index`.
     fn attach_nbd(
         &mut self,
@@ -221,7 +227,7 @@ pub fn boot(
     let layers = root_step(&r, sys, &nbd.attached, &mut tl).map_err(fail)?;
     let config = configure(&r, sys, &net, &layers, &mut tl).map_err(fail)?;
 
-    let preinit = apply::preinit_commands(&config.resolved);
+    let preinit = Preinit::from_config(&config);
     let env = boot_env(
         &cmd,
         &net.info,
@@ -316,7 +322,8 @@ fn network_steps(r: &Run, p: &mut dyn Platform, tl: &mut Timeline) -> Result<Net
         .server
         .clone()
         .or(info.lease.next_server.map(|s| s.to_string()));
-    let conf = fetch_lts_conf(p, cmd, &info, server.as_deref());
+    let conf_deadline = (Instant::now() + LTSCONF_DEADLINE).min(deadline);
+    let conf = fetch_lts_conf(p, cmd, &info, server.as_deref(), conf_deadline);
     Ok(NetStep { info, conf, server })
 }
 
@@ -469,14 +476,12 @@ fn configure(
 fn hand_over(
     sys: &dyn System,
     mut booted: Booted,
-    preinit: &[String],
+    preinit: &Preinit,
     env: &[(String, String)],
     kmsg_limit: Option<String>,
     l: &Layout,
 ) -> Booted {
-    if !preinit.is_empty() {
-        run_preinit(sys, Some(&l.newroot), &preinit_argv(preinit), env);
-    }
+    preinit.run(sys, Some(&l.newroot), env);
     booted.timeline.mark(Mark::Handover);
     blog::restore_kmsg_limit(kmsg_limit);
     log::info!("timeline: {}", booted.timeline.render());
@@ -488,7 +493,7 @@ fn switch_and_exec(
     sys: &dyn System,
     mut booted: Booted,
     freer: Option<std::fs::File>,
-    preinit: &[String],
+    preinit: &Preinit,
     env: &[(String, String)],
     kmsg_limit: Option<String>,
     l: &Layout,
@@ -501,9 +506,7 @@ fn switch_and_exec(
     }
     tl.mark(Mark::Done(Step::Switch));
     pause_at(cmd, Step::Preinit);
-    if !preinit.is_empty() {
-        run_preinit(sys, None, &preinit_argv(preinit), env);
-    }
+    preinit.run(sys, None, env);
     pause_at(cmd, Step::Init);
     tl.mark(Mark::Begin(Step::Init));
     log::info!("timeline: {}", tl.render());
@@ -643,13 +646,20 @@ fn write_run_files(l: &Layout, net: &NetInfo) {
     }
 }
 
+/// How long the whole lts.conf fetch may take, every path tried included. A few-KiB file
+/// takes milliseconds on a LAN, and even the 1 MiB limit takes well under a second; a
+/// server still sending after this is broken or hostile.
+pub const LTSCONF_DEADLINE: Duration = Duration::from_secs(10);
+
 /// lts.conf by TFTP: `ltsp.conf=`, else next to the boot file, else /ltsp/<arch>/lts.conf.
-/// None when the server has none: the image's /etc/lts.conf is read after the root mount.
+/// None when the server has none, or did not send it by `deadline`: the image's
+/// /etc/lts.conf is read after the root mount, as when the server has no file.
 fn fetch_lts_conf(
     p: &mut dyn Platform,
     cmd: &Cmdline,
     net: &NetInfo,
     server: Option<&str>,
+    deadline: Instant,
 ) -> Option<FetchedConf> {
     let paths: Vec<String> = match cmd.conf_path.as_deref() {
         Some("none") => return None,
@@ -674,13 +684,20 @@ fn fetch_lts_conf(
         return None;
     };
     for path in paths {
-        match p.fetch(SocketAddr::new(addr, 69), &path) {
+        match p.fetch(SocketAddr::new(addr, 69), &path, deadline) {
             Ok(bytes) => {
                 log::info!("lts.conf: {} bytes from tftp://{addr}{}", bytes.len(), path);
                 return Some(FetchedConf {
                     source: format!("tftp://{addr}{path}"),
                     text: bytes,
                 });
+            }
+            Err(e @ tftp::FetchError::Deadline { .. }) => {
+                log::error!(
+                    "step `{}`: {e}: giving up on the server's lts.conf; the boot goes on with the image's /etc/lts.conf if it has one",
+                    Step::LtsConf.name()
+                );
+                return None;
             }
             Err(e) => log::info!("lts.conf: {e}"),
         }
@@ -739,16 +756,113 @@ fn env_file(env: &[(String, String)]) -> String {
         .collect()
 }
 
-fn preinit_argv(cmds: &[String]) -> Vec<String> {
-    vec!["/bin/sh".into(), "-c".into(), cmds.join("\n")]
+/// How long a PREINIT command that ignores SIGTERM has before SIGKILL.
+pub const PREINIT_GRACE: Duration = Duration::from_secs(5);
+
+/// The PREINIT_* commands (key, command) and how long they may run, all together.
+#[derive(Debug, Clone)]
+pub struct Preinit {
+    pub cmds: Vec<(String, String)>,
+    pub limit: Limit,
 }
 
-/// PREINIT_* as LTSP ran them: one shell, failures logged, the boot goes on.
-fn run_preinit(sys: &dyn System, root: Option<&str>, argv: &[String], env: &[(String, String)]) {
-    match sys.run(root, argv, env) {
-        Ok(0) => log::info!("preinit: done"),
-        Ok(code) => log::warn!("preinit: commands exited with {code}; the boot goes on"),
-        Err(e) => log::warn!("preinit: cannot run {}: {e}; the boot goes on", argv[0]),
+impl Preinit {
+    fn from_config(config: &NodeConfig) -> Preinit {
+        let (timeout, warning) = apply::preinit_timeout(&config.resolved);
+        if let Some(w) = warning {
+            log::warn!("lts.conf: {w}");
+        }
+        Preinit {
+            cmds: apply::preinit_commands(&config.resolved),
+            limit: Limit {
+                timeout,
+                grace: PREINIT_GRACE,
+            },
+        }
+    }
+
+    /// One shell runs every command, as LTSP did, so they share variables and the working
+    /// directory. Before each command its number goes to descriptor 3, the progress pipe
+    /// of [`System::run`], which the command itself does not get.
+    fn argv(&self) -> Vec<String> {
+        let mut script = String::new();
+        for (i, (_, c)) in self.cmds.iter().enumerate() {
+            if !c.trim().is_empty() {
+                script.push_str(&format!("echo {} >&3\n{{ {c}\n}} 3>&-\n", i + 1));
+            }
+        }
+        vec!["/bin/sh".into(), "-c".into(), script]
+    }
+
+    /// PREINIT_* as LTSP ran them: failures logged, the boot goes on; past the timeout
+    /// they are killed, which is logged as an error naming the command.
+    fn run(&self, sys: &dyn System, root: Option<&str>, env: &[(String, String)]) {
+        if self.cmds.is_empty() {
+            return;
+        }
+        log::info!(
+            "preinit: {} command(s), {} s at most (PREINIT_TIMEOUT)",
+            self.cmds.len(),
+            self.limit.timeout.as_secs()
+        );
+        let (level, msg) = self.report(sys.run(root, &self.argv(), env, self.limit));
+        log::log!(level, "{msg}");
+    }
+
+    /// What the run's outcome means, for the log.
+    fn report(&self, r: std::io::Result<Outcome>) -> (log::Level, String) {
+        let (progress, sigkill, left) = match r {
+            Ok(Outcome::Exited(0)) => return (log::Level::Info, "preinit: done".into()),
+            Ok(Outcome::Exited(code)) => {
+                return (
+                    log::Level::Warn,
+                    format!("preinit: commands exited with {code}; the boot goes on"),
+                )
+            }
+            Err(e) => {
+                return (
+                    log::Level::Warn,
+                    format!("preinit: cannot run /bin/sh: {e}; the boot goes on"),
+                )
+            }
+            Ok(Outcome::TimedOut {
+                progress,
+                sigkill,
+                left,
+            }) => (progress, sigkill, left),
+        };
+        let secs = self.limit.timeout.as_secs_f64();
+        let running = progress
+            .and_then(|p| p.trim().parse::<usize>().ok())
+            .filter(|n| (1..=self.cmds.len()).contains(n));
+        let (what, skipped) = match running {
+            Some(n) => {
+                let (key, c) = &self.cmds[n - 1];
+                (format!("{key} `{c}`"), &self.cmds[n..])
+            }
+            None => ("the PREINIT commands".to_string(), &self.cmds[..0]),
+        };
+        let mut msg = format!(
+            "step `{}`: {what} still running after {secs} s (PREINIT_TIMEOUT): its process group was killed",
+            Step::Preinit.name()
+        );
+        if sigkill {
+            msg.push_str(&format!(
+                " (SIGTERM, then SIGKILL {} s later)",
+                self.limit.grace.as_secs_f64()
+            ));
+        } else {
+            msg.push_str(" (SIGTERM)");
+        }
+        if left {
+            msg.push_str("; some of its processes are stuck in the kernel and were left behind");
+        }
+        if !skipped.is_empty() {
+            let keys: Vec<&str> = skipped.iter().map(|(k, _)| k.as_str()).collect();
+            msg.push_str(&format!("; not run: {}", keys.join(" ")));
+        }
+        msg.push_str("; the boot goes on");
+        (log::Level::Error, msg)
     }
 }
 
@@ -795,8 +909,20 @@ impl Platform for RealPlatform {
         net::bring_up(cmd, deadline)
     }
 
-    fn fetch(&mut self, server: SocketAddr, path: &str) -> Result<Vec<u8>, tftp::FetchError> {
-        tftp::fetch(server, path, Duration::from_millis(500), 4, 1 << 20)
+    fn fetch(
+        &mut self,
+        server: SocketAddr,
+        path: &str,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, tftp::FetchError> {
+        tftp::fetch(
+            server,
+            path,
+            Duration::from_millis(500),
+            4,
+            1 << 20,
+            deadline,
+        )
     }
 
     fn attach_nbd(
@@ -846,11 +972,16 @@ mod tests {
         );
     }
 
+    #[derive(Default)]
     struct FakePlatform {
         conf: Option<Vec<u8>>,
         nbd_failures: u32,
         fetched: Vec<String>,
         attached: Vec<String>,
+        /// Paths whose server keeps the transfer going past the deadline.
+        endless: Vec<String>,
+        /// The deadline each fetch was given.
+        deadlines: Vec<Instant>,
     }
 
     impl Platform for FakePlatform {
@@ -873,8 +1004,22 @@ mod tests {
                 dhcp_wait: Duration::ZERO,
             })
         }
-        fn fetch(&mut self, server: SocketAddr, path: &str) -> Result<Vec<u8>, tftp::FetchError> {
+        fn fetch(
+            &mut self,
+            server: SocketAddr,
+            path: &str,
+            deadline: Instant,
+        ) -> Result<Vec<u8>, tftp::FetchError> {
             self.fetched.push(format!("{server}{path}"));
+            self.deadlines.push(deadline);
+            if self.endless.iter().any(|e| e == path) {
+                return Err(tftp::FetchError::Deadline {
+                    path: path.into(),
+                    server,
+                    got: 4096,
+                    secs: 10.0,
+                });
+            }
             self.conf
                 .clone()
                 .ok_or(tftp::FetchError::NotFound { path: path.into() })
@@ -937,6 +1082,7 @@ mod tests {
             nbd_failures: 1,
             fetched: vec![],
             attached: vec![],
+            ..Default::default()
         };
         std::fs::create_dir_all(format!("{}/rootfs/lower/etc", l.run)).unwrap();
         std::fs::write(
@@ -987,7 +1133,7 @@ mod tests {
             format!("mount {root} /  MS_MOVE"),
             "chroot .".into(),
             "chdir /".into(),
-            "run /bin/sh | -c | echo one\necho two".into(),
+            "run /bin/sh | -c | echo 1 >&3\n{ echo one\n} 3>&-\necho 2 >&3\n{ echo two\n} 3>&-\n (timeout 60 s)".into(),
             "exec /lib/systemd/systemd --unit=x".into(),
         ];
         let pipe = sys.kept.lock().unwrap().pop().expect("the helper's pipe");
@@ -1040,7 +1186,7 @@ mod tests {
         // Not UTF-8 (a Latin-1 comment): the file is still read, the line reported.
         std::fs::write(
             format!("{}/rootfs/lower/etc/lts.conf", l.run),
-            b"[default]\n# \xe9t\xe9\nPREINIT_1 = true\nHOSTNAME = from-image\n",
+            b"[default]\n# \xe9t\xe9\nPREINIT_1 = true\nHOSTNAME = from-image\nPREINIT_TIMEOUT = 7\n",
         )
         .unwrap();
         let sys = Recorder::default();
@@ -1049,6 +1195,7 @@ mod tests {
             nbd_failures: 0,
             fetched: vec![],
             attached: vec![],
+            ..Default::default()
         };
         let b = boot(&sys, &mut p, Mode::Worker, &l)
             .unwrap_or_else(|f| panic!("worker returns: {}", f.0));
@@ -1061,13 +1208,171 @@ mod tests {
         );
         assert_eq!(
             calls.last().unwrap(),
-            &format!("run in {} /bin/sh | -c | true", l.newroot)
+            &format!(
+                "run in {} /bin/sh | -c | echo 1 >&3\n{{ true\n}} 3>&-\n (timeout 7 s)",
+                l.newroot
+            )
         );
         assert!(p.fetched.is_empty(), "ltsp.conf=none fetches nothing");
         assert_eq!(p.attached, vec!["nbd://192.0.2.9:10809/img"]);
         assert_eq!(b.config.resolved.get("HOSTNAME"), Some("from-image"));
         assert_eq!(b.config.warnings.len(), 1, "{:?}", b.config.warnings);
         assert!(b.config.problems.is_empty(), "{:?}", b.config.problems);
+    }
+
+    #[test]
+    fn an_lts_conf_transfer_past_its_deadline_falls_back_to_the_image() {
+        let cmd = Cmdline::parse("root=/dev/nbd0");
+        let net = NetInfo {
+            lease: Lease {
+                bootfile: Some("ltsp/amd64/pxelinux.0".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let deadline = Instant::now() + LTSCONF_DEADLINE;
+        // Not there: both paths tried, under one deadline for the whole step.
+        let mut p = FakePlatform::default();
+        assert!(fetch_lts_conf(&mut p, &cmd, &net, Some("192.0.2.1"), deadline).is_none());
+        assert_eq!(
+            p.fetched,
+            [
+                "192.0.2.1:69ltsp/amd64/lts.conf",
+                "192.0.2.1:69/ltsp/amd64/lts.conf"
+            ]
+        );
+        assert_eq!(p.deadlines, [deadline, deadline]);
+        // A transfer that never ends: the step gives up (the deadline is spent, so the
+        // second path is not tried) and the boot goes on without the server's file.
+        let mut p = FakePlatform {
+            conf: Some(b"[default]\nX = 1\n".to_vec()),
+            endless: vec!["ltsp/amd64/lts.conf".into()],
+            ..Default::default()
+        };
+        assert!(fetch_lts_conf(&mut p, &cmd, &net, Some("192.0.2.1"), deadline).is_none());
+        assert_eq!(p.fetched, ["192.0.2.1:69ltsp/amd64/lts.conf"]);
+
+        // The whole boot: the image's lts.conf applies.
+        let d = tempfile::tempdir().unwrap();
+        let l = layout(d.path(), "root=/dev/nbd0 nbdroot=192.0.2.9/img");
+        std::fs::create_dir_all(format!("{}/rootfs/lower/etc", l.run)).unwrap();
+        std::fs::write(
+            format!("{}/rootfs/lower/etc/lts.conf", l.run),
+            "[default]\nHOSTNAME = from-image\n",
+        )
+        .unwrap();
+        let mut p = FakePlatform {
+            conf: Some(b"[default]\nHOSTNAME = from-server\n".to_vec()),
+            endless: vec!["/ltsp/amd64/lts.conf".into()],
+            ..Default::default()
+        };
+        let before = Instant::now();
+        let b = boot(&Recorder::default(), &mut p, Mode::Worker, &l)
+            .unwrap_or_else(|f| panic!("the boot goes on: {}", f.0));
+        assert_eq!(b.config.resolved.get("HOSTNAME"), Some("from-image"));
+        assert_eq!(p.deadlines.len(), 1);
+        assert!(p.deadlines[0] <= Instant::now() + LTSCONF_DEADLINE);
+        assert!(p.deadlines[0] >= before + LTSCONF_DEADLINE);
+    }
+
+    fn preinit(cmds: &[&str], timeout_ms: u64) -> Preinit {
+        Preinit {
+            cmds: cmds
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("PREINIT_{}", i + 1), c.to_string()))
+                .collect(),
+            limit: Limit {
+                timeout: Duration::from_millis(timeout_ms),
+                grace: Duration::from_millis(300),
+            },
+        }
+    }
+
+    fn path_env(dir: &Path) -> Vec<(String, String)> {
+        vec![
+            ("PATH".into(), "/usr/sbin:/usr/bin:/sbin:/bin".into()),
+            ("DIR".into(), dir.display().to_string()),
+        ]
+    }
+
+    #[test]
+    fn preinit_commands_share_one_shell_and_report_failures() {
+        let d = tempfile::tempdir().unwrap();
+        let env = path_env(d.path());
+        let real = crate::system::Real;
+        let p = preinit(&["X=shared", "cd \"$DIR\"", "echo \"$X\" > out"], 20_000);
+        let (level, msg) = p.report(real.run(None, &p.argv(), &env, p.limit));
+        assert_eq!((level, msg.as_str()), (log::Level::Info, "preinit: done"));
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("out")).unwrap(),
+            "shared\n"
+        );
+        let p = preinit(&["true", "false"], 20_000);
+        let (level, msg) = p.report(real.run(None, &p.argv(), &env, p.limit));
+        assert_eq!(level, log::Level::Warn);
+        assert!(msg.contains("exited with 1; the boot goes on"), "{msg}");
+    }
+
+    #[test]
+    fn a_hung_preinit_command_is_killed_named_and_the_boot_goes_on() {
+        let d = tempfile::tempdir().unwrap();
+        let env = path_env(d.path());
+        let real = crate::system::Real;
+        let p = preinit(
+            &[
+                "echo before > \"$DIR/1\"",
+                "sleep 30",
+                "echo after > \"$DIR/3\"",
+            ],
+            300,
+        );
+        let (level, msg) = p.report(real.run(None, &p.argv(), &env, p.limit));
+        assert_eq!(level, log::Level::Error);
+        assert!(
+            msg.starts_with(
+                "step `preinit`: PREINIT_2 `sleep 30` still running after 0.3 s (PREINIT_TIMEOUT)"
+            ),
+            "{msg}"
+        );
+        assert!(msg.contains("killed (SIGTERM)"), "{msg}");
+        assert!(
+            msg.ends_with("; not run: PREINIT_3; the boot goes on"),
+            "{msg}"
+        );
+        assert!(d.path().join("1").exists() && !d.path().join("3").exists());
+
+        // Deaf to SIGTERM: SIGKILL after the grace.
+        let p = preinit(&["trap '' TERM; sleep 30"], 300);
+        let (_, msg) = p.report(real.run(None, &p.argv(), &env, p.limit));
+        assert!(
+            msg.contains("PREINIT_1 `trap '' TERM; sleep 30` still running")
+                && msg.contains("(SIGTERM, then SIGKILL 0.3 s later)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn preinit_timeout_from_lts_conf_reaches_the_run() {
+        let config = config::resolve(
+            Some(("t", b"[default]\nPREINIT_1 = x\nPREINIT_TIMEOUT = 9\n")),
+            &Cmdline::parse("root=/dev/nbd0"),
+            &Identity::default(),
+        );
+        let p = Preinit::from_config(&config);
+        assert_eq!(p.cmds, [("PREINIT_1".to_string(), "x".to_string())]);
+        assert_eq!(p.limit.timeout, Duration::from_secs(9));
+        assert_eq!(p.limit.grace, PREINIT_GRACE);
+        // The cmdline option wins.
+        let config = config::resolve(
+            Some(("t", b"[default]\nPREINIT_TIMEOUT = 9\n")),
+            &Cmdline::parse("root=/dev/nbd0 ltsp.preinit-timeout=3"),
+            &Identity::default(),
+        );
+        assert_eq!(
+            Preinit::from_config(&config).limit.timeout,
+            Duration::from_secs(3)
+        );
     }
 
     #[test]
@@ -1080,6 +1385,7 @@ mod tests {
             nbd_failures: 0,
             fetched: vec![],
             attached: vec![],
+            ..Default::default()
         };
         let (e, _) = *boot(&sys, &mut p, Mode::Worker, &l).err().unwrap();
         assert_eq!(e.step(), Some(Step::Cmdline));
@@ -1101,6 +1407,7 @@ mod tests {
             nbd_failures: 100,
             fetched: vec![],
             attached: vec![],
+            ..Default::default()
         };
         let t0 = Instant::now();
         let (e, _) = *boot(&Recorder::default(), &mut p, Mode::Worker, &l)

@@ -188,7 +188,7 @@ fn main() -> ExitCode {
                     for m in &r.masked {
                         println!("masked {m}");
                     }
-                    for p in apply::preinit_commands(&c.resolved) {
+                    for (_, p) in apply::preinit_commands(&c.resolved) {
                         println!("preinit (run at boot): {p}");
                     }
                     for w in &r.warnings {

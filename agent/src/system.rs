@@ -9,6 +9,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 pub trait System {
     fn mount(
@@ -27,9 +28,16 @@ pub trait System {
     fn load_module(&self, path: &Path, params: &str) -> io::Result<()>;
     /// Deletes the initramfs's files (same device as `/`, not below other mounts).
     fn free_initramfs(&self, keep: &str) -> io::Result<()>;
-    /// Runs a program to completion (chrooted into `root` if given); returns its exit code.
-    fn run(&self, root: Option<&str>, argv: &[String], env: &[(String, String)])
-        -> io::Result<i32>;
+    /// Runs a program in its own process group (chrooted into `root` if given) until it
+    /// exits or `limit.timeout` passes; then the group gets SIGTERM, and SIGKILL after
+    /// `limit.grace`. The program may write progress lines to descriptor 3.
+    fn run(
+        &self,
+        root: Option<&str>,
+        argv: &[String],
+        env: &[(String, String)],
+        limit: Limit,
+    ) -> io::Result<Outcome>;
     /// Starts this program again as a detached helper named `argv0`, in the idle
     /// scheduling class (it raises itself once set up) and exempt from the OOM killer,
     /// passing it the descriptors `keep`; returns its pid.
@@ -39,6 +47,29 @@ pub trait System {
 }
 
 pub struct Real;
+
+/// How long [`System::run`] lets a program run, and how long a signal has to work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub timeout: Duration,
+    pub grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Its exit code; 128 + the signal's number when a signal ended it.
+    Exited(i32),
+    /// Still running at the timeout; its process group was killed.
+    TimedOut {
+        /// The last line it wrote to descriptor 3.
+        progress: Option<String>,
+        /// SIGTERM was not enough: the group outlived the grace and got SIGKILL.
+        sigkill: bool,
+        /// Processes of the group still there a grace after SIGKILL (stuck in the kernel,
+        /// in uninterruptible sleep): left behind, not waited for.
+        left: bool,
+    },
+}
 
 /// Takes ownership of descriptor `fd`, handed over by the parent, once fstat shows it is
 /// open and of the file type `kind` (`S_IFSOCK`, `S_IFCHR`); `what` names that type in
@@ -173,25 +204,66 @@ impl System for Real {
         root: Option<&str>,
         argv: &[String],
         env: &[(String, String)],
-    ) -> io::Result<i32> {
+        limit: Limit,
+    ) -> io::Result<Outcome> {
+        use std::os::fd::AsRawFd;
         use std::os::unix::process::CommandExt;
+        let deadline = Instant::now() + limit.timeout;
+        // Orphans of the group (a killed shell's children) become ours to reap, as they
+        // are when this is PID 1.
+        // SAFETY: prctl with integer arguments only.
+        unsafe {
+            nix::libc::prctl(nix::libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        }
+        let (progress_r, progress_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+        let w = progress_w.as_raw_fd();
         let mut cmd = std::process::Command::new(&argv[0]);
-        cmd.args(&argv[1..]).env_clear().envs(env.iter().cloned());
-        if let Some(root) = root {
-            let root = cstr(root)?;
-            // SAFETY: between fork and exec only async-signal-safe calls (chroot, chdir).
-            unsafe {
-                cmd.pre_exec(move || {
+        cmd.args(&argv[1..])
+            .env_clear()
+            .envs(env.iter().cloned())
+            .process_group(0);
+        let root = root.map(cstr).transpose()?;
+        // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl, chroot,
+        // chdir) on values made before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Descriptor 3 is the progress pipe, without close-on-exec.
+                if w == 3 {
+                    nix::libc::fcntl(3, nix::libc::F_SETFD, 0);
+                } else if nix::libc::dup2(w, 3) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if let Some(root) = &root {
                     nix::unistd::chroot(root.as_c_str())?;
                     nix::unistd::chdir("/")?;
-                    Ok(())
-                });
-            }
+                }
+                Ok(())
+            });
         }
-        let st = cmd.status()?;
-        Ok(st
-            .code()
-            .unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)))
+        let mut child = cmd.spawn()?;
+        drop(progress_w);
+        let pid = child.id() as i32;
+        let mut progress = Progress::new(progress_r);
+        let pidfd = pidfd_open(pid);
+        if let Some(st) = wait_until(&mut child, pidfd.as_ref(), &mut progress, deadline)? {
+            return Ok(Outcome::Exited(exit_code(st)));
+        }
+        // The timeout: the whole group, so a shell's children go too.
+        let group = nix::unistd::Pid::from_raw(-pid);
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGTERM);
+        let mut sigkill = false;
+        if !group_gone(pid, Instant::now() + limit.grace) {
+            sigkill = true;
+            let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+        }
+        let left = sigkill && !group_gone(pid, Instant::now() + limit.grace);
+        progress.read_available();
+        Ok(Outcome::TimedOut {
+            progress: progress.last(),
+            sigkill,
+            left,
+        })
     }
 
     fn spawn(&self, argv0: &str, args: &[String], keep: &[RawFd]) -> io::Result<u32> {
@@ -278,6 +350,134 @@ impl System for Real {
             (Err(e), _) | (_, Err(e)) => e,
             _ => io::Error::new(io::ErrorKind::InvalidInput, "empty argv"),
         }
+    }
+}
+
+fn exit_code(st: std::process::ExitStatus) -> i32 {
+    st.code()
+        .unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0))
+}
+
+/// A pidfd for `pid`: readable once it exits. None on kernels before 5.3.
+fn pidfd_open(pid: i32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a system call with integer arguments; a descriptor it returns is ours.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// What a program writes to its progress pipe; only the tail is kept.
+struct Progress {
+    fd: Option<std::os::fd::OwnedFd>,
+    tail: Vec<u8>,
+}
+
+impl Progress {
+    fn new(fd: std::os::fd::OwnedFd) -> Progress {
+        let _ = nix::fcntl::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
+        Progress {
+            fd: Some(fd),
+            tail: Vec::new(),
+        }
+    }
+
+    fn read_available(&mut self) {
+        let Some(fd) = &self.fd else { return };
+        let mut buf = [0u8; 4096];
+        loop {
+            match nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(fd), &mut buf) {
+                Ok(0) => {
+                    self.fd = None;
+                    return;
+                }
+                Ok(n) => {
+                    self.tail.extend_from_slice(&buf[..n]);
+                    // Bounded: a program writing without end costs 8 KiB at most.
+                    if self.tail.len() > 8192 {
+                        self.tail.drain(..self.tail.len() - 4096);
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn last(&self) -> Option<String> {
+        let text = String::from_utf8_lossy(&self.tail);
+        text.lines()
+            .rev()
+            .find(|l| !l.is_empty())
+            .map(str::to_string)
+    }
+}
+
+/// Waits for `child` to exit, reading its progress, until `deadline`; None: still running.
+fn wait_until(
+    child: &mut std::process::Child,
+    pidfd: Option<&std::os::fd::OwnedFd>,
+    progress: &mut Progress,
+    deadline: Instant,
+) -> io::Result<Option<std::process::ExitStatus>> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            progress.read_available();
+            return Ok(Some(st));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        // Without a pidfd (an old kernel) the exit is seen at the next 10 ms tick.
+        let left = deadline - now;
+        let left = if pidfd.is_some() {
+            left
+        } else {
+            left.min(Duration::from_millis(10))
+        };
+        let ms = PollTimeout::try_from(left.as_millis().clamp(1, 60_000) as i32)
+            .unwrap_or(PollTimeout::MAX);
+        let mut fds = Vec::with_capacity(2);
+        if let Some(p) = pidfd {
+            fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
+        }
+        if let Some(r) = &progress.fd {
+            fds.push(PollFd::new(r.as_fd(), PollFlags::POLLIN));
+        }
+        match nix::poll::poll(&mut fds, ms) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        drop(fds);
+        progress.read_available();
+    }
+}
+
+/// Reaps the members of process group `pgid` that are our children (its leader, and as
+/// a subreaper its orphans) until none is left or `deadline` passes; true: none left.
+fn group_gone(pgid: i32, deadline: Instant) -> bool {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let group = nix::unistd::Pid::from_raw(-pgid);
+    loop {
+        loop {
+            match waitpid(group, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        // kill(0) also finds zombies: the group is empty once all are reaped.
+        if nix::sys::signal::kill(group, None) == Err(nix::errno::Errno::ESRCH) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -385,13 +585,70 @@ impl System for Recorder {
         root: Option<&str>,
         argv: &[String],
         _env: &[(String, String)],
-    ) -> io::Result<i32> {
+        limit: Limit,
+    ) -> io::Result<Outcome> {
         let within = root.map(|r| format!("in {r} ")).unwrap_or_default();
-        self.record(format!("run {within}{}", argv.join(" | ")))
-            .map(|_| 0)
+        self.record(format!(
+            "run {within}{} (timeout {} s)",
+            argv.join(" | "),
+            limit.timeout.as_secs()
+        ))
+        .map(|_| Outcome::Exited(0))
     }
     fn exec(&self, argv: &[String], _env: &[(String, String)]) -> io::Error {
         let _ = self.record(format!("exec {}", argv.join(" ")));
         io::Error::other("recorded exec")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str, timeout_ms: u64) -> Outcome {
+        let env = [("PATH".to_string(), "/usr/bin:/bin".to_string())];
+        let argv = ["/bin/sh".to_string(), "-c".into(), script.into()];
+        let limit = Limit {
+            timeout: Duration::from_millis(timeout_ms),
+            grace: Duration::from_millis(300),
+        };
+        Real.run(None, &argv, &env, limit).unwrap()
+    }
+
+    #[test]
+    fn a_program_that_ends_gives_its_exit_code() {
+        assert_eq!(sh("exit 3", 20_000), Outcome::Exited(3));
+        assert_eq!(sh("kill -9 $$", 20_000), Outcome::Exited(128 + 9));
+    }
+
+    #[test]
+    fn past_the_timeout_the_whole_group_is_killed_and_reaped() {
+        // The shell's child in the background: killed with it, and reaped (no zombie).
+        let out = sh("sleep 30 & echo $! >&3; wait", 300);
+        let Outcome::TimedOut {
+            progress: Some(pid),
+            sigkill: false,
+            left: false,
+        } = out
+        else {
+            panic!("{out:?}")
+        };
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "the background child {pid} is gone"
+        );
+    }
+
+    #[test]
+    fn a_group_deaf_to_sigterm_gets_sigkill() {
+        let out = sh("trap '' TERM; echo one >&3; echo two >&3; sleep 30", 300);
+        assert_eq!(
+            out,
+            Outcome::TimedOut {
+                progress: Some("two".into()),
+                sigkill: true,
+                left: false
+            }
+        );
     }
 }

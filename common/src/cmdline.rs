@@ -270,6 +270,7 @@ pub const OPTIONS: &[(&str, &str, &str)] = &[
     ("ltsp.dead-timeout=", "300", "seconds the kernel holds I/O while a dead NBD connection is being replaced"),
     ("ltsp.allow-anonymous=", "0", "1: accept an NBD server that gives no image identity (checked by size only)"),
     ("ltsp.modules=", "(none)", "extra kernel modules to load, comma separated"),
+    ("ltsp.preinit-timeout=", "60", "seconds the PREINIT_* commands may run, all together, before they are killed and the boot goes on (lts.conf's PREINIT_TIMEOUT; this wins)"),
     ("ltsp.KEY=", "", "any other name overrides lts.conf's KEY (upper-cased); `NONE` unsets it"),
 ];
 
@@ -505,6 +506,10 @@ impl Cmdline {
                     }
                 }
             }
+            // Checked where it is used, as the lts.conf key it stands for.
+            "preinit-timeout" => self
+                .overrides
+                .push(("PREINIT_TIMEOUT".into(), val.to_string())),
             "modules" => self
                 .modules
                 .extend(val.split(',').filter(|m| !m.is_empty()).map(str::to_string)),

@@ -143,3 +143,21 @@ fn a_hostile_network_neither_stops_nor_bloats_the_server() {
     has(&out, "ltsp-server still running; peak RSS");
     has(&out, "FLOOD nbd connections=");
 }
+
+#[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
+fn a_hung_preinit_command_is_killed_named_and_the_node_boots() {
+    let out = fault("preinit-hang");
+    has(
+        &out,
+        "step `preinit`: PREINIT_02_HANG `trap '' TERM; while :; do sleep 1; done` still running after 5 s",
+    );
+    has(
+        &out,
+        "SIGKILL 5 s later); not run: PREINIT_03_AFTER; the boot goes on",
+    );
+    has(
+        &out,
+        "from PREINIT start to multi-user; none of its processes left",
+    );
+}

@@ -176,11 +176,11 @@ pub fn lease_of(m: &Message) -> Result<Lease, String> {
             ));
         }
     }
-    let mut dropped = Vec::new();
+    let mut dropped: Vec<String> = Vec::new();
     if let Some(DhcpOption::Router(r)) = o.get(OptionCode::Router) {
         l.router = r.iter().copied().find(|&g| is_host_address(g) && g != ip);
         if l.router.is_none() {
-            dropped.push("router");
+            dropped.push("router".into());
         }
     }
     if let Some(DhcpOption::DomainNameServer(d)) = o.get(OptionCode::DomainNameServer) {
@@ -191,7 +191,7 @@ pub fn lease_of(m: &Message) -> Result<Lease, String> {
             .take(MAX_DNS)
             .collect();
         if l.dns.len() < d.len().min(MAX_DNS) {
-            dropped.push("DNS server");
+            dropped.push("DNS server".into());
         }
     }
     let mut name = |code: OptionCode, what: &'static str, ok: fn(&str) -> bool| match o.get(code) {
@@ -200,7 +200,8 @@ pub fn lease_of(m: &Message) -> Result<Lease, String> {
             if ok(s) {
                 Some(s.to_string())
             } else {
-                dropped.push(what);
+                // Named with its value: an operator looks for the typo in the DHCP config.
+                dropped.push(format!("{what} {s:?}"));
                 None
             }
         }
@@ -228,7 +229,7 @@ pub fn lease_of(m: &Message) -> Result<Lease, String> {
     };
     if l.next_server.is_some_and(|s| !is_host_address(s)) {
         l.next_server = None;
-        dropped.push("next server");
+        dropped.push("next server".into());
     }
     let text = |b: &[u8]| {
         String::from_utf8_lossy(b)
@@ -244,7 +245,7 @@ pub fn lease_of(m: &Message) -> Result<Lease, String> {
     l.bootfile = match file {
         Some(f) if is_quotable(&f) => Some(f),
         Some(_) => {
-            dropped.push("boot file");
+            dropped.push("boot file".into());
             None
         }
         None => None,

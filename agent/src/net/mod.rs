@@ -178,33 +178,74 @@ fn netmask(prefix: u8) -> Ipv4Addr {
     Ipv4Addr::from(u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0))
 }
 
+/// A value between single quotes, as a shell reads it back unchanged: `'` becomes `'\''`.
+pub fn shell_quote(v: &str) -> String {
+    format!("'{}'", v.replace('\'', r"'\''"))
+}
+
+/// `v` if it may go into a line-based file at all: no control characters (a newline
+/// would start a line of its own, a NUL ends the value for C readers). Else None, and a
+/// warning naming the key.
+fn one_line<'a>(key: &str, v: &'a str) -> Option<&'a str> {
+    if v.chars().any(char::is_control) {
+        log::warn!("net: {key} {v:?} has control characters: left out of /run/net-*.conf");
+        None
+    } else {
+        Some(v)
+    }
+}
+
 /// `/run/net-IFACE.conf` as initramfs-tools' ipconfig writes it: scripts in the image
-/// (and LTSP's) source it to learn how the node booted.
+/// (and LTSP's) source it to learn how the node booted. Every value is single-quoted and
+/// escaped; names that are no host or domain name, and values with control characters,
+/// are left empty (the CVE-2011-1930 class: a DHCP string must never run as shell).
 pub fn net_conf(n: &NetInfo, uptime: f64) -> String {
     let l = &n.lease;
     let mask = netmask(l.prefix);
     let bcast = Ipv4Addr::from(u32::from(l.ip) | !u32::from(mask));
     let dns = |i: usize| l.dns.get(i).copied().unwrap_or(Ipv4Addr::UNSPECIFIED);
-    let s = |o: &Option<String>| o.clone().unwrap_or_default();
-    format!(
-        "DEVICE='{}'\nPROTO='{}'\nIPV4ADDR='{}'\nIPV4BROADCAST='{bcast}'\nIPV4NETMASK='{mask}'\nIPV4GATEWAY='{}'\n\
-         IPV4DNS0='{}'\nIPV4DNS1='{}'\nHOSTNAME='{}'\nDNSDOMAIN='{}'\nNISDOMAIN=''\nROOTSERVER='{}'\nROOTPATH='{}'\n\
-         filename='{}'\nUPTIME='{}'\nDHCPLEASETIME='{}'\nDOMAINSEARCH='{}'\n",
-        n.iface,
-        n.proto,
-        l.ip,
-        l.router.unwrap_or(Ipv4Addr::UNSPECIFIED),
-        dns(0),
-        dns(1),
-        s(&l.hostname),
-        s(&l.domain),
-        l.next_server.unwrap_or(Ipv4Addr::UNSPECIFIED),
-        s(&l.root_path),
-        s(&l.bootfile),
-        uptime as u64,
-        l.lease_secs.unwrap_or(0),
-        s(&l.domain),
-    )
+    let name = |key: &str, v: &Option<String>, ok: fn(&str) -> bool| match v.as_deref() {
+        Some(v) if ok(v) => v.to_string(),
+        Some(v) => {
+            log::warn!("net: {key} {v:?} is not a valid name: left out of /run/net-*.conf");
+            String::new()
+        }
+        None => String::new(),
+    };
+    let hostname = name("HOSTNAME", &l.hostname, crate::apply::valid_hostname);
+    let domain = name("DNSDOMAIN", &l.domain, crate::apply::valid_domain);
+    let text = |key: &str, v: &Option<String>| {
+        v.as_deref()
+            .and_then(|v| one_line(key, v))
+            .unwrap_or("")
+            .to_string()
+    };
+    let ip = |a: Ipv4Addr| a.to_string();
+    let vars: [(&str, String); 17] = [
+        ("DEVICE", text("DEVICE", &Some(n.iface.clone()))),
+        ("PROTO", n.proto.to_string()),
+        ("IPV4ADDR", ip(l.ip)),
+        ("IPV4BROADCAST", ip(bcast)),
+        ("IPV4NETMASK", ip(mask)),
+        ("IPV4GATEWAY", ip(l.router.unwrap_or(Ipv4Addr::UNSPECIFIED))),
+        ("IPV4DNS0", ip(dns(0))),
+        ("IPV4DNS1", ip(dns(1))),
+        ("HOSTNAME", hostname),
+        ("DNSDOMAIN", domain.clone()),
+        ("NISDOMAIN", String::new()),
+        (
+            "ROOTSERVER",
+            ip(l.next_server.unwrap_or(Ipv4Addr::UNSPECIFIED)),
+        ),
+        ("ROOTPATH", text("ROOTPATH", &l.root_path)),
+        ("filename", text("filename", &l.bootfile)),
+        ("UPTIME", (uptime as u64).to_string()),
+        ("DHCPLEASETIME", l.lease_secs.unwrap_or(0).to_string()),
+        ("DOMAINSEARCH", domain),
+    ];
+    vars.iter()
+        .map(|(k, v)| format!("{k}={}\n", shell_quote(v)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -243,5 +284,91 @@ mod tests {
         }
         assert_eq!(netmask(0), Ipv4Addr::UNSPECIFIED);
         assert_eq!(netmask(32), Ipv4Addr::BROADCAST);
+    }
+
+    /// What `sh` makes of the file: every variable it sets, one `KEY=value` line each,
+    /// with `$(...)` and backticks left as text; and proof that nothing ran.
+    fn sourced(conf: &str) -> (String, bool) {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("net.conf");
+        std::fs::write(&f, conf).unwrap();
+        let ran = d.path().join("ran");
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(r#". "$1" && for k in DEVICE HOSTNAME DNSDOMAIN ROOTPATH filename DOMAINSEARCH; do eval "printf '%s=%s|' \"\$k\" \"\${$k}\""; done"#)
+            .arg("sh")
+            .arg(&f)
+            .env("RAN", &ran)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (String::from_utf8(out.stdout).unwrap(), ran.exists())
+    }
+
+    #[test]
+    fn hostile_values_never_run_as_shell() {
+        let hostile = [
+            "$(touch \"$RAN\")",
+            "`touch \"$RAN\"`",
+            "x'; touch \"$RAN\"; '",
+            "x\ntouch \"$RAN\"",
+            "x\0y",
+            "a\"b\\c",
+        ];
+        for h in hostile {
+            let n = NetInfo {
+                iface: format!("e'{}", h.len()),
+                proto: "dhcp",
+                lease: dhcp::Lease {
+                    ip: Ipv4Addr::new(192, 0, 2, 10),
+                    prefix: 24,
+                    hostname: Some(h.into()),
+                    domain: Some(h.into()),
+                    root_path: Some(h.into()),
+                    bootfile: Some(h.into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let c = net_conf(&n, 1.0);
+            assert!(!c.contains('\0'), "{c:?}");
+            assert_eq!(c.lines().count(), 17, "one line per key: {c}");
+            let (vars, ran) = sourced(&c);
+            assert!(!ran, "{h:?} ran:\n{c}");
+            // Names that are no names are left out; text is kept as text, or left out
+            // when it has control characters.
+            let text = if h.chars().any(char::is_control) {
+                ""
+            } else {
+                h
+            };
+            assert_eq!(
+                vars,
+                format!(
+                    "DEVICE=e'{}|HOSTNAME=|DNSDOMAIN=|ROOTPATH={text}|filename={text}|DOMAINSEARCH=|",
+                    h.len()
+                ),
+                "{c}"
+            );
+        }
+        // Good names are kept.
+        let n = NetInfo {
+            lease: dhcp::Lease {
+                hostname: Some("node-7".into()),
+                domain: Some("lab.example".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (vars, _) = sourced(&net_conf(&n, 0.0));
+        assert!(
+            vars.contains("HOSTNAME=node-7|DNSDOMAIN=lab.example|")
+                && vars.ends_with("DOMAINSEARCH=lab.example|"),
+            "{vars}"
+        );
     }
 }
