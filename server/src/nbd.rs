@@ -328,19 +328,30 @@ impl Server {
         let e = self
             .lookup(base)
             .ok_or_else(|| (w::REP_ERR_UNKNOWN, format!("no export named {base:?}")))?;
+        // Stats and opens, maybe on network storage: on the blocking pool, never on the
+        // workers that carry every node's I/O.
+        let vs = self.versions.clone();
         let v = match version {
-            Some(id) => self.versions.get(id).ok_or_else(|| {
-                (
-                    w::REP_ERR_UNKNOWN,
-                    format!(
-                        "export {:?}: version {id} is not held by this server",
-                        e.name
-                    ),
-                )
-            })?,
+            Some(id) => {
+                let id2 = id.to_string();
+                let got = tokio::task::spawn_blocking(move || vs.get(&id2))
+                    .await
+                    .ok()
+                    .flatten();
+                got.ok_or_else(|| {
+                    (
+                        w::REP_ERR_UNKNOWN,
+                        format!(
+                            "export {:?}: version {id} is not held by this server",
+                            e.name
+                        ),
+                    )
+                })?
+            }
             None => {
                 // The file at the path now (a stat; inotify may not have told us yet).
-                self.versions.refresh(e);
+                let e2 = e.clone();
+                let _ = tokio::task::spawn_blocking(move || vs.refresh(&e2)).await;
                 self.versions.current(e, wait).await.ok_or_else(|| {
                     (
                         w::REP_ERR_UNKNOWN,

@@ -124,8 +124,11 @@ pub fn attach(
         }
     }
     // Listening before NBD_CMD_CONNECT: a link that dies from its first moment is seen.
-    let mut events = netlink::Genl::open()?;
-    events.subscribe()?;
+    // Without it the helper subscribes itself, later; the boot goes on.
+    let events = netlink::Genl::open().and_then(|mut ev| ev.subscribe().map(|_| ev));
+    let events = events
+        .map_err(|e| log::warn!("nbd: link-dead events before connecting: {e}"))
+        .ok();
     let mut g = netlink::Genl::open()?;
     let cfg = netlink::DeviceConfig {
         index,
@@ -138,7 +141,7 @@ pub fn attach(
     };
     let socks: Vec<&std::net::TcpStream> = conns.iter().map(|c| &c.stream).collect();
     g.connect(&cfg, &socks)?;
-    *genl = Some(events);
+    *genl = events;
     let device = format!("/dev/nbd{index}");
     wait_for_device(&device, index)?;
     // The kernel holds its own references to the sockets; ours close here.

@@ -109,6 +109,10 @@ pub fn connect_version(
     identity: &str,
     timeout: Duration,
 ) -> Result<Connected, HandshakeError> {
+    if !identity.starts_with("blake3:") {
+        // Another server's description: no version to ask for by name.
+        return connect(t, timeout);
+    }
     let versioned = NbdTarget {
         export: format!("{}@{identity}", t.export),
         ..t.clone()

@@ -281,6 +281,9 @@ fn free_initramfs_when_told(p: std::os::fd::OwnedFd) {
     }
 }
 
+/// RECONFIGUREs tried with fresh connections before the helper waits for a new event.
+const RECONFIGURE_TRIES: u32 = 10;
+
 /// The helper's loop: never returns unless netlink itself fails.
 pub fn run(mut w: Watch) -> Result<(), WatchError> {
     let mut cmds = Genl::open()?;
@@ -337,7 +340,17 @@ pub fn run(mut w: Watch) -> Result<(), WatchError> {
         // the kernel fails I/O, but a new connection still revives the device. A failed
         // RECONFIGURE brings no new event, so it is retried here, with new connections.
         let mut pause = Duration::from_millis(500);
-        loop {
+        for attempt in 1.. {
+            if attempt > RECONFIGURE_TRIES {
+                // Not a passing failure (the device was disconnected, say): wait for the
+                // next event instead of dialling servers for nothing.
+                log::error!(
+                    "nbd-watch: /dev/nbd{}: RECONFIGURE failed {RECONFIGURE_TRIES} times; \
+                     waiting for the next link-dead event",
+                    w.index
+                );
+                break;
+            }
             let conns = loop {
                 match replace(&mut w, &mut dialer, dead, Duration::from_secs(3600)) {
                     Ok(c) => break c,
