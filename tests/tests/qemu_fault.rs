@@ -79,6 +79,19 @@ fn an_image_update_leaves_running_nodes_alone_and_reaches_rebooted_ones() {
 
 #[test]
 #[ignore = "needs root and QEMU: network namespace, tap, chroot"]
+fn a_rolling_upgrade_strands_no_node() {
+    let out = fault("rolling-upgrade");
+    has(&out, "step A:");
+    has(&out, "step B:");
+    has(&out, "checksums equal");
+    has(&out, "kernel I/O errors 0");
+    // After both servers were replaced, the node's version came from the shared store.
+    has(&out, "from the store:");
+    has(&out, "after reboot /ltsp-image-version=2");
+}
+
+#[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn no_dhcp_answer_is_reported_and_the_node_halts() {
     let out = fault("no-dhcp");
     has(&out, "step `net` failed: no DHCP answer");
