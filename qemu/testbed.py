@@ -108,7 +108,9 @@ class BedSettings:
     boot_files: "http" has iPXE fetch the kernel and initramfs from ltsp-server's HTTP port
     instead of TFTP. loader: "ipxe" or "grub". kernel: a directory with another vmlinuz and
     initrd-standalone.img (qemu/prepare-generic). stock: the stock Debian image directory
-    (initramfs-tools + nbd-client, served by nbd-server) instead of ours."""
+    (initramfs-tools + nbd-client, served by nbd-server) instead of ours. dhcp_range: what
+    ltsp-server leases as the DHCP server. server_config: TOML settings for the first
+    ltsp-server (--config), beside its flags."""
     artifacts: str
     server_bin: str
     lts_conf: str | None = None
@@ -122,6 +124,8 @@ class BedSettings:
     boot_files: str = "tftp"
     loader: str = "ipxe"
     kernel: str | None = None
+    dhcp_range: str = "192.0.2.100-192.0.2.199"
+    server_config: str | None = None
 
 
 class Bed:
@@ -279,7 +283,16 @@ class Bed:
         if s.dhcp == "proxy":
             self.server_args += ["--proxy-dhcp", "br0"]
         if s.dhcp == "server":
-            self.server_args += ["--dhcp-server", "br0", "--dhcp-range", "192.0.2.100-192.0.2.199"]
+            # The lease file in the bed's directory: kept across a restart of the server,
+            # gone with the bed.
+            self.dhcp_leases = os.path.join(self.dir, "dhcp-leases")
+            self.server_args += ["--dhcp-server", "br0", "--dhcp-range", s.dhcp_range,
+                                 "--dhcp-lease-file", self.dhcp_leases]
+        if s.server_config:
+            conf = os.path.join(self.dir, "server.toml")
+            with open(conf, "w") as f:
+                f.write(s.server_config)
+            self.server_args += ["--config", conf]
         ready = "nbd: listening" if nbd[0] != "--no-nbd" else "tftp: serving"
         self.server = self.launch(self.server_args, self.server_log, ready)
 

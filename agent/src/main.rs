@@ -81,7 +81,8 @@ enum Command {
         /// CLOCK_BOOTTIME in milliseconds when the lease was obtained.
         #[arg(long)]
         obtained_ms: u64,
-        /// Inherited descriptors: /run/ltsp, /dev/console, /dev/kmsg.
+        /// Inherited descriptors: /run/ltsp (where `lease` is written), /dev/console and
+        /// /dev/kmsg (the log; without them, stderr).
         #[arg(long)]
         run_fd: Option<i32>,
         #[arg(long)]
@@ -294,10 +295,11 @@ fn main() -> ExitCode {
             console_fd,
             kmsg_fd,
         } => {
+            // Started by hand (no descriptors handed over), it logs to stderr.
             if console_fd.is_some() || kmsg_fd.is_some() {
                 ltsp_agent::log::init_inherited(console_fd, kmsg_fd);
             } else {
-                ltsp_agent::log::init_boot(false);
+                ltsp_agent::log::init_stderr(false);
             }
             ltsp_agent::nbd::reconnect::harden();
             let p = ltsp_agent::net::lease::Params {

@@ -384,6 +384,7 @@ pub struct Overrides {
     pub proxy_dhcp: Option<String>,
     pub dhcp_server: Option<String>,
     pub dhcp_range: Option<String>,
+    pub dhcp_lease_file: Option<PathBuf>,
 }
 
 pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
@@ -683,7 +684,7 @@ impl Config {
                     .lease_time
                     .unwrap_or(43200)
                     .clamp(min_lease, u32::MAX as u64);
-                let lease_file = match ds.lease_file {
+                let lease_file = match o.dhcp_lease_file.clone().or(ds.lease_file) {
                     None => Some(PathBuf::from(LEASE_FILE_DEFAULT)),
                     Some(p) if p.as_os_str().is_empty() => None,
                     Some(p) => Some(p),

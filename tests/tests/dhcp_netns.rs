@@ -109,6 +109,8 @@ fn no_dhcp_server_fails_with_a_clear_message_within_the_deadline() {
 fn the_agent_gets_a_lease_from_ltsp_servers_own_dhcp_server() {
     let (_guard, srv, cli) = served_pair("dhcpd", "52:54:00:aa:bb:dd");
     let root = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let leases = state.path().join("dhcp-leases");
     let s = ltsp_tests::ServerProc::start_in(
         &srv,
         &[
@@ -121,6 +123,8 @@ fn the_agent_gets_a_lease_from_ltsp_servers_own_dhcp_server() {
             "veth0",
             "--dhcp-range",
             "192.0.2.70-192.0.2.71",
+            "--dhcp-lease-file",
+            leases.to_str().unwrap(),
         ],
     );
     assert!(
@@ -139,6 +143,128 @@ fn the_agent_gets_a_lease_from_ltsp_servers_own_dhcp_server() {
         "{}",
         s.log()
     );
+}
+
+/// The boot's lease keeper (`ltsp-agent lease-keep`) against ltsp-server's own DHCP
+/// server with 10 s leases: it renews from the address it holds, at T1, again and again,
+/// the server ACKs each renewal, the address stays permanent in the kernel, and
+/// /run/ltsp/lease (a directory handed over by descriptor, as the boot does) says so.
+#[test]
+#[ignore = "needs root: network namespaces"]
+fn the_lease_keeper_renews_with_ltsp_servers_dhcp_server() {
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let mac = "52:54:00:aa:bb:de";
+    let (_guard, srv, cli) = served_pair("lkeep", mac);
+    let d = tempfile::tempdir().unwrap();
+    let conf = d.path().join("server.toml");
+    std::fs::write(
+        &conf,
+        "[dhcp_server]\nlease_time = 10\nmin_lease_time = 5\n",
+    )
+    .unwrap();
+    let leases = d.path().join("dhcp-leases");
+    let s = ltsp_tests::ServerProc::start_in(
+        &srv,
+        &[
+            "--config",
+            conf.to_str().unwrap(),
+            "--tftp-root",
+            d.path().to_str().unwrap(),
+            "--tftp-listen",
+            "192.0.2.1:69",
+            "--no-nbd",
+            "--dhcp-server",
+            "veth0",
+            "--dhcp-range",
+            "192.0.2.70-192.0.2.71",
+            "--dhcp-lease-file",
+            leases.to_str().unwrap(),
+        ],
+    );
+    let (ok, out, err) = agent_net(&cli, "BOOTIF=01-52-54-00-aa-bb-de ltsp.timeout=20");
+    assert!(ok, "{err}\n{out}\n{}", s.log());
+    assert!(out.contains("DHCPLEASETIME='10'\n"), "{out}");
+    let addr = "192.0.2.70";
+    assert!(out.contains(&format!("IPV4ADDR='{addr}'\n")), "{out}");
+    // As the boot hands it over: /run/ltsp open, inherited by the keeper.
+    let run_dir = d.path().join("run-ltsp");
+    std::fs::create_dir(&run_dir).unwrap();
+    let dir = std::fs::File::open(&run_dir).unwrap();
+    let fd = dir.as_raw_fd();
+    let boottime = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).unwrap();
+    let obtained_ms = boottime.tv_sec() as u64 * 1000 + boottime.tv_nsec() as u64 / 1_000_000;
+    let mut cmd = Command::new(tool("ip"));
+    cmd.args(["netns", "exec", &cli])
+        .arg(bin("ltsp-agent"))
+        .args([
+            "lease-keep",
+            "--iface=eth7",
+            &format!("--mac={mac}"),
+            &format!("--ip={addr}"),
+            "--server=192.0.2.1",
+            "--lease-secs=10",
+            &format!("--obtained-ms={obtained_ms}"),
+            &format!("--run-fd={fd}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only fcntl(2) between fork and exec, on a descriptor this process owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .map(drop)
+            .map_err(std::io::Error::from)
+        });
+    }
+    let mut keeper = cmd.spawn().unwrap();
+    let lines = std::io::BufReader::new(keeper.stderr.take().unwrap());
+    let mut log = Vec::new();
+    let mut renewed = 0;
+    // Three renewals take about 20 s (T1 = 5 s); the bound only ends a broken run.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    for line in lines.lines() {
+        let line = line.unwrap();
+        renewed += line.contains("lease: eth7: renewed 192.0.2.70 with 192.0.2.1 for 10 s") as u32;
+        log.push(line);
+        if renewed >= 3 || std::time::Instant::now() > until {
+            break;
+        }
+    }
+    let state = std::fs::read_to_string(run_dir.join("lease")).unwrap_or_default();
+    let _ = keeper.kill();
+    let _ = keeper.wait();
+    let log = log.join("\n");
+    assert!(renewed >= 3, "{renewed} renewals:\n{log}\n{}", s.log());
+    // The server saw REQUESTs from the node's address and ACKed them: one for the
+    // boot, one per renewal.
+    let acks = s
+        .log()
+        .matches(&format!("dhcp-server: {mac}: Ack {addr}"))
+        .count();
+    assert!(acks >= 4, "{acks} ACKs:\n{}", s.log());
+    assert!(!log.contains("ERROR"), "{log}");
+    for want in [
+        "ADDRESS=192.0.2.70\n",
+        "SERVER=192.0.2.1\n",
+        "LEASE_SECS=10\n",
+        "EXPIRES_EPOCH=",
+    ] {
+        assert!(state.contains(want), "{want} in\n{state}");
+    }
+    assert!(!state.contains("RENEWALS=0\n"), "{state}");
+    let (_, show, _) = run(Command::new(tool("ip")).args(["-n", &cli, "addr", "show", "eth7"]));
+    assert!(
+        show.contains(&format!("inet {addr}/24")) && show.contains("valid_lft forever"),
+        "{show}"
+    );
+    // The server's lease file has the node, its lease running.
+    let saved = std::fs::read_to_string(&leases).unwrap();
+    assert!(saved.contains(&format!("{mac} {addr} ")), "{saved}");
 }
 
 /// A DHCP server that answers every DISCOVER and REQUEST with hostile replies first
