@@ -301,6 +301,13 @@ impl Pool {
         true
     }
 
+    /// Whether `mac` holds a lease (running or not) on `ip`.
+    pub fn holds(&self, mac: [u8; 6], ip: Ipv4Addr) -> bool {
+        self.by_mac
+            .get(&mac)
+            .is_some_and(|b| b.leased && b.ip == u32::from(ip))
+    }
+
     /// The client gives its address back: it stays the client's until someone needs it.
     pub fn release(&mut self, mac: [u8; 6], now: Instant) {
         let Some(b) = self.by_mac.get(&mac).copied() else {
@@ -551,7 +558,8 @@ fn lease_file_bound(max: usize) -> u64 {
     (max as u64 + 1) * 64 + 4096
 }
 
-/// A burst of ACKs is saved in one write: the first change waits this long for others.
+/// Renewals are saved in one write per burst: the first waits this long for others. A new
+/// lease is saved before its ACK goes out.
 const SAVE_DELAY: Duration = Duration::from_millis(200);
 
 pub struct DhcpServer {
@@ -563,6 +571,11 @@ pub struct DhcpServer {
     status: Arc<crate::status::Status>,
     /// Woken when a lease changed, for the task that saves the lease file.
     dirty: tokio::sync::Notify,
+    /// New leases made (a client got an address it did not hold): each is saved before
+    /// its ACK is sent.
+    made: std::sync::atomic::AtomicU64,
+    /// How many of them the lease file holds.
+    saved: tokio::sync::watch::Sender<u64>,
 }
 
 /// An Ethernet client's MAC; None for other hardware (this server leases by MAC).
@@ -654,6 +667,8 @@ impl DhcpServer {
             pool: Mutex::new(pool),
             status,
             dirty: tokio::sync::Notify::new(),
+            made: std::sync::atomic::AtomicU64::new(0),
+            saved: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -669,10 +684,16 @@ impl DhcpServer {
     /// Saves the lease file after each change, a burst of changes in one write, off the
     /// receive loop (fsync takes milliseconds).
     async fn keep_saved(self: Arc<Self>) {
+        use std::sync::atomic::Ordering::Acquire;
         let mut failing = false;
         loop {
             self.dirty.notified().await;
-            tokio::time::sleep(SAVE_DELAY).await;
+            // Only renewals to save: they can wait for the rest of a burst.
+            if self.made.load(Acquire) == *self.saved.borrow() {
+                tokio::time::sleep(SAVE_DELAY).await;
+            }
+            // Read before the table is: every lease counted here is in what is saved.
+            let made = self.made.load(Acquire);
             let me = self.clone();
             let r = tokio::task::spawn_blocking(move || me.save())
                 .await
@@ -699,6 +720,8 @@ impl DhcpServer {
                 }
                 Err(_) => {}
             }
+            // Also after a failure: the ACKs go out (logged above), nodes are not held up.
+            self.saved.send_replace(made);
         }
     }
 
@@ -734,7 +757,13 @@ impl DhcpServer {
                     return None;
                 }
                 let ip = requested.unwrap_or(m.ciaddr());
-                if self.pool().request(mac, ip, lease, now) {
+                let mut pool = self.pool();
+                let renewal = pool.holds(mac, ip);
+                if pool.request(mac, ip, lease, now) {
+                    drop(pool);
+                    if !renewal {
+                        self.made.fetch_add(1, std::sync::atomic::Ordering::Release);
+                    }
                     self.dirty.notify_one();
                     (MessageType::Ack, ip)
                 } else {
@@ -816,6 +845,16 @@ impl DhcpServer {
 impl Responder for DhcpServer {
     fn name(&self) -> &'static str {
         "dhcp-server"
+    }
+
+    /// Holds a reply until every new lease made so far is in the lease file.
+    async fn commit(&self) {
+        if self.cfg.lease_file.is_none() {
+            return;
+        }
+        let want = self.made.load(std::sync::atomic::Ordering::Acquire);
+        let mut saved = self.saved.subscribe();
+        let _ = saved.wait_for(|&n| n >= want).await;
     }
 
     fn status(&self) -> &crate::status::Status {
@@ -1385,6 +1424,31 @@ mod tests {
             (r.opts().msg_type(), r.yiaddr()),
             (Some(MessageType::Ack), b)
         );
+    }
+
+    /// The ACK of a new lease waits for the lease file: a server killed right after it
+    /// still knows the address is taken.
+    #[tokio::test]
+    async fn a_new_lease_is_on_disk_before_its_ack_goes_out() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("dhcp-leases");
+        let s = Arc::new(server(with_file(
+            cfg("192.0.2.100", "192.0.2.102", 10),
+            &path,
+        )));
+        tokio::spawn(s.clone().keep_saved());
+        let a = lease(&s, &A, Instant::now());
+        s.commit().await;
+        let (saved, bad) = load_leases(&path, 1 << 20, 10).unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(
+            saved.iter().map(|l| (l.mac, l.ip)).collect::<Vec<_>>(),
+            vec![(A, a)]
+        );
+        // A server started from it now gives that address to nobody else.
+        let s2 = server(with_file(cfg("192.0.2.100", "192.0.2.102", 10), &path));
+        let b = lease(&s2, &B, Instant::now());
+        assert_ne!(a, b);
     }
 
     #[test]
