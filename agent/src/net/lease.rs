@@ -304,16 +304,19 @@ pub struct Nic {
 }
 
 /// One round: sends what is due, then reads replies until the next thing is due or one
-/// changed the lease. Returns what happened, in order.
+/// changed the lease. Returns what happened, in order; `on` hears of each event as it
+/// happens (the log and /run/ltsp/lease must not wait for the round's end).
 pub fn step<N: Clock + Transport>(
     k: &mut Keeper,
     nic: &Nic,
     n: &mut N,
     xids: &mut dyn FnMut() -> u32,
+    on: &mut dyn FnMut(&Keeper, &Event, Duration),
 ) -> io::Result<Vec<Event>> {
     let mut events = Vec::new();
     let now = n.now();
     if k.report_lost(now) {
+        on(k, &Event::Lost, now);
         events.push(Event::Lost);
     }
     let (send, wake) = k.poll(now);
@@ -333,6 +336,7 @@ pub fn step<N: Clock + Transport>(
         if let Err(e) = n.send(to, &payload) {
             log::warn!("lease: {}: sending a REQUEST: {e}", nic.iface);
         }
+        on(k, &Event::Sent(s), now);
         events.push(Event::Sent(s));
     }
     let mut buf = [0u8; 1500];
@@ -343,7 +347,9 @@ pub fn step<N: Clock + Transport>(
                 let o = k.on_reply(n.now(), r, xids());
                 if o != Outcome::Ignored {
                     let done = matches!(o, Outcome::Renewed { .. } | Outcome::Regained);
-                    events.push(Event::Reply(o));
+                    let e = Event::Reply(o);
+                    on(k, &e, n.now());
+                    events.push(e);
                     if done {
                         break;
                     }
@@ -671,9 +677,9 @@ fn random_xid() -> u32 {
     h.finish() as u32
 }
 
-/// Logs what a round did.
-fn log_events(events: &[Event], k: &Keeper, nic: &Nic, now: Duration) {
-    for e in events {
+/// Logs an event.
+fn log_event(e: &Event, k: &Keeper, nic: &Nic, now: Duration) {
+    {
         match e {
             Event::Sent(Send::Renew(s)) => {
                 log::debug!("lease: {}: REQUEST {} to {s} (renewing)", nic.iface, k.ip)
@@ -755,24 +761,27 @@ pub fn run(p: Params) -> io::Result<()> {
         k.times.t2.as_secs()
     );
     let mut last_phase = None;
-    loop {
-        let events = step(&mut k, &nic, &mut net, &mut random_xid)?;
-        let now = net.now();
-        log_events(&events, &k, &nic, now);
+    let mut write = |k: &Keeper, now: Duration, force: bool| {
         let phase = k.phase(now);
-        let changed = events
-            .iter()
-            .any(|e| matches!(e, Event::Reply(Outcome::Renewed { .. } | Outcome::Regained)));
-        if changed || last_phase != Some(phase) {
+        if force || last_phase != Some(phase) {
             last_phase = Some(phase);
             if let Some(d) = &run_dir {
                 use std::os::fd::AsFd;
-                let text = lease_file(&k, &nic, now, net.wall());
+                let text = lease_file(k, &nic, now, SysClock.wall());
                 if let Err(e) = write_atomic(d.as_fd(), "lease", &text) {
                     log::warn!("lease: writing /run/ltsp/lease: {e}");
                 }
             }
         }
+    };
+    write(&k, net.now(), true);
+    let mut on = |k: &Keeper, e: &Event, now: Duration| {
+        log_event(e, k, &nic, now);
+        let renewed = matches!(e, Event::Reply(Outcome::Renewed { .. } | Outcome::Regained));
+        write(k, now, renewed);
+    };
+    loop {
+        step(&mut k, &nic, &mut net, &mut random_xid, &mut on)?;
     }
 }
 
@@ -1109,7 +1118,13 @@ mod tests {
         };
         let mut events = Vec::new();
         while net.now < s(55.0) {
-            events.extend(step(&mut k, &nic, &mut net, &mut xids).unwrap());
+            let mut heard = Vec::new();
+            let got = step(&mut k, &nic, &mut net, &mut xids, &mut |_, e, _| {
+                heard.push(e.clone())
+            })
+            .unwrap();
+            assert_eq!(got, heard, "each event told as it happened");
+            events.extend(got);
         }
         let want = [
             (15.0, Some(SERVER), 100),
