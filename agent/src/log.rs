@@ -124,6 +124,13 @@ pub fn init_inherited(console: Option<i32>, kmsg: Option<i32>) {
     if let Some(l) = LOGGER.get() {
         *l.console.lock().unwrap_or_else(|p| p.into_inner()) = adopt(console);
         *l.kmsg.lock().unwrap_or_else(|p| p.into_inner()) = adopt(kmsg);
+        // Known while /proc is in reach (a helper that first runs after the switch has
+        // none, and may print a line twice): the kernel echoes those kmsg lines itself.
+        let level = std::fs::read_to_string("/proc/sys/kernel/printk")
+            .ok()
+            .and_then(|t| console_loglevel(&t));
+        l.console_loglevel
+            .store(level.unwrap_or(0), Ordering::Relaxed);
     }
 }
 
