@@ -89,6 +89,9 @@ enum Command {
         console_fd: Option<i32>,
         #[arg(long)]
         kmsg_fd: Option<i32>,
+        /// The console log level (kmsg lines below it are echoed by the kernel).
+        #[arg(long)]
+        console_level: Option<u8>,
     },
     /// Keep an NBD root alive: answer the kernel's link-dead events with a new connection
     /// to the same image (the server in use, then the others), as NBD_CMD_RECONFIGURE.
@@ -294,10 +297,14 @@ fn main() -> ExitCode {
             run_fd,
             console_fd,
             kmsg_fd,
+            console_level,
         } => {
             // Started by hand (no descriptors handed over), it logs to stderr.
             if console_fd.is_some() || kmsg_fd.is_some() {
                 ltsp_agent::log::init_inherited(console_fd, kmsg_fd);
+                if let Some(l) = console_level {
+                    ltsp_agent::log::set_console_level(l);
+                }
             } else {
                 ltsp_agent::log::init_stderr(false);
             }
@@ -314,6 +321,7 @@ fn main() -> ExitCode {
                 run_fd,
                 console_fd,
                 kmsg_fd,
+                console_level,
             };
             match ltsp_agent::net::lease::run(p) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -465,6 +465,8 @@ pub struct Params {
     pub run_fd: Option<i32>,
     pub console_fd: Option<i32>,
     pub kmsg_fd: Option<i32>,
+    /// The console log level the boot read (the keeper may have no /proc).
+    pub console_level: Option<u8>,
 }
 
 impl Params {
@@ -490,6 +492,7 @@ impl Params {
             ("run-fd", self.run_fd.map(|t| t.to_string())),
             ("console-fd", self.console_fd.map(|t| t.to_string())),
             ("kmsg-fd", self.kmsg_fd.map(|t| t.to_string())),
+            ("console-level", self.console_level.map(|t| t.to_string())),
         ] {
             if let Some(v) = v {
                 a.push(format!("--{k}={v}"));
@@ -554,6 +557,7 @@ pub fn start_keeper(sys: &dyn crate::system::System, info: &super::NetInfo, run:
         run_fd: run_dir.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
         console_fd: console,
         kmsg_fd: kmsg,
+        console_level: crate::log::console_level(),
     };
     match sys.spawn("@ltsp-lease", &p.to_args(), &p.fds()) {
         Ok(pid) => log::info!(
