@@ -779,10 +779,11 @@ pub fn run(p: Params) -> io::Result<()> {
         }
     };
     write(&k, net.now(), true);
+    // The file first: whoever reads a line of the log finds the file saying as much.
     let mut on = |k: &Keeper, e: &Event, now: Duration| {
-        log_event(e, k, &nic, now);
         let renewed = matches!(e, Event::Reply(Outcome::Renewed { .. } | Outcome::Regained));
         write(k, now, renewed);
+        log_event(e, k, &nic, now);
     };
     loop {
         step(&mut k, &nic, &mut net, &mut random_xid, &mut on)?;
