@@ -109,7 +109,9 @@ class BedSettings:
     instead of TFTP. versions_dir: the content-addressed store of image versions every
     ltsp-server of the bed shares (--nbd-versions-dir). loader: "ipxe" or "grub". kernel: a directory with another vmlinuz and
     initrd-standalone.img (qemu/prepare-generic). stock: the stock Debian image directory
-    (initramfs-tools + nbd-client, served by nbd-server) instead of ours."""
+    (initramfs-tools + nbd-client, served by nbd-server) instead of ours. dhcp_range: what
+    ltsp-server leases as the DHCP server. server_config: TOML settings for the first
+    ltsp-server (--config), beside its flags."""
     artifacts: str
     server_bin: str
     lts_conf: str | None = None
@@ -124,6 +126,8 @@ class BedSettings:
     loader: str = "ipxe"
     kernel: str | None = None
     versions_dir: str | None = None
+    dhcp_range: str = "192.0.2.100-192.0.2.199"
+    server_config: str | None = None
 
 
 class Bed:
@@ -281,7 +285,16 @@ class Bed:
         if s.dhcp == "proxy":
             self.server_args += ["--proxy-dhcp", "br0"]
         if s.dhcp == "server":
-            self.server_args += ["--dhcp-server", "br0", "--dhcp-range", "192.0.2.100-192.0.2.199"]
+            # The lease file in the bed's directory: kept across a restart of the server,
+            # gone with the bed.
+            self.dhcp_leases = os.path.join(self.dir, "dhcp-leases")
+            self.server_args += ["--dhcp-server", "br0", "--dhcp-range", s.dhcp_range,
+                                 "--dhcp-lease-file", self.dhcp_leases]
+        if s.server_config:
+            conf = os.path.join(self.dir, "server.toml")
+            with open(conf, "w") as f:
+                f.write(s.server_config)
+            self.server_args += ["--config", conf]
         if s.versions_dir:
             self.server_args += ["--nbd-versions-dir", s.versions_dir]
         ready = "nbd: listening" if nbd[0] != "--no-nbd" else "tftp: serving"

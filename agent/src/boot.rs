@@ -223,6 +223,7 @@ pub fn boot(
     };
 
     let net = modules_and_network(&r, sys, p, &mut tl).map_err(fail)?;
+    net::lease::start_keeper(sys, &net.info, &l.run);
     let nbd = nbd_step(&r, sys, p, &net, &mut tl).map_err(fail)?;
     let layers = root_step(&r, sys, &nbd.attached, &mut tl).map_err(fail)?;
     let config = configure(&r, sys, &net, &layers, &mut tl).map_err(fail)?;

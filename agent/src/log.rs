@@ -124,6 +124,27 @@ pub fn init_inherited(console: Option<i32>, kmsg: Option<i32>) {
     if let Some(l) = LOGGER.get() {
         *l.console.lock().unwrap_or_else(|p| p.into_inner()) = adopt(console);
         *l.kmsg.lock().unwrap_or_else(|p| p.into_inner()) = adopt(kmsg);
+        // Read while /proc is in reach; a helper that first runs after the switch is told
+        // it instead ([`set_console_level`]).
+        let level = std::fs::read_to_string("/proc/sys/kernel/printk")
+            .ok()
+            .and_then(|t| console_loglevel(&t));
+        l.console_loglevel
+            .store(level.unwrap_or(0), Ordering::Relaxed);
+    }
+}
+
+/// The console log level in use (the kernel echoes kmsg lines below it), if known.
+pub fn console_level() -> Option<u8> {
+    let l = LOGGER.get()?.console_loglevel.load(Ordering::Relaxed);
+    (l > 0).then_some(l)
+}
+
+/// Sets the console log level a parent read: without it, lines the kernel echoes from
+/// kmsg would also be written to the console.
+pub fn set_console_level(level: u8) {
+    if let Some(l) = LOGGER.get() {
+        l.console_loglevel.store(level, Ordering::Relaxed);
     }
 }
 

@@ -58,6 +58,41 @@ enum Command {
     },
     /// Print every kernel cmdline option the agent reads, with its default.
     Options,
+    /// Keep the boot NIC's DHCP lease: renew it at T1 from its server, rebind at T2 with
+    /// any, never remove the address; /run/ltsp/lease says where it stands. The boot
+    /// starts it; it runs until the node powers off.
+    LeaseKeep {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, value_parser = ltsp_agent::net::lease::parse_mac)]
+        mac: [u8; 6],
+        #[arg(long)]
+        ip: std::net::Ipv4Addr,
+        /// The server that gave the lease (option 54); without it, REQUESTs are broadcast.
+        #[arg(long)]
+        server: Option<std::net::Ipv4Addr>,
+        #[arg(long)]
+        lease_secs: u32,
+        /// T1 and T2 as the server gave them (options 58 and 59).
+        #[arg(long)]
+        t1: Option<u32>,
+        #[arg(long)]
+        t2: Option<u32>,
+        /// CLOCK_BOOTTIME in milliseconds when the lease was obtained.
+        #[arg(long)]
+        obtained_ms: u64,
+        /// Inherited descriptors: /run/ltsp (where `lease` is written), /dev/console and
+        /// /dev/kmsg (the log; without them, stderr).
+        #[arg(long)]
+        run_fd: Option<i32>,
+        #[arg(long)]
+        console_fd: Option<i32>,
+        #[arg(long)]
+        kmsg_fd: Option<i32>,
+        /// The console log level (kmsg lines below it are echoed by the kernel).
+        #[arg(long)]
+        console_level: Option<u8>,
+    },
     /// Keep an NBD root alive: answer the kernel's link-dead events with a new connection
     /// to the same image (the server in use, then the others), as NBD_CMD_RECONFIGURE.
     /// The boot starts it; it runs until the node powers off.
@@ -248,6 +283,49 @@ fn main() -> ExitCode {
             match ltsp_agent::nbd::reconnect::run(w) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("nbd-watch: {e}")),
+            }
+        }
+        Command::LeaseKeep {
+            iface,
+            mac,
+            ip,
+            server,
+            lease_secs,
+            t1,
+            t2,
+            obtained_ms,
+            run_fd,
+            console_fd,
+            kmsg_fd,
+            console_level,
+        } => {
+            // Started by hand (no descriptors handed over), it logs to stderr.
+            if console_fd.is_some() || kmsg_fd.is_some() {
+                ltsp_agent::log::init_inherited(console_fd, kmsg_fd);
+                if let Some(l) = console_level {
+                    ltsp_agent::log::set_console_level(l);
+                }
+            } else {
+                ltsp_agent::log::init_stderr(false);
+            }
+            ltsp_agent::nbd::reconnect::harden();
+            let p = ltsp_agent::net::lease::Params {
+                iface,
+                mac,
+                ip,
+                server,
+                lease_secs,
+                t1,
+                t2,
+                obtained_ms,
+                run_fd,
+                console_fd,
+                kmsg_fd,
+                console_level,
+            };
+            match ltsp_agent::net::lease::run(p) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("lease-keep: {e}")),
             }
         }
         Command::Options => {

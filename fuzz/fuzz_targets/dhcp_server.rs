@@ -25,6 +25,8 @@ fn server() -> &'static DhcpServer {
             router: Some("192.0.2.101".parse().unwrap()),
             dns: vec!["192.0.2.102".parse().unwrap()],
             max_leases: MAX_LEASES,
+            reuse_after_secs: 3600,
+            lease_file: None,
         };
         let files = ProxyDhcpConfig {
             interface: String::new(),

@@ -77,6 +77,15 @@ pub struct DhcpServerFile {
     pub range: Option<String>,
     /// Seconds (default 12 h).
     pub lease_time: Option<u64>,
+    /// The shortest lease_time accepted, in seconds (default 60); a shorter one is raised
+    /// to it.
+    pub min_lease_time: Option<u64>,
+    /// Seconds after a lease ends before its address may go to another client, and then
+    /// only when no never-used address is left (default: the lease time).
+    pub reuse_after: Option<u64>,
+    /// Where the leases are kept across restarts (default /var/lib/ltsp/dhcp-leases);
+    /// "" keeps them in memory only.
+    pub lease_file: Option<PathBuf>,
     pub router: Option<std::net::Ipv4Addr>,
     #[serde(default)]
     pub dns: Vec<std::net::Ipv4Addr>,
@@ -95,7 +104,17 @@ pub struct DhcpServerConfig {
     pub dns: Vec<std::net::Ipv4Addr>,
     /// Bound of the lease table (entries).
     pub max_leases: usize,
+    /// Seconds after a lease's end before its address may be leased to another client.
+    pub reuse_after_secs: u64,
+    /// The lease file; None: leases in memory only.
+    pub lease_file: Option<PathBuf>,
 }
+
+/// Default `[dhcp_server] min_lease_time`, in seconds.
+pub const MIN_LEASE_TIME_DEFAULT: u64 = 60;
+/// Default `[dhcp_server] lease_file`: state, so under /var/lib (the configuration may be
+/// read-only, e.g. a Kubernetes ConfigMap).
+pub const LEASE_FILE_DEFAULT: &str = "/var/lib/ltsp/dhcp-leases";
 
 /// Default bound of the DHCP server's lease table: the range size, at most this.
 pub const MAX_LEASES_DEFAULT_CAP: usize = 65536;
@@ -382,6 +401,7 @@ pub struct Overrides {
     pub proxy_dhcp: Option<String>,
     pub dhcp_server: Option<String>,
     pub dhcp_range: Option<String>,
+    pub dhcp_lease_file: Option<PathBuf>,
 }
 
 pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
@@ -675,15 +695,33 @@ impl Config {
                     Some(n) => n,
                     None => size.min(MAX_LEASES_DEFAULT_CAP),
                 };
+                // A lease shorter than a few seconds could not be renewed in time.
+                let min_lease = ds.min_lease_time.unwrap_or(MIN_LEASE_TIME_DEFAULT);
+                if !(5..=86400).contains(&min_lease) {
+                    return Err(ConfigError::Invalid(format!(
+                        "[dhcp_server] min_lease_time = {min_lease}: expected 5..=86400 seconds"
+                    )));
+                }
+                // Option 51 is 32 bits (0xffffffff: infinite).
+                let lease_secs = ds
+                    .lease_time
+                    .unwrap_or(43200)
+                    .clamp(min_lease, u32::MAX as u64);
+                let lease_file = match o.dhcp_lease_file.clone().or(ds.lease_file) {
+                    None => Some(PathBuf::from(LEASE_FILE_DEFAULT)),
+                    Some(p) if p.as_os_str().is_empty() => None,
+                    Some(p) => Some(p),
+                };
                 Some(DhcpServerConfig {
                     interface,
                     first,
                     last,
-                    // Option 51 is 32 bits (0xffffffff: infinite).
-                    lease_secs: ds.lease_time.unwrap_or(43200).clamp(60, u32::MAX as u64),
+                    lease_secs,
                     router: ds.router,
                     dns: ds.dns,
                     max_leases,
+                    reuse_after_secs: ds.reuse_after.unwrap_or(lease_secs),
+                    lease_file,
                 })
             }
         };
@@ -907,6 +945,35 @@ mod tests {
         assert_eq!(d.max_leases, 4);
         assert_eq!(d.lease_secs, u32::MAX as u64, "option 51 is 32 bits");
         assert!(ds("max_leases = 0").is_err());
+        assert_eq!(
+            d.reuse_after_secs,
+            u32::MAX as u64,
+            "default: the lease time"
+        );
+        assert_eq!(d.lease_file.as_deref(), Some(Path::new(LEASE_FILE_DEFAULT)));
+        // The floor: 60 s unless lowered; a lease under it is raised to it.
+        assert_eq!(
+            ds("lease_time = 30")
+                .unwrap()
+                .dhcp_server
+                .unwrap()
+                .lease_secs,
+            60
+        );
+        let d = ds("lease_time = 30\nmin_lease_time = 10\nreuse_after = 5\nlease_file = \"\"")
+            .unwrap()
+            .dhcp_server
+            .unwrap();
+        assert_eq!((d.lease_secs, d.reuse_after_secs), (30, 5));
+        assert_eq!(d.lease_file, None, "\"\": memory only");
+        for bad in [
+            "min_lease_time = 0",
+            "min_lease_time = 4",
+            "min_lease_time = 86401",
+        ] {
+            let e = ds(bad).unwrap_err().to_string();
+            assert!(e.contains("min_lease_time"), "{e}");
+        }
         // A /8 range is refused: every address in it is one a client could make us track.
         let big = build("[dhcp_server]\ninterface = \"x\"\nrange = \"10.0.0.1-10.255.255.254\"\n");
         assert!(big.unwrap_err().to_string().contains("at most 65536"));

@@ -1,6 +1,12 @@
 //! A small DHCP server for a lab network that has none (`--dhcp-server IFACE --dhcp-range
-//! FIRST-LAST`): addresses from a range, leases kept in memory, and for PXE clients the
-//! same boot files as proxyDHCP gives. Sites with a DHCP server use proxyDHCP instead.
+//! FIRST-LAST`): addresses from a range, leases kept in a file across restarts, and for
+//! PXE clients the same boot files as proxyDHCP gives. Sites with a DHCP server use
+//! proxyDHCP instead.
+//!
+//! An address is never given to another client while its holder may still use it: an
+//! expired lease's address is reused only `reuse_after` past its end, and only once no
+//! never-used address is left (the longest-expired first). ltsp-rs nodes keep their
+//! address for good whatever happens to the lease, so the margin matters.
 
 use crate::config::{DhcpServerConfig, ProxyDhcpConfig, MAX_BOOT_FILE};
 use crate::proxydhcp::{boot_file, classify, decode_request, serve, Client, Reply, Responder};
@@ -69,6 +75,8 @@ pub struct Pool {
     /// Addresses held as declined now: capped, so DISCOVER-then-DECLINE from spoofed MACs
     /// cannot take the whole range out of service.
     declined: usize,
+    /// How long past its end a lease's address stays its holder's.
+    grace: Duration,
     /// Addresses and entries examined, for the tests' proof that nothing scans the range.
     pub examined: u64,
 }
@@ -87,7 +95,24 @@ impl Pool {
             holds: BTreeSet::new(),
             declined: 0,
             leases: BTreeSet::new(),
+            grace: Duration::ZERO,
             examined: 0,
+        }
+    }
+
+    /// How long past its end a lease's address stays its holder's (see the module).
+    pub fn with_grace(mut self, grace: Duration) -> Pool {
+        self.grace = grace;
+        self
+    }
+
+    /// Whether the lease or hold ending at `t` is over for good at `now`: a lease only
+    /// once its grace has passed too.
+    fn over(&self, t: Instant, leased: bool, now: Instant) -> bool {
+        if leased {
+            later(t, self.grace) <= now
+        } else {
+            t <= now
         }
     }
 
@@ -171,10 +196,10 @@ impl Pool {
         n
     }
 
-    /// The oldest expired lease's address, taken from its client.
+    /// The oldest expired lease's address, taken from its client once its grace is over.
     fn reclaim(&mut self, now: Instant) -> Option<u32> {
         let &(t, ip) = self.leases.first()?;
-        if t > now {
+        if !self.over(t, true, now) {
             return None;
         }
         self.examined += 1;
@@ -255,9 +280,10 @@ impl Pool {
                 self.rebind(mac, until, true);
                 return true;
             }
-            // Someone else's, or declined: only once that has ended.
+            // Someone else's, or declined: only once that has ended (a lease: and its
+            // grace).
             Some(_) => match self.timer(ip) {
-                Some((t, _)) if t <= now => self.unlink(ip),
+                Some((t, leased)) if self.over(t, leased, now) => self.unlink(ip),
                 _ => return false,
             },
             None => {}
@@ -273,6 +299,13 @@ impl Pool {
         self.free.remove(&ip);
         self.bind(mac, ip, until, true);
         true
+    }
+
+    /// Whether `mac` holds a lease (running or not) on `ip`.
+    pub fn holds(&self, mac: [u8; 6], ip: Ipv4Addr) -> bool {
+        self.by_mac
+            .get(&mac)
+            .is_some_and(|b| b.leased && b.ip == u32::from(ip))
     }
 
     /// The client gives its address back: it stays the client's until someone needs it.
@@ -316,6 +349,219 @@ impl Pool {
     }
 }
 
+/// One lease as the lease file keeps it: the client, its address, and when the lease
+/// ends (seconds since the epoch, UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Saved {
+    pub mac: [u8; 6],
+    pub ip: Ipv4Addr,
+    pub ends: i64,
+}
+
+/// Seconds since the epoch now.
+pub fn wall_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `t` on the wall clock, given that `now` is `wall`; rounded up (a lease never ends
+/// earlier than it did).
+fn wall_of(t: Instant, now: Instant, wall: i64) -> i64 {
+    if t >= now {
+        let d = t - now;
+        wall.saturating_add(d.as_secs() as i64 + i64::from(d.subsec_nanos() > 0))
+    } else {
+        wall.saturating_sub((now - t).as_secs() as i64)
+    }
+}
+
+/// `ends` (wall clock) as an Instant; one too far back to represent is taken as now,
+/// which keeps the address from others longer, never shorter.
+fn instant_of(ends: i64, now: Instant, wall: i64) -> Instant {
+    if ends >= wall {
+        later(now, Duration::from_secs(ends.abs_diff(wall)))
+    } else {
+        now.checked_sub(Duration::from_secs(ends.abs_diff(wall)))
+            .unwrap_or(now)
+    }
+}
+
+impl Pool {
+    /// The leases, ended ones included until their address goes to someone else, with
+    /// their ends on the wall clock; offers and declines are not kept.
+    pub fn saved(&self, now: Instant, wall: i64) -> Vec<Saved> {
+        let mut v: Vec<Saved> = self
+            .by_mac
+            .iter()
+            .filter(|(_, b)| b.leased)
+            .map(|(mac, b)| Saved {
+                mac: *mac,
+                ip: b.ip.into(),
+                ends: wall_of(b.until, now, wall),
+            })
+            .collect();
+        v.sort_by_key(|s| (s.ends, u32::from(s.ip)));
+        v
+    }
+
+    /// Takes saved leases back (at start). Returns how many were taken, and why each of
+    /// the others was not (a hostile file cannot make two clients share an address: the
+    /// later-ending lease of an address wins, and a client has one address).
+    pub fn restore(&mut self, saved: &[Saved], now: Instant, wall: i64) -> (usize, Vec<String>) {
+        let mut order: Vec<&Saved> = saved.iter().collect();
+        order.sort_by_key(|s| std::cmp::Reverse(s.ends));
+        let (mut taken, mut skipped) = (0, Vec::new());
+        for s in order {
+            let ip = u32::from(s.ip);
+            let why = if !self.in_range(ip) {
+                "not in the range (or reserved)"
+            } else if self.by_ip.contains_key(&ip) {
+                "address listed twice: the later-ending lease is kept"
+            } else if self.by_mac.contains_key(&s.mac) {
+                "client listed twice: the later-ending lease is kept"
+            } else if self.by_ip.len() >= self.max {
+                "the table is full (max_leases)"
+            } else {
+                self.bind(s.mac, ip, instant_of(s.ends, now, wall), true);
+                taken += 1;
+                continue;
+            };
+            skipped.push(format!("{} {}: {why}", mac_string(&s.mac), s.ip));
+        }
+        (taken, skipped)
+    }
+}
+
+fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+const LEASE_FILE_HEADER: &str =
+    "# ltsp-server DHCP leases: MAC ADDRESS END (seconds since the epoch, UTC)\n";
+
+/// The lease file's text.
+pub fn render_leases(saved: &[Saved]) -> String {
+    let mut s = String::from(LEASE_FILE_HEADER);
+    for l in saved {
+        s.push_str(&format!("{} {} {}\n", mac_string(&l.mac), l.ip, l.ends));
+    }
+    s
+}
+
+/// Reads a lease file's text: the leases, and the lines that were not one (with their
+/// number), at most `max` leases.
+pub fn parse_leases(text: &str, max: usize) -> (Vec<Saved>, Vec<String>) {
+    let (mut v, mut bad) = (Vec::new(), Vec::new());
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let f: Vec<&str> = line.split_ascii_whitespace().collect();
+        let parsed = match f[..] {
+            [mac, ip, ends] => parse_mac(mac).zip(ip.parse().ok()).zip(ends.parse().ok()),
+            _ => None,
+        };
+        match parsed {
+            Some(((mac, ip), ends)) if v.len() < max => v.push(Saved { mac, ip, ends }),
+            Some(_) => bad.push(format!("line {}: more leases than max_leases", n + 1)),
+            None => {
+                let shown: String = line.chars().take(60).collect();
+                bad.push(format!("line {}: not MAC ADDRESS END: {shown:?}", n + 1));
+            }
+        }
+    }
+    (v, bad)
+}
+
+/// The lease file's leases. A missing file is an empty table; a file that is not a
+/// regular file, larger than `max_bytes` or not text is an error (the caller warns and
+/// starts empty). Opened without blocking: a FIFO put there cannot hang the start.
+pub fn load_leases(
+    path: &std::path::Path,
+    max_bytes: u64,
+    max: usize,
+) -> Result<(Vec<Saved>, Vec<String>), String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
+        Err(e) => return Err(format!("cannot open: {e}")),
+    };
+    let meta = f.metadata().map_err(|e| format!("cannot stat: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > max_bytes {
+        return Err(format!(
+            "{} bytes, more than {max_bytes} for max_leases entries: not a file this server wrote",
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::new();
+    f.take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(format!("grew past {max_bytes} bytes while read"));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| "not text (invalid UTF-8)".to_string())?;
+    Ok(parse_leases(&text, max))
+}
+
+/// Writes the lease file atomically: a temporary file beside it, fsync, rename, fsync of
+/// the directory. A crash leaves the old file or the new one, never half of one.
+pub fn save_leases(path: &std::path::Path, saved: &[Saved]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the lease file path names no file"))?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(render_leases(saved).as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(&dir)?.sync_all()
+}
+
+/// Bytes a lease file may have: a line per lease (at most 17 + 1 + 15 + 1 + 20 + 1 bytes,
+/// 64 with slack) and the header.
+fn lease_file_bound(max: usize) -> u64 {
+    (max as u64 + 1) * 64 + 4096
+}
+
+/// Renewals are saved in one write per burst: the first waits this long for others. A new
+/// lease is saved before its ACK goes out.
+const SAVE_DELAY: Duration = Duration::from_millis(200);
+
 pub struct DhcpServer {
     cfg: DhcpServerConfig,
     boot: ProxyDhcpConfig,
@@ -323,6 +569,13 @@ pub struct DhcpServer {
     mask: Ipv4Addr,
     pool: Mutex<Pool>,
     status: Arc<crate::status::Status>,
+    /// Woken when a lease changed, for the task that saves the lease file.
+    dirty: tokio::sync::Notify,
+    /// New leases made (a client got an address it did not hold): each is saved before
+    /// its ACK is sent.
+    made: std::sync::atomic::AtomicU64,
+    /// How many of them the lease file holds.
+    saved: tokio::sync::watch::Sender<u64>,
 }
 
 /// An Ethernet client's MAC; None for other hardware (this server leases by MAC).
@@ -371,19 +624,104 @@ impl DhcpServer {
         mask: Ipv4Addr,
         status: Arc<crate::status::Status>,
     ) -> DhcpServer {
-        let pool = Mutex::new(Pool::new(
+        let mut pool = Pool::new(
             cfg.first,
             cfg.last,
             &reserved(&cfg, server, mask),
             cfg.max_leases,
-        ));
+        )
+        .with_grace(Duration::from_secs(cfg.reuse_after_secs));
+        if let Some(path) = &cfg.lease_file {
+            let shown = path.display();
+            match load_leases(path, lease_file_bound(cfg.max_leases), cfg.max_leases) {
+                Ok((saved, bad)) => {
+                    for b in bad.iter().take(5) {
+                        log::warn!("dhcp-server: lease file {shown}: {b}: ignored");
+                    }
+                    if bad.len() > 5 {
+                        log::warn!(
+                            "dhcp-server: lease file {shown}: {} more lines ignored",
+                            bad.len() - 5
+                        );
+                    }
+                    let (taken, skipped) = pool.restore(&saved, Instant::now(), wall_now());
+                    for s in skipped.iter().take(5) {
+                        log::warn!("dhcp-server: lease file {shown}: {s}: not taken back");
+                    }
+                    log::info!(
+                        "dhcp-server: {taken} leases taken back from {shown} ({} not)",
+                        saved.len() - taken
+                    );
+                }
+                Err(e) => log::warn!(
+                    "dhcp-server: lease file {shown}: {e}: ignored, starting with no leases \
+                     (it is replaced at the next lease)"
+                ),
+            }
+        }
         DhcpServer {
             cfg,
             boot,
             server,
             mask,
-            pool,
+            pool: Mutex::new(pool),
             status,
+            dirty: tokio::sync::Notify::new(),
+            made: std::sync::atomic::AtomicU64::new(0),
+            saved: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// Writes the lease file now (the saving task does it after each change).
+    pub fn save(&self) -> std::io::Result<()> {
+        let Some(path) = &self.cfg.lease_file else {
+            return Ok(());
+        };
+        let saved = self.pool().saved(Instant::now(), wall_now());
+        save_leases(path, &saved)
+    }
+
+    /// Saves the lease file after each change, a burst of changes in one write, off the
+    /// receive loop (fsync takes milliseconds).
+    async fn keep_saved(self: Arc<Self>) {
+        use std::sync::atomic::Ordering::Acquire;
+        let mut failing = false;
+        loop {
+            self.dirty.notified().await;
+            // Only renewals to save: they can wait for the rest of a burst.
+            if self.made.load(Acquire) == *self.saved.borrow() {
+                tokio::time::sleep(SAVE_DELAY).await;
+            }
+            // Read before the table is: every lease counted here is in what is saved.
+            let made = self.made.load(Acquire);
+            let me = self.clone();
+            let r = tokio::task::spawn_blocking(move || me.save())
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            let path = self
+                .cfg
+                .lease_file
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""));
+            match r {
+                Ok(()) if failing => {
+                    failing = false;
+                    log::info!("dhcp-server: lease file {} saved again", path.display());
+                }
+                Ok(()) => {}
+                // Once per failure streak: a full disk must not flood the log.
+                Err(e) if !failing => {
+                    failing = true;
+                    log::error!(
+                        "dhcp-server: saving the leases to {}: {e}; they are kept in memory, \
+                         a restart now would forget them",
+                        path.display()
+                    );
+                }
+                Err(_) => {}
+            }
+            // Also after a failure: the ACKs go out (logged above), nodes are not held up.
+            self.saved.send_replace(made);
         }
     }
 
@@ -419,7 +757,14 @@ impl DhcpServer {
                     return None;
                 }
                 let ip = requested.unwrap_or(m.ciaddr());
-                if self.pool().request(mac, ip, lease, now) {
+                let mut pool = self.pool();
+                let renewal = pool.holds(mac, ip);
+                if pool.request(mac, ip, lease, now) {
+                    drop(pool);
+                    if !renewal {
+                        self.made.fetch_add(1, std::sync::atomic::Ordering::Release);
+                    }
+                    self.dirty.notify_one();
                     (MessageType::Ack, ip)
                 } else {
                     (MessageType::Nak, Ipv4Addr::UNSPECIFIED)
@@ -437,6 +782,7 @@ impl DhcpServer {
             }
             MessageType::Release if !other_server => {
                 self.pool().release(mac, now);
+                self.dirty.notify_one();
                 return None;
             }
             _ => return None,
@@ -489,6 +835,9 @@ impl DhcpServer {
 
     /// Serves port 67 ([`crate::proxydhcp::serve`]).
     pub async fn run(self: Arc<Self>, sock: UdpSocket) {
+        if self.cfg.lease_file.is_some() {
+            tokio::spawn(self.clone().keep_saved());
+        }
         serve(self, sock, 67).await
     }
 }
@@ -496,6 +845,16 @@ impl DhcpServer {
 impl Responder for DhcpServer {
     fn name(&self) -> &'static str {
         "dhcp-server"
+    }
+
+    /// Holds a reply until every new lease made so far is in the lease file.
+    async fn commit(&self) {
+        if self.cfg.lease_file.is_none() {
+            return;
+        }
+        let want = self.made.load(std::sync::atomic::Ordering::Acquire);
+        let mut saved = self.saved.subscribe();
+        let _ = saved.wait_for(|&n| n >= want).await;
     }
 
     fn status(&self) -> &crate::status::Status {
@@ -522,9 +881,18 @@ impl Responder for DhcpServer {
             })
             .filter(|f| !f.is_empty());
         let mac = crate::proxydhcp::mac_text(&m);
+        // A client renewing an address it uses (ciaddr) is answered there (RFC 2131 4.1);
+        // a NAK is broadcast, the client may no longer have that address.
+        let renewing = !m.ciaddr().is_unspecified()
+            && m.giaddr().is_unspecified()
+            && r.opts().msg_type() == Some(MessageType::Ack);
         Some(Reply {
             bytes,
-            to: crate::proxydhcp::reply_to_unaddressed(&m),
+            to: if renewing {
+                SocketAddr::from((m.ciaddr(), 68))
+            } else {
+                crate::proxydhcp::reply_to_unaddressed(&m)
+            },
             summary: format!(
                 "{mac}: {:?} {} {}",
                 r.opts().msg_type().unwrap_or(MessageType::Unknown(0)),
@@ -559,6 +927,8 @@ mod tests {
             router: Some(ip("192.0.2.254")),
             dns: vec![ip("192.0.2.53")],
             max_leases,
+            reuse_after_secs: 0,
+            lease_file: None,
         }
     }
 
@@ -956,5 +1326,272 @@ mod tests {
                 .yiaddr(),
             x
         );
+    }
+
+    fn with_file(c: DhcpServerConfig, path: &std::path::Path) -> DhcpServerConfig {
+        DhcpServerConfig {
+            lease_file: Some(path.to_path_buf()),
+            ..c
+        }
+    }
+
+    /// DISCOVER then REQUEST: the address leased to `mac`.
+    fn lease(s: &DhcpServer, mac: &[u8; 6], now: Instant) -> Ipv4Addr {
+        let x = reply(s, &msg(MessageType::Discover, mac, vec![]), now)
+            .unwrap()
+            .yiaddr();
+        let r = reply(
+            s,
+            &msg(
+                MessageType::Request,
+                mac,
+                vec![DhcpOption::RequestedIpAddress(x)],
+            ),
+            now,
+        )
+        .unwrap();
+        assert_eq!(r.opts().msg_type(), Some(MessageType::Ack));
+        x
+    }
+
+    #[test]
+    fn leases_survive_a_restart() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("state/dhcp-leases");
+        let c = with_file(cfg("192.0.2.100", "192.0.2.102", 10), &path);
+        let now = Instant::now();
+        let s1 = server(c.clone());
+        let a = lease(&s1, &A, now);
+        let b = lease(&s1, &B, now);
+        // An offer alone is not a lease: not kept.
+        let c_mac = [0x52, 0x54, 0, 0, 0, 3];
+        let offered = reply(&s1, &msg(MessageType::Discover, &c_mac, vec![]), now)
+            .unwrap()
+            .yiaddr();
+        s1.save().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 3, "header and two leases:\n{text}");
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec!["dhcp-leases"], "no temporary file left");
+        drop(s1);
+
+        // The restarted server knows both clients.
+        let s2 = server(c);
+        assert_eq!(s2.table_len(), 2);
+        let t = Instant::now();
+        assert_eq!(
+            reply(&s2, &msg(MessageType::Discover, &A, vec![]), t)
+                .unwrap()
+                .yiaddr(),
+            a
+        );
+        assert_eq!(
+            reply(&s2, &msg(MessageType::Discover, &c_mac, vec![]), t)
+                .unwrap()
+                .yiaddr(),
+            offered,
+            "a new client gets the one address nobody leased"
+        );
+        let grab = msg(
+            MessageType::Request,
+            &c_mac,
+            vec![DhcpOption::RequestedIpAddress(b)],
+        );
+        assert_eq!(
+            reply(&s2, &grab, t).unwrap().opts().msg_type(),
+            Some(MessageType::Nak),
+            "B's address stays B's"
+        );
+        // B renews from its address (ciaddr): ACK, sent to that address.
+        let mut renew = Message::new_with_id(
+            9,
+            b,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            &B,
+        );
+        renew
+            .opts_mut()
+            .insert(DhcpOption::MessageType(MessageType::Request));
+        let out = s2.handle(&renew.to_vec().unwrap(), 67, peer(), t).unwrap();
+        assert_eq!(out.to, SocketAddr::from((b, 68)));
+        let r = Message::decode(&mut Decoder::new(&out.bytes)).unwrap();
+        assert_eq!(
+            (r.opts().msg_type(), r.yiaddr()),
+            (Some(MessageType::Ack), b)
+        );
+    }
+
+    /// The ACK of a new lease waits for the lease file: a server killed right after it
+    /// still knows the address is taken.
+    #[tokio::test]
+    async fn a_new_lease_is_on_disk_before_its_ack_goes_out() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("dhcp-leases");
+        let s = Arc::new(server(with_file(
+            cfg("192.0.2.100", "192.0.2.102", 10),
+            &path,
+        )));
+        tokio::spawn(s.clone().keep_saved());
+        let a = lease(&s, &A, Instant::now());
+        s.commit().await;
+        let (saved, bad) = load_leases(&path, 1 << 20, 10).unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(
+            saved.iter().map(|l| (l.mac, l.ip)).collect::<Vec<_>>(),
+            vec![(A, a)]
+        );
+        // A server started from it now gives that address to nobody else.
+        let s2 = server(with_file(cfg("192.0.2.100", "192.0.2.102", 10), &path));
+        let b = lease(&s2, &B, Instant::now());
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn an_expired_lease_is_kept_from_others_for_its_grace() {
+        let now = Instant::now();
+        let grace = Duration::from_secs(100);
+        let min = Duration::from_secs(60);
+        let mut p = Pool::new(ip("192.0.2.100"), ip("192.0.2.101"), &[], 10).with_grace(grace);
+        let x = p.offer(A, now).unwrap();
+        assert!(p.request(A, x, min, now));
+        let y = p.offer(B, now).unwrap();
+        assert!(p.request(B, y, min + Duration::from_secs(10), now));
+        let c = [2, 0, 0, 0, 0, 3];
+        // Both leases over, neither grace: nothing for C, and no REQUEST takes one.
+        let t = now + min + Duration::from_secs(20);
+        assert_eq!(p.offer(c, t), None);
+        assert!(!p.request(c, x, min, t));
+        assert!(!p.request(c, y, min, t));
+        // The holders themselves renew at any time.
+        assert!(p.request(B, y, min, t));
+        // Past A's grace (B renewed): C gets A's address, never B's.
+        let t = now + min + grace + Duration::from_secs(1);
+        assert_eq!(p.offer(c, t), Some(x));
+        assert!(!p.request(c, y, min, t));
+    }
+
+    /// Random clients leasing, renewing and vanishing over hours of a small range: no
+    /// address is ever ACKed to a client while another's lease on it, plus the grace,
+    /// runs; and the table restored from a save at any point keeps that true.
+    #[test]
+    fn no_address_is_acked_to_two_clients_at_once() {
+        let lease = Duration::from_secs(30);
+        let grace = Duration::from_secs(30);
+        let mut p = Pool::new(ip("192.0.2.100"), ip("192.0.2.107"), &[], 64).with_grace(grace);
+        let t0 = Instant::now();
+        let wall0 = 1_800_000_000i64;
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        // ip -> (holder, end of its lease)
+        let mut held: HashMap<Ipv4Addr, ([u8; 6], Instant)> = HashMap::new();
+        let mut now = t0;
+        let mut acks = 0;
+        for i in 0..20_000u64 {
+            now += Duration::from_millis(rnd(3000));
+            let mac = [2, 0, 0, 0, 0, rnd(40) as u8];
+            let Some(o) = p.offer(mac, now) else { continue };
+            if !p.request(mac, o, lease, now) {
+                continue;
+            }
+            acks += 1;
+            if let Some(&(holder, ends)) = held.get(&o) {
+                assert!(
+                    holder == mac || now >= ends + grace,
+                    "op {i}: {o} ACKed to {mac:?} while {holder:?} held it until {:?} (+grace) and now is {:?}",
+                    ends - t0,
+                    now - t0
+                );
+            }
+            held.insert(o, (mac, now + lease));
+            if i % 1000 == 999 {
+                // Restart: the saved table, through the file's text, in a new pool.
+                let wall = wall0 + (now - t0).as_secs() as i64;
+                let text = render_leases(&p.saved(now, wall));
+                let (saved, bad) = parse_leases(&text, 64);
+                assert!(bad.is_empty(), "{bad:?}");
+                let mut q =
+                    Pool::new(ip("192.0.2.100"), ip("192.0.2.107"), &[], 64).with_grace(grace);
+                let (taken, skipped) = q.restore(&saved, now, wall);
+                assert!(skipped.is_empty(), "{skipped:?}");
+                assert_eq!(taken, saved.len());
+                p = q;
+            }
+        }
+        assert!(acks > 5000, "{acks} ACKs: the range was under pressure");
+    }
+
+    #[test]
+    fn a_hostile_lease_file_is_filtered_or_ignored_with_a_warning() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("leases");
+        let c = with_file(cfg("192.0.2.100", "192.0.2.109", 10), &path);
+        let wall = wall_now();
+        let end = wall + 3600;
+        std::fs::write(
+            &path,
+            format!(
+                "# a comment\n\
+                 52:54:00:00:00:01 192.0.2.100 {end}\n\
+                 52:54:00:00:00:02 192.0.2.100 {}\n\
+                 52:54:00:00:00:01 192.0.2.105 {}\n\
+                 52:54:00:00:00:03 198.51.100.7 {end}\n\
+                 52:54:00:00:00:04 192.0.2.1 {end}\n\
+                 52:54:00:00:00:05 192.0.2.101 99999999999999999999999\n\
+                 52:54:00:00:00:06 192.0.2.102 -9223372036854775808\n\
+                 52:54:00:00:00:07 192.0.2.103 9223372036854775807\n\
+                 52:54:00:00:00 192.0.2.104 {end}\n\
+                 zz:54:00:00:00:08 192.0.2.104 {end}\n\
+                 52:54:00:00:00:09 192.0.2.104 {end} extra\n\
+                 {}\n",
+                end + 60,
+                end - 60,
+                "x".repeat(3000)
+            ),
+        )
+        .unwrap();
+        let s = server(c.clone());
+        let t = Instant::now();
+        // Kept: 02 (the later of two leases of .100), 01 on .105, 06 (ended long
+        // ago), 07 (ends at the end of time).
+        assert_eq!(s.table_len(), 4);
+        let held_by = |mac: [u8; 6]| {
+            reply(&s, &msg(MessageType::Discover, &mac, vec![]), t)
+                .unwrap()
+                .yiaddr()
+        };
+        assert_eq!(held_by([0x52, 0x54, 0, 0, 0, 2]), ip("192.0.2.100"));
+        assert_eq!(held_by([0x52, 0x54, 0, 0, 0, 1]), ip("192.0.2.105"));
+        assert_eq!(held_by([0x52, 0x54, 0, 0, 0, 7]), ip("192.0.2.103"));
+
+        // Files that are not ours at all: ignored whole, the server starts empty.
+        let big = "52:54:00:00:00:01 192.0.2.100 1\n".repeat(10_000);
+        for (what, bytes) in [
+            ("too big", big.into_bytes()),
+            ("binary", vec![0xff, 0xfe, 0, 1, 2, 3]),
+        ] {
+            std::fs::write(&path, bytes).unwrap();
+            assert_eq!(server(c.clone()).table_len(), 0, "{what}");
+        }
+        // A FIFO cannot hang the start, a directory is no file.
+        std::fs::remove_file(&path).unwrap();
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert_eq!(server(c.clone()).table_len(), 0);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert_eq!(server(c.clone()).table_len(), 0);
+        assert!(load_leases(&path, 1 << 20, 10).is_err());
+        // No file yet: an empty table, no error.
+        let fresh = d.path().join("none");
+        assert_eq!(load_leases(&fresh, 1 << 20, 10).unwrap().0, vec![]);
     }
 }

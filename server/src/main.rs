@@ -157,6 +157,10 @@ struct ServeArgs {
     /// Addresses the DHCP server leases: FIRST-LAST.
     #[arg(long, value_name = "FIRST-LAST")]
     dhcp_range: Option<String>,
+    /// Where the DHCP server keeps its leases across restarts ([dhcp_server] lease_file;
+    /// default /var/lib/ltsp/dhcp-leases).
+    #[arg(long, value_name = "FILE")]
+    dhcp_lease_file: Option<PathBuf>,
     /// Address for /healthz, /metrics and /nodes over HTTP (default: off).
     #[arg(long, value_name = "ADDR:PORT")]
     http_listen: Option<SocketAddr>,
@@ -233,6 +237,7 @@ impl ServeArgs {
             proxy_dhcp: self.proxy_dhcp.clone(),
             dhcp_server: self.dhcp_server.clone(),
             dhcp_range: self.dhcp_range.clone(),
+            dhcp_lease_file: self.dhcp_lease_file.clone(),
         };
         Config::load(self.config.as_deref(), &o)
     }

@@ -51,6 +51,11 @@ pub trait Responder: Send + Sync + 'static {
     /// answers or drops, never panics. `port` is the local port it came in on.
     fn handle(&self, datagram: &[u8], port: u16, peer: SocketAddr, now: Instant) -> Option<Reply>;
     fn status(&self) -> &crate::status::Status;
+    /// Waits until the reply may go out: the DHCP server's new leases are on disk first,
+    /// so a restart never forgets an address it gave.
+    fn commit(&self) -> impl std::future::Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Answers logged: a flood of DISCOVERs with random MACs would log one line each.
@@ -73,6 +78,7 @@ pub async fn serve<R: Responder>(r: Arc<R>, sock: UdpSocket, port: u16) {
         let Some(reply) = r.handle(&buf[..n], port, peer, Instant::now()) else {
             continue;
         };
+        r.commit().await;
         match sock.send_to(&reply.bytes, reply.to).await {
             Ok(_) => {
                 if let Some(n) = ANSWERS.allow() {

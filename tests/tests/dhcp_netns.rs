@@ -109,6 +109,8 @@ fn no_dhcp_server_fails_with_a_clear_message_within_the_deadline() {
 fn the_agent_gets_a_lease_from_ltsp_servers_own_dhcp_server() {
     let (_guard, srv, cli) = served_pair("dhcpd", "52:54:00:aa:bb:dd");
     let root = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let leases = state.path().join("dhcp-leases");
     let s = ltsp_tests::ServerProc::start_in(
         &srv,
         &[
@@ -121,6 +123,8 @@ fn the_agent_gets_a_lease_from_ltsp_servers_own_dhcp_server() {
             "veth0",
             "--dhcp-range",
             "192.0.2.70-192.0.2.71",
+            "--dhcp-lease-file",
+            leases.to_str().unwrap(),
         ],
     );
     assert!(
@@ -139,6 +143,234 @@ fn the_agent_gets_a_lease_from_ltsp_servers_own_dhcp_server() {
         "{}",
         s.log()
     );
+}
+
+/// ltsp-server as the DHCP server on `srv`'s veth0 with 10 s leases (the floor lowered),
+/// its files in `dir`.
+fn short_lease_server(srv: &str, dir: &std::path::Path) -> ltsp_tests::ServerProc {
+    let conf = dir.join("server.toml");
+    std::fs::write(
+        &conf,
+        "[dhcp_server]\nlease_time = 10\nmin_lease_time = 5\n",
+    )
+    .unwrap();
+    let leases = dir.join("dhcp-leases");
+    ltsp_tests::ServerProc::start_in(
+        srv,
+        &[
+            "--config",
+            conf.to_str().unwrap(),
+            "--tftp-root",
+            dir.to_str().unwrap(),
+            "--tftp-listen",
+            "192.0.2.1:69",
+            "--no-nbd",
+            "--dhcp-server",
+            "veth0",
+            "--dhcp-range",
+            "192.0.2.70-192.0.2.71",
+            "--dhcp-lease-file",
+            leases.to_str().unwrap(),
+        ],
+    )
+}
+
+/// The lease keeper on `cli`'s eth7 for `addr`, as the boot starts it: /run/ltsp (here
+/// `run_dir`) handed over by descriptor. Its log lines arrive on the receiver.
+fn spawn_keeper(
+    cli: &str,
+    mac: &str,
+    addr: &str,
+    run_dir: &std::path::Path,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    std::fs::create_dir_all(run_dir).unwrap();
+    let dir = std::fs::File::open(run_dir).unwrap();
+    let fd = dir.as_raw_fd();
+    let boottime = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).unwrap();
+    let obtained_ms = boottime.tv_sec() as u64 * 1000 + boottime.tv_nsec() as u64 / 1_000_000;
+    let mut cmd = Command::new(tool("ip"));
+    cmd.args(["netns", "exec", cli])
+        .arg(bin("ltsp-agent"))
+        .args([
+            "lease-keep",
+            "--iface=eth7",
+            &format!("--mac={mac}"),
+            &format!("--ip={addr}"),
+            "--server=192.0.2.1",
+            "--lease-secs=10",
+            &format!("--obtained-ms={obtained_ms}"),
+            &format!("--run-fd={fd}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only fcntl(2) between fork and exec, on a descriptor this process owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .map(drop)
+            .map_err(std::io::Error::from)
+        });
+    }
+    let mut keeper = cmd.spawn().unwrap();
+    drop(dir);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = keeper.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (keeper, rx)
+}
+
+/// Collects the keeper's lines until `n` of them contain `what`; false if `bound` passed
+/// first (only a broken run waits that long).
+fn wait_lines(
+    rx: &std::sync::mpsc::Receiver<String>,
+    log: &mut Vec<String>,
+    what: &str,
+    n: usize,
+    bound: std::time::Duration,
+) -> bool {
+    let until = std::time::Instant::now() + bound;
+    let mut seen = log.iter().filter(|l| l.contains(what)).count();
+    while seen < n {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                seen += line.contains(what) as usize;
+                log.push(line);
+            }
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+fn lease_file(run_dir: &std::path::Path) -> String {
+    std::fs::read_to_string(run_dir.join("lease")).unwrap_or_default()
+}
+
+fn address_is_permanent(cli: &str, addr: &str) -> Result<(), String> {
+    let (_, show, _) = run(Command::new(tool("ip")).args(["-n", cli, "addr", "show", "eth7"]));
+    if show.contains(&format!("inet {addr}/24")) && show.contains("valid_lft forever") {
+        Ok(())
+    } else {
+        Err(show)
+    }
+}
+
+/// The boot's lease keeper (`ltsp-agent lease-keep`) against ltsp-server's own DHCP
+/// server with 10 s leases: it renews from the address it holds, at T1, again and again,
+/// the server ACKs each renewal, the address stays permanent in the kernel, and
+/// /run/ltsp/lease says so.
+#[test]
+#[ignore = "needs root: network namespaces"]
+fn the_lease_keeper_renews_with_ltsp_servers_dhcp_server() {
+    let mac = "52:54:00:aa:bb:de";
+    let (_guard, srv, cli) = served_pair("lkeep", mac);
+    let d = tempfile::tempdir().unwrap();
+    let s = short_lease_server(&srv, d.path());
+    let (ok, out, err) = agent_net(&cli, "BOOTIF=01-52-54-00-aa-bb-de ltsp.timeout=20");
+    assert!(ok, "{err}\n{out}\n{}", s.log());
+    assert!(out.contains("DHCPLEASETIME='10'\n"), "{out}");
+    let addr = "192.0.2.70";
+    assert!(out.contains(&format!("IPV4ADDR='{addr}'\n")), "{out}");
+    let run_dir = d.path().join("run-ltsp");
+    let (mut keeper, rx) = spawn_keeper(&cli, mac, addr, &run_dir);
+    let mut log = Vec::new();
+    // Three renewals take about 20 s (T1 = 5 s).
+    let renewed = wait_lines(
+        &rx,
+        &mut log,
+        "lease: eth7: renewed 192.0.2.70 with 192.0.2.1 for 10 s",
+        3,
+        std::time::Duration::from_secs(90),
+    );
+    let state = lease_file(&run_dir);
+    let _ = keeper.kill();
+    let _ = keeper.wait();
+    let log = log.join("\n");
+    assert!(renewed, "not 3 renewals:\n{log}\n{}", s.log());
+    // The server saw REQUESTs from the node's address and ACKed them: one for the
+    // boot, one per renewal.
+    let acks = s
+        .log()
+        .matches(&format!("dhcp-server: {mac}: Ack {addr}"))
+        .count();
+    assert!(acks >= 4, "{acks} ACKs:\n{}", s.log());
+    assert!(!log.contains("ERROR"), "{log}");
+    for want in [
+        "ADDRESS=192.0.2.70\n",
+        "SERVER=192.0.2.1\n",
+        "LEASE_SECS=10\n",
+        "EXPIRES_EPOCH=",
+    ] {
+        assert!(state.contains(want), "{want} in\n{state}");
+    }
+    assert!(!state.contains("RENEWALS=0\n"), "{state}");
+    address_is_permanent(&cli, addr).unwrap();
+    // The server's lease file has the node.
+    let saved = std::fs::read_to_string(d.path().join("dhcp-leases")).unwrap();
+    assert!(saved.contains(&format!("{mac} {addr} ")), "{saved}");
+}
+
+/// With the server gone, the lease runs out: the keeper says so at error level, the
+/// address stays, /run/ltsp/lease says `expired`. The server back (its leases read from
+/// its file), the keeper's next REQUEST gets the lease again.
+#[test]
+#[ignore = "needs root: network namespaces"]
+fn a_lost_lease_is_reported_the_address_kept_and_the_lease_regained() {
+    let mac = "52:54:00:aa:bb:df";
+    let (_guard, srv, cli) = served_pair("llost", mac);
+    let d = tempfile::tempdir().unwrap();
+    let s = short_lease_server(&srv, d.path());
+    let (ok, out, err) = agent_net(&cli, "BOOTIF=01-52-54-00-aa-bb-df ltsp.timeout=20");
+    assert!(ok, "{err}\n{out}\n{}", s.log());
+    let addr = "192.0.2.70";
+    assert!(out.contains(&format!("IPV4ADDR='{addr}'\n")), "{out}");
+    assert!(s.terminate(), "ltsp-server stops on SIGTERM");
+    let run_dir = d.path().join("run-ltsp");
+    let (mut keeper, rx) = spawn_keeper(&cli, mac, addr, &run_dir);
+    let mut log = Vec::new();
+    let lost = wait_lines(
+        &rx,
+        &mut log,
+        "ERROR lease: eth7: the DHCP lease of 192.0.2.70 has expired",
+        1,
+        std::time::Duration::from_secs(60),
+    );
+    let expired = lease_file(&run_dir);
+    let kept = address_is_permanent(&cli, addr);
+    let s = short_lease_server(&srv, d.path());
+    // Asked again once a minute after the end.
+    let regained = lost
+        && wait_lines(
+            &rx,
+            &mut log,
+            "leased again by 192.0.2.1 after it had expired",
+            1,
+            std::time::Duration::from_secs(120),
+        );
+    let state = lease_file(&run_dir);
+    let _ = keeper.kill();
+    let _ = keeper.wait();
+    let log = log.join("\n");
+    assert!(lost, "no error for the lost lease:\n{log}");
+    assert!(expired.contains("STATE=expired\n"), "{expired}");
+    kept.unwrap();
+    assert!(regained, "not leased again:\n{log}\n{}", s.log());
+    assert!(s.log().contains("leases taken back from"), "{}", s.log());
+    assert!(state.contains("STATE=bound\n"), "{state}");
+    address_is_permanent(&cli, addr).unwrap();
 }
 
 /// A DHCP server that answers every DISCOVER and REQUEST with hostile replies first

@@ -72,7 +72,11 @@ fn start(tag: &str, dhcp: &[&str]) -> Fixture {
     std::fs::write(&img, &image).unwrap();
     let export = format!("root={}", img.display());
     let tftp_root = tftp.display().to_string();
+    // The DHCP server mode's lease file stays in the test's directory.
+    let leases = dir.path().join("dhcp-leases").display().to_string();
     let mut args = vec![
+        "--dhcp-lease-file",
+        &leases,
         "--tftp-root",
         &tftp_root,
         "--tftp-listen",

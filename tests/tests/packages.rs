@@ -70,6 +70,8 @@ fn agent_and_server_packages() {
     let unit = std::fs::read_to_string(x.path().join("usr/lib/systemd/system/ltsp-server.service"))
         .unwrap();
     assert!(unit.contains("ExecStart=/usr/sbin/ltsp-server serve --config /etc/ltsp/server.toml"));
+    // ProtectSystem=strict, yet the DHCP lease file's directory is writable.
+    assert!(unit.contains("ProtectSystem=strict") && unit.contains("StateDirectory=ltsp\n"));
     // The packaged configuration is read and checked: here its paths do not exist
     let (ok, _, err) = run(Command::new(x.path().join("usr/sbin/ltsp-server"))
         .args(["check", "--config"])

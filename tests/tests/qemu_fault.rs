@@ -1,6 +1,7 @@
 //! Fault scenarios on the QEMU test bed (`qemu/fault`): a node survives its server
-//! restarting, fails over to a second one, is untouched by an image update, and reports
-//! boot failures with their cause and does what `ltsp.on-failure` says. Needs root.
+//! restarting, fails over to a second one, is untouched by an image update, keeps its
+//! DHCP lease, and reports boot failures with their cause and does what `ltsp.on-failure`
+//! says. Needs root.
 
 use ltsp_tests::workspace_root;
 use std::process::Command;
@@ -173,4 +174,13 @@ fn a_hung_preinit_command_is_killed_named_and_the_node_boots() {
         &out,
         "from PREINIT start to multi-user; none of its processes left",
     );
+}
+
+#[test]
+#[ignore = "needs root and QEMU: network namespaces, tap, chroot"]
+fn a_node_keeps_its_dhcp_lease_and_no_address_is_handed_out_twice() {
+    let out = fault("lease-expiry");
+    has(&out, "renewals seen on the wire");
+    has(&out, "took back");
+    has(&out, "no address ACKed to two clients at once");
 }

@@ -24,6 +24,9 @@ pub struct Lease {
     pub bootfile: Option<String>,
     pub root_path: Option<String>,
     pub lease_secs: Option<u32>,
+    /// T1 and T2 (options 58 and 59), as the server gave them.
+    pub renew_secs: Option<u32>,
+    pub rebind_secs: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +111,8 @@ impl Default for Lease {
             bootfile: None,
             root_path: None,
             lease_secs: None,
+            renew_secs: None,
+            rebind_secs: None,
         }
     }
 }
@@ -216,6 +221,12 @@ pub fn lease_of(m: &Message) -> Result<Lease, String> {
     if let Some(DhcpOption::AddressLeaseTime(t)) = o.get(OptionCode::AddressLeaseTime) {
         l.lease_secs = Some(*t);
     }
+    if let Some(DhcpOption::Renewal(t)) = o.get(OptionCode::Renewal) {
+        l.renew_secs = Some(*t);
+    }
+    if let Some(DhcpOption::Rebinding(t)) = o.get(OptionCode::Rebinding) {
+        l.rebind_secs = Some(*t);
+    }
     let siaddr = m.siaddr();
     l.next_server = if !siaddr.is_unspecified() {
         Some(siaddr)
@@ -298,7 +309,12 @@ pub enum Ignored {
 /// Everything a hostile host on the network sends the client goes through here (fuzzed):
 /// it never panics, and an `Ok` lease is one the node can configure.
 pub fn parse_reply(frame: &[u8], xid: u32, mac: &[u8; 6]) -> Result<Reply, Ignored> {
-    let m = decode(unframe(frame).ok_or(Ignored::NotOurs)?)?;
+    parse_payload(unframe(frame).ok_or(Ignored::NotOurs)?, xid, mac)
+}
+
+/// [`parse_reply`] for a UDP payload (the lease keeper's socket strips IPv4 and UDP).
+pub fn parse_payload(payload: &[u8], xid: u32, mac: &[u8; 6]) -> Result<Reply, Ignored> {
+    let m = decode(payload)?;
     if m.xid() != xid || m.hlen() != 6 || m.chaddr() != &mac[..] {
         return Err(Ignored::NotOurs);
     }
@@ -355,6 +371,8 @@ fn request_message(
         OptionCode::RootPath,
         OptionCode::TFTPServerName,
         OptionCode::BootfileName,
+        OptionCode::Renewal,
+        OptionCode::Rebinding,
     ]));
     if let Some(offer) = offer {
         o.insert(DhcpOption::RequestedIpAddress(offer.ip));
@@ -363,6 +381,21 @@ fn request_message(
         }
     }
     m
+}
+
+/// A REQUEST that extends the lease of `ciaddr`, which the client already uses (RFC 2131
+/// 4.3.2, RENEWING and REBINDING): ciaddr set, no requested address, no server
+/// identifier, no broadcast flag (the client can receive unicast).
+pub fn renew_request(
+    xid: u32,
+    mac: &[u8; 6],
+    secs: u16,
+    ciaddr: Ipv4Addr,
+) -> Result<Vec<u8>, DhcpError> {
+    let mut m = request_message(MessageType::Request, xid, mac, secs, None);
+    m.set_flags(Flags::default());
+    m.set_ciaddr(ciaddr);
+    m.to_vec().map_err(|e| DhcpError::Encode(e.to_string()))
 }
 
 struct PacketSocket {

@@ -3,6 +3,7 @@
 //! initramfs-tools tools and for the root system.
 
 pub mod dhcp;
+pub mod lease;
 pub mod link;
 
 use ltsp_common::cmdline::{Cmdline, IpConfig};
@@ -38,7 +39,7 @@ pub enum NetError {
     Off,
 }
 
-fn mac_bytes(mac: &str) -> [u8; 6] {
+pub(crate) fn mac_bytes(mac: &str) -> [u8; 6] {
     let mut b = [0u8; 6];
     for (i, p) in mac.split(':').take(6).enumerate() {
         b[i] = u8::from_str_radix(p, 16).unwrap_or(0);
