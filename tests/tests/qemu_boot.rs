@@ -105,17 +105,26 @@ fn assert_node(out: &str) {
     assert!(out.contains("reboot: Restarting system"));
     assert_eq!(check(out, "persisted"), "no");
     assert!(out.contains("TIMELINE multi-user2="));
-    // The kernel knows the image by its content hash, and the reconnect helper runs,
-    // marked for systemd with '@'.
+    // The kernel knows the image by its content hash.
     assert!(
         check(out, "run4").contains("blake3:"),
         "{}",
         check(out, "run4")
     );
+    // Both long-lived helpers run, marked for systemd with '@': the reconnect helper and
+    // the lease keeper (the bed's DHCP lease is finite).
+    let helpers: Vec<&str> = check(out, "run5").split(" | ").collect();
     assert!(
-        check(out, "run5").starts_with("@ltsp-nbd-watch nbd-watch --index=0"),
-        "{}",
-        check(out, "run5")
+        helpers
+            .iter()
+            .any(|p| p.starts_with("@ltsp-nbd-watch nbd-watch --index=0")),
+        "{helpers:?}"
+    );
+    assert!(
+        helpers
+            .iter()
+            .any(|p| p.starts_with("@ltsp-lease lease-keep")),
+        "{helpers:?}"
     );
     // The image got the agent the way users install it: from its .deb, with dpkg.
     assert!(
