@@ -63,10 +63,23 @@ fn healthz_metrics_and_nodes() {
         run(Command::new(bin("ltsp-server")).args(["status", "--server", &h.to_string()]));
     assert!(ok, "{err}");
     assert!(
-        out.starts_with("NODE\tNBD\tEXPORT\tLAST-FILE\tLAST-SEEN\n"),
+        out.starts_with("NODE\tNBD\tEXPORT\tVERSION\tLAST-FILE\tLAST-SEEN\n"),
         "{out}"
     );
-    assert!(out.contains("127.0.0.1\t-\troot\tvmlinuz\t"), "{out}");
+    // The node read the export's current version; the versions table names it.
+    let row = out.lines().nth(1).unwrap_or_default();
+    assert!(
+        row.starts_with("127.0.0.1\t-\troot\tblake3:") && row.contains("\tvmlinuz\t"),
+        "{out}"
+    );
+    let version = row.split('\t').nth(3).unwrap();
+    assert!(
+        out.contains("\nVERSION\tCURRENT-FOR\tNODES\n")
+            && out
+                .lines()
+                .any(|l| l.starts_with(version) && l.contains("\troot\t")),
+        "{out}"
+    );
     assert_eq!(curl(&format!("http://{h}/nope")).0, "404");
 }
 
