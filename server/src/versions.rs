@@ -726,6 +726,22 @@ mod tests {
         panic!("never hashed");
     }
 
+    /// A directory with `root.img` holding `data`, its export, and a server over it whose
+    /// current version is hashed.
+    async fn serving(
+        data: &[u8],
+        retention: Duration,
+    ) -> (tempfile::TempDir, PathBuf, Export, Arc<Versions>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("root.img");
+        std::fs::write(&path, data).unwrap();
+        let e = export(&path);
+        let vs = Versions::new(vec![e.clone()], None, retention, status());
+        vs.refresh(&e);
+        drop(known(&vs, &e).await);
+        (dir, path, e, vs)
+    }
+
     async fn until(what: &str, mut cond: impl FnMut() -> bool) {
         for _ in 0..1000 {
             if cond() {
@@ -805,13 +821,7 @@ mod tests {
     /// under the identity of the bytes it held: the store's copy is, or nothing.
     #[tokio::test]
     async fn a_rewrite_in_place_never_changes_a_version() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("root.img");
-        std::fs::write(&path, b"version one").unwrap();
-        let e = export(&path);
-        let vs = Versions::new(vec![e.clone()], None, Duration::from_secs(3600), status());
-        vs.refresh(&e);
-        drop(known(&vs, &e).await);
+        let (dir, path, e, vs) = serving(b"version one", Duration::from_secs(3600)).await;
         let v1 = id_of(b"version one");
         let stored = dir.path().join(".ltsp-versions").join(stored_name(&v1));
         until("v1 stored", || stored.exists()).await;
@@ -857,13 +867,7 @@ mod tests {
     /// the current one always stays.
     #[tokio::test]
     async fn unused_versions_go_after_the_retention_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("root.img");
-        std::fs::write(&path, b"old").unwrap();
-        let e = export(&path);
-        let vs = Versions::new(vec![e.clone()], None, Duration::ZERO, status());
-        vs.refresh(&e);
-        drop(known(&vs, &e).await);
+        let (dir, path, e, vs) = serving(b"old", Duration::ZERO).await;
         let old = id_of(b"old");
         let store = dir.path().join(".ltsp-versions");
         until("old stored", || store.join(stored_name(&old)).exists()).await;
