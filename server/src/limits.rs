@@ -237,6 +237,28 @@ impl LogLimit {
     }
 }
 
+/// Bytes written to a TCP socket and not yet sent. The kernel would otherwise queue up to
+/// `tcp_wmem` (4 MiB) per connection: thousands of connections that never read then take
+/// all of the host's TCP memory, and under that pressure every socket, a real node's too,
+/// stalls. What is sent but not acknowledged stays bounded by the client's own window.
+/// Measured on loopback, this costs a reading client nothing (see docs/benchmarks.md).
+pub const UNSENT_BYTES: u32 = 64 * 1024;
+/// The receive buffer of NBD and HTTP sockets: requests are small (NBD's are 28 bytes and
+/// WRITE is refused; HTTP headers are capped at 16 KiB), and a client that sends faster
+/// than it takes replies fills this much of the kernel's memory, not `tcp_rmem` (32 MiB).
+pub const RECEIVE_BUFFER: usize = 16 * 1024;
+
+/// Bounds what the kernel holds for one accepted connection (see [`UNSENT_BYTES`]).
+pub fn bound_kernel_queues(stream: &tokio::net::TcpStream, what: &str) {
+    let s = socket2::SockRef::from(stream);
+    if let Err(e) = s.set_tcp_notsent_lowat(UNSENT_BYTES) {
+        log::debug!("{what}: TCP_NOTSENT_LOWAT: {e}");
+    }
+    if let Err(e) = s.set_recv_buffer_size(RECEIVE_BUFFER) {
+        log::debug!("{what}: SO_RCVBUF: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -237,6 +237,7 @@ impl Server {
                 let _slot = slot;
                 let _ = stream.set_nodelay(true);
                 keepalive(&stream);
+                crate::limits::bound_kernel_queues(&stream, "nbd");
                 match me.session(stream).await {
                     Ok(Some(name)) => log::info!("nbd: {peer}: export {name:?} closed"),
                     Ok(None) => log::debug!("nbd: {peer}: left during negotiation"),
@@ -1269,6 +1270,65 @@ mod tests {
         assert_eq!(run.await.unwrap().unwrap().as_deref(), Some("root"));
         assert!(s.srv.budget.peak() <= 8 * 1024);
         assert_eq!(s.srv.budget.used(), 0);
+    }
+
+    /// Over a real TCP connection, a client that sends READs and never takes the replies
+    /// makes the kernel hold a bounded amount for it on the server's side: the send queue
+    /// (`ss` Send-Q) stays near the unsent bound instead of growing to `tcp_wmem`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_kernel_queues_of_a_client_that_takes_no_replies_are_bounded() {
+        let s = session(1 << 20, 8 << 20);
+        // The test's own server: session()'s has a 1 s write timeout, and this client
+        // must stay connected while the queues are looked at.
+        let mut cfg = s.srv.cfg.clone();
+        cfg.write_timeout = Duration::from_secs(60);
+        let srv = Server::new(cfg, Arc::new(Status::default()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let run = tokio::spawn(srv.clone().run(listener));
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut c = sock.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).await.unwrap();
+        c.write_all(&hello()).await.unwrap();
+        let mut info = [0u8; 10];
+        c.read_exact(&mut info).await.unwrap();
+        // Large READs (sendfile, no user-space budget) and small ones, never read.
+        let mut b = Vec::new();
+        for i in 0..4000u64 {
+            let len = if i % 2 == 0 { 256 * 1024 } else { 4096 };
+            b.extend_from_slice(&read_req(i, (i * 4096) % (512 * 1024), len));
+        }
+        let (_crd, mut cwr) = c.into_split();
+        // The write half is kept open after the last request: a FIN would let the server
+        // finish and close instead of keeping the connection.
+        let sender = tokio::spawn(async move {
+            cwr.write_all(&b).await?;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(cwr);
+            std::io::Result::Ok(())
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let out = std::process::Command::new("ss")
+            .args(["-tnH", "state", "established", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2) runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let send_q: Vec<u64> = text
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .collect();
+        assert_eq!(send_q.len(), 1, "one server-side connection: {text}");
+        // Unsent bound plus what the client's tiny window took and one skb of slack.
+        assert!(
+            send_q[0] <= crate::limits::UNSENT_BYTES as u64 + 192 * 1024,
+            "server holds {} bytes for a client that reads nothing",
+            send_q[0]
+        );
+        assert!(srv.status.nbd_reads.load(Relaxed) > 0);
+        sender.abort();
+        run.abort();
     }
 
     /// An option longer than any that names one of our exports is skipped unread into

@@ -169,6 +169,10 @@ async fn connect(src: IpAddr, dst: SocketAddr, rcvbuf: Option<u32>) -> std::io::
         // A small receive window: the server's replies back up into its own buffers at once.
         s.set_recv_buffer_size(n)?;
     }
+    // Small send buffers: a remote attacker's queued bytes sit in its own kernel, but here
+    // the flood shares the server's host, and its TCP memory would count against the
+    // server's (the same pressure a flood from elsewhere cannot cause).
+    s.set_send_buffer_size(16 * 1024)?;
     s.bind(SocketAddr::new(src, 0))?;
     timeout(Duration::from_secs(5), s.connect(dst))
         .await
