@@ -10,7 +10,7 @@ use crate::nbd::attach::{self as nbd, nbd_index};
 use crate::nbd::netlink;
 use crate::net::{self, NetInfo};
 use crate::system::{Limit, Outcome, System};
-use crate::{log as blog, rootfs, switch_root, tftp};
+use crate::{log as blog, rootfs, switch_root, tftp, toram};
 use ltsp_common::cmdline::{Cmdline, NbdTarget, OnFailure};
 use ltsp_common::ltsconf::Identity;
 pub use ltsp_common::step::{Mark, Step};
@@ -78,6 +78,8 @@ pub trait Platform {
     /// A socket subscribed to the kernel's NBD link-dead events, for the reconnect helper;
     /// `None` if it cannot be had (the helper then subscribes itself).
     fn link_dead_events(&mut self) -> Option<OwnedFd>;
+    /// Disconnects /dev/nbd`index` (its server is no longer needed).
+    fn detach_nbd(&mut self, index: u32) -> Result<(), NbdError>;
 }
 
 /// Why the boot stopped; [`BootError::step`] names the step (see `failure.rs`).
@@ -100,6 +102,8 @@ pub enum BootError {
     Net(#[from] net::NetError),
     #[error("no NBD server answered with a usable export; last error: {0}")]
     Nbd(NbdError),
+    #[error(transparent)]
+    ToRam(#[from] toram::ToRamError),
     #[error(transparent)]
     Root(#[from] rootfs::RootError),
     #[error(transparent)]
@@ -225,7 +229,12 @@ pub fn boot(
     let net = modules_and_network(&r, sys, p, &mut tl).map_err(fail)?;
     net::lease::start_keeper(sys, &net.info, &l.run);
     let nbd = nbd_step(&r, sys, p, &net, &mut tl).map_err(fail)?;
-    let layers = root_step(&r, sys, &nbd.attached, &mut tl).map_err(fail)?;
+    let root_dev = ram_step(&r, sys, p, &nbd, &mut tl).map_err(fail)?;
+    let freer = match root_dev == nbd.attached.device {
+        true => keep_connected(&r, sys, p, &nbd),
+        false => None,
+    };
+    let layers = root_step(&r, sys, &root_dev, &mut tl).map_err(fail)?;
     let config = configure(&r, sys, &net, &layers, &mut tl).map_err(fail)?;
 
     let preinit = Preinit::from_config(&config);
@@ -247,7 +256,7 @@ pub fn boot(
     match mode {
         Mode::Worker => Ok(hand_over(sys, booted, &preinit, &env, kmsg_limit, l)),
         Mode::Pid1 => {
-            let e = switch_and_exec(sys, booted, nbd.freer, &preinit, &env, kmsg_limit, l);
+            let e = switch_and_exec(sys, booted, freer, &preinit, &env, kmsg_limit, l);
             Err(fail(e))
         }
     }
@@ -328,26 +337,22 @@ fn network_steps(r: &Run, p: &mut dyn Platform, tl: &mut Timeline) -> Result<Net
     Ok(NetStep { info, conf, server })
 }
 
-/// The attached root device, and the pipe that tells the reconnect helper the boot
-/// switched root (it then deletes the initramfs, in idle time).
+/// The attached root device, and what the reconnect helper needs to keep it connected.
 struct NbdStep {
     attached: NbdAttached,
-    freer: Option<std::fs::File>,
+    index: u32,
+    targets: Vec<NbdTarget>,
+    current: usize,
 }
 
 fn nbd_step(
     r: &Run,
-    sys: &dyn System,
+    _sys: &dyn System,
     p: &mut dyn Platform,
     net: &NetStep,
     tl: &mut Timeline,
 ) -> Result<NbdStep, BootError> {
-    let Run {
-        cmd,
-        deadline,
-        mode,
-        ..
-    } = *r;
+    let Run { cmd, deadline, .. } = *r;
     pause_at(cmd, Step::Nbd);
     tl.mark(Mark::Begin(Step::Nbd));
     let index = nbd_index(cmd);
@@ -355,12 +360,86 @@ fn nbd_step(
     let (current, attached) =
         nbd::attach_any(p, cmd, &targets, index, deadline).map_err(BootError::Nbd)?;
     tl.mark(Mark::Done(Step::Nbd));
-    let mut freer = None;
-    if cmd.reconnect {
-        let events = p.link_dead_events();
-        freer = nbd::start_reconnect_helper(sys, &attached, index, targets, current, events, mode);
+    Ok(NbdStep {
+        attached,
+        index,
+        targets,
+        current,
+    })
+}
+
+/// The reconnect helper, for a root that stays on the network. Returns the pipe that
+/// tells it the boot switched root (it then deletes the initramfs, in idle time).
+fn keep_connected(
+    r: &Run,
+    sys: &dyn System,
+    p: &mut dyn Platform,
+    nbd: &NbdStep,
+) -> Option<std::fs::File> {
+    if !r.cmd.reconnect {
+        return None;
     }
-    Ok(NbdStep { attached, freer })
+    let events = p.link_dead_events();
+    nbd::start_reconnect_helper(
+        sys,
+        &nbd.attached,
+        nbd.index,
+        nbd.targets.clone(),
+        nbd.current,
+        events,
+        r.mode,
+    )
+}
+
+/// `ltsp.to-ram=1`: the image copied into RAM ([`toram`]), then NBD disconnected.
+/// Returns the device the root is mounted from: the loop device, or the NBD device when
+/// the copy could not be made (a warning; only bytes that differ from the image's
+/// identity stop the boot).
+fn ram_step(
+    r: &Run,
+    sys: &dyn System,
+    p: &mut dyn Platform,
+    nbd: &NbdStep,
+    tl: &mut Timeline,
+) -> Result<String, BootError> {
+    let Run { cmd, l, .. } = *r;
+    let dev = nbd.attached.device.clone();
+    if !cmd.to_ram {
+        return Ok(dev);
+    }
+    pause_at(cmd, Step::ToRam);
+    tl.mark(Mark::Begin(Step::ToRam));
+    let meminfo =
+        std::fs::read_to_string(l.proc_cmdline.with_file_name("meminfo")).unwrap_or_default();
+    let a = &nbd.attached;
+    let deadline = Instant::now() + cmd.timeout;
+    match toram::to_ram(
+        sys,
+        &l.run,
+        &dev,
+        a.size,
+        a.identity.as_deref(),
+        &meminfo,
+        deadline,
+    ) {
+        Ok(ram) => {
+            if let Err(e) = p.detach_nbd(nbd.index) {
+                log::warn!(
+                    "to-ram: disconnecting {dev}: {e}; the copy in RAM is used all the same"
+                );
+            }
+            tl.mark(Mark::Done(Step::ToRam));
+            log::info!(
+                "to-ram: the root is on {ram}; {dev} disconnected, no server is needed from now on"
+            );
+            Ok(ram)
+        }
+        Err(e @ toram::ToRamError::Mismatch { .. }) => Err(BootError::ToRam(e)),
+        Err(e) => {
+            log::warn!("to-ram: {e}; the root stays on the network ({dev})");
+            Ok(dev)
+        }
+    }
 }
 
 /// The image and the writable layer; `direct`: apply writes into the upper layer before
@@ -374,12 +453,12 @@ struct RootLayers {
 fn root_step(
     r: &Run,
     sys: &dyn System,
-    nbd: &NbdAttached,
+    device: &str,
     tl: &mut Timeline,
 ) -> Result<RootLayers, BootError> {
     let Run { cmd, l, .. } = *r;
     pause_at(cmd, Step::Root);
-    rootfs::mount_layers(sys, &nbd.device, &cmd.overlay_size, &l.run)?;
+    rootfs::mount_layers(sys, device, &cmd.overlay_size, &l.run)?;
     let lower = PathBuf::from(rootfs::lower_dir(&l.run));
     let upper = PathBuf::from(rootfs::upper_dir(&l.run));
     // Writing straight into the upper layer means the overlay copies nothing up; an image
@@ -626,9 +705,11 @@ fn load_storage_modules(sys: &dyn System, m: Option<Modules>, cmd: &Cmdline) {
     // load (~7 ms under TCG); clients using netlink get more made on demand.
     m.set_params("nbd", &format!("nbds_max={}", nbd_index(cmd) + 1));
     let mut loaded = Vec::new();
+    let to_ram = cmd.to_ram.then(|| "loop".to_string());
     for name in ["nbd", "squashfs", "overlay"]
         .into_iter()
         .map(str::to_string)
+        .chain(to_ram)
         .chain(cmd.modules.iter().cloned())
     {
         match m.load(sys, &name) {
@@ -938,6 +1019,14 @@ impl Platform for RealPlatform {
     fn link_dead_events(&mut self) -> Option<OwnedFd> {
         nbd::link_dead_events(&mut self.genl)
     }
+
+    fn detach_nbd(&mut self, index: u32) -> Result<(), NbdError> {
+        let mut g = match self.genl.take() {
+            Some(g) => g,
+            None => netlink::Genl::open()?,
+        };
+        Ok(g.disconnect(index)?)
+    }
 }
 
 #[cfg(test)]
@@ -983,6 +1072,10 @@ mod tests {
         endless: Vec<String>,
         /// The deadline each fetch was given.
         deadlines: Vec<Instant>,
+        /// The NBD devices disconnected.
+        detached: Vec<u32>,
+        /// A file that stands for the NBD device, and the identity the server gives.
+        image: Option<(PathBuf, String)>,
     }
 
     impl Platform for FakePlatform {
@@ -1039,6 +1132,15 @@ mod tests {
                     secs: 0,
                 });
             }
+            if let Some((path, identity)) = &self.image {
+                return Ok(NbdAttached {
+                    device: path.display().to_string(),
+                    size: std::fs::metadata(path).unwrap().len(),
+                    connections: 1,
+                    description: None,
+                    identity: Some(identity.clone()),
+                });
+            }
             Ok(NbdAttached {
                 device: format!("/dev/nbd{index}"),
                 size: 1 << 20,
@@ -1049,6 +1151,10 @@ mod tests {
         }
         fn link_dead_events(&mut self) -> Option<OwnedFd> {
             None
+        }
+        fn detach_nbd(&mut self, index: u32) -> Result<(), NbdError> {
+            self.detached.push(index);
+            Ok(())
         }
     }
 
@@ -1420,5 +1526,114 @@ mod tests {
             "the deadline bounds the retries"
         );
         assert!(e.hint().contains("ltsp-server"));
+    }
+
+    /// A node with `ltsp.to-ram=1`: (the layout, the fake server over an image file, the
+    /// image's bytes). `avail` is the RAM /proc/meminfo shows.
+    fn to_ram_node(d: &Path, avail_kib: u64, identity: Option<&str>) -> (Layout, FakePlatform) {
+        let l = layout(
+            d,
+            "root=/dev/nbd0 nbdroot=192.0.2.9/img ltsp.conf=none ltsp.to-ram=1",
+        );
+        std::fs::write(
+            d.join("meminfo"),
+            format!("MemTotal: 4000000 kB\nMemAvailable: {avail_kib} kB\n"),
+        )
+        .unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let img = d.join("nbd-device");
+        std::fs::write(&img, &data).unwrap();
+        let right = format!("blake3:{}", blake3::hash(&data).to_hex());
+        let p = FakePlatform {
+            image: Some((img, identity.map_or(right, str::to_string))),
+            ..Default::default()
+        };
+        (l, p)
+    }
+
+    #[test]
+    fn to_ram_copies_checks_mounts_the_loop_device_and_lets_nbd_go() {
+        let d = tempfile::tempdir().unwrap();
+        let (l, mut p) = to_ram_node(d.path(), 2_000_000, None);
+        let sys = Recorder::default();
+        let b = boot(&sys, &mut p, Mode::Worker, &l).unwrap_or_else(|e| panic!("{:?}", e.0));
+        let run = &l.run;
+        let calls = sys.calls();
+        let ram = format!("{run}/ltsp/ram");
+        assert!(
+            calls
+                .iter()
+                .any(|c| c.starts_with(&format!("mount tmpfs {ram} tmpfs"))
+                    && c.ends_with("mode=0700,size=307200")),
+            "{calls:?}"
+        );
+        assert!(calls.contains(&format!("loop {ram}/image ro")), "{calls:?}");
+        assert!(
+            calls.contains(&format!(
+                "mount /dev/loop0 {run}/rootfs/lower squashfs MS_RDONLY"
+            )),
+            "{calls:?}"
+        );
+        assert!(
+            !calls.iter().any(|c| c.contains("@ltsp-nbd-watch")),
+            "no reconnect helper: {calls:?}"
+        );
+        assert_eq!(p.detached, vec![0], "NBD disconnected");
+        let img = std::fs::read(d.path().join("nbd-device")).unwrap();
+        assert_eq!(std::fs::read(format!("{ram}/image")).unwrap(), img);
+        assert!(
+            b.timeline.render().contains("in-ram="),
+            "{}",
+            b.timeline.render()
+        );
+    }
+
+    #[test]
+    fn to_ram_without_room_stays_on_the_network_root() {
+        let d = tempfile::tempdir().unwrap();
+        // 300 KB image, 100 MiB available: under the 128 MiB headroom.
+        let (l, mut p) = to_ram_node(d.path(), 100 * 1024, None);
+        let sys = Recorder::default();
+        boot(&sys, &mut p, Mode::Worker, &l).unwrap_or_else(|e| panic!("{:?}", e.0));
+        let calls = sys.calls();
+        let dev = d.path().join("nbd-device").display().to_string();
+        assert!(
+            calls.contains(&format!(
+                "mount {dev} {}/rootfs/lower squashfs MS_RDONLY",
+                l.run
+            )),
+            "{calls:?}"
+        );
+        assert!(
+            calls.iter().any(|c| c.contains("@ltsp-nbd-watch")),
+            "the helper keeps it: {calls:?}"
+        );
+        assert!(!calls.iter().any(|c| c.starts_with("loop ")), "{calls:?}");
+        assert!(p.detached.is_empty());
+    }
+
+    #[test]
+    fn to_ram_of_bytes_that_are_not_the_identity_stops_the_boot_at_to_ram() {
+        let d = tempfile::tempdir().unwrap();
+        let wrong = format!("blake3:{}", "1".repeat(64));
+        let (l, mut p) = to_ram_node(d.path(), 2_000_000, Some(&wrong));
+        let sys = Recorder::default();
+        let (e, _) = *boot(&sys, &mut p, Mode::Worker, &l)
+            .err()
+            .expect("mismatch fails");
+        assert_eq!(e.step(), Some(Step::ToRam), "{e}");
+        assert!(
+            e.to_string().contains("not the image the server named"),
+            "{e}"
+        );
+        let calls = sys.calls();
+        assert!(
+            calls.contains(&format!("umount {}/ltsp/ram", l.run)),
+            "RAM given back: {calls:?}"
+        );
+        assert!(
+            !calls.iter().any(|c| c.contains("squashfs")),
+            "nothing mounted: {calls:?}"
+        );
     }
 }

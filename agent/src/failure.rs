@@ -24,6 +24,7 @@ impl BootError {
             BootError::Cmdline { .. } | BootError::NotNetworkRoot => Step::Cmdline,
             BootError::Net(_) => Step::Net,
             BootError::Nbd(_) => Step::Nbd,
+            BootError::ToRam(_) => Step::ToRam,
             BootError::Root(_) => Step::Root,
             BootError::Apply(_) => Step::Apply,
             BootError::Switch(_) => Step::Switch,
@@ -41,6 +42,9 @@ impl BootError {
             BootError::Net(_) => "the NIC, its driver in the initramfs, the cable, BOOTIF= and ip=",
             BootError::Nbd(_) => {
                 "that ltsp-server runs, the nbdroot= host/port/export, and firewalls on port 10809"
+            }
+            BootError::ToRam(_) => {
+                "the image file on the server (changed or damaged while the node copied it), or the network path to it"
             }
             BootError::Root(_) => {
                 "that the export is a squashfs image and the initramfs has squashfs and overlay"

@@ -21,6 +21,8 @@ pub trait System {
         data: &str,
     ) -> io::Result<()>;
     fn mkdir(&self, path: &str) -> io::Result<()>;
+    /// Detaches the mount at `target` (MNT_DETACH).
+    fn umount(&self, target: &str) -> io::Result<()>;
     fn chdir(&self, path: &str) -> io::Result<()>;
     fn chroot(&self, path: &str) -> io::Result<()>;
     fn exists(&self, path: &str) -> bool;
@@ -44,6 +46,10 @@ pub trait System {
     fn spawn(&self, argv0: &str, args: &[String], keep: &[RawFd]) -> io::Result<u32>;
     /// Replaces this process; returns only on failure.
     fn exec(&self, argv: &[String], env: &[(String, String)]) -> io::Error;
+    /// A loop device over `file` (read-only if asked); returns its path. Not autocleared:
+    /// the device would go as soon as this call closes it, before anything mounts it, and
+    /// a root's loop device lives as long as the node.
+    fn attach_loop(&self, file: &str, read_only: bool) -> io::Result<String>;
 }
 
 pub struct Real;
@@ -140,6 +146,9 @@ impl System for Real {
         nix::mount::mount(Some(source), target, fstype, flags, data).map_err(io::Error::from)
     }
 
+    fn umount(&self, target: &str) -> io::Result<()> {
+        nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH).map_err(io::Error::from)
+    }
     fn mkdir(&self, path: &str) -> io::Result<()> {
         std::fs::create_dir_all(path)
     }
@@ -351,6 +360,110 @@ impl System for Real {
             _ => io::Error::new(io::ErrorKind::InvalidInput, "empty argv"),
         }
     }
+
+    fn attach_loop(&self, file: &str, read_only: bool) -> io::Result<String> {
+        loopdev::attach(Path::new(file), read_only)
+    }
+}
+
+/// The loop-device ioctls, from <linux/loop.h>: four calls did not justify a crate that
+/// generates bindings with libclang at build time (loopdev, loopdev-3), on every build
+/// host and for every cross target of this static binary.
+mod loopdev {
+    use std::fs::{File, OpenOptions};
+    use std::io;
+    use std::os::fd::AsRawFd;
+    use std::path::Path;
+
+    const LOOP_CTL_GET_FREE: nix::libc::Ioctl = 0x4C82;
+    const LOOP_CONFIGURE: nix::libc::Ioctl = 0x4C0A;
+    const LO_FLAGS_READ_ONLY: u32 = 1;
+    const LO_NAME_SIZE: usize = 64;
+
+    /// `struct loop_info64`.
+    #[repr(C)]
+    struct LoopInfo64 {
+        lo_device: u64,
+        lo_inode: u64,
+        lo_rdevice: u64,
+        lo_offset: u64,
+        lo_sizelimit: u64,
+        lo_number: u32,
+        lo_encrypt_type: u32,
+        lo_encrypt_key_size: u32,
+        lo_flags: u32,
+        lo_file_name: [u8; LO_NAME_SIZE],
+        lo_crypt_name: [u8; LO_NAME_SIZE],
+        lo_encrypt_key: [u8; 32],
+        lo_init: [u64; 2],
+    }
+
+    /// `struct loop_config` (LOOP_CONFIGURE, Linux 5.8).
+    #[repr(C)]
+    struct LoopConfig {
+        fd: u32,
+        block_size: u32,
+        info: LoopInfo64,
+        reserved: [u64; 8],
+    }
+
+    // The kernel's sizes: a wrong layout must not compile.
+    const _: () = assert!(std::mem::size_of::<LoopInfo64>() == 232);
+    const _: () = assert!(std::mem::size_of::<LoopConfig>() == 304);
+
+    pub fn attach(file: &Path, read_only: bool) -> io::Result<String> {
+        let backing = OpenOptions::new().read(true).write(!read_only).open(file)?;
+        let ctl = File::open("/dev/loop-control")?;
+        // Another process may take the free device between the two calls: a few tries.
+        let mut last = io::Error::other("no free loop device");
+        for _ in 0..8 {
+            // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
+            let n = unsafe { nix::libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let path = format!("/dev/loop{n}");
+            let dev = OpenOptions::new()
+                .read(true)
+                .write(!read_only)
+                .open(&path)?;
+            let mut info = LoopInfo64 {
+                lo_device: 0,
+                lo_inode: 0,
+                lo_rdevice: 0,
+                lo_offset: 0,
+                lo_sizelimit: 0,
+                lo_number: 0,
+                lo_encrypt_type: 0,
+                lo_encrypt_key_size: 0,
+                lo_flags: if read_only { LO_FLAGS_READ_ONLY } else { 0 },
+                lo_file_name: [0; LO_NAME_SIZE],
+                lo_crypt_name: [0; LO_NAME_SIZE],
+                lo_encrypt_key: [0; 32],
+                lo_init: [0; 2],
+            };
+            let name = file.as_os_str().as_encoded_bytes();
+            let k = name.len().min(LO_NAME_SIZE - 1);
+            info.lo_file_name[..k].copy_from_slice(&name[..k]);
+            let cfg = LoopConfig {
+                fd: backing.as_raw_fd() as u32,
+                block_size: 0,
+                info,
+                reserved: [0; 8],
+            };
+            // SAFETY: LOOP_CONFIGURE reads one `struct loop_config`, which `cfg` is (the
+            // size is checked at compile time) and outlives the call.
+            let r = unsafe { nix::libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &cfg) };
+            if r == 0 {
+                return Ok(path);
+            }
+            last = io::Error::last_os_error();
+            if last.raw_os_error() != Some(nix::libc::EBUSY) {
+                return Err(last);
+            }
+        }
+        Err(last)
+    }
 }
 
 fn exit_code(st: std::process::ExitStatus) -> i32 {
@@ -537,6 +650,10 @@ impl System for Recorder {
         }
         r
     }
+    fn umount(&self, target: &str) -> io::Result<()> {
+        self.present.lock().unwrap().remove(target);
+        self.record(format!("umount {target}"))
+    }
     fn mkdir(&self, path: &str) -> io::Result<()> {
         self.present.lock().unwrap().insert(path.to_string());
         self.record(format!("mkdir {path}"))
@@ -598,6 +715,11 @@ impl System for Recorder {
     fn exec(&self, argv: &[String], _env: &[(String, String)]) -> io::Error {
         let _ = self.record(format!("exec {}", argv.join(" ")));
         io::Error::other("recorded exec")
+    }
+    fn attach_loop(&self, file: &str, read_only: bool) -> io::Result<String> {
+        let ro = if read_only { "ro" } else { "rw" };
+        self.record(format!("loop {file} {ro}"))
+            .map(|_| "/dev/loop0".to_string())
     }
 }
 

@@ -18,6 +18,8 @@ pub enum Step {
     LtsConf,
     /// The NBD device attached.
     Nbd,
+    /// `ltsp.to-ram=1`: the image copied into RAM and checked; the NBD device let go.
+    ToRam,
     /// The image and the writable layer mounted, then the overlay.
     Root,
     /// lts.conf applied to the new root.
@@ -31,13 +33,14 @@ pub enum Step {
 }
 
 impl Step {
-    pub const ALL: [Step; 11] = [
+    pub const ALL: [Step; 12] = [
         Step::Mounts,
         Step::Cmdline,
         Step::Modules,
         Step::Net,
         Step::LtsConf,
         Step::Nbd,
+        Step::ToRam,
         Step::Root,
         Step::Apply,
         Step::Switch,
@@ -54,6 +57,7 @@ impl Step {
             Step::Net => "net",
             Step::LtsConf => "ltsconf",
             Step::Nbd => "nbd",
+            Step::ToRam => "to-ram",
             Step::Root => "root",
             Step::Apply => "apply",
             Step::Switch => "switch",
@@ -108,7 +112,7 @@ pub enum Mark {
 
 impl Mark {
     /// The marks the boot records, in order, for the documentation and its test.
-    pub const ALL: [Mark; 13] = [
+    pub const ALL: [Mark; 15] = [
         Mark::Start,
         Mark::Begin(Step::Modules),
         Mark::Begin(Step::Net),
@@ -116,6 +120,8 @@ impl Mark {
         Mark::Begin(Step::LtsConf),
         Mark::Begin(Step::Nbd),
         Mark::Done(Step::Nbd),
+        Mark::Begin(Step::ToRam),
+        Mark::Done(Step::ToRam),
         Mark::Done(Step::Root),
         Mark::Done(Step::Apply),
         Mark::RootMounted,
@@ -131,6 +137,7 @@ impl Mark {
             Mark::Begin(s) => s.name(),
             Mark::Done(Step::Net) => "net-up",
             Mark::Done(Step::Nbd) => "nbd-connected",
+            Mark::Done(Step::ToRam) => "in-ram",
             Mark::Done(Step::Root) => "layers",
             Mark::Done(Step::Apply) => "applied",
             Mark::Done(Step::Switch) => "switched",
@@ -149,7 +156,7 @@ mod tests {
     fn break_names_are_the_step_names_after_the_cmdline() {
         assert_eq!(
             Step::break_names(),
-            "modules,net,ltsconf,nbd,root,apply,switch,preinit,init"
+            "modules,net,ltsconf,nbd,to-ram,root,apply,switch,preinit,init"
         );
         assert_eq!(Step::from_break("ltsconf"), Some(Step::LtsConf));
         assert_eq!(Step::from_break("cmdline"), None);

@@ -3,7 +3,7 @@
 //! against nbd-server.
 
 use ltsp_agent::nbd::handshake;
-use ltsp_agent::{apply, rootfs, system};
+use ltsp_agent::{apply, rootfs, system, toram};
 use ltsp_common::cmdline::NbdTarget;
 use ltsp_tests::{pattern, run, tool, ServerProc};
 use std::path::Path;
@@ -108,6 +108,94 @@ fn overlay_root_over_a_loop_mounted_squashfs() {
         .find(|l| l.split(' ').nth(4) == Some(rw.as_str()))
         .unwrap();
     assert!(tmpfs.contains("size=16384k"), "{tmpfs}");
+}
+
+/// `ltsp.to-ram=1` with the real syscalls: a squashfs standing for the NBD device is
+/// copied into a tmpfs, checked against its identity, served by a read-only loop device
+/// (LOOP_CONFIGURE), and mounts as the root's lower layer.
+#[test]
+#[ignore = "needs root: tmpfs, loop devices and mounts"]
+fn to_ram_copies_the_image_into_a_read_only_loop_device_that_mounts() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/hostname"), "in-ram\n").unwrap();
+    let img = d.path().join("root.squashfs");
+    let (ok, _, err) = run(Command::new(tool("mksquashfs"))
+        .arg(&src)
+        .arg(&img)
+        .args(["-quiet", "-noappend"]));
+    assert!(ok, "{err}");
+    let bytes = std::fs::read(&img).unwrap();
+    let id = format!("blake3:{}", blake3::hash(&bytes).to_hex());
+    let run_dir = d.path().join("run").display().to_string();
+    let ram = toram::ram_dir(&run_dir);
+    let lower = rootfs::lower_dir(&run_dir);
+    let mut guard = Mounted {
+        points: vec![ram.clone(), lower.clone(), rootfs::rw_dir(&run_dir)],
+        loopdev: None,
+    };
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let dev = toram::to_ram(
+        &system::Real,
+        &run_dir,
+        &img.display().to_string(),
+        bytes.len() as u64,
+        Some(&id),
+        &meminfo,
+        deadline,
+    )
+    .expect("to_ram");
+    guard.loopdev = Some(dev.clone());
+    assert!(dev.starts_with("/dev/loop"), "{dev}");
+    assert_eq!(
+        std::fs::read(&dev).unwrap(),
+        bytes,
+        "the loop device reads the image"
+    );
+    let name = dev.trim_start_matches("/dev/");
+    assert_eq!(
+        std::fs::read_to_string(format!("/sys/block/{name}/ro"))
+            .unwrap()
+            .trim(),
+        "1",
+        "the loop device is read-only"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(ram.as_str()) && l.contains(" - tmpfs ")),
+        "the copy is in a tmpfs of its own"
+    );
+    rootfs::mount_layers(&system::Real, &dev, "16M", &run_dir).expect("mount_layers");
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&lower).join("etc/hostname")).unwrap(),
+        "in-ram\n"
+    );
+    // Other bytes than the identity: refused, and the tmpfs given back.
+    let other = d.path().join("run2").display().to_string();
+    let wrong = format!("blake3:{}", "0".repeat(64));
+    let e = toram::to_ram(
+        &system::Real,
+        &other,
+        &img.display().to_string(),
+        bytes.len() as u64,
+        Some(&wrong),
+        &meminfo,
+        deadline,
+    )
+    .unwrap_err();
+    assert!(matches!(e, toram::ToRamError::Mismatch { .. }), "{e}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let ram2 = toram::ram_dir(&other);
+    assert!(
+        !mounts
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(ram2.as_str())),
+        "unmounted after the mismatch"
+    );
 }
 
 fn target(addr: std::net::SocketAddr, export: &str) -> NbdTarget {

@@ -184,3 +184,16 @@ fn a_node_keeps_its_dhcp_lease_and_no_address_is_handed_out_twice() {
     has(&out, "took back");
     has(&out, "no address ACKed to two clients at once");
 }
+
+#[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
+fn a_node_in_ram_runs_on_with_every_server_gone() {
+    let out = fault("to-ram-server-gone");
+    has(&out, "bytes copied in");
+    has(&out, "checked");
+    has(&out, "to-ram: the root is on /dev/loop");
+    has(&out, "/rofs is on /dev/loop");
+    has(&out, "to-ram-server-gone: ");
+    has(&out, "checksums equal");
+    has(&out, "kernel I/O errors 0");
+}

@@ -321,6 +321,19 @@ impl Genl {
             })
     }
 
+    /// NBD_CMD_DISCONNECT: the kernel ends the device's connections (the server is told
+    /// with NBD_CMD_DISC) and the device stops.
+    pub fn disconnect(&mut self, index: u32) -> Result<(), NbdNetlinkError> {
+        let a = attr(NBD_ATTR_INDEX, &index.to_ne_bytes());
+        self.transact(self.family, NBD_CMD_DISCONNECT, 1, &a)
+            .map(drop)
+            .map_err(|source| NbdNetlinkError::Command {
+                cmd: "DISCONNECT",
+                index,
+                source,
+            })
+    }
+
     /// NBD_CMD_RECONFIGURE with new sockets: replaces connections the kernel marked dead.
     pub fn reconfigure(
         &mut self,
