@@ -14,3 +14,4 @@ pub mod rootfs;
 pub mod switch_root;
 pub mod system;
 pub mod tftp;
+pub mod trust;
