@@ -131,12 +131,12 @@ fn printable(s: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::process::Command;
 
     /// Runs the real minisign; a missing tool fails the test (scripts/setup installs it).
-    fn minisign(dir: &Path, args: &[&str]) {
+    pub(crate) fn minisign(dir: &Path, args: &[&str]) {
         let out = Command::new("minisign")
             .args(args)
             .current_dir(dir)
@@ -150,12 +150,12 @@ mod tests {
     }
 
     /// A key pair made by minisign, and lts.conf signed with it (prehashed and legacy).
-    struct Site {
-        dir: tempfile::TempDir,
+    pub(crate) struct Site {
+        pub(crate) dir: tempfile::TempDir,
     }
 
     impl Site {
-        fn new() -> Site {
+        pub(crate) fn new() -> Site {
             let dir = tempfile::tempdir().unwrap();
             minisign(dir.path(), &["-G", "-W", "-p", "k.pub", "-s", "k.key"]);
             std::fs::write(
@@ -192,7 +192,7 @@ mod tests {
             );
             Site { dir }
         }
-        fn read(&self, f: &str) -> Vec<u8> {
+        pub(crate) fn read(&self, f: &str) -> Vec<u8> {
             std::fs::read(self.dir.path().join(f)).unwrap()
         }
         fn key(&self) -> TrustKey {
