@@ -1403,7 +1403,8 @@ mod tests {
         let mut tampered = conf.to_vec();
         tampered.extend_from_slice(b"PREINIT_2 = echo injected-marker\n");
         let other = crate::trust::tests::Site::new();
-        let cases: Vec<(&str, &[u8], &[u8], Option<Vec<u8>>)> = vec![
+        type Case<'a> = (&'a str, &'a [u8], &'a [u8], Option<Vec<u8>>);
+        let cases: Vec<Case> = vec![
             ("tampered", &key, &tampered, Some(sig.clone())),
             ("unsigned", &key, &tampered, None),
             ("other key", &key, conf, Some(other.read("lts.conf.sig"))),
