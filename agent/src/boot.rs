@@ -657,6 +657,9 @@ fn write_run_files(l: &Layout, net: &NetInfo) {
 /// server still sending after this is broken or hostile.
 pub const LTSCONF_DEADLINE: Duration = Duration::from_secs(10);
 
+/// The largest lts.conf (or lts.conf.sig) a node takes from the server.
+pub const LTSCONF_MAX: usize = 1 << 20;
+
 /// lts.conf by TFTP: `ltsp.conf=`, else next to the boot file, else /ltsp/<arch>/lts.conf.
 /// None when the server has none, or did not send it by `deadline`: the image's
 /// /etc/lts.conf is read after the root mount, as when the server has no file.
@@ -980,7 +983,7 @@ impl Platform for RealPlatform {
             path,
             Duration::from_millis(500),
             4,
-            1 << 20,
+            LTSCONF_MAX,
             deadline,
         )
     }
