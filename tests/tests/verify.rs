@@ -1,6 +1,6 @@
 //! `ltsp-agent verify` as an operator runs it, against signatures the real minisign made.
 
-use ltsp_tests::bin;
+use ltsp_tests::{bin, workspace_root};
 use std::path::Path;
 use std::process::Command;
 
@@ -89,4 +89,54 @@ fn verify_prints_the_trusted_comment_or_refuses_with_a_reason() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("none.sig"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+#[ignore = "needs root: ltsp-mkinitramfs makes /dev/console with mknod"]
+fn ltsp_mkinitramfs_bakes_in_the_trust_key_and_refuses_a_non_key() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    minisign(dir, &["-G", "-W", "-p", "site.pub", "-s", "site.key"]);
+    // A kernel tree with no modules: only the key matters here.
+    std::fs::create_dir_all(dir.join("k/lib/modules/1.0")).unwrap();
+    std::fs::write(dir.join("k/lib/modules/1.0/modules.dep"), "").unwrap();
+    let build = |key: &str, out: &str| {
+        Command::new(workspace_root().join("mkinitramfs-hook/ltsp-mkinitramfs"))
+            .args([
+                "--agent",
+                "/bin/true",
+                "--kernel-root",
+                "k",
+                "--version",
+                "1.0",
+            ])
+            .args(["--modules", "", "--compress", "none", "--output", out])
+            .args(["--trust-key", key])
+            .current_dir(dir)
+            .output()
+            .unwrap()
+    };
+    let out = build("site.pub", "initrd.img");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cpio = Command::new("cpio")
+        .args(["-i", "--quiet", "--to-stdout", "etc/ltsp/trust.pub"])
+        .stdin(std::fs::File::open(dir.join("initrd.img")).unwrap())
+        .output()
+        .unwrap();
+    assert!(cpio.status.success());
+    assert_eq!(cpio.stdout, std::fs::read(dir.join("site.pub")).unwrap());
+    assert_eq!(
+        ltsp_agent::trust::TRUST_KEY,
+        "/etc/ltsp/trust.pub",
+        "where the agent looks"
+    );
+    // The secret key by mistake: refused, no image.
+    let out = build("site.key", "bad.img");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a minisign public key"));
+    assert!(!dir.join("bad.img").exists());
 }
