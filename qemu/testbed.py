@@ -111,7 +111,8 @@ class BedSettings:
     initrd-standalone.img (qemu/prepare-generic). stock: the stock Debian image directory
     (initramfs-tools + nbd-client, served by nbd-server) instead of ours. dhcp_range: what
     ltsp-server leases as the DHCP server. server_config: TOML settings for the first
-    ltsp-server (--config), beside its flags."""
+    ltsp-server (--config), beside its flags. lts_conf_sig: served beside lts.conf as
+    lts.conf.sig. initrd: another initramfs to serve (one with a trust key)."""
     artifacts: str
     server_bin: str
     lts_conf: str | None = None
@@ -128,6 +129,8 @@ class BedSettings:
     versions_dir: str | None = None
     dhcp_range: str = "192.0.2.100-192.0.2.199"
     server_config: str | None = None
+    lts_conf_sig: str | None = None
+    initrd: str | None = None
 
 
 class Bed:
@@ -184,9 +187,11 @@ class Bed:
         elif s.kernel:
             art = s.kernel
         shutil.copy(os.path.join(art, "vmlinuz"), os.path.join(d, "vmlinuz"))
-        shutil.copy(os.path.join(art, initrd), os.path.join(d, "initrd.img"))
+        shutil.copy(s.initrd or os.path.join(art, initrd), os.path.join(d, "initrd.img"))
         if s.lts_conf:
             shutil.copy(s.lts_conf, os.path.join(d, "lts.conf"))
+        if s.lts_conf_sig:
+            shutil.copy(s.lts_conf_sig, os.path.join(d, "lts.conf.sig"))
         # iPXE for firmware PXE, from Debian's ipxe package: BIOS and UEFI x86-64.
         for f in ["undionly.kpxe", "ipxe.efi", "snponly.efi"]:
             shutil.copy(os.path.join("/usr/lib/ipxe", f), os.path.join(self.tftp, f))

@@ -10,6 +10,7 @@ use crate::nbd::attach::{self as nbd, nbd_index};
 use crate::nbd::netlink;
 use crate::net::{self, NetInfo};
 use crate::system::{Limit, Outcome, System};
+use crate::trust::{self, Trust};
 use crate::{log as blog, rootfs, switch_root, tftp, toram};
 use ltsp_common::cmdline::{Cmdline, NbdTarget, OnFailure};
 use ltsp_common::ltsconf::Identity;
@@ -41,6 +42,8 @@ pub struct Layout {
     pub proc_cmdline: PathBuf,
     pub modules: PathBuf,
     pub sysfs: PathBuf,
+    /// The site's minisign public key: when present, lts.conf must be signed with it.
+    pub trust_key: PathBuf,
 }
 
 impl Layout {
@@ -54,6 +57,7 @@ impl Layout {
             proc_cmdline: "/proc/cmdline".into(),
             modules: Path::new("/lib/modules").join(release),
             sysfs: "/sys".into(),
+            trust_key: trust::TRUST_KEY.into(),
         }
     }
 }
@@ -333,7 +337,8 @@ fn network_steps(r: &Run, p: &mut dyn Platform, tl: &mut Timeline) -> Result<Net
         .clone()
         .or(info.lease.next_server.map(|s| s.to_string()));
     let conf_deadline = (Instant::now() + LTSCONF_DEADLINE).min(deadline);
-    let conf = fetch_lts_conf(p, cmd, &info, server.as_deref(), conf_deadline);
+    let trust = Trust::load(&l.trust_key);
+    let conf = fetch_lts_conf(p, cmd, &info, server.as_deref(), &trust, conf_deadline);
     Ok(NetStep { info, conf, server })
 }
 
@@ -733,14 +738,20 @@ fn write_run_files(l: &Layout, net: &NetInfo) {
 /// server still sending after this is broken or hostile.
 pub const LTSCONF_DEADLINE: Duration = Duration::from_secs(10);
 
+/// The largest lts.conf (or lts.conf.sig) a node takes from the server.
+pub const LTSCONF_MAX: usize = 1 << 20;
+
 /// lts.conf by TFTP: `ltsp.conf=`, else next to the boot file, else /ltsp/<arch>/lts.conf.
 /// None when the server has none, or did not send it by `deadline`: the image's
 /// /etc/lts.conf is read after the root mount, as when the server has no file.
+/// With a trust key, the file's signature (`PATH.sig`, same deadline) must verify, else
+/// the file is refused whole and the image's /etc/lts.conf is used the same way.
 fn fetch_lts_conf(
     p: &mut dyn Platform,
     cmd: &Cmdline,
     net: &NetInfo,
     server: Option<&str>,
+    trust: &Trust,
     deadline: Instant,
 ) -> Option<FetchedConf> {
     let paths: Vec<String> = match cmd.conf_path.as_deref() {
@@ -761,6 +772,12 @@ fn fetch_lts_conf(
             v
         }
     };
+    if let Trust::Absent(key) = trust {
+        log::warn!(
+            "lts.conf is not verified: no trust key in the initramfs ({})",
+            key.display()
+        );
+    }
     let Some(addr) = server.and_then(|s| s.parse::<std::net::IpAddr>().ok()) else {
         log::warn!("lts.conf: no boot server known: using the image's /etc/lts.conf");
         return None;
@@ -768,11 +785,49 @@ fn fetch_lts_conf(
     for path in paths {
         match p.fetch(SocketAddr::new(addr, 69), &path, deadline) {
             Ok(bytes) => {
-                log::info!("lts.conf: {} bytes from tftp://{addr}{}", bytes.len(), path);
-                return Some(FetchedConf {
-                    source: format!("tftp://{addr}{path}"),
-                    text: bytes,
-                });
+                let source = format!("tftp://{addr}{path}");
+                log::info!("lts.conf: {} bytes from {source}", bytes.len());
+                let key = match trust {
+                    Trust::Absent(_) => {
+                        return Some(FetchedConf {
+                            source,
+                            text: bytes,
+                        })
+                    }
+                    Trust::Broken(e) => {
+                        refuse(&source, &e.to_string());
+                        return None;
+                    }
+                    Trust::Key(k) => k,
+                };
+                let sig_path = format!("{path}.sig");
+                let sig = match p.fetch(SocketAddr::new(addr, 69), &sig_path, deadline) {
+                    Ok(sig) => sig,
+                    Err(tftp::FetchError::NotFound { .. }) => {
+                        refuse(
+                            &source,
+                            &format!("no signature: {sig_path} is not on the server"),
+                        );
+                        return None;
+                    }
+                    Err(e) => {
+                        refuse(&source, &format!("its signature could not be fetched: {e}"));
+                        return None;
+                    }
+                };
+                return match key.verify(&bytes, &sig) {
+                    Ok(comment) => {
+                        log::info!("lts.conf: signature verified ({source}.sig): {comment}");
+                        Some(FetchedConf {
+                            source,
+                            text: bytes,
+                        })
+                    }
+                    Err(e) => {
+                        refuse(&source, &e.to_string());
+                        None
+                    }
+                };
             }
             Err(e @ tftp::FetchError::Deadline { .. }) => {
                 log::error!(
@@ -786,6 +841,13 @@ fn fetch_lts_conf(
     }
     log::info!("lts.conf: none on the server: the image's /etc/lts.conf is used if it has one");
     None
+}
+
+/// The one console line that says the server's lts.conf was refused, and why.
+fn refuse(source: &str, why: &str) {
+    log::error!(
+        "lts.conf from {source} REFUSED: {why}; nothing in it is applied: the boot goes on with the image's /etc/lts.conf if it has one, else defaults"
+    );
 }
 
 /// What PREINIT commands and the root system learn about the boot (also /run/ltsp/boot.env).
@@ -1002,7 +1064,7 @@ impl Platform for RealPlatform {
             path,
             Duration::from_millis(500),
             4,
-            1 << 20,
+            LTSCONF_MAX,
             deadline,
         )
     }
@@ -1065,6 +1127,8 @@ mod tests {
     #[derive(Default)]
     struct FakePlatform {
         conf: Option<Vec<u8>>,
+        /// What `*.sig` paths give.
+        sig: Option<Vec<u8>>,
         nbd_failures: u32,
         fetched: Vec<String>,
         attached: Vec<String>,
@@ -1114,9 +1178,13 @@ mod tests {
                     secs: 10.0,
                 });
             }
-            self.conf
-                .clone()
-                .ok_or(tftp::FetchError::NotFound { path: path.into() })
+            if path.ends_with(".sig") {
+                &self.sig
+            } else {
+                &self.conf
+            }
+            .clone()
+            .ok_or(tftp::FetchError::NotFound { path: path.into() })
         }
         fn attach_nbd(
             &mut self,
@@ -1171,6 +1239,7 @@ mod tests {
             proc_cmdline: d.join("cmdline"),
             modules: d.join("modules"),
             sysfs: d.join("sys"),
+            trust_key: d.join("trust.pub"),
         }
     }
 
@@ -1338,9 +1407,10 @@ mod tests {
             ..Default::default()
         };
         let deadline = Instant::now() + LTSCONF_DEADLINE;
+        let no_key = Trust::Absent("/k".into());
         // Not there: both paths tried, under one deadline for the whole step.
         let mut p = FakePlatform::default();
-        assert!(fetch_lts_conf(&mut p, &cmd, &net, Some("192.0.2.1"), deadline).is_none());
+        assert!(fetch_lts_conf(&mut p, &cmd, &net, Some("192.0.2.1"), &no_key, deadline).is_none());
         assert_eq!(
             p.fetched,
             [
@@ -1356,7 +1426,7 @@ mod tests {
             endless: vec!["ltsp/amd64/lts.conf".into()],
             ..Default::default()
         };
-        assert!(fetch_lts_conf(&mut p, &cmd, &net, Some("192.0.2.1"), deadline).is_none());
+        assert!(fetch_lts_conf(&mut p, &cmd, &net, Some("192.0.2.1"), &no_key, deadline).is_none());
         assert_eq!(p.fetched, ["192.0.2.1:69ltsp/amd64/lts.conf"]);
 
         // The whole boot: the image's lts.conf applies.
@@ -1380,6 +1450,88 @@ mod tests {
         assert_eq!(p.deadlines.len(), 1);
         assert!(p.deadlines[0] <= Instant::now() + LTSCONF_DEADLINE);
         assert!(p.deadlines[0] >= before + LTSCONF_DEADLINE);
+    }
+
+    /// A boot in worker mode with the site's key at `l.trust_key`, the server's lts.conf
+    /// `conf` and `sig`, and an image whose own lts.conf names it.
+    fn boot_with_key(
+        key: &[u8],
+        conf: &[u8],
+        sig: Option<Vec<u8>>,
+    ) -> (Booted, FakePlatform, Vec<String>) {
+        let d = tempfile::tempdir().unwrap();
+        let l = layout(d.path(), "root=/dev/nbd0 nbdroot=192.0.2.9/img");
+        std::fs::write(&l.trust_key, key).unwrap();
+        std::fs::create_dir_all(format!("{}/rootfs/lower/etc", l.run)).unwrap();
+        std::fs::write(
+            format!("{}/rootfs/lower/etc/lts.conf", l.run),
+            "[default]\nHOSTNAME = from-image\n",
+        )
+        .unwrap();
+        let mut p = FakePlatform {
+            conf: Some(conf.to_vec()),
+            sig,
+            ..Default::default()
+        };
+        let sys = Recorder::default();
+        let b = boot(&sys, &mut p, Mode::Worker, &l)
+            .unwrap_or_else(|f| panic!("the boot goes on: {}", f.0));
+        (b, p, sys.calls())
+    }
+
+    #[test]
+    fn with_a_trust_key_only_a_signed_lts_conf_applies() {
+        let site = crate::trust::tests::Site::new();
+        let dir = site.dir.path();
+        let conf = b"[default]\nHOSTNAME = from-server\nPREINIT_1 = echo signed-marker\n";
+        std::fs::write(dir.join("lts.conf"), conf).unwrap();
+        crate::trust::tests::minisign(
+            dir,
+            &["-S", "-s", "k.key", "-m", "lts.conf", "-x", "lts.conf.sig"],
+        );
+        let key = site.read("k.pub");
+        let sig = site.read("lts.conf.sig");
+
+        // Signed: applied, its PREINIT run; the signature was fetched beside it.
+        let (b, p, calls) = boot_with_key(&key, conf, Some(sig.clone()));
+        assert_eq!(b.config.resolved.get("HOSTNAME"), Some("from-server"));
+        assert!(
+            calls.iter().any(|c| c.contains("echo signed-marker")),
+            "{calls:#?}"
+        );
+        assert_eq!(
+            p.fetched,
+            [
+                "192.0.2.1:69/ltsp/amd64/lts.conf",
+                "192.0.2.1:69/ltsp/amd64/lts.conf.sig"
+            ]
+        );
+
+        // Refused: tampered (a PREINIT injected), unsigned, signed by another key, a garbage
+        // signature, a broken key. Nothing of the server's file applies: the image's does.
+        let mut tampered = conf.to_vec();
+        tampered.extend_from_slice(b"PREINIT_2 = echo injected-marker\n");
+        let other = crate::trust::tests::Site::new();
+        type Case<'a> = (&'a str, &'a [u8], &'a [u8], Option<Vec<u8>>);
+        let cases: Vec<Case> = vec![
+            ("tampered", &key, &tampered, Some(sig.clone())),
+            ("unsigned", &key, &tampered, None),
+            ("other key", &key, conf, Some(other.read("lts.conf.sig"))),
+            ("garbage sig", &key, conf, Some(b"\x00garbage".to_vec())),
+            ("empty key", b"", conf, Some(sig.clone())),
+        ];
+        for (what, key, conf, sig) in cases {
+            let (b, _, calls) = boot_with_key(key, conf, sig);
+            assert_eq!(
+                b.config.resolved.get("HOSTNAME"),
+                Some("from-image"),
+                "{what}"
+            );
+            assert!(
+                !calls.iter().any(|c| c.contains("-marker")),
+                "{what}: {calls:#?}"
+            );
+        }
     }
 
     fn preinit(cmds: &[&str], timeout_ms: u64) -> Preinit {

@@ -15,3 +15,4 @@ pub mod switch_root;
 pub mod system;
 pub mod tftp;
 pub mod toram;
+pub mod trust;

@@ -56,6 +56,19 @@ enum Command {
         #[arg(long, default_value = "")]
         cmdline: String,
     },
+    /// Check lts.conf against its minisign signature as the boot does: print the signed
+    /// (trusted) comment and exit 0 when valid, else say why and exit 1.
+    Verify {
+        /// The site's minisign public key (as baked into the initramfs).
+        #[arg(long, value_name = "FILE", default_value = ltsp_agent::trust::TRUST_KEY)]
+        key: PathBuf,
+        /// The lts.conf to check.
+        #[arg(value_name = "LTSCONF")]
+        lts_conf: PathBuf,
+        /// Its signature [default: LTSCONF.sig].
+        #[arg(value_name = "SIG")]
+        sig: Option<PathBuf>,
+    },
     /// Print every kernel cmdline option the agent reads, with its default.
     Options,
     /// Keep the boot NIC's DHCP lease: renew it at T1 from its server, rebind at T2 with
@@ -328,6 +341,7 @@ fn main() -> ExitCode {
                 Err(e) => fail(&format!("lease-keep: {e}")),
             }
         }
+        Command::Verify { key, lts_conf, sig } => verify(&key, &lts_conf, sig),
         Command::Options => {
             println!("| option | default | meaning |\n|---|---|---|");
             for (name, default, meaning) in OPTIONS {
@@ -340,6 +354,48 @@ fn main() -> ExitCode {
                 );
             }
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `ltsp-agent verify`: 0 valid, 1 refused (as the boot would), 2 a file unreadable.
+fn verify(key: &std::path::Path, conf: &std::path::Path, sig: Option<PathBuf>) -> ExitCode {
+    use ltsp_agent::trust::{read_bounded, TrustKey, MAX_SIG};
+    let sig = sig.unwrap_or_else(|| {
+        let mut s = conf.as_os_str().to_owned();
+        s.push(".sig");
+        s.into()
+    });
+    let key = match TrustKey::load(key) {
+        Ok(k) => k,
+        Err(e) => return fail(&e.to_string()),
+    };
+    // The boot's TFTP limit on lts.conf: a larger file never reaches a node.
+    let data = match read_bounded(conf, boot::LTSCONF_MAX) {
+        Ok(d) => d,
+        Err(e) => return fail(&format!("{}: {e}", conf.display())),
+    };
+    let sig_bytes = match read_bounded(&sig, MAX_SIG) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("signature {}: {e}", sig.display())),
+    };
+    match key.verify(&data, &sig_bytes) {
+        Ok(comment) => {
+            println!("{comment}");
+            eprintln!(
+                "ltsp-agent: {}: signature {} verified",
+                conf.display(),
+                sig.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "ltsp-agent: {}: REFUSED: {e} (signature {})",
+                conf.display(),
+                sig.display()
+            );
+            ExitCode::from(1)
         }
     }
 }

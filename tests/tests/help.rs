@@ -21,7 +21,15 @@ fn binaries_and_their_subcommands() {
     help(
         &mut Command::new(bin("ltsp-agent")),
         "ltsp-agent",
-        &["config", "apply", "boot", "net", "options", "nbd-watch"],
+        &[
+            "config",
+            "apply",
+            "boot",
+            "net",
+            "options",
+            "nbd-watch",
+            "verify",
+        ],
     );
     for (sub, opt) in [
         ("config", "--lts-conf"),
@@ -29,6 +37,7 @@ fn binaries_and_their_subcommands() {
         ("boot", "--root"),
         ("net", "--cmdline"),
         ("nbd-watch", "--target"),
+        ("verify", "--key"),
     ] {
         help(
             Command::new(bin("ltsp-agent")).arg(sub),

@@ -1,7 +1,7 @@
 //! Fault scenarios on the QEMU test bed (`qemu/fault`): a node survives its server
 //! restarting, fails over to a second one, is untouched by an image update, keeps its
-//! DHCP lease, and reports boot failures with their cause and does what `ltsp.on-failure`
-//! says. Needs root.
+//! DHCP lease, refuses an lts.conf changed after signing, and reports boot failures with
+//! their cause and does what `ltsp.on-failure` says. Needs root.
 
 use ltsp_tests::workspace_root;
 use std::process::Command;
@@ -196,4 +196,17 @@ fn a_node_in_ram_runs_on_with_every_server_gone() {
     has(&out, "to-ram-server-gone: ");
     has(&out, "checksums equal");
     has(&out, "kernel I/O errors 0");
+}
+
+#[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
+fn a_tampered_lts_conf_is_refused_and_the_signed_one_applies() {
+    let out = fault("tamper-ltsconf");
+    has(&out, "REFUSED: the signature does not match");
+    has(&out, "refused, none of its commands ran, multi-user");
+    has(&out, "lts.conf for the tamper-ltsconf scenario");
+    has(
+        &out,
+        "the signed file verified, its PREINIT ran, hostname signed-conf",
+    );
 }
