@@ -447,7 +447,7 @@ impl Http {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            crate::limits::bound_kernel_queues(&stream, "http");
+            crate::limits::bound_kernel_queues(&stream, "http", self.cfg.write_timeout);
             let me = self.clone();
             match self.admit(peer) {
                 Ok(a) => {

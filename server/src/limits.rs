@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Counts what each client address holds open, up to `max` each (0: no limit).
 pub struct PerClient {
@@ -240,28 +241,67 @@ impl LogLimit {
 /// Bytes written to a TCP socket and not yet sent. The kernel would otherwise queue up to
 /// `tcp_wmem` (4 MiB) per connection: thousands of connections that never read then take
 /// all of the host's TCP memory, and under that pressure every socket, a real node's too,
-/// stalls. What is sent but not acknowledged stays bounded by the client's own window.
-/// Measured on loopback, this costs a reading client nothing (see docs/benchmarks.md).
+/// stalls. What is sent but not yet acknowledged is bounded by the client's window and
+/// the send buffer; for a client that stops acknowledging, by time: see
+/// [`bound_kernel_queues`].
 pub const UNSENT_BYTES: u32 = 64 * 1024;
 /// The receive buffer of NBD and HTTP sockets: requests are small (NBD's are 28 bytes and
 /// WRITE is refused; HTTP headers are capped at 16 KiB), and a client that sends faster
 /// than it takes replies fills this much of the kernel's memory, not `tcp_rmem` (32 MiB).
+/// Writable exports, if ever added, would want more: this allows ~16 KiB per round trip.
 pub const RECEIVE_BUFFER: usize = 16 * 1024;
 
-/// Bounds what the kernel holds for one accepted connection (see [`UNSENT_BYTES`]).
-pub fn bound_kernel_queues(stream: &tokio::net::TcpStream, what: &str) {
+/// Bounds what the kernel holds for one accepted connection: [`UNSENT_BYTES`] unsent,
+/// [`RECEIVE_BUFFER`] received, and unacknowledged data for at most `write_timeout`
+/// (TCP_USER_TIMEOUT: the kernel aborts a connection whose data stays unacknowledged that
+/// long, which keepalive and our own write timeout cannot see while the kernel retransmits).
+pub fn bound_kernel_queues(stream: &tokio::net::TcpStream, what: &str, write_timeout: Duration) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let s = socket2::SockRef::from(stream);
-    if let Err(e) = s.set_tcp_notsent_lowat(UNSENT_BYTES) {
-        log::debug!("{what}: TCP_NOTSENT_LOWAT: {e}");
+    let r = s
+        .set_tcp_notsent_lowat(UNSENT_BYTES)
+        .map_err(|e| ("TCP_NOTSENT_LOWAT", e))
+        .and_then(|_| {
+            s.set_recv_buffer_size(RECEIVE_BUFFER)
+                .map_err(|e| ("SO_RCVBUF", e))
+        })
+        .and_then(|_| {
+            s.set_tcp_user_timeout(Some(write_timeout))
+                .map_err(|e| ("TCP_USER_TIMEOUT", e))
+        });
+    // Once: a kernel or sandbox that refuses these must not go unnoticed, nor flood the log.
+    if let Err((opt, e)) = r {
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            log::warn!("{what}: setting {opt} on accepted sockets failed: {e}; the host's TCP memory is not bounded against clients that do not read");
+        }
     }
-    if let Err(e) = s.set_recv_buffer_size(RECEIVE_BUFFER) {
-        log::debug!("{what}: SO_RCVBUF: {e}");
-    }
+}
+
+/// Closes with a reset instead of a FIN: the kernel then frees the connection's queued
+/// bytes at once, instead of retransmitting them to a client that takes nothing.
+pub fn reset_on_close(stream: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_get_the_kernel_queue_bounds() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap());
+        let (c, a) = tokio::join!(c, l.accept());
+        let (_c, (a, _)) = (c.unwrap(), a.unwrap());
+        bound_kernel_queues(&a, "test", Duration::from_secs(30));
+        let s = socket2::SockRef::from(&a);
+        assert_eq!(s.tcp_notsent_lowat().unwrap(), UNSENT_BYTES);
+        // The kernel doubles SO_RCVBUF for its bookkeeping.
+        assert_eq!(s.recv_buffer_size().unwrap(), 2 * RECEIVE_BUFFER);
+        assert_eq!(s.tcp_user_timeout().unwrap(), Some(Duration::from_secs(30)));
+        reset_on_close(&a);
+        assert_eq!(s.linger().unwrap(), Some(Duration::ZERO));
+    }
 
     #[test]
     fn each_client_gets_at_most_max_and_slots_come_back() {
