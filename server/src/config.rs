@@ -235,6 +235,8 @@ pub struct NbdFile {
     pub versions_dir: Option<PathBuf>,
     /// Seconds a version is kept after its last connection closed (default 7 days).
     pub version_retention: Option<u64>,
+    /// Every NBD request is written to this file (see `docs/nbd-trace.md`); off unless set.
+    pub trace_file: Option<PathBuf>,
     pub enabled: Option<bool>,
 }
 
@@ -322,6 +324,8 @@ pub struct NbdConfig {
     pub versions_dir: Option<PathBuf>,
     /// How long a version no connection uses stays available.
     pub version_retention: Duration,
+    /// Request trace (see [`crate::nbd::Tracer`]); None: off.
+    pub trace_file: Option<PathBuf>,
 }
 
 impl NbdConfig {
@@ -344,6 +348,7 @@ impl NbdConfig {
             write_timeout: write,
             versions_dir: None,
             version_retention: Duration::from_secs(DEFAULT_VERSION_RETENTION),
+            trace_file: None,
         }
     }
 }
@@ -387,6 +392,7 @@ pub struct Overrides {
     pub nbd_write_timeout: Option<u64>,
     pub nbd_versions_dir: Option<PathBuf>,
     pub nbd_version_retention: Option<u64>,
+    pub nbd_trace: Option<PathBuf>,
     pub no_nbd: bool,
     pub http_listen: Option<SocketAddr>,
     pub http_max_connections: Option<usize>,
@@ -618,6 +624,7 @@ impl Config {
                         .or(f.nbd.version_retention)
                         .unwrap_or(DEFAULT_VERSION_RETENTION),
                 ),
+                trace_file: o.nbd_trace.clone().or(f.nbd.trace_file),
             })
         } else {
             None
