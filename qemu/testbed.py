@@ -111,7 +111,8 @@ class BedSettings:
     initrd-standalone.img (qemu/prepare-generic). stock: the stock Debian image directory
     (initramfs-tools + nbd-client, served by nbd-server) instead of ours. dhcp_range: what
     ltsp-server leases as the DHCP server. server_config: TOML settings for the first
-    ltsp-server (--config), beside its flags."""
+    ltsp-server (--config), beside its flags. nbd_trace: the first ltsp-server writes its NBD
+    request trace there (--nbd-trace)."""
     artifacts: str
     server_bin: str
     lts_conf: str | None = None
@@ -128,6 +129,7 @@ class BedSettings:
     versions_dir: str | None = None
     dhcp_range: str = "192.0.2.100-192.0.2.199"
     server_config: str | None = None
+    nbd_trace: str | None = None
 
 
 class Bed:
@@ -297,6 +299,8 @@ class Bed:
             self.server_args += ["--config", conf]
         if s.versions_dir:
             self.server_args += ["--nbd-versions-dir", s.versions_dir]
+        if s.nbd_trace:
+            self.server_args += ["--nbd-trace", s.nbd_trace]
         ready = "nbd: listening" if nbd[0] != "--no-nbd" else "tftp: serving"
         self.server = self.launch(self.server_args, self.server_log, ready)
 

@@ -315,8 +315,9 @@ impl Server {
             _ => None,
         };
         self.status.nbd_connected(ip, &name, version);
+        let size = opened.size;
         let trace = self.tracer.as_ref().map(|t| Trace {
-            conn: t.connection(&who, &name),
+            conn: t.connection(&who, &name, size),
             tracer: t.clone(),
         });
         let r = transmit(rd, wr.into_inner(), Arc::new(opened), self, trace).await;
@@ -1468,7 +1469,7 @@ mod tests {
         assert_eq!(lines[0], nbd_trace::HEADER, "{text}");
         let conn: Vec<&str> = lines[1].split(' ').collect();
         assert_eq!(conn[0], "C", "{text}");
-        assert_eq!(&conn[2..], ["1", "192.0.2.7", "root"], "{text}");
+        assert_eq!(&conn[2..], ["1", "192.0.2.7", "root", "1048576"], "{text}");
         let mut reqs: Vec<Vec<u64>> = Vec::new();
         let mut cmds = Vec::new();
         for l in lines.iter().filter(|l| l.starts_with("R ")) {

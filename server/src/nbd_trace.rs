@@ -6,14 +6,15 @@
 //!
 //! ```text
 //! # ltsp-nbd-trace v1
-//! C <t_us> <conn> <peer> <export>
+//! C <t_us> <conn> <peer> <export> <size>
 //! R <t_us> <conn> <cmd> <offset> <len> <done_us> <error>
 //! # dropped <n>
 //! ```
 //!
 //! `t_us`: microseconds since the trace started, when the connection finished negotiating
 //! (`C`) or when the request header was read (`R`). `conn`: a counter, one per connection
-//! that reached transmission; its `C` line comes before its requests'. `cmd`: `read`,
+//! that reached transmission; its `C` line comes before its requests'. `size`: the
+//! export's size in bytes. `cmd`: `read`,
 //! `write`, `flush`, `trim`, `write_zeroes`, `disc` or the number. `done_us`: when the
 //! reply was fully written (for `disc`, which has none: `t_us`). `error`: the NBD error
 //! sent (0 for success). `R` lines are in reply order; sort by `t_us` for request order.
@@ -40,6 +41,7 @@ enum Record {
         conn: u64,
         peer: Box<str>,
         export: Box<str>,
+        size: u64,
     },
     Req(Req),
 }
@@ -97,13 +99,14 @@ impl Tracer {
     }
 
     /// A new connection's id, with its `C` record.
-    pub fn connection(&self, peer: &str, export: &str) -> u64 {
+    pub fn connection(&self, peer: &str, export: &str, size: u64) -> u64 {
         let conn = self.next_conn.fetch_add(1, Relaxed);
         self.send(Record::Conn {
             t: self.now(),
             conn,
             peer: encode(peer).into(),
             export: encode(export).into(),
+            size,
         });
         conn
     }
@@ -182,7 +185,8 @@ fn write_record(out: &mut impl Write, r: &Record) -> std::io::Result<()> {
             conn,
             peer,
             export,
-        } => writeln!(out, "C {t} {conn} {peer} {export}"),
+            size,
+        } => writeln!(out, "C {t} {conn} {peer} {export} {size}"),
         Record::Req(q) => writeln!(
             out,
             "R {} {} {} {} {} {} {}",
