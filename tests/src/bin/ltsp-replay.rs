@@ -34,6 +34,7 @@ usage: ltsp-replay --trace FILE --server HOST:PORT [options]
   --connect-timeout S  seconds for a connection and its handshake (10)
   --reply-timeout S    seconds for each reply once requested (30)
 Prints one line: REPLAY time_s=T connections=C requests=R bytes=B errors=E ...
+(time_s: from the start, the trace's time 0 scaled, to the last reply).
 Exit 0 only when every request got its reply and no error was seen.";
 
 /// Error messages printed in full; the rest are only counted.
@@ -425,6 +426,7 @@ async fn replay_conn(ctx: Arc<Ctx>, c: Conn) {
     ));
     let scale = ctx.o.scale;
     let mut prev_sent: Option<Instant> = None;
+    let mut late = Duration::ZERO;
     for (i, r) in reqs.iter().enumerate() {
         if !matches!(r.kind, w::CMD_READ | w::CMD_FLUSH) {
             // Writes and trims change an image: not replayed to a read-only peer.
@@ -454,9 +456,15 @@ async fn replay_conn(ctx: Arc<Ctx>, c: Conn) {
                 (None, None) => (c.t, Instant::now()),
             }
         };
-        let gap = r.t.saturating_sub(rec_ref) as f64 * scale / 1e6;
-        if gap > 0.0 {
-            sleep_until(here_ref + Duration::from_secs_f64(gap)).await;
+        let gap = Duration::from_secs_f64(r.t.saturating_sub(rec_ref) as f64 * scale / 1e6);
+        if !gap.is_zero() {
+            // Timers wake up to a millisecond late; that lateness is taken off the next
+            // gaps so it does not add up over thousands of requests.
+            let g = gap.saturating_sub(late);
+            late -= gap - g;
+            let target = here_ref + g;
+            sleep_until(target).await;
+            late += Instant::now().saturating_duration_since(target);
         }
         tx.send_modify(|s| s.in_flight += 1);
         let b = w::encode_request(&w::Request {
