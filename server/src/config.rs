@@ -905,6 +905,17 @@ mod tests {
         assert_eq!(n.max_reply_bytes_per_connection, 1 << 20);
         assert_eq!(n.max_reply_bytes, 8 << 20);
         assert_eq!(n.write_timeout, Duration::from_secs(30));
+        assert_eq!(n.trace_file, None, "tracing is off by default");
+        let f = parse_file(Path::new("c.toml"), &text("trace_file = \"/t/a\"\n")).unwrap();
+        let n = Config::build(f, &Overrides::default()).unwrap().nbd.unwrap();
+        assert_eq!(n.trace_file.as_deref(), Some(Path::new("/t/a")));
+        let f = parse_file(Path::new("c.toml"), &text("trace_file = \"/t/a\"\n")).unwrap();
+        let o = Overrides {
+            nbd_trace: Some("/t/b".into()),
+            ..Default::default()
+        };
+        let n = Config::build(f, &o).unwrap().nbd.unwrap();
+        assert_eq!(n.trace_file.as_deref(), Some(Path::new("/t/b")));
         let f = parse_file(
             Path::new("c.toml"),
             &text("max_reply_bytes_per_connection = 4096\nmax_reply_bytes = 65536\nwrite_timeout = 5\n"),
