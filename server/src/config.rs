@@ -907,7 +907,10 @@ mod tests {
         assert_eq!(n.write_timeout, Duration::from_secs(30));
         assert_eq!(n.trace_file, None, "tracing is off by default");
         let f = parse_file(Path::new("c.toml"), &text("trace_file = \"/t/a\"\n")).unwrap();
-        let n = Config::build(f, &Overrides::default()).unwrap().nbd.unwrap();
+        let n = Config::build(f, &Overrides::default())
+            .unwrap()
+            .nbd
+            .unwrap();
         assert_eq!(n.trace_file.as_deref(), Some(Path::new("/t/a")));
         let f = parse_file(Path::new("c.toml"), &text("trace_file = \"/t/a\"\n")).unwrap();
         let o = Overrides {

@@ -19,7 +19,8 @@
 //! reply was fully written (for `disc`, which has none: `t_us`). `error`: the NBD error
 //! sent (0 for success). `R` lines are in reply order; sort by `t_us` for request order.
 //! `peer` and `export` are percent-encoded where not printable ASCII or a space.
-//! Lines starting with `#` are comments; the last one counts the records dropped.
+//! Lines starting with `#` are comments; the last one counts the records dropped. A request
+//! whose reply was never fully written (the connection failed first) has no `R` line.
 
 use crate::status::Status;
 use std::io::Write;

@@ -33,6 +33,8 @@ usage: ltsp-replay --trace FILE --server HOST:PORT [options]
   --source IP          bind every connection to this local address
   --connect-timeout S  seconds for a connection and its handshake (10)
   --reply-timeout S    seconds for each reply once requested (30)
+  --start-at T         wait until T (Unix seconds) before starting: many replays started
+                       one by one then begin together (at most an hour ahead)
 Prints one line: REPLAY time_s=T connections=C requests=R bytes=B errors=E ...
 (time_s: from the start, the trace's time 0 scaled, to the last reply).
 Exit 0 only when every request got its reply and no error was seen.";
@@ -49,6 +51,7 @@ struct Opts {
     source: Option<IpAddr>,
     connect_timeout: Duration,
     reply_timeout: Duration,
+    start_at: Option<f64>,
 }
 
 fn parse_args() -> Result<Opts, String> {
@@ -64,6 +67,7 @@ fn parse_args() -> Result<Opts, String> {
         source: None,
         connect_timeout: Duration::from_secs(10),
         reply_timeout: Duration::from_secs(30),
+        start_at: None,
     };
     let secs = |v: String| -> Result<Duration, String> {
         v.parse::<f64>()
@@ -101,6 +105,14 @@ fn parse_args() -> Result<Opts, String> {
             "--source" => o.source = Some(v.parse().map_err(|e| format!("--source {v}: {e}"))?),
             "--connect-timeout" => o.connect_timeout = secs(v)?,
             "--reply-timeout" => o.reply_timeout = secs(v)?,
+            "--start-at" => {
+                o.start_at = Some(
+                    v.parse::<f64>()
+                        .ok()
+                        .filter(|s| s.is_finite())
+                        .ok_or_else(|| format!("--start-at {v}: not a time"))?,
+                )
+            }
             _ => return Err(format!("unknown option {k}")),
         }
     }
@@ -659,6 +671,19 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Some(at) = o.start_at {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let wait = at - now;
+        if wait > 3600.0 {
+            eprintln!("ltsp-replay: --start-at is more than an hour ahead");
+            return std::process::ExitCode::from(2);
+        }
+        if wait > 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(wait));
+        }
+    }
     let server = o.server;
     let n_conns = conns.len();
     let ctx = Arc::new(Ctx {
