@@ -209,3 +209,51 @@ fn other_bytes_and_a_closed_port_are_errors() {
     assert_eq!(kv["unanswered"], reads(&im.trace).len().to_string());
     assert!(err.contains("connect"), "{err}");
 }
+
+/// A short storm, for correctness only: 50 replayed boots at once, each from its own
+/// loopback address (so per-client limits apply as in a fleet), every READ verified.
+#[test]
+fn a_storm_of_50_boots_from_50_addresses_is_served_without_error() {
+    let im = Images::new();
+    let img = im.path("root.img");
+    let export = format!("root={img}");
+    let s = ServerProc::start(&["--no-tftp", "--export", &export]);
+    let addr = s.nbd.unwrap().to_string();
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        + 2.0;
+    let kids: Vec<Child> = (1..=50)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_ltsp-replay"))
+                .args(["--trace", fixture().to_str().unwrap(), "--server", &addr])
+                .args(["--think-scale", "0", "--verify", &img])
+                .args(["--source", &format!("127.5.0.{i}")])
+                .args(["--start-at", &format!("{start:.6}")])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start ltsp-replay")
+        })
+        .collect();
+    let rs = reads(&im.trace);
+    for (i, k) in kids.into_iter().enumerate() {
+        let out = k.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "boot {i}: {text}\n{err}");
+        assert!(
+            text.contains(&format!("requests={} ", rs.len())) && text.contains(" errors=0 "),
+            "boot {i}: {text}"
+        );
+    }
+    // Every boot came from its own address.
+    let log = s.log();
+    for i in 1..=50 {
+        assert!(
+            log.contains(&format!("nbd: 127.5.0.{i}:")),
+            "127.5.0.{i}: {log}"
+        );
+    }
+}
