@@ -1,6 +1,7 @@
 //! NBD request trace: one line per request, written by one thread so the serving path only
 //! pays a `try_send` into a bounded channel. When the writer falls behind (a slow disk, a
-//! flood of requests) records are dropped and counted, never queued without bound.
+//! flood of requests) records are dropped and counted, never queued without bound; so are
+//! those past the file's cap of 1 GiB.
 //!
 //! The file is text, one record per line, fields separated by one space:
 //!
@@ -34,6 +35,9 @@ use std::time::Instant;
 /// Records waiting for the writer; about 64 bytes each, so a few MiB at most. Enough for
 /// 600,000 requests a second at the writer's poll interval.
 const QUEUE: usize = 32 * 1024;
+/// The file stops growing here (about 20 million requests, 17,000 boots); later records
+/// are dropped and counted, so clients cannot fill the disk.
+const MAX_FILE_BYTES: u64 = 1 << 30;
 /// How often the writer takes what is queued.
 const POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -75,19 +79,20 @@ impl Tracer {
     /// Creates (truncates) `path` and starts the writer thread.
     pub fn open(path: &Path, status: Arc<Status>) -> std::io::Result<Arc<Tracer>> {
         let file = std::fs::File::create(path)?;
-        Self::start(Box::new(file), status, QUEUE)
+        Self::start(Box::new(file), status, QUEUE, MAX_FILE_BYTES)
     }
 
     fn start(
         out: Box<dyn Write + Send>,
         status: Arc<Status>,
         queue: usize,
+        max_bytes: u64,
     ) -> std::io::Result<Arc<Tracer>> {
         let (tx, rx) = sync_channel(queue);
         let st = status.clone();
         let writer = std::thread::Builder::new()
             .name("nbd-trace".into())
-            .spawn(move || write_records(out, rx, st))?;
+            .spawn(move || write_records(out, rx, st, max_bytes))?;
         Ok(Arc::new(Tracer {
             tx: Some(tx),
             start: Instant::now(),
@@ -142,8 +147,31 @@ impl Drop for Tracer {
     }
 }
 
-fn write_records(out: Box<dyn Write + Send>, rx: Receiver<Record>, status: Arc<Status>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+/// Counts the bytes written through it.
+struct Counting<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let k = self.inner.write(b)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn write_records(
+    out: Box<dyn Write + Send>,
+    rx: Receiver<Record>,
+    status: Arc<Status>,
+    max_bytes: u64,
+) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, Counting { inner: out, n: 0 });
+    let mut full = false;
     let mut ok = writeln!(out, "{HEADER}").and_then(|_| out.flush()).is_ok();
     let failed = |e: std::io::Error, ok: &mut bool| {
         if *ok {
@@ -158,7 +186,12 @@ fn write_records(out: Box<dyn Write + Send>, rx: Receiver<Record>, status: Arc<S
         let ended = loop {
             match rx.try_recv() {
                 Ok(r) => {
-                    if ok {
+                    // Bytes handed to the file plus those still in the buffer.
+                    if !full && out.get_ref().n + out.buffer().len() as u64 >= max_bytes {
+                        full = true;
+                        log::warn!("nbd: trace file reached {max_bytes} bytes: records dropped");
+                    }
+                    if ok && !full {
                         if let Err(e) = write_record(&mut out, &r) {
                             failed(e, &mut ok);
                         }
@@ -287,6 +320,37 @@ mod tests {
         assert_eq!(encode("é"), "%C3%A9");
     }
 
+    /// The file stops growing at its cap; what comes later is dropped and counted.
+    #[test]
+    fn the_file_stops_at_its_cap() {
+        let status = Arc::new(Status::default());
+        let sink = Shared::default();
+        let t = Tracer::start(Box::new(sink.clone()), status.clone(), 1000, 300).unwrap();
+        for i in 0..100 {
+            t.request(Req {
+                t: i,
+                conn: 1,
+                kind: ltsp_common::nbd::CMD_READ,
+                offset: 4096 * i,
+                len: 4096,
+                done: i + 1,
+                error: 0,
+            });
+        }
+        drop(t);
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let reqs = text.lines().filter(|l| l.starts_with("R ")).count() as u64;
+        let dropped = status.nbd_trace_dropped.load(Relaxed);
+        assert!(reqs > 0 && reqs < 100, "{text}");
+        assert_eq!(reqs + dropped, 100);
+        // The cap, one record that crossed it, and the closing line.
+        assert!(text.len() < 300 + 64 + 32, "{} bytes", text.len());
+        assert_eq!(
+            text.lines().last(),
+            Some(format!("# dropped {dropped}").as_str())
+        );
+    }
+
     /// With the writer stuck, requests beyond the queue are dropped and counted (the
     /// caller never waits), and the count is written at close.
     #[test]
@@ -298,6 +362,7 @@ mod tests {
             Box::new(Stuck(gate.clone(), sink.clone())),
             status.clone(),
             8,
+            u64::MAX,
         )
         .unwrap();
         let r = Req {
