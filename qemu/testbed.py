@@ -112,7 +112,8 @@ class BedSettings:
     (initramfs-tools + nbd-client, served by nbd-server) instead of ours. dhcp_range: what
     ltsp-server leases as the DHCP server. server_config: TOML settings for the first
     ltsp-server (--config), beside its flags. lts_conf_sig: served beside lts.conf as
-    lts.conf.sig. initrd: another initramfs to serve (one with a trust key)."""
+    lts.conf.sig. initrd: another initramfs to serve (one with a trust key). nbd_trace: the
+    first ltsp-server writes its NBD request trace there (--nbd-trace)."""
     artifacts: str
     server_bin: str
     lts_conf: str | None = None
@@ -131,6 +132,7 @@ class BedSettings:
     server_config: str | None = None
     lts_conf_sig: str | None = None
     initrd: str | None = None
+    nbd_trace: str | None = None
 
 
 class Bed:
@@ -302,6 +304,8 @@ class Bed:
             self.server_args += ["--config", conf]
         if s.versions_dir:
             self.server_args += ["--nbd-versions-dir", s.versions_dir]
+        if s.nbd_trace:
+            self.server_args += ["--nbd-trace", s.nbd_trace]
         ready = "nbd: listening" if nbd[0] != "--no-nbd" else "tftp: serving"
         self.server = self.launch(self.server_args, self.server_log, ready)
 

@@ -235,6 +235,8 @@ pub struct NbdFile {
     pub versions_dir: Option<PathBuf>,
     /// Seconds a version is kept after its last connection closed (default 7 days).
     pub version_retention: Option<u64>,
+    /// Every NBD request is written to this file (see `docs/nbd-trace.md`); off unless set.
+    pub trace_file: Option<PathBuf>,
     pub enabled: Option<bool>,
 }
 
@@ -322,6 +324,8 @@ pub struct NbdConfig {
     pub versions_dir: Option<PathBuf>,
     /// How long a version no connection uses stays available.
     pub version_retention: Duration,
+    /// Request trace (see [`crate::nbd::Tracer`]); None: off.
+    pub trace_file: Option<PathBuf>,
 }
 
 impl NbdConfig {
@@ -344,6 +348,7 @@ impl NbdConfig {
             write_timeout: write,
             versions_dir: None,
             version_retention: Duration::from_secs(DEFAULT_VERSION_RETENTION),
+            trace_file: None,
         }
     }
 }
@@ -387,6 +392,7 @@ pub struct Overrides {
     pub nbd_write_timeout: Option<u64>,
     pub nbd_versions_dir: Option<PathBuf>,
     pub nbd_version_retention: Option<u64>,
+    pub nbd_trace: Option<PathBuf>,
     pub no_nbd: bool,
     pub http_listen: Option<SocketAddr>,
     pub http_max_connections: Option<usize>,
@@ -618,6 +624,7 @@ impl Config {
                         .or(f.nbd.version_retention)
                         .unwrap_or(DEFAULT_VERSION_RETENTION),
                 ),
+                trace_file: o.nbd_trace.clone().or(f.nbd.trace_file),
             })
         } else {
             None
@@ -898,6 +905,20 @@ mod tests {
         assert_eq!(n.max_reply_bytes_per_connection, 1 << 20);
         assert_eq!(n.max_reply_bytes, 8 << 20);
         assert_eq!(n.write_timeout, Duration::from_secs(30));
+        assert_eq!(n.trace_file, None, "tracing is off by default");
+        let f = parse_file(Path::new("c.toml"), &text("trace_file = \"/t/a\"\n")).unwrap();
+        let n = Config::build(f, &Overrides::default())
+            .unwrap()
+            .nbd
+            .unwrap();
+        assert_eq!(n.trace_file.as_deref(), Some(Path::new("/t/a")));
+        let f = parse_file(Path::new("c.toml"), &text("trace_file = \"/t/a\"\n")).unwrap();
+        let o = Overrides {
+            nbd_trace: Some("/t/b".into()),
+            ..Default::default()
+        };
+        let n = Config::build(f, &o).unwrap().nbd.unwrap();
+        assert_eq!(n.trace_file.as_deref(), Some(Path::new("/t/b")));
         let f = parse_file(
             Path::new("c.toml"),
             &text("max_reply_bytes_per_connection = 4096\nmax_reply_bytes = 65536\nwrite_timeout = 5\n"),

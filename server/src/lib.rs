@@ -7,6 +7,7 @@ pub mod http;
 pub mod identity;
 pub mod limits;
 pub mod nbd;
+pub mod nbd_trace;
 pub mod proxydhcp;
 pub mod status;
 pub mod tftp;
@@ -27,6 +28,11 @@ pub enum ServeError {
     },
     #[error(transparent)]
     ProxyDhcp(#[from] proxydhcp::ProxyDhcpError),
+    #[error("nbd: trace file {}: {source}", path.display())]
+    NbdTrace {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("nbd: bind {addr}: {source}")]
     NbdBind {
         addr: SocketAddr,
@@ -105,7 +111,20 @@ pub async fn serve(
             "nbd: listening on {}",
             listener.local_addr().unwrap_or(addr)
         );
-        tasks.spawn(nbd::Server::new(n, status.clone()).run(listener));
+        let tracer = match &n.trace_file {
+            Some(path) => {
+                let t = nbd_trace::Tracer::open(path, status.clone()).map_err(|source| {
+                    ServeError::NbdTrace {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                log::info!("nbd: tracing requests to {}", path.display());
+                Some(t)
+            }
+            None => None,
+        };
+        tasks.spawn(nbd::Server::with_tracer(n, status.clone(), tracer).run(listener));
     }
     shutdown.await;
     log::info!("shutting down");

@@ -142,6 +142,11 @@ struct ServeArgs {
     /// 604800, a week).
     #[arg(long, value_name = "SECS")]
     nbd_version_retention: Option<u64>,
+    /// Write every NBD request (time, connection, command, offset, length, reply time)
+    /// to FILE, for replay with ltsp-replay (default: off). Never slows the server:
+    /// records are dropped, and counted, when the writer falls behind.
+    #[arg(long, value_name = "FILE")]
+    nbd_trace: Option<PathBuf>,
     /// Do not serve NBD.
     #[arg(long)]
     no_nbd: bool,
@@ -223,6 +228,7 @@ impl ServeArgs {
             nbd_write_timeout: self.nbd_write_timeout,
             nbd_versions_dir: self.nbd_versions_dir.clone(),
             nbd_version_retention: self.nbd_version_retention,
+            nbd_trace: self.nbd_trace.clone(),
             no_nbd: self.no_nbd,
             http_listen: self.http_listen,
             http_max_connections: self.http_max_connections,

@@ -16,6 +16,7 @@
 
 use crate::config::{Export, NbdConfig};
 use crate::limits::PerClient;
+use crate::nbd_trace::{self, Tracer};
 use crate::status::Status;
 use crate::versions::{Identity, Use, Versions};
 use ltsp_common::nbd::{self as w, InfoRequest};
@@ -147,6 +148,7 @@ pub struct Server {
     versions: Arc<Versions>,
     budget: Arc<Budget>,
     pool: Arc<Pool>,
+    tracer: Option<Arc<Tracer>>,
 }
 
 /// What a connection serves once negotiated.
@@ -174,6 +176,15 @@ pub fn split_version(name: &str) -> (&str, Option<&str>) {
 
 impl Server {
     pub fn new(cfg: NbdConfig, status: Arc<Status>) -> Arc<Self> {
+        Self::with_tracer(cfg, status, None)
+    }
+
+    /// `tracer`: every request of every connection is recorded there ([`nbd_trace`]).
+    pub fn with_tracer(
+        cfg: NbdConfig,
+        status: Arc<Status>,
+        tracer: Option<Arc<Tracer>>,
+    ) -> Arc<Self> {
         let conns = Arc::new(Semaphore::new(
             cfg.max_connections.min(Semaphore::MAX_PERMITS),
         ));
@@ -195,6 +206,7 @@ impl Server {
             versions,
             budget,
             pool,
+            tracer,
         })
     }
 
@@ -303,7 +315,12 @@ impl Server {
             _ => None,
         };
         self.status.nbd_connected(ip, &name, version);
-        let r = transmit(rd, wr.into_inner(), Arc::new(opened), self).await;
+        let size = opened.size;
+        let trace = self.tracer.as_ref().map(|t| Trace {
+            conn: t.connection(&who, &name, size),
+            tracer: t.clone(),
+        });
+        let r = transmit(rd, wr.into_inner(), Arc::new(opened), self, trace).await;
         self.status.nbd_closed(ip);
         r?;
         Ok(Some(name))
@@ -591,6 +608,47 @@ struct Reply {
     len: u32,
     offset: u64,
     buf: Option<Box<Buffered>>,
+    /// The request as the trace records it, when tracing.
+    traced: Option<Traced>,
+}
+
+/// A connection's place in the request trace.
+#[derive(Clone)]
+struct Trace {
+    tracer: Arc<Tracer>,
+    conn: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Traced {
+    t: u64,
+    kind: u16,
+    offset: u64,
+    len: u32,
+}
+
+impl Trace {
+    fn record(&self, r: Traced, error: u32, done: u64) {
+        self.tracer.request(nbd_trace::Req {
+            t: r.t,
+            conn: self.conn,
+            kind: r.kind,
+            offset: r.offset,
+            len: r.len,
+            done,
+            error,
+        });
+    }
+
+    /// Replies now fully written.
+    fn written(&self, replies: &[Reply]) {
+        let done = self.tracer.now();
+        for r in replies {
+            if let Some(t) = r.traced {
+                self.record(t, r.error, done);
+            }
+        }
+    }
 }
 
 /// READ data in user space, with what it is charged to (given back when dropped).
@@ -601,13 +659,14 @@ struct Buffered {
 }
 
 impl Reply {
-    fn header_only(error: u32, cookie: u64) -> Reply {
+    fn header_only(error: u32, cookie: u64, traced: Option<Traced>) -> Reply {
         Reply {
             cookie,
             error,
             len: 0,
             offset: 0,
             buf: None,
+            traced,
         }
     }
 }
@@ -625,6 +684,7 @@ async fn transmit<R, W>(
     wr: W,
     img: Arc<Opened>,
     srv: &Server,
+    trace: Option<Trace>,
 ) -> Result<(), SessionError>
 where
     R: AsyncBufReadUnpin,
@@ -639,9 +699,10 @@ where
         img.clone(),
         srv.pool.clone(),
         srv.cfg.write_timeout,
+        trace.clone(),
     ));
     let ended = {
-        let reading = read_requests(&mut rd, &tx, &img, srv, &conn);
+        let reading = read_requests(&mut rd, &tx, &img, srv, &conn, trace.as_ref());
         tokio::pin!(reading);
         tokio::select! {
             r = &mut reading => Ok(r),
@@ -675,6 +736,7 @@ async fn read_requests<R: AsyncBufReadUnpin>(
     img: &Arc<Opened>,
     srv: &Server,
     conn: &Arc<Semaphore>,
+    trace: Option<&Trace>,
 ) -> Result<(), SessionError> {
     let idle = srv.cfg.idle_timeout;
     let status = &srv.status;
@@ -694,6 +756,12 @@ async fn read_requests<R: AsyncBufReadUnpin>(
             Err(e) => return Err(e.into()),
         }
         let req = w::parse_request(&hdr)?;
+        let traced = trace.map(|tr| Traced {
+            t: tr.tracer.now(),
+            kind: req.kind,
+            offset: req.offset,
+            len: req.len,
+        });
         let error = match req.kind {
             w::CMD_READ => {
                 if let Some(e) = check_range(&req, img.size) {
@@ -713,6 +781,7 @@ async fn read_requests<R: AsyncBufReadUnpin>(
                         len: req.len,
                         offset: req.offset,
                         buf: None,
+                        traced,
                     };
                     let held = if req.len < SENDFILE_MIN {
                         charge(srv, conn, req.len).await
@@ -757,7 +826,7 @@ async fn read_requests<R: AsyncBufReadUnpin>(
                             Err(e) => {
                                 log::error!("nbd: read {}+{}: {e}", req.offset, req.len);
                                 pool.put(data);
-                                Reply::header_only(w::EIO, req.cookie)
+                                Reply::header_only(w::EIO, req.cookie, traced)
                             }
                         };
                         permit.send(reply);
@@ -780,10 +849,16 @@ async fn read_requests<R: AsyncBufReadUnpin>(
             }
             w::CMD_TRIM | w::CMD_WRITE_ZEROES => w::EPERM,
             w::CMD_FLUSH => 0,
-            w::CMD_DISC => return Ok(()),
+            w::CMD_DISC => {
+                // It has no reply: recorded as done when read.
+                if let (Some(tr), Some(t)) = (trace, traced) {
+                    tr.record(t, 0, t.t);
+                }
+                return Ok(());
+            }
             _ => w::EINVAL,
         };
-        tx.send(Reply::header_only(error, req.cookie))
+        tx.send(Reply::header_only(error, req.cookie, traced))
             .await
             .map_err(|_| writer_ended())?;
     }
@@ -857,8 +932,9 @@ async fn write_replies<W: ReplySink>(
     img: Arc<Opened>,
     pool: Arc<Pool>,
     t: Duration,
+    trace: Option<Trace>,
 ) -> std::io::Result<()> {
-    let r = write_all_replies(&mut wr, rx, img, pool, t).await;
+    let r = write_all_replies(&mut wr, rx, img, pool, t, trace).await;
     if let (Err(e), Some(sock)) = (&r, wr.socket()) {
         if e.kind() == std::io::ErrorKind::TimedOut {
             // A client that took nothing for the write timeout: what the kernel still
@@ -875,6 +951,7 @@ async fn write_all_replies<W: ReplySink>(
     img: Arc<Opened>,
     pool: Arc<Pool>,
     t: Duration,
+    trace: Option<Trace>,
 ) -> std::io::Result<()> {
     let mut batch: Vec<Reply> = Vec::new();
     while rx.recv_many(&mut batch, BATCH).await > 0 {
@@ -888,6 +965,9 @@ async fn write_all_replies<W: ReplySink>(
                 .map_or(batch.len(), |k| i + k);
             if j > i {
                 write_buffered(wr, &batch[i..j], t).await?;
+                if let Some(tr) = &trace {
+                    tr.written(&batch[i..j]);
+                }
             }
             if j < batch.len() {
                 let r = &batch[j];
@@ -898,6 +978,9 @@ async fn write_all_replies<W: ReplySink>(
                         send_file(sock, &img.file, r.offset, r.len as usize, t).await?;
                     }
                     None => copy_file(wr, &header, &img.file, r.offset, r.len, t).await?,
+                }
+                if let Some(tr) = &trace {
+                    tr.written(std::slice::from_ref(r));
                 }
                 i = j + 1;
             } else {
@@ -1367,6 +1450,100 @@ mod tests {
         assert!(srv.status.nbd_reads.load(Relaxed) > 0);
         sender.abort();
         run.abort();
+    }
+
+    /// A traced session: one `C` record for the connection, then one `R` record per
+    /// request with its command, range, error and a reply time not before the request.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_traced_session_records_every_request() {
+        let s = session(1 << 20, 8 << 20);
+        let trace = s._dir.path().join("trace.txt");
+        let status = Arc::new(Status::default());
+        let tracer = Tracer::open(&trace, status.clone()).unwrap();
+        let srv = Server::with_tracer(s.srv.cfg.clone(), status.clone(), Some(tracer));
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let srv2 = srv.clone();
+        let run = tokio::spawn(async move {
+            srv2.serve_stream(server, "192.0.2.7".parse().unwrap())
+                .await
+        });
+        let (mut crd, mut cwr) = tokio::io::split(client);
+        let req = |kind, cookie, offset, len| {
+            w::encode_request(&w::Request {
+                flags: 0,
+                kind,
+                cookie,
+                offset,
+                len,
+            })
+        };
+        let mut b = hello();
+        b.extend_from_slice(&req(w::CMD_READ, 1, 4096, 4096));
+        // Large enough for the unbuffered path.
+        b.extend_from_slice(&req(w::CMD_READ, 2, 65536, 131072));
+        b.extend_from_slice(&req(w::CMD_READ, 3, 1 << 20, 4096));
+        b.extend_from_slice(&req(w::CMD_FLUSH, 4, 0, 0));
+        cwr.write_all(&b).await.unwrap();
+        let mut g = [0u8; 18 + 10];
+        crd.read_exact(&mut g).await.unwrap();
+        for _ in 0..4 {
+            let mut h = [0u8; w::SIMPLE_REPLY_LEN];
+            crd.read_exact(&mut h).await.unwrap();
+            let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
+            let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+            let len = match (cookie, error) {
+                (1, 0) => 4096,
+                (2, 0) => 131072,
+                _ => 0,
+            };
+            let mut d = vec![0u8; len];
+            crd.read_exact(&mut d).await.unwrap();
+        }
+        cwr.write_all(&req(w::CMD_DISC, 5, 0, 0)).await.unwrap();
+        assert_eq!(run.await.unwrap().unwrap().as_deref(), Some("root"));
+        // The last holder of the tracer writes out and closes the file.
+        drop(srv);
+        let text = std::fs::read_to_string(&trace).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], nbd_trace::HEADER, "{text}");
+        let conn: Vec<&str> = lines[1].split(' ').collect();
+        assert_eq!(conn[0], "C", "{text}");
+        assert_eq!(&conn[2..], ["1", "192.0.2.7", "root", "1048576"], "{text}");
+        let mut reqs: Vec<Vec<u64>> = Vec::new();
+        let mut cmds = Vec::new();
+        for l in lines.iter().filter(|l| l.starts_with("R ")) {
+            let f: Vec<&str> = l.split(' ').collect();
+            assert_eq!(f.len(), 8, "{l}");
+            cmds.push(f[3].to_string());
+            let n: Vec<u64> = [1, 2, 4, 5, 6, 7]
+                .iter()
+                .map(|&i| f[i].parse().unwrap())
+                .collect();
+            // Reply written after the request was read, and after the connection began.
+            assert!(n[4] >= n[0] && n[0] >= conn[1].parse().unwrap(), "{l}");
+            assert_eq!(n[1], 1, "connection id: {l}");
+            reqs.push(n);
+        }
+        // Request order is by request time.
+        let mut order: Vec<usize> = (0..reqs.len()).collect();
+        order.sort_by_key(|&i| reqs[i][0]);
+        let got: Vec<(&str, u64, u64, u64)> = order
+            .iter()
+            .map(|&i| (cmds[i].as_str(), reqs[i][2], reqs[i][3], reqs[i][5]))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("read", 4096, 4096, 0),
+                ("read", 65536, 131072, 0),
+                ("read", 1 << 20, 4096, w::EINVAL as u64),
+                ("flush", 0, 0, 0),
+                ("disc", 0, 0, 0),
+            ],
+            "{text}"
+        );
+        assert_eq!(lines.last(), Some(&"# dropped 0"), "{text}");
+        assert_eq!(status.nbd_trace_dropped.load(Relaxed), 0);
     }
 
     /// An option longer than any that names one of our exports is skipped unread into

@@ -36,6 +36,8 @@ pub struct Status {
     pub nbd_read_bytes: AtomicU64,
     /// NBD reply bytes held in user space now (the server-wide budget's use).
     pub nbd_reply_bytes: AtomicU64,
+    /// NBD trace records dropped because the trace writer was behind.
+    pub nbd_trace_dropped: AtomicU64,
     pub tftp_sent: AtomicU64,
     pub tftp_failed: AtomicU64,
     pub tftp_bytes: AtomicU64,
@@ -218,6 +220,12 @@ impl Status {
             "NBD reply bytes held in memory now (the server-wide budget in use)",
             "gauge",
             self.nbd_reply_bytes.load(Relaxed),
+        );
+        counter(
+            "ltsp_nbd_trace_dropped_total",
+            "NBD trace records dropped because the trace writer was behind",
+            "counter",
+            self.nbd_trace_dropped.load(Relaxed),
         );
         counter(
             "ltsp_tftp_evicted_total",
