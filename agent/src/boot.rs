@@ -233,9 +233,11 @@ pub fn boot(
     let net = modules_and_network(&r, sys, p, &mut tl).map_err(fail)?;
     net::lease::start_keeper(sys, &net.info, &l.run);
     let nbd = nbd_step(&r, sys, p, &net, &mut tl).map_err(fail)?;
-    let root_dev = ram_step(&r, sys, p, &nbd, &mut tl).map_err(fail)?;
+    // Before a copy into RAM too: a server lost during the copy is then replaced.
+    let helper = keep_connected(&r, sys, p, &nbd);
+    let root_dev = ram_step(&r, sys, p, &nbd, helper.as_ref(), &mut tl).map_err(fail)?;
     let freer = match root_dev == nbd.attached.device {
-        true => keep_connected(&r, sys, p, &nbd),
+        true => helper.and_then(|h| h.freer),
         false => None,
     };
     let layers = root_step(&r, sys, &root_dev, &mut tl).map_err(fail)?;
@@ -373,14 +375,14 @@ fn nbd_step(
     })
 }
 
-/// The reconnect helper, for a root that stays on the network. Returns the pipe that
-/// tells it the boot switched root (it then deletes the initramfs, in idle time).
+/// The reconnect helper: its pid, and the pipe that tells it the boot switched root (it
+/// then deletes the initramfs, in idle time).
 fn keep_connected(
     r: &Run,
     sys: &dyn System,
     p: &mut dyn Platform,
     nbd: &NbdStep,
-) -> Option<std::fs::File> {
+) -> Option<nbd::Helper> {
     if !r.cmd.reconnect {
         return None;
     }
@@ -405,6 +407,7 @@ fn ram_step(
     sys: &dyn System,
     p: &mut dyn Platform,
     nbd: &NbdStep,
+    helper: Option<&nbd::Helper>,
     tl: &mut Timeline,
 ) -> Result<String, BootError> {
     let Run { cmd, l, .. } = *r;
@@ -428,6 +431,12 @@ fn ram_step(
         deadline,
     ) {
         Ok(ram) => {
+            // The helper first: it would answer the disconnect by reconnecting.
+            if let Some(h) = helper {
+                if let Err(e) = sys.stop(h.pid, Duration::from_secs(2)) {
+                    log::warn!("to-ram: stopping the reconnect helper (pid {}): {e}", h.pid);
+                }
+            }
             if let Err(e) = p.detach_nbd(nbd.index) {
                 log::warn!(
                     "to-ram: disconnecting {dev}: {e}; the copy in RAM is used all the same"
@@ -1726,9 +1735,15 @@ mod tests {
             )),
             "{calls:?}"
         );
+        // The helper kept the device during the copy, then was stopped before the disconnect.
+        let spawned = calls
+            .iter()
+            .position(|c| c.contains("spawn @ltsp-nbd-watch"));
+        let looped = calls.iter().position(|c| c.starts_with("loop "));
+        let stopped = calls.iter().position(|c| c == "stop 4242");
         assert!(
-            !calls.iter().any(|c| c.contains("@ltsp-nbd-watch")),
-            "no reconnect helper: {calls:?}"
+            spawned.is_some() && spawned < looped && looped < stopped,
+            "{calls:?}"
         );
         assert_eq!(p.detached, vec![0], "NBD disconnected");
         let img = std::fs::read(d.path().join("nbd-device")).unwrap();
@@ -1760,6 +1775,7 @@ mod tests {
             calls.iter().any(|c| c.contains("@ltsp-nbd-watch")),
             "the helper keeps it: {calls:?}"
         );
+        assert!(!calls.iter().any(|c| c.starts_with("stop ")), "{calls:?}");
         assert!(!calls.iter().any(|c| c.starts_with("loop ")), "{calls:?}");
         assert!(p.detached.is_empty());
     }

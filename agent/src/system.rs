@@ -46,6 +46,8 @@ pub trait System {
     fn spawn(&self, argv0: &str, args: &[String], keep: &[RawFd]) -> io::Result<u32>;
     /// Replaces this process; returns only on failure.
     fn exec(&self, argv: &[String], env: &[(String, String)]) -> io::Error;
+    /// Stops a child this process spawned: SIGTERM, SIGKILL after `grace`, then reaped.
+    fn stop(&self, pid: u32, grace: Duration) -> io::Result<()>;
     /// A loop device over `file` (read-only if asked); returns its path. Not autocleared:
     /// the device would go as soon as this call closes it, before anything mounts it, and
     /// a root's loop device lives as long as the node.
@@ -358,6 +360,28 @@ impl System for Real {
             },
             (Err(e), _) | (_, Err(e)) => e,
             _ => io::Error::new(io::ErrorKind::InvalidInput, "empty argv"),
+        }
+    }
+
+    fn stop(&self, pid: u32, grace: Duration) -> io::Result<()> {
+        use nix::sys::signal::{kill, Signal};
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        kill(pid, Signal::SIGTERM)?;
+        let until = Instant::now() + grace;
+        loop {
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) if Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Ok(WaitStatus::StillAlive) => {
+                    kill(pid, Signal::SIGKILL)?;
+                    waitpid(pid, None)?;
+                    return Ok(());
+                }
+                Ok(_) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 
@@ -715,6 +739,9 @@ impl System for Recorder {
     fn exec(&self, argv: &[String], _env: &[(String, String)]) -> io::Error {
         let _ = self.record(format!("exec {}", argv.join(" ")));
         io::Error::other("recorded exec")
+    }
+    fn stop(&self, pid: u32, _grace: Duration) -> io::Result<()> {
+        self.record(format!("stop {pid}"))
     }
     fn attach_loop(&self, file: &str, read_only: bool) -> io::Result<String> {
         let ro = if read_only { "ro" } else { "rw" };

@@ -10,8 +10,7 @@
 use crate::system::System;
 use nix::mount::MsFlags;
 use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Instant;
 
@@ -131,8 +130,8 @@ pub fn copy_and_hash(
             return Err(ToRamError::Deadline { done: off, size });
         }
         let want = ((size - off) as usize).min(CHUNK);
-        let n = src
-            .read_at(&mut buf[..want], off)
+        let n = (&src)
+            .read(&mut buf[..want])
             .map_err(|source| ToRamError::Read {
                 path: from.display().to_string(),
                 offset: off,
@@ -165,6 +164,38 @@ pub fn copy_and_hash(
         }
     }
     Ok(format!("blake3:{}", h.finalize().to_hex()))
+}
+
+/// [`copy_and_hash`] in a thread of its own, waited for until `deadline` only: a read
+/// of a stalled NBD device blocks in the kernel past any deadline (up to its dead
+/// timeout). The thread then stops at its next chunk, once the read returns.
+fn copy_by_deadline(
+    device: &str,
+    file: &str,
+    size: u64,
+    deadline: Instant,
+) -> Result<String, ToRamError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (from, to) = (device.to_string(), file.to_string());
+    let spawned = std::thread::Builder::new()
+        .name("to-ram".into())
+        .spawn(move || {
+            let r = copy_and_hash(Path::new(&from), Path::new(&to), size, deadline, |done| {
+                log::debug!("to-ram: {done} of {size} bytes");
+            });
+            let _ = tx.send(r);
+        });
+    if let Err(source) = spawned {
+        return Err(ToRamError::Open {
+            path: device.to_string(),
+            source,
+        });
+    }
+    let wait = deadline.saturating_duration_since(Instant::now());
+    match rx.recv_timeout(wait) {
+        Ok(r) => r,
+        Err(_) => Err(ToRamError::Deadline { done: 0, size }),
+    }
 }
 
 /// Where the copy lives: a tmpfs of its own, so its size is the image's and nothing else
@@ -231,9 +262,7 @@ fn copy_checked(
     deadline: Instant,
 ) -> Result<String, ToRamError> {
     let t = Instant::now();
-    let got = copy_and_hash(Path::new(device), Path::new(file), size, deadline, |done| {
-        log::debug!("to-ram: {done} of {size} bytes");
-    })?;
+    let got = copy_by_deadline(device, file, size, deadline)?;
     let secs = t.elapsed().as_secs_f64();
     match identity {
         Some(want) if want != got => {
@@ -329,6 +358,35 @@ mod tests {
         std::fs::write(d.path().join("c"), b"x").unwrap();
         let e = copy_and_hash(&src, &d.path().join("c"), 10, far, |_| {}).unwrap_err();
         assert!(matches!(e, ToRamError::Open { .. }), "{e}");
+    }
+
+    /// A source whose read never returns (a stalled NBD device) cannot hold the boot
+    /// past the deadline.
+    #[test]
+    fn a_stalled_source_ends_at_the_deadline() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("stalled");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let writer = {
+            let fifo = fifo.clone();
+            // A writer that opens and never writes: the copy's read blocks.
+            std::thread::spawn(move || {
+                let _w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+                let _ = held.recv();
+            })
+        };
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let e = copy_by_deadline(
+            &fifo.display().to_string(),
+            &d.path().join("copy").display().to_string(),
+            1 << 20,
+            deadline,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ToRamError::Deadline { .. }), "{e}");
+        drop(hold);
+        writer.join().unwrap();
     }
 
     #[test]

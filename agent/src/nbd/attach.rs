@@ -191,9 +191,16 @@ pub fn link_dead_events(genl: &mut Option<netlink::Genl>) -> Option<OwnedFd> {
     }
 }
 
+/// The running reconnect helper.
+pub struct Helper {
+    pub pid: u32,
+    /// PID 1 mode: tells it the boot switched root (it then frees the initramfs).
+    pub freer: Option<std::fs::File>,
+}
+
 /// Started now, from the initramfs, so it outlives the switch and never reads the root it
 /// repairs; `@` in argv[0] keeps systemd's shutdown from killing it (ROOT_STORAGE_DAEMONS).
-/// In PID 1 mode, returns the pipe that tells it to free the initramfs (see
+/// Returns its pid and, in PID 1 mode, the pipe that tells it to free the initramfs (see
 /// [`reconnect::Inherited::initramfs`]).
 pub fn start_reconnect_helper(
     sys: &dyn System,
@@ -203,7 +210,7 @@ pub fn start_reconnect_helper(
     current: usize,
     events: Option<OwnedFd>,
     mode: Mode,
-) -> Option<std::fs::File> {
+) -> Option<Helper> {
     let (console, kmsg) = blog::raw_fds();
     let pipe = match mode {
         Mode::Pid1 => nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -230,7 +237,10 @@ pub fn start_reconnect_helper(
     match sys.spawn("@ltsp-nbd-watch", &w.to_args(), &fds.list()) {
         Ok(pid) => {
             log::info!("nbd: reconnect helper started (pid {pid})");
-            pipe.map(|(_, w)| std::fs::File::from(w))
+            Some(Helper {
+                pid,
+                freer: pipe.map(|(_, w)| std::fs::File::from(w)),
+            })
         }
         Err(e) => {
             log::warn!("nbd: reconnect helper not started: {e}; a dead connection will stay dead");
