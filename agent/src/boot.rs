@@ -11,7 +11,7 @@ use crate::nbd::netlink;
 use crate::net::{self, NetInfo};
 use crate::system::{Limit, Outcome, System};
 use crate::trust::{self, Trust};
-use crate::{log as blog, rootfs, switch_root, tftp, toram};
+use crate::{log as blog, rootfs, switch_root, tftp, toram, verity};
 use ltsp_common::cmdline::{Cmdline, NbdTarget, OnFailure};
 use ltsp_common::ltsconf::Identity;
 pub use ltsp_common::step::{Mark, Step};
@@ -108,6 +108,8 @@ pub enum BootError {
     Nbd(NbdError),
     #[error(transparent)]
     ToRam(#[from] toram::ToRamError),
+    #[error(transparent)]
+    Verity(#[from] verity::VerityError),
     #[error(transparent)]
     Root(#[from] rootfs::RootError),
     #[error(transparent)]
@@ -238,6 +240,7 @@ pub fn boot(
         true => keep_connected(&r, sys, p, &nbd),
         false => None,
     };
+    let root_dev = verity_step(&r, sys, &root_dev, &mut tl).map_err(fail)?;
     let layers = root_step(&r, sys, &root_dev, &mut tl).map_err(fail)?;
     let config = configure(&r, sys, &net, &layers, &mut tl).map_err(fail)?;
 
@@ -445,6 +448,27 @@ fn ram_step(
             Ok(dev)
         }
     }
+}
+
+/// `ltsp.verity=HASH`: the root device behind dm-verity; returns the device to mount.
+/// The dm device sits above the NBD (or loop) device, so the reconnect helper, which
+/// swaps the NBD device's connections, never sees it.
+fn verity_step(
+    r: &Run,
+    sys: &dyn System,
+    device: &str,
+    tl: &mut Timeline,
+) -> Result<String, BootError> {
+    let Run { cmd, .. } = *r;
+    let Some(pinned) = cmd.verity.as_deref() else {
+        return Ok(device.to_string());
+    };
+    pause_at(cmd, Step::Verity);
+    tl.mark(Mark::Begin(Step::Verity));
+    let mapped = verity::map_root(sys, device, pinned)?;
+    tl.mark(Mark::Done(Step::Verity));
+    log::info!("verity: {device} verified through {mapped} against ltsp.verity={pinned}");
+    Ok(mapped)
 }
 
 /// The image and the writable layer; `direct`: apply writes into the upper layer before
@@ -702,7 +726,8 @@ fn load_nic_modules(sys: &dyn System, l: &Layout) -> Option<Modules> {
     Some(m)
 }
 
-/// nbd, squashfs, overlay and `ltsp.modules=`. A module that fails is logged; the step
+/// nbd, squashfs, overlay (loop with `ltsp.to-ram=1`, dm-verity and its dependency
+/// dm-mod with `ltsp.verity=`) and `ltsp.modules=`. A module that fails is logged; the step
 /// that needs it then fails with its own reason.
 fn load_storage_modules(sys: &dyn System, m: Option<Modules>, cmd: &Cmdline) {
     let Some(mut m) = m else { return };
@@ -711,10 +736,12 @@ fn load_storage_modules(sys: &dyn System, m: Option<Modules>, cmd: &Cmdline) {
     m.set_params("nbd", &format!("nbds_max={}", nbd_index(cmd) + 1));
     let mut loaded = Vec::new();
     let to_ram = cmd.to_ram.then(|| "loop".to_string());
+    let verity = cmd.verity.is_some().then(|| "dm-verity".to_string());
     for name in ["nbd", "squashfs", "overlay"]
         .into_iter()
         .map(str::to_string)
         .chain(to_ram)
+        .chain(verity)
         .chain(cmd.modules.iter().cloned())
     {
         match m.load(sys, &name) {

@@ -50,6 +50,13 @@ pub trait System {
     /// the device would go as soon as this call closes it, before anything mounts it, and
     /// a root's loop device lives as long as the node.
     fn attach_loop(&self, file: &str, read_only: bool) -> io::Result<String>;
+    /// A read-only device-mapper device `name` with the dm-verity `table`; returns its
+    /// path (/dev/dm-N).
+    fn map_verity(
+        &self,
+        name: &str,
+        table: &crate::verity::VerityTable,
+    ) -> Result<String, crate::verity::DmError>;
 }
 
 pub struct Real;
@@ -363,6 +370,14 @@ impl System for Real {
 
     fn attach_loop(&self, file: &str, read_only: bool) -> io::Result<String> {
         loopdev::attach(Path::new(file), read_only)
+    }
+
+    fn map_verity(
+        &self,
+        name: &str,
+        table: &crate::verity::VerityTable,
+    ) -> Result<String, crate::verity::DmError> {
+        crate::verity::dm::create_verity(name, table)
     }
 }
 
@@ -720,6 +735,15 @@ impl System for Recorder {
         let ro = if read_only { "ro" } else { "rw" };
         self.record(format!("loop {file} {ro}"))
             .map(|_| "/dev/loop0".to_string())
+    }
+    fn map_verity(
+        &self,
+        name: &str,
+        table: &crate::verity::VerityTable,
+    ) -> Result<String, crate::verity::DmError> {
+        self.record(format!("verity {name} {}", table.params()))
+            .map(|_| "/dev/dm-0".to_string())
+            .map_err(crate::verity::DmError::Load)
     }
 }
 
