@@ -1707,6 +1707,95 @@ mod tests {
         assert!(e.hint().contains("ltsp-server"));
     }
 
+    /// A node whose NBD device holds a 2-block "squashfs" with a verity superblock and one
+    /// hash block after it, as deploy/build-image lays it out; booted with `extra`.
+    fn verity_node(d: &Path, extra: &str) -> (Layout, FakePlatform, String) {
+        let l = layout(
+            d,
+            &format!("root=/dev/nbd0 nbdroot=192.0.2.9/img ltsp.conf=none {extra}"),
+        );
+        let mut img = vec![0u8; 4 * 4096];
+        img[..4].copy_from_slice(b"hsqs");
+        img[40..48].copy_from_slice(&5000u64.to_le_bytes());
+        let sb = &mut img[8192..8192 + 512];
+        sb[..8].copy_from_slice(b"verity\0\0");
+        sb[8..12].copy_from_slice(&1u32.to_le_bytes());
+        sb[12..16].copy_from_slice(&1u32.to_le_bytes());
+        sb[32..38].copy_from_slice(b"sha256");
+        sb[64..68].copy_from_slice(&4096u32.to_le_bytes());
+        sb[68..72].copy_from_slice(&4096u32.to_le_bytes());
+        sb[72..80].copy_from_slice(&2u64.to_le_bytes());
+        let dev = d.join("nbd-device");
+        std::fs::write(&dev, &img).unwrap();
+        let p = FakePlatform {
+            image: Some((
+                dev.clone(),
+                format!("blake3:{}", blake3::hash(&img).to_hex()),
+            )),
+            ..Default::default()
+        };
+        (l, p, dev.display().to_string())
+    }
+
+    #[test]
+    fn verity_maps_the_nbd_device_and_mounts_the_mapping() {
+        let d = tempfile::tempdir().unwrap();
+        let hash = "ab".repeat(32);
+        let (l, mut p, dev) = verity_node(d.path(), &format!("ltsp.verity={hash}"));
+        // What reads through the mapping give (the Recorder's mapped device).
+        std::fs::write(format!("{dev}.dm"), vec![0u8; 8192]).unwrap();
+        let sys = Recorder::default();
+        let b = boot(&sys, &mut p, Mode::Worker, &l).unwrap_or_else(|e| panic!("{:?}", e.0));
+        let calls = sys.calls();
+        let table = format!("1 {dev} {dev} 4096 4096 2 3 sha256 {hash} -");
+        assert!(
+            calls.contains(&format!("verity ltsp-root {table}")),
+            "{calls:?}"
+        );
+        assert!(
+            calls.contains(&format!(
+                "mount {dev}.dm {}/rootfs/lower squashfs MS_RDONLY",
+                l.run
+            )),
+            "{calls:?}"
+        );
+        assert!(b.timeline.render().contains("verified="));
+    }
+
+    #[test]
+    fn verity_failures_stop_the_boot_at_the_verity_step() {
+        let hash = "ab".repeat(32);
+        for (extra, says) in [
+            (
+                "ltsp.verity=xyz".to_string(),
+                "expected the image's root hash",
+            ),
+            // No file behind the mapping: the first read through it fails.
+            (format!("ltsp.verity={hash}"), "dm-verity refused the image"),
+            (format!("ltsp.verity={}", &hash[..40]), "needs 64"),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let (l, mut p, _) = verity_node(d.path(), &extra);
+            let sys = Recorder::default();
+            let (e, _) = *boot(&sys, &mut p, Mode::Worker, &l).err().unwrap();
+            assert_eq!(e.step(), Some(Step::Verity), "{extra}");
+            assert!(e.to_string().contains(says), "{extra}: {}", e);
+            assert!(
+                !sys.calls().iter().any(|c| c.contains("squashfs")),
+                "nothing mounted: {:?}",
+                sys.calls()
+            );
+        }
+        // An image without the tree.
+        let d = tempfile::tempdir().unwrap();
+        let (l, mut p, dev) = verity_node(d.path(), &format!("ltsp.verity={hash}"));
+        std::fs::write(&dev, b"hsqs").unwrap();
+        let (e, _) = *boot(&Recorder::default(), &mut p, Mode::Worker, &l)
+            .err()
+            .unwrap();
+        assert_eq!(e.step(), Some(Step::Verity));
+    }
+
     /// A node with `ltsp.to-ram=1`: (the layout, the fake server over an image file, the
     /// image's bytes). `avail` is the RAM /proc/meminfo shows.
     fn to_ram_node(d: &Path, avail_kib: u64, identity: Option<&str>) -> (Layout, FakePlatform) {

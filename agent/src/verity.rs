@@ -116,7 +116,7 @@ impl VerityTable {
 /// typo must not boot an unverified root).
 pub fn parse_root_hash(s: &str) -> Result<String, VerityError> {
     let ok = (40..=128).contains(&s.len())
-        && s.len() % 2 == 0
+        && s.len().is_multiple_of(2)
         && s.bytes().all(|b| b.is_ascii_hexdigit());
     match ok {
         true => Ok(s.to_ascii_lowercase()),
@@ -522,20 +522,19 @@ mod tests {
     #[test]
     fn superblock_that_disagrees_is_refused() {
         let ok = superblock();
-        let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
-            (Box::new(|s| s[0] = b'X'), "no dm-verity hash tree"),
-            (Box::new(|s| s[8] = 2), "version 2"),
-            (Box::new(|s| s[72] = 75), "75 data blocks"),
-            (Box::new(|s| s[66] = 3), "data block size"),
-            (
-                Box::new(|s| s[80..82].copy_from_slice(&300u16.to_le_bytes())),
-                "salt of 300",
-            ),
-            (Box::new(|s| s[33] = b' '), "not plain ASCII"),
+        // (offset, bytes written there, what the error says)
+        let salt_300 = 300u16.to_le_bytes();
+        let cases: [(usize, &[u8], &str); 6] = [
+            (0, b"X", "no dm-verity hash tree"),
+            (8, &[2], "version 2"),
+            (72, &[75], "75 data blocks"),
+            (66, &[3], "data block size"),
+            (80, &salt_300, "salt of 300"),
+            (33, b" ", "not plain ASCII"),
         ];
-        for (change, says) in cases {
+        for (at, bytes, says) in cases {
             let mut sb = ok.clone();
-            change(&mut sb);
+            sb[at..at + bytes.len()].copy_from_slice(bytes);
             let e = table_from("/dev/nbd0", &sb, 303104, 311296, HASH).unwrap_err();
             assert!(e.to_string().contains(says), "{e} lacks {says}");
         }

@@ -571,6 +571,17 @@ mod tests {
     }
 
     #[test]
+    fn verity_hash_is_kept_as_given_even_when_malformed() {
+        // Checked by the agent's verity step: a bad value must fail the boot, not vanish.
+        for v in ["ABCDEF01", "", "not-hex"] {
+            let c = Cmdline::parse(&format!("root=/dev/nbd0 ltsp.verity={v}"));
+            assert_eq!(c.verity.as_deref(), Some(v));
+        }
+        assert_eq!(Cmdline::parse("ltsp.verity").verity.as_deref(), Some(""));
+        assert_eq!(Cmdline::parse("root=/dev/nbd0").verity, None);
+    }
+
+    #[test]
     fn kernel_quoting() {
         let (p, init) =
             split("a=1 b=\"x y=z\" \"c=quoted whole\" flag d=e=f  -- single --weird \"q q\"");

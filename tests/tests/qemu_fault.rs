@@ -217,7 +217,10 @@ fn a_tampered_lts_conf_is_refused_and_the_signed_one_applies() {
 fn a_tampered_block_of_a_verity_root_reads_as_eio_and_names_verity() {
     let out = fault("tamper-image");
     has(&out, "/rofs on /dev/dm-0, dm-0 is 'ltsp-root' over nbd0");
-    has(&out, "flipped one byte of /usr/share/ltsp-testbed/verity-probe");
+    has(
+        &out,
+        "flipped one byte of /usr/share/ltsp-testbed/verity-probe",
+    );
     has(&out, "Input/output error");
     has(&out, "FAULT kernel: ");
     has(
@@ -230,7 +233,13 @@ fn a_tampered_block_of_a_verity_root_reads_as_eio_and_names_verity() {
 #[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn a_wrong_verity_root_hash_stops_the_boot_naming_verity() {
     let out = fault("verity-wrong-hash");
-    has(&out, "step `verity` failed: dm-verity refused the image on /dev/nbd0");
-    has(&out, "check: that ltsp.verity= is the root.squashfs.roothash");
+    has(
+        &out,
+        "step `verity` failed: dm-verity refused the image on /dev/nbd0",
+    );
+    has(
+        &out,
+        "check: that ltsp.verity= is the root.squashfs.roothash",
+    );
     has(&out, "reboot: System halted");
 }
