@@ -11,7 +11,7 @@ use crate::nbd::netlink;
 use crate::net::{self, NetInfo};
 use crate::system::{Limit, Outcome, System};
 use crate::trust::{self, Trust};
-use crate::{log as blog, rootfs, switch_root, tftp, toram};
+use crate::{log as blog, rootfs, switch_root, tftp, toram, verity};
 use ltsp_common::cmdline::{Cmdline, NbdTarget, OnFailure};
 use ltsp_common::ltsconf::Identity;
 pub use ltsp_common::step::{Mark, Step};
@@ -108,6 +108,8 @@ pub enum BootError {
     Nbd(NbdError),
     #[error(transparent)]
     ToRam(#[from] toram::ToRamError),
+    #[error(transparent)]
+    Verity(#[from] verity::VerityError),
     #[error(transparent)]
     Root(#[from] rootfs::RootError),
     #[error(transparent)]
@@ -240,6 +242,7 @@ pub fn boot(
         true => helper.and_then(|h| h.freer),
         false => None,
     };
+    let root_dev = verity_step(&r, sys, &root_dev, &mut tl).map_err(fail)?;
     let layers = root_step(&r, sys, &root_dev, &mut tl).map_err(fail)?;
     let config = configure(&r, sys, &net, &layers, &mut tl).map_err(fail)?;
 
@@ -454,6 +457,27 @@ fn ram_step(
             Ok(dev)
         }
     }
+}
+
+/// `ltsp.verity=HASH`: the root device behind dm-verity; returns the device to mount.
+/// The dm device sits above the NBD (or loop) device, so the reconnect helper, which
+/// swaps the NBD device's connections, never sees it.
+fn verity_step(
+    r: &Run,
+    sys: &dyn System,
+    device: &str,
+    tl: &mut Timeline,
+) -> Result<String, BootError> {
+    let Run { cmd, .. } = *r;
+    let Some(pinned) = cmd.verity.as_deref() else {
+        return Ok(device.to_string());
+    };
+    pause_at(cmd, Step::Verity);
+    tl.mark(Mark::Begin(Step::Verity));
+    let mapped = verity::map_root(sys, device, pinned)?;
+    tl.mark(Mark::Done(Step::Verity));
+    log::info!("verity: {device} verified through {mapped} against ltsp.verity={pinned}");
+    Ok(mapped)
 }
 
 /// The image and the writable layer; `direct`: apply writes into the upper layer before
@@ -711,7 +735,8 @@ fn load_nic_modules(sys: &dyn System, l: &Layout) -> Option<Modules> {
     Some(m)
 }
 
-/// nbd, squashfs, overlay and `ltsp.modules=`. A module that fails is logged; the step
+/// nbd, squashfs, overlay (loop with `ltsp.to-ram=1`, dm-verity and its dependency
+/// dm-mod with `ltsp.verity=`) and `ltsp.modules=`. A module that fails is logged; the step
 /// that needs it then fails with its own reason.
 fn load_storage_modules(sys: &dyn System, m: Option<Modules>, cmd: &Cmdline) {
     let Some(mut m) = m else { return };
@@ -720,10 +745,12 @@ fn load_storage_modules(sys: &dyn System, m: Option<Modules>, cmd: &Cmdline) {
     m.set_params("nbd", &format!("nbds_max={}", nbd_index(cmd) + 1));
     let mut loaded = Vec::new();
     let to_ram = cmd.to_ram.then(|| "loop".to_string());
+    let verity = cmd.verity.is_some().then(|| "dm-verity".to_string());
     for name in ["nbd", "squashfs", "overlay"]
         .into_iter()
         .map(str::to_string)
         .chain(to_ram)
+        .chain(verity)
         .chain(cmd.modules.iter().cloned())
     {
         match m.load(sys, &name) {
@@ -1687,6 +1714,95 @@ mod tests {
             "the deadline bounds the retries"
         );
         assert!(e.hint().contains("ltsp-server"));
+    }
+
+    /// A node whose NBD device holds a 2-block "squashfs" with a verity superblock and one
+    /// hash block after it, as deploy/build-image lays it out; booted with `extra`.
+    fn verity_node(d: &Path, extra: &str) -> (Layout, FakePlatform, String) {
+        let l = layout(
+            d,
+            &format!("root=/dev/nbd0 nbdroot=192.0.2.9/img ltsp.conf=none {extra}"),
+        );
+        let mut img = vec![0u8; 4 * 4096];
+        img[..4].copy_from_slice(b"hsqs");
+        img[40..48].copy_from_slice(&5000u64.to_le_bytes());
+        let sb = &mut img[8192..8192 + 512];
+        sb[..8].copy_from_slice(b"verity\0\0");
+        sb[8..12].copy_from_slice(&1u32.to_le_bytes());
+        sb[12..16].copy_from_slice(&1u32.to_le_bytes());
+        sb[32..38].copy_from_slice(b"sha256");
+        sb[64..68].copy_from_slice(&4096u32.to_le_bytes());
+        sb[68..72].copy_from_slice(&4096u32.to_le_bytes());
+        sb[72..80].copy_from_slice(&2u64.to_le_bytes());
+        let dev = d.join("nbd-device");
+        std::fs::write(&dev, &img).unwrap();
+        let p = FakePlatform {
+            image: Some((
+                dev.clone(),
+                format!("blake3:{}", blake3::hash(&img).to_hex()),
+            )),
+            ..Default::default()
+        };
+        (l, p, dev.display().to_string())
+    }
+
+    #[test]
+    fn verity_maps_the_nbd_device_and_mounts_the_mapping() {
+        let d = tempfile::tempdir().unwrap();
+        let hash = "ab".repeat(32);
+        let (l, mut p, dev) = verity_node(d.path(), &format!("ltsp.verity={hash}"));
+        // What reads through the mapping give (the Recorder's mapped device).
+        std::fs::write(format!("{dev}.dm"), vec![0u8; 8192]).unwrap();
+        let sys = Recorder::default();
+        let b = boot(&sys, &mut p, Mode::Worker, &l).unwrap_or_else(|e| panic!("{:?}", e.0));
+        let calls = sys.calls();
+        let table = format!("1 {dev} {dev} 4096 4096 2 3 sha256 {hash} -");
+        assert!(
+            calls.contains(&format!("verity ltsp-root {table}")),
+            "{calls:?}"
+        );
+        assert!(
+            calls.contains(&format!(
+                "mount {dev}.dm {}/rootfs/lower squashfs MS_RDONLY",
+                l.run
+            )),
+            "{calls:?}"
+        );
+        assert!(b.timeline.render().contains("verified="));
+    }
+
+    #[test]
+    fn verity_failures_stop_the_boot_at_the_verity_step() {
+        let hash = "ab".repeat(32);
+        for (extra, says) in [
+            (
+                "ltsp.verity=xyz".to_string(),
+                "expected the image's root hash",
+            ),
+            // No file behind the mapping: the first read through it fails.
+            (format!("ltsp.verity={hash}"), "dm-verity refused the image"),
+            (format!("ltsp.verity={}", &hash[..40]), "needs 64"),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let (l, mut p, _) = verity_node(d.path(), &extra);
+            let sys = Recorder::default();
+            let (e, _) = *boot(&sys, &mut p, Mode::Worker, &l).err().unwrap();
+            assert_eq!(e.step(), Some(Step::Verity), "{extra}");
+            assert!(e.to_string().contains(says), "{extra}: {}", e);
+            assert!(
+                !sys.calls().iter().any(|c| c.contains("squashfs")),
+                "nothing mounted: {:?}",
+                sys.calls()
+            );
+        }
+        // An image without the tree.
+        let d = tempfile::tempdir().unwrap();
+        let (l, mut p, dev) = verity_node(d.path(), &format!("ltsp.verity={hash}"));
+        std::fs::write(&dev, b"hsqs").unwrap();
+        let (e, _) = *boot(&Recorder::default(), &mut p, Mode::Worker, &l)
+            .err()
+            .unwrap();
+        assert_eq!(e.step(), Some(Step::Verity));
     }
 
     /// A node with `ltsp.to-ram=1`: (the layout, the fake server over an image file, the

@@ -25,6 +25,7 @@ impl BootError {
             BootError::Net(_) => Step::Net,
             BootError::Nbd(_) => Step::Nbd,
             BootError::ToRam(_) => Step::ToRam,
+            BootError::Verity(_) => Step::Verity,
             BootError::Root(_) => Step::Root,
             BootError::Apply(_) => Step::Apply,
             BootError::Switch(_) => Step::Switch,
@@ -45,6 +46,9 @@ impl BootError {
             }
             BootError::ToRam(_) => {
                 "the image file on the server (changed or damaged while the node copied it), or the network path to it"
+            }
+            BootError::Verity(_) => {
+                "that ltsp.verity= is the root.squashfs.roothash of the image the server exports, and that the image file was not changed after it was built"
             }
             BootError::Root(_) => {
                 "that the export is a squashfs image and the initramfs has squashfs and overlay"

@@ -16,3 +16,4 @@ pub mod system;
 pub mod tftp;
 pub mod toram;
 pub mod trust;
+pub mod verity;

@@ -52,6 +52,13 @@ pub trait System {
     /// the device would go as soon as this call closes it, before anything mounts it, and
     /// a root's loop device lives as long as the node.
     fn attach_loop(&self, file: &str, read_only: bool) -> io::Result<String>;
+    /// A read-only device-mapper device `name` with the dm-verity `table`; returns its
+    /// path (/dev/dm-N).
+    fn map_verity(
+        &self,
+        name: &str,
+        table: &crate::verity::VerityTable,
+    ) -> Result<String, crate::verity::DmError>;
 }
 
 pub struct Real;
@@ -387,6 +394,14 @@ impl System for Real {
 
     fn attach_loop(&self, file: &str, read_only: bool) -> io::Result<String> {
         loopdev::attach(Path::new(file), read_only)
+    }
+
+    fn map_verity(
+        &self,
+        name: &str,
+        table: &crate::verity::VerityTable,
+    ) -> Result<String, crate::verity::DmError> {
+        crate::verity::dm::create_verity(name, table)
     }
 }
 
@@ -747,6 +762,17 @@ impl System for Recorder {
         let ro = if read_only { "ro" } else { "rw" };
         self.record(format!("loop {file} {ro}"))
             .map(|_| "/dev/loop0".to_string())
+    }
+    fn map_verity(
+        &self,
+        name: &str,
+        table: &crate::verity::VerityTable,
+    ) -> Result<String, crate::verity::DmError> {
+        // The "mapped device" is a file beside the backing one, `.dm` added: a test puts
+        // there what reads through the mapping should give.
+        self.record(format!("verity {name} {}", table.params()))
+            .map(|_| format!("{}.dm", table.device))
+            .map_err(crate::verity::DmError::Load)
     }
 }
 

@@ -264,12 +264,13 @@ pub const OPTIONS: &[(&str, &str, &str)] = &[
     ("ltsp.on-failure=", "reboot:60", "`shell`, `halt`, or `reboot[:SECONDS]` once a step failed for good"),
     ("ltsp.reconnect=", "1", "`0`: start no reconnect helper (a dead NBD connection then stays dead)"),
     ("ltsp.debug=", "0", "`1`: log every decision, not only the steps"),
-    ("ltsp.break=", "(none)", "comma list of steps to stop before with a shell: modules,net,ltsconf,nbd,to-ram,root,apply,switch,preinit,init"),
+    ("ltsp.break=", "(none)", "comma list of steps to stop before with a shell: modules,net,ltsconf,nbd,to-ram,verity,root,apply,switch,preinit,init"),
     ("ltsp.nbd-connections=", "auto", "NBD connections per device when the server offers CAN_MULTI_CONN; auto: 2, or 1 on a single CPU (the block layer then uses one queue, so a second connection would only cost)"),
     ("ltsp.nbd-timeout=", "10", "seconds an NBD request may take before the kernel marks its connection dead and resends it (a killed server's unanswered requests wait this long)"),
     ("ltsp.dead-timeout=", "300", "seconds the kernel holds I/O while a dead NBD connection is being replaced"),
     ("ltsp.allow-anonymous=", "0", "1: accept an NBD server that gives no image identity (checked by size only)"),
     ("ltsp.to-ram=", "0", "`1`: copy the image into RAM, check it against its identity, mount it from a loop device and disconnect NBD: the node then needs no server (falls back to the network root when RAM is short or the copy cannot finish within `ltsp.timeout`)"),
+    ("ltsp.verity=", "(none)", "the image's dm-verity root hash (`root.squashfs.roothash` from deploy/build-image): every block of the root is checked against the hash tree appended to the squashfs, and a block that does not match reads as an I/O error; a value that is not 40 to 128 hex digits, or an image without the tree, fails the boot"),
     ("ltsp.modules=", "(none)", "extra kernel modules to load, comma separated"),
     ("ltsp.preinit-timeout=", "60", "seconds the PREINIT_* commands may run, all together, before they are killed and the boot goes on (lts.conf's PREINIT_TIMEOUT; this wins)"),
     ("ltsp.KEY=", "", "any other name overrides lts.conf's KEY (upper-cased); `NONE` unsets it"),
@@ -297,6 +298,9 @@ pub struct Cmdline {
     pub allow_anonymous: bool,
     /// Run from a copy of the image in RAM (`ltsp.to-ram=1`).
     pub to_ram: bool,
+    /// The pinned dm-verity root hash, as given (checked by the agent's `verity` step, so
+    /// a malformed one fails the boot instead of booting unverified).
+    pub verity: Option<String>,
     pub breaks: Vec<Step>,
     /// 0: auto, see [`Cmdline::nbd_connections_for`].
     pub nbd_connections: u32,
@@ -329,6 +333,7 @@ impl Default for Cmdline {
             reconnect: true,
             allow_anonymous: false,
             to_ram: false,
+            verity: None,
             breaks: Vec::new(),
             nbd_connections: 0,
             nbd_timeout: Duration::from_secs(10),
@@ -500,6 +505,7 @@ impl Cmdline {
                 self.allow_anonymous = !matches!(val, "0" | "no" | "false" | "off")
             }
             "to-ram" => self.to_ram = !matches!(val, "0" | "no" | "false" | "off"),
+            "verity" => self.verity = Some(val.to_string()),
             "break" => {
                 for b in val.split(',').filter(|b| !b.is_empty()) {
                     match Step::from_break(b) {
@@ -562,6 +568,17 @@ mod tests {
     fn the_option_table_lists_the_break_steps() {
         let (_, _, meaning) = OPTIONS.iter().find(|o| o.0 == "ltsp.break=").unwrap();
         assert!(meaning.ends_with(&Step::break_names()), "{meaning}");
+    }
+
+    #[test]
+    fn verity_hash_is_kept_as_given_even_when_malformed() {
+        // Checked by the agent's verity step: a bad value must fail the boot, not vanish.
+        for v in ["ABCDEF01", "", "not-hex"] {
+            let c = Cmdline::parse(&format!("root=/dev/nbd0 ltsp.verity={v}"));
+            assert_eq!(c.verity.as_deref(), Some(v));
+        }
+        assert_eq!(Cmdline::parse("ltsp.verity").verity.as_deref(), Some(""));
+        assert_eq!(Cmdline::parse("root=/dev/nbd0").verity, None);
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub enum Step {
     Nbd,
     /// `ltsp.to-ram=1`: the image copied into RAM and checked; the NBD device let go.
     ToRam,
+    /// `ltsp.verity=`: dm-verity mapped over the root device.
+    Verity,
     /// The image and the writable layer mounted, then the overlay.
     Root,
     /// lts.conf applied to the new root.
@@ -33,7 +35,7 @@ pub enum Step {
 }
 
 impl Step {
-    pub const ALL: [Step; 12] = [
+    pub const ALL: [Step; 13] = [
         Step::Mounts,
         Step::Cmdline,
         Step::Modules,
@@ -41,6 +43,7 @@ impl Step {
         Step::LtsConf,
         Step::Nbd,
         Step::ToRam,
+        Step::Verity,
         Step::Root,
         Step::Apply,
         Step::Switch,
@@ -58,6 +61,7 @@ impl Step {
             Step::LtsConf => "ltsconf",
             Step::Nbd => "nbd",
             Step::ToRam => "to-ram",
+            Step::Verity => "verity",
             Step::Root => "root",
             Step::Apply => "apply",
             Step::Switch => "switch",
@@ -112,7 +116,7 @@ pub enum Mark {
 
 impl Mark {
     /// The marks the boot records, in order, for the documentation and its test.
-    pub const ALL: [Mark; 15] = [
+    pub const ALL: [Mark; 17] = [
         Mark::Start,
         Mark::Begin(Step::Modules),
         Mark::Begin(Step::Net),
@@ -122,6 +126,8 @@ impl Mark {
         Mark::Done(Step::Nbd),
         Mark::Begin(Step::ToRam),
         Mark::Done(Step::ToRam),
+        Mark::Begin(Step::Verity),
+        Mark::Done(Step::Verity),
         Mark::Done(Step::Root),
         Mark::Done(Step::Apply),
         Mark::RootMounted,
@@ -138,6 +144,7 @@ impl Mark {
             Mark::Done(Step::Net) => "net-up",
             Mark::Done(Step::Nbd) => "nbd-connected",
             Mark::Done(Step::ToRam) => "in-ram",
+            Mark::Done(Step::Verity) => "verified",
             Mark::Done(Step::Root) => "layers",
             Mark::Done(Step::Apply) => "applied",
             Mark::Done(Step::Switch) => "switched",
@@ -156,7 +163,7 @@ mod tests {
     fn break_names_are_the_step_names_after_the_cmdline() {
         assert_eq!(
             Step::break_names(),
-            "modules,net,ltsconf,nbd,to-ram,root,apply,switch,preinit,init"
+            "modules,net,ltsconf,nbd,to-ram,verity,root,apply,switch,preinit,init"
         );
         assert_eq!(Step::from_break("ltsconf"), Some(Step::LtsConf));
         assert_eq!(Step::from_break("cmdline"), None);

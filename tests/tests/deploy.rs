@@ -44,6 +44,18 @@ fn dockerfile_has_the_stages_and_uses_the_shared_steps() {
     assert!(d.contains("image-setup install /tmp/ltsp-setup/ltsp-agent_*.deb"));
     assert!(read("deploy/build-image").contains("image-setup install"));
     assert!(d.contains("mksquashfs /rootfs /out/root.squashfs"));
+    // Both append the dm-verity tree the same way (the agent finds it where the squashfs
+    // ends) and publish the root hash beside the image.
+    let verity = r#"veritysetup format --hash-offset="$size" --data-blocks=$((size / 4096))"#;
+    assert!(d.contains(verity), "Dockerfile: {verity}");
+    assert!(
+        read("deploy/build-image").contains(verity),
+        "build-image: {verity}"
+    );
+    assert!(d.contains("cryptsetup-bin"));
+    assert!(
+        d.contains("COPY --from=squash /out/root.squashfs /out/root.squashfs.roothash /srv/ltsp/")
+    );
     assert!(d.contains("ENTRYPOINT [\"/usr/sbin/ltsp-server\", \"serve\""));
     assert!(d.contains("EXPOSE 69/udp 10809/tcp 8080/tcp"));
 }

@@ -288,3 +288,16 @@ fn nodes_with_e1000_and_e1000e_nics_find_their_driver_by_modalias() {
         );
     }
 }
+
+#[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
+fn a_node_with_the_root_hash_pinned_boots_from_dm_verity() {
+    let out = boot_with(&["--verity"]);
+    // The squashfs is mounted from the dm-verity device, not from /dev/nbd0.
+    assert_eq!(check(&out, "lower"), "squashfs /dev/dm-0", "{}", tail(&out));
+    assert!(
+        out.contains("verity: /dev/nbd0 verified through /dev/dm-0 against ltsp.verity="),
+        "{}",
+        tail(&out)
+    );
+}

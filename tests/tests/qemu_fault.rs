@@ -1,7 +1,8 @@
 //! Fault scenarios on the QEMU test bed (`qemu/fault`): a node survives its server
 //! restarting, fails over to a second one, is untouched by an image update, keeps its
-//! DHCP lease, refuses an lts.conf changed after signing, and reports boot failures with
-//! their cause and does what `ltsp.on-failure` says. Needs root.
+//! DHCP lease, refuses an lts.conf changed after signing, reads a tampered verity root as
+//! EIO, and reports boot failures with their cause and does what `ltsp.on-failure` says.
+//! Needs root.
 
 use ltsp_tests::workspace_root;
 use std::process::Command;
@@ -209,4 +210,36 @@ fn a_tampered_lts_conf_is_refused_and_the_signed_one_applies() {
         &out,
         "the signed file verified, its PREINIT ran, hostname signed-conf",
     );
+}
+
+#[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
+fn a_tampered_block_of_a_verity_root_reads_as_eio_and_names_verity() {
+    let out = fault("tamper-image");
+    has(&out, "/rofs on /dev/dm-0, dm-0 is 'ltsp-root' over nbd0");
+    has(
+        &out,
+        "flipped one byte of /usr/share/ltsp-testbed/verity-probe",
+    );
+    has(&out, "Input/output error");
+    has(&out, "FAULT kernel: ");
+    has(
+        &out,
+        "tamper-image: EIO for the tampered file, verity named, untouched files right",
+    );
+}
+
+#[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
+fn a_wrong_verity_root_hash_stops_the_boot_naming_verity() {
+    let out = fault("verity-wrong-hash");
+    has(
+        &out,
+        "step `verity` failed: dm-verity refused the image on /dev/nbd0",
+    );
+    has(
+        &out,
+        "check: that ltsp.verity= is the root.squashfs.roothash",
+    );
+    has(&out, "reboot: System halted");
 }
