@@ -533,6 +533,17 @@ impl Cmdline {
                         name.to_ascii_uppercase()
                     ));
                 }
+                // An agent option in the wrong case is an lts.conf key, so it does nothing
+                // here: for `ltsp.VERITY=` that would boot an unverified root unnoticed.
+                let lower = format!("ltsp.{}=", opt.to_ascii_lowercase());
+                if opt.bytes().any(|b| b.is_ascii_uppercase())
+                    && OPTIONS.iter().any(|(o, _, _)| *o == lower)
+                {
+                    self.warnings.push(format!(
+                        "{full}: agent options are lower case; this is read as lts.conf key {}, not as {lower}",
+                        name.to_ascii_uppercase()
+                    ));
+                }
                 self.overrides
                     .push((name.to_ascii_uppercase(), val.to_string()));
             }
@@ -720,5 +731,28 @@ mod tests {
             Some("192.0.2.9")
         );
         assert!(!Cmdline::parse("root=/dev/sda1").wants_network_root());
+    }
+
+    #[test]
+    fn an_agent_option_in_upper_case_is_warned_about() {
+        let c = Cmdline::parse("root=/dev/nbd0 ltsp.VERITY=abc ltsp.Timeout=5 ltsp.HOSTNAME=x");
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("ltsp.VERITY=abc") && w.contains("ltsp.verity=")),
+            "{:?}",
+            c.warnings
+        );
+        assert!(
+            c.warnings.iter().any(|w| w.contains("ltsp.timeout=")),
+            "{:?}",
+            c.warnings
+        );
+        assert!(
+            !c.warnings.iter().any(|w| w.contains("HOSTNAME")),
+            "{:?}",
+            c.warnings
+        );
+        assert!(c.verity.is_none());
     }
 }
