@@ -300,6 +300,8 @@ pub struct NetStep {
     pub info: NetInfo,
     pub conf: Option<FetchedConf>,
     pub server: Option<String>,
+    /// A trust key is in the initramfs: only signed configuration applies.
+    pub signed_only: bool,
 }
 
 /// The NIC drivers, then the network steps while the storage modules load.
@@ -344,7 +346,13 @@ fn network_steps(r: &Run, p: &mut dyn Platform, tl: &mut Timeline) -> Result<Net
     let conf_deadline = (Instant::now() + LTSCONF_DEADLINE).min(deadline);
     let trust = Trust::load(&l.trust_key);
     let conf = fetch_lts_conf(p, cmd, &info, server.as_deref(), &trust, conf_deadline);
-    Ok(NetStep { info, conf, server })
+    let signed_only = !matches!(trust, Trust::Absent(_));
+    Ok(NetStep {
+        info,
+        conf,
+        server,
+        signed_only,
+    })
 }
 
 /// The attached root device, and what the reconnect helper needs to keep it connected.
@@ -539,6 +547,23 @@ fn configure(
         hostname: info.lease.hostname.clone(),
         ip: Some(info.lease.ip.to_string()),
         mac: Some(info.mac.clone()),
+    };
+    // With a trust key, lts.conf keys from the command line (`ltsp.PREINIT_1=...`) do not
+    // apply: the command line comes as unsigned as a forged lts.conf would.
+    let unsigned;
+    let cmd = if net.signed_only && !cmd.overrides.is_empty() {
+        let keys: Vec<&str> = cmd.overrides.iter().map(|(k, _)| k.as_str()).collect();
+        log::error!(
+            "lts.conf: keys from the kernel command line ignored, only the signed lts.conf applies: {}",
+            keys.join(", ")
+        );
+        unsigned = Cmdline {
+            overrides: Vec::new(),
+            ..cmd.clone()
+        };
+        &unsigned
+    } else {
+        cmd
     };
     let config = config::resolve(
         conf.as_ref()
@@ -1495,8 +1520,20 @@ mod tests {
         conf: &[u8],
         sig: Option<Vec<u8>>,
     ) -> (Booted, FakePlatform, Vec<String>) {
+        boot_with_key_and_cmdline(key, conf, sig, "")
+    }
+
+    fn boot_with_key_and_cmdline(
+        key: &[u8],
+        conf: &[u8],
+        sig: Option<Vec<u8>>,
+        extra: &str,
+    ) -> (Booted, FakePlatform, Vec<String>) {
         let d = tempfile::tempdir().unwrap();
-        let l = layout(d.path(), "root=/dev/nbd0 nbdroot=192.0.2.9/img");
+        let l = layout(
+            d.path(),
+            &format!("root=/dev/nbd0 nbdroot=192.0.2.9/img {extra}"),
+        );
         std::fs::write(&l.trust_key, key).unwrap();
         std::fs::create_dir_all(format!("{}/rootfs/lower/etc", l.run)).unwrap();
         std::fs::write(
@@ -1556,6 +1593,31 @@ mod tests {
             ("garbage sig", &key, conf, Some(b"\x00garbage".to_vec())),
             ("empty key", b"", conf, Some(sig.clone())),
         ];
+        // lts.conf keys on the (unsigned) command line do not apply either.
+        let (b, _, calls) = boot_with_key_and_cmdline(
+            &key,
+            conf,
+            Some(sig.clone()),
+            "ltsp.PREINIT_9=echo\\ cmdline-marker ltsp.HOSTNAME=from-cmdline",
+        );
+        assert_eq!(b.config.resolved.get("HOSTNAME"), Some("from-server"));
+        assert!(
+            !calls.iter().any(|c| c.contains("cmdline-marker")),
+            "{calls:#?}"
+        );
+        // Without a key they do, as documented.
+        let d = tempfile::tempdir().unwrap();
+        let l = layout(
+            d.path(),
+            "root=/dev/nbd0 nbdroot=192.0.2.9/img ltsp.HOSTNAME=from-cmdline",
+        );
+        let mut p = FakePlatform {
+            conf: Some(conf.to_vec()),
+            ..Default::default()
+        };
+        let b = boot(&Recorder::default(), &mut p, Mode::Worker, &l)
+            .unwrap_or_else(|f| panic!("{}", f.0));
+        assert_eq!(b.config.resolved.get("HOSTNAME"), Some("from-cmdline"));
         for (what, key, conf, sig) in cases {
             let (b, _, calls) = boot_with_key(key, conf, sig);
             assert_eq!(

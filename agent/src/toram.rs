@@ -129,7 +129,7 @@ pub fn copy_and_hash(
         if Instant::now() >= deadline {
             return Err(ToRamError::Deadline { done: off, size });
         }
-        let want = ((size - off) as usize).min(CHUNK);
+        let want = (size - off).min(CHUNK as u64) as usize;
         let n = (&src)
             .read(&mut buf[..want])
             .map_err(|source| ToRamError::Read {
@@ -177,11 +177,14 @@ fn copy_by_deadline(
 ) -> Result<String, ToRamError> {
     let (tx, rx) = std::sync::mpsc::channel();
     let (from, to) = (device.to_string(), file.to_string());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = done.clone();
     let spawned = std::thread::Builder::new()
         .name("to-ram".into())
         .spawn(move || {
-            let r = copy_and_hash(Path::new(&from), Path::new(&to), size, deadline, |done| {
-                log::debug!("to-ram: {done} of {size} bytes");
+            let r = copy_and_hash(Path::new(&from), Path::new(&to), size, deadline, |n| {
+                seen.store(n, std::sync::atomic::Ordering::Relaxed);
+                log::debug!("to-ram: {n} of {size} bytes");
             });
             let _ = tx.send(r);
         });
@@ -194,7 +197,19 @@ fn copy_by_deadline(
     let wait = deadline.saturating_duration_since(Instant::now());
     match rx.recv_timeout(wait) {
         Ok(r) => r,
-        Err(_) => Err(ToRamError::Deadline { done: 0, size }),
+        Err(_) => {
+            // The thread may hold the file open for as long as its read blocks: emptied
+            // by its path, the tmpfs gives its pages back now. At most one more chunk is
+            // written after this (the thread stops at the deadline check that follows).
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(file);
+            Err(ToRamError::Deadline {
+                done: done.load(std::sync::atomic::Ordering::Relaxed),
+                size,
+            })
+        }
     }
 }
 
@@ -385,6 +400,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, ToRamError::Deadline { .. }), "{e}");
+        let copy = std::fs::metadata(d.path().join("copy")).map(|m| m.len());
+        assert!(matches!(copy, Ok(0) | Err(_)), "emptied: {copy:?}");
         drop(hold);
         writer.join().unwrap();
     }

@@ -191,7 +191,8 @@ fn a_node_keeps_its_dhcp_lease_and_no_address_is_handed_out_twice() {
 fn a_node_in_ram_runs_on_with_every_server_gone() {
     let out = fault("to-ram-server-gone");
     has(&out, "bytes copied in");
-    has(&out, "checked");
+    has(&out, ", identity blake3:");
+    assert!(!out.contains("is not checked"), "the copy was not checked");
     has(&out, "to-ram: the root is on /dev/loop");
     has(&out, "/rofs is on /dev/loop");
     has(&out, "to-ram-server-gone: ");

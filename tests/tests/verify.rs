@@ -128,7 +128,15 @@ fn ltsp_mkinitramfs_bakes_in_the_trust_key_and_refuses_a_non_key() {
         .output()
         .unwrap();
     assert!(cpio.status.success());
-    assert_eq!(cpio.stdout, std::fs::read(dir.join("site.pub")).unwrap());
+    // The key line only (the untrusted comment dropped), which the agent reads as the key.
+    let public = std::fs::read_to_string(dir.join("site.pub")).unwrap();
+    let line = public.lines().find(|l| l.starts_with("RW")).unwrap();
+    assert_eq!(String::from_utf8_lossy(&cpio.stdout), format!("{line}\n"));
+    assert!(ltsp_agent::trust::TrustKey::parse("trust.pub", &cpio.stdout).is_ok());
+    // A file with a comment line before the key: the same key line is installed.
+    std::fs::write(dir.join("commented.pub"), format!("# site key\n{public}")).unwrap();
+    let out = build("commented.pub", "commented.img");
+    assert!(out.status.success());
     assert_eq!(
         ltsp_agent::trust::TRUST_KEY,
         "/etc/ltsp/trust.pub",

@@ -411,10 +411,13 @@ async fn replay_conn(ctx: Arc<Ctx>, c: Conn) {
     };
     ctx.counts.connections.fetch_add(1, Relaxed);
     let reqs: Arc<Vec<Req>> = Arc::new(c.reqs);
-    if let Some(r) = reqs
-        .iter()
-        .find(|r| r.kind == w::CMD_READ && r.error == 0 && r.offset + r.len as u64 > size)
-    {
+    if let Some(r) = reqs.iter().find(|r| {
+        r.kind == w::CMD_READ
+            && r.error == 0
+            && r.offset
+                .checked_add(r.len as u64)
+                .is_none_or(|end| end > size)
+    }) {
         ctx.counts.error(format!(
             "connection {}: export is {size} bytes, the trace reads {}+{}",
             c.id, r.offset, r.len
