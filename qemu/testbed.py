@@ -33,7 +33,8 @@ class Fail(Exception):
 
 def build(args):
     """Builds both binaries and the Debian packages (scripts/package), then the test image
-    with the agent installed from its .deb (qemu/prepare). Returns (server, artifacts)."""
+    with the agent installed from its .deb (qemu/prepare), of args.suite (default trixie).
+    Returns (server, artifacts)."""
     env = dict(os.environ)
     env["PATH"] = os.path.expanduser("~/.cargo/bin") + ":" + env.get("PATH", "")
     agent = os.path.join(TOP, "target/x86_64-unknown-linux-musl/agent/ltsp-agent")
@@ -46,9 +47,10 @@ def build(args):
                              capture_output=True, text=True).stdout.split()
         deb = next(p for p in out if "ltsp-agent_" in p)
         deb = deb if os.path.isabs(deb) else os.path.join(TOP, deb)
-    sh(os.path.join(HERE, "prepare"), deb, agent)
+    suite = getattr(args, "suite", "trixie")
+    sh(os.path.join(HERE, "prepare"), "--suite", suite, deb, agent)
     work = os.environ.get("LTSP_QEMU_WORK", os.path.join(HERE, "work"))
-    return server, os.path.join(work, "artifacts")
+    return server, os.path.join(work, f"artifacts-{suite}")
 
 
 def read_text(path):
