@@ -17,6 +17,7 @@ TOP = os.path.dirname(HERE)
 SERVER_IP = "192.0.2.1"
 SERVER2_IP = "192.0.2.2"
 MAC = "52:54:00:12:34:56"
+KMSG = re.compile(r"\[\s*\d+\.\d{6}\] ")
 
 
 def log(msg):
@@ -460,7 +461,10 @@ class Node:
                 echoed = f"echo {tag}" in line
                 if line.rstrip().endswith(f"{tag}-E") and not echoed:
                     return "\n".join(out)
-                if inside and not echoed:
+                # Kernel messages reach the same console (on Debian 13, udev still loads
+                # modules after multi-user): they are not the command's output.
+                kmsg = KMSG.match(line)
+                if inside and not echoed and not kmsg:
                     out.append(line)
                 if line.rstrip().endswith(f"{tag}-B") and not echoed:
                     inside = True
