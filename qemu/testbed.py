@@ -17,6 +17,7 @@ TOP = os.path.dirname(HERE)
 SERVER_IP = "192.0.2.1"
 SERVER2_IP = "192.0.2.2"
 MAC = "52:54:00:12:34:56"
+KMSG = re.compile(r"\[\s*\d+\.\d{6}\] ")
 
 
 def log(msg):
@@ -33,7 +34,8 @@ class Fail(Exception):
 
 def build(args):
     """Builds both binaries and the Debian packages (scripts/package), then the test image
-    with the agent installed from its .deb (qemu/prepare). Returns (server, artifacts)."""
+    with the agent installed from its .deb (qemu/prepare), of args.suite (default trixie).
+    Returns (server, artifacts)."""
     env = dict(os.environ)
     env["PATH"] = os.path.expanduser("~/.cargo/bin") + ":" + env.get("PATH", "")
     agent = os.path.join(TOP, "target/x86_64-unknown-linux-musl/agent/ltsp-agent")
@@ -46,9 +48,10 @@ def build(args):
                              capture_output=True, text=True).stdout.split()
         deb = next(p for p in out if "ltsp-agent_" in p)
         deb = deb if os.path.isabs(deb) else os.path.join(TOP, deb)
-    sh(os.path.join(HERE, "prepare"), deb, agent)
+    suite = getattr(args, "suite", "trixie")
+    sh(os.path.join(HERE, "prepare"), "--suite", suite, deb, agent)
     work = os.environ.get("LTSP_QEMU_WORK", os.path.join(HERE, "work"))
-    return server, os.path.join(work, "artifacts")
+    return server, os.path.join(work, f"artifacts-{suite}")
 
 
 def read_text(path):
@@ -458,7 +461,10 @@ class Node:
                 echoed = f"echo {tag}" in line
                 if line.rstrip().endswith(f"{tag}-E") and not echoed:
                     return "\n".join(out)
-                if inside and not echoed:
+                # Kernel messages reach the same console (on Debian 13, udev still loads
+                # modules after multi-user): they are not the command's output.
+                kmsg = KMSG.match(line)
+                if inside and not echoed and not kmsg:
                     out.append(line)
                 if line.rstrip().endswith(f"{tag}-B") and not echoed:
                     inside = True

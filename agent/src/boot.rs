@@ -55,7 +55,7 @@ impl Layout {
             run: "/run".into(),
             newroot: newroot.into(),
             proc_cmdline: "/proc/cmdline".into(),
-            modules: Path::new("/lib/modules").join(release),
+            modules: modules::modules_dir(Path::new("/"), &release),
             sysfs: "/sys".into(),
             trust_key: trust::TRUST_KEY.into(),
         }

@@ -21,6 +21,99 @@ pub enum ModuleError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "module {name} ({path}): the kernel cannot load {} modules ({source}): it needs \
+         CONFIG_MODULE_DECOMPRESS=y and {}; build the initramfs from uncompressed modules \
+         or use a kernel with them",
+        .compression.name(),
+        .compression.config()
+    )]
+    NoDecompress {
+        name: String,
+        path: PathBuf,
+        compression: Compression,
+        source: std::io::Error,
+    },
+}
+
+/// How a module file is compressed, from its name (`.ko`, `.ko.xz`, `.ko.zst`, `.ko.gz`).
+/// A compressed module goes to `finit_module` as it is, with MODULE_INIT_COMPRESSED_FILE:
+/// the kernel decompresses it (CONFIG_MODULE_DECOMPRESS, Linux 6.1+).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Xz,
+    Zstd,
+    Gzip,
+}
+
+impl Compression {
+    /// `None` for a name that is not a module file.
+    pub fn of(path: &Path) -> Option<Compression> {
+        let name = path.file_name()?.to_str()?;
+        let (_, ext) = name.split_once(".ko")?;
+        match ext {
+            "" => Some(Compression::None),
+            ".xz" => Some(Compression::Xz),
+            ".zst" => Some(Compression::Zstd),
+            ".gz" => Some(Compression::Gzip),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "uncompressed",
+            Compression::Xz => "xz-compressed",
+            Compression::Zstd => "zstd-compressed",
+            Compression::Gzip => "gzip-compressed",
+        }
+    }
+
+    /// The kernel option that lets it decompress this format.
+    pub fn config(self) -> &'static str {
+        match self {
+            Compression::None => "nothing",
+            Compression::Xz => "CONFIG_MODULE_COMPRESS_XZ",
+            Compression::Zstd => "CONFIG_MODULE_COMPRESS_ZSTD",
+            Compression::Gzip => "CONFIG_MODULE_COMPRESS_GZIP",
+        }
+    }
+}
+
+/// The modules directory of kernel `release` below `root`: `lib/modules/RELEASE`, or
+/// `usr/lib/modules/RELEASE` (merged /usr, Debian 13), whichever has a `modules.dep`;
+/// `lib/modules/RELEASE` when neither does, for the error to name.
+pub fn modules_dir(root: &Path, release: &str) -> PathBuf {
+    let candidates = [
+        root.join("lib/modules").join(release),
+        root.join("usr/lib/modules").join(release),
+    ];
+    candidates
+        .iter()
+        .find(|d| d.join("modules.dep").is_file())
+        .unwrap_or(&candidates[0])
+        .clone()
+}
+
+/// A failed load: a compressed module the kernel refused as unsupported gets an error
+/// that names the kernel options it lacks. Without CONFIG_MODULE_DECOMPRESS finit_module
+/// says EOPNOTSUPP; a kernel older than the flag (or built for another format) says EINVAL.
+fn load_error(name: String, path: PathBuf, source: std::io::Error) -> ModuleError {
+    let compression = Compression::of(&path).unwrap_or(Compression::None);
+    use nix::errno::Errno;
+    let refused = [Errno::EOPNOTSUPP as i32, Errno::EINVAL as i32]
+        .iter()
+        .any(|e| source.raw_os_error() == Some(*e));
+    if compression != Compression::None && refused {
+        return ModuleError::NoDecompress {
+            name,
+            path,
+            compression,
+            source,
+        };
+    }
+    ModuleError::Load { name, path, source }
 }
 
 /// `virtio-net` and `virtio_net` are the same module to the kernel.
@@ -55,7 +148,7 @@ pub struct Modules {
 
 impl Modules {
     /// Reads `modules.dep`, `modules.builtin` and `modules.alias` below `dir`
-    /// (`/lib/modules/$(uname -r)`). Only `modules.dep` is required.
+    /// (see [`modules_dir`]). Only `modules.dep` is required.
     pub fn open(dir: &Path) -> Result<Modules, ModuleError> {
         let read = |name: &str| std::fs::read_to_string(dir.join(name));
         let dep_text = read("modules.dep").map_err(|source| ModuleError::Read {
@@ -127,11 +220,7 @@ impl Modules {
             let p = self.dir.join(d);
             let t = std::time::Instant::now();
             sys.load_module(&p, "")
-                .map_err(|source| ModuleError::Load {
-                    name: dn.clone(),
-                    path: p,
-                    source,
-                })?;
+                .map_err(|source| load_error(dn.clone(), p, source))?;
             log::debug!("modules: {dn} in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
             self.loaded.push(dn.clone());
             done.push(dn);
@@ -144,11 +233,7 @@ impl Modules {
             .map_or("", |(_, p)| p.as_str());
         let t = std::time::Instant::now();
         sys.load_module(&p, params)
-            .map_err(|source| ModuleError::Load {
-                name: name.clone(),
-                path: p,
-                source,
-            })?;
+            .map_err(|source| load_error(name.clone(), p, source))?;
         log::debug!(
             "modules: {name} in {:.1} ms",
             t.elapsed().as_secs_f64() * 1e3
@@ -359,5 +444,101 @@ alias pci:v00008086d00002922sv*sd*bc*sc*i* ahci
         assert_eq!(loaded.last().map(String::as_str), Some("virtio_net"));
         assert!(loaded.contains(&"virtio_pci".to_string()));
         assert!(has_nic(d.path()));
+    }
+
+    #[test]
+    fn compression_from_the_file_name() {
+        let of = |p: &str| Compression::of(Path::new(p));
+        assert_eq!(of("kernel/fs/nbd.ko"), Some(Compression::None));
+        assert_eq!(
+            of("/usr/lib/modules/6.12/kernel/nbd.ko.xz"),
+            Some(Compression::Xz)
+        );
+        assert_eq!(of("nbd.ko.zst"), Some(Compression::Zstd));
+        assert_eq!(of("nbd.ko.gz"), Some(Compression::Gzip));
+        assert_eq!(of("nbd.ko.bz2"), None);
+        assert_eq!(of("modules.dep"), None);
+        // The directory's name is not the file's.
+        assert_eq!(of("/lib/x.ko.xz/nbd"), None);
+        assert_eq!(module_name("kernel/drivers/block/nbd.ko.xz"), "nbd");
+        assert_eq!(module_name("kernel/net/virtio-net.ko.zst"), "virtio_net");
+    }
+
+    #[test]
+    fn modules_dir_finds_lib_or_usr_lib() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        // Neither: lib/modules, for the error to name.
+        assert_eq!(modules_dir(root, "6.12"), root.join("lib/modules/6.12"));
+        // Merged /usr without the /lib link: usr/lib/modules.
+        let usr = root.join("usr/lib/modules/6.12");
+        std::fs::create_dir_all(&usr).unwrap();
+        std::fs::write(usr.join("modules.dep"), "").unwrap();
+        assert_eq!(modules_dir(root, "6.12"), usr);
+        // Another release is not taken for this one.
+        assert_eq!(modules_dir(root, "6.1"), root.join("lib/modules/6.1"));
+        // Both: /lib/modules first, as modprobe looks.
+        let lib = root.join("lib/modules/6.12");
+        std::fs::create_dir_all(&lib).unwrap();
+        std::fs::write(lib.join("modules.dep"), "").unwrap();
+        assert_eq!(modules_dir(root, "6.12"), lib);
+    }
+
+    #[test]
+    fn compressed_modules_under_usr_lib_load_by_their_paths() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("usr/lib/modules/6.12.48+deb13-cloud-amd64");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("modules.dep"),
+            "kernel/drivers/block/nbd.ko.xz:\n\
+             kernel/fs/overlayfs/overlay.ko.zst: kernel/fs/netfs/netfs.ko\n\
+             kernel/fs/netfs/netfs.ko:\n",
+        )
+        .unwrap();
+        let mut m = Modules::open(&modules_dir(d.path(), "6.12.48+deb13-cloud-amd64")).unwrap();
+        let sys = Recorder::default();
+        assert_eq!(m.load(&sys, "overlay").unwrap(), vec!["netfs", "overlay"]);
+        m.load(&sys, "nbd").unwrap();
+        let want: Vec<String> = [
+            "kernel/fs/netfs/netfs.ko",
+            "kernel/fs/overlayfs/overlay.ko.zst",
+            "kernel/drivers/block/nbd.ko.xz",
+        ]
+        .iter()
+        .map(|p| format!("load {}", dir.join(p).display()))
+        .collect();
+        assert_eq!(sys.calls(), want);
+    }
+
+    #[test]
+    fn a_kernel_without_decompression_gets_a_clear_error() {
+        let refused = |errno: nix::errno::Errno, path: &str| {
+            load_error(
+                "nbd".into(),
+                PathBuf::from(path),
+                std::io::Error::from_raw_os_error(errno as i32),
+            )
+        };
+        let e = refused(nix::errno::Errno::EOPNOTSUPP, "/lib/modules/6.12/nbd.ko.xz");
+        assert!(matches!(
+            e,
+            ModuleError::NoDecompress {
+                compression: Compression::Xz,
+                ..
+            }
+        ));
+        let text = e.to_string();
+        assert!(text.contains("module nbd"), "{text}");
+        assert!(text.contains("CONFIG_MODULE_DECOMPRESS=y"), "{text}");
+        assert!(text.contains("CONFIG_MODULE_COMPRESS_XZ"), "{text}");
+        let e = refused(nix::errno::Errno::EINVAL, "/lib/modules/5.10/nbd.ko.zst");
+        assert!(e.to_string().contains("CONFIG_MODULE_COMPRESS_ZSTD"), "{e}");
+        // An uncompressed module's EINVAL (bad parameters, say) is reported as it is.
+        let e = refused(nix::errno::Errno::EINVAL, "/lib/modules/6.12/nbd.ko");
+        assert!(matches!(e, ModuleError::Load { .. }));
+        // Other failures of a compressed module are not blamed on the kernel's options.
+        let e = refused(nix::errno::Errno::ENOENT, "/lib/modules/6.12/nbd.ko.xz");
+        assert!(matches!(e, ModuleError::Load { .. }));
     }
 }

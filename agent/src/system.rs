@@ -177,12 +177,10 @@ impl System for Real {
     fn load_module(&self, path: &Path, params: &str) -> io::Result<()> {
         use nix::kmod::{finit_module, ModuleInitFlags};
         let f = std::fs::File::open(path)?;
-        let name = path.to_string_lossy();
         // Compressed modules are decompressed by the kernel (CONFIG_MODULE_DECOMPRESS).
-        let flags = if name.ends_with(".ko") {
-            ModuleInitFlags::empty()
-        } else {
-            ModuleInitFlags::from_bits_retain(4) // MODULE_INIT_COMPRESSED_FILE
+        let flags = match crate::modules::Compression::of(path) {
+            Some(crate::modules::Compression::None) | None => ModuleInitFlags::empty(),
+            Some(_) => ModuleInitFlags::from_bits_retain(4), // MODULE_INIT_COMPRESSED_FILE
         };
         match finit_module(&f, &cstr(params)?, flags) {
             Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),

@@ -70,9 +70,11 @@ fn scripts() {
     for (path, must) in [
         ("mkinitramfs-hook/ltsp-mkinitramfs", "--kernel-root"),
         ("deploy/build-image", "--customize"),
+        ("deploy/build-image", "--suite"),
         ("scripts/package", "cargo-deb"),
         ("scripts/setup", "Installs"),
         ("qemu/boot", "--flavour"),
+        ("qemu/boot", "--suite"),
         ("qemu/fault", "server-restart"),
     ] {
         help(&mut Command::new(root.join(path)), path, &[must]);

@@ -1,7 +1,8 @@
 //! End to end: a node PXE-boots under QEMU from ltsp-server (TFTP, then NBD) into
 //! systemd, with the lts.conf served by TFTP, and reboots cleanly with nothing kept.
-//! Both initramfs flavours. Needs root (network namespace, tap, chroot). The failure
-//! and fault scenarios are in qemu_fault.rs.
+//! Both initramfs flavours, on the default image (Debian 13, trixie: xz modules under
+//! /usr/lib/modules), and Debian 12 (bookworm) once. Needs root (network namespace, tap,
+//! chroot). The failure and fault scenarios are in qemu_fault.rs.
 
 use ltsp_tests::workspace_root;
 use std::process::Command;
@@ -64,6 +65,13 @@ fn pos(out: &str, marker: &str) -> usize {
 }
 
 fn assert_node(out: &str) {
+    // The default image is Debian 13 with its 6.12 kernel.
+    assert!(
+        out.contains("Welcome to Debian GNU/Linux 13 (trixie)!"),
+        "{}",
+        tail(out)
+    );
+    assert!(out.contains("Linux version 6.12."), "{}", tail(out));
     assert_eq!(check(out, "root"), "overlay overlay", "/ is an overlay");
     assert_eq!(
         check(out, "lower"),
@@ -262,6 +270,24 @@ fn a_lab_with_no_dhcp_server_boots_from_ltsp_servers_own() {
         out.matches("dhcp-server: 52:54:00:12:34:56: Ack 192.0.2.100")
             .count()
             >= 2,
+        "{}",
+        tail(&out)
+    );
+}
+
+/// Debian 12 keeps booting: its 6.1 kernel with uncompressed modules under /lib/modules.
+#[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
+fn bookworm_image_boots_with_the_standalone_initramfs() {
+    let out = boot_with(&["--suite", "bookworm", "--flavour", "standalone"]);
+    assert!(
+        out.contains("Welcome to Debian GNU/Linux 12 (bookworm)!"),
+        "{}",
+        tail(&out)
+    );
+    assert!(out.contains("Linux version 6.1.0-"), "{}", tail(&out));
+    assert!(
+        out.contains("ltsp-agent: modules: loaded nbd squashfs overlay"),
         "{}",
         tail(&out)
     );
