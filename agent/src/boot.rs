@@ -1493,12 +1493,7 @@ mod tests {
         // The whole boot: the image's lts.conf applies.
         let d = tempfile::tempdir().unwrap();
         let l = layout(d.path(), "root=/dev/nbd0 nbdroot=192.0.2.9/img");
-        std::fs::create_dir_all(format!("{}/rootfs/lower/etc", l.run)).unwrap();
-        std::fs::write(
-            format!("{}/rootfs/lower/etc/lts.conf", l.run),
-            "[default]\nHOSTNAME = from-image\n",
-        )
-        .unwrap();
+        image_lts_conf(&l);
         let mut p = FakePlatform {
             conf: Some(b"[default]\nHOSTNAME = from-server\n".to_vec()),
             endless: vec!["/ltsp/amd64/lts.conf".into()],
@@ -1515,6 +1510,16 @@ mod tests {
 
     /// A boot in worker mode with the site's key at `l.trust_key`, the server's lts.conf
     /// `conf` and `sig`, and an image whose own lts.conf names it.
+    /// The image's own /etc/lts.conf, which names the host `from-image`.
+    fn image_lts_conf(l: &Layout) {
+        std::fs::create_dir_all(format!("{}/rootfs/lower/etc", l.run)).unwrap();
+        std::fs::write(
+            format!("{}/rootfs/lower/etc/lts.conf", l.run),
+            "[default]\nHOSTNAME = from-image\n",
+        )
+        .unwrap();
+    }
+
     fn boot_with_key(
         key: &[u8],
         conf: &[u8],
@@ -1535,12 +1540,7 @@ mod tests {
             &format!("root=/dev/nbd0 nbdroot=192.0.2.9/img {extra}"),
         );
         std::fs::write(&l.trust_key, key).unwrap();
-        std::fs::create_dir_all(format!("{}/rootfs/lower/etc", l.run)).unwrap();
-        std::fs::write(
-            format!("{}/rootfs/lower/etc/lts.conf", l.run),
-            "[default]\nHOSTNAME = from-image\n",
-        )
-        .unwrap();
+        image_lts_conf(&l);
         let mut p = FakePlatform {
             conf: Some(conf.to_vec()),
             sig,
