@@ -417,6 +417,7 @@ class Node:
                 cmd += ["-kernel", kernel, "-append", append or ""]
         else:
             cmd += ["-machine", machine, "-boot", "n", "-device", f"{nic},netdev=n0,mac={MAC}"]
+        self.firmware = firmware
         self.t0 = time.time()
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.buf = b""
@@ -649,3 +650,17 @@ def uki_cmdline(uki):
     with tempfile.NamedTemporaryFile() as f:
         sh("objcopy", "-O", "binary", "--only-section=.cmdline", uki, f.name)
         return read_text(f.name)
+
+
+SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
+
+
+def check_secure_boot(node, deadline):
+    """The booted node runs under Secure Boot (the EFI variable's value, after its 4
+    attribute bytes, is 1) with kernel lockdown on. Returns the one-line summary."""
+    out = node.run(f"echo SB=$(od -An -tu1 {SECURE_BOOT_VAR} | awk '{{print $NF}}') "
+                   "LOCKDOWN=$(cat /sys/kernel/security/lockdown | tr ' ' ,)", deadline)
+    m = re.search(r"SB=(\S*) LOCKDOWN=(\S*)", out)
+    if not m or m.group(1) != "1" or not re.search(r"\[(integrity|confidentiality)\]", m.group(2)):
+        raise Fail(f"the node is not under Secure Boot with lockdown: {out.strip()}")
+    return f"SecureBoot=1 lockdown={m.group(2).replace(',', ' ')}"

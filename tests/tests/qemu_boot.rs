@@ -315,15 +315,55 @@ fn nodes_with_e1000_and_e1000e_nics_find_their_driver_by_modalias() {
     }
 }
 
+/// The whole chain under Secure Boot: OVMF enforcing with the snakeoil key in db, its own
+/// PXE given the signed UKI by proxyDHCP (no iPXE), the UKI's pinned command line,
+/// lockdown, the lts.conf signature, the root through dm-verity, Debian's signed modules.
 #[test]
 #[ignore = "needs root and QEMU: network namespace, tap, chroot"]
-fn a_node_with_the_root_hash_pinned_boots_from_dm_verity() {
-    let out = boot_with(&["--verity"]);
-    // The squashfs is mounted from the dm-verity device, not from /dev/nbd0.
+fn a_signed_uki_boots_under_secure_boot_with_lockdown_and_a_verity_root() {
+    let out = boot_with(&["--secure-boot", "--dhcp", "proxy"]);
+    // Firmware PXE fetched the UKI itself, offered by proxyDHCP to architecture 7.
+    assert!(
+        out.contains("NBP filename is ltsp/amd64/ltsp.efi"),
+        "{}",
+        tail(&out)
+    );
+    assert!(
+        out.contains("(Firmware(7)): Offer with \"ltsp/amd64/ltsp.efi\""),
+        "{}",
+        tail(&out)
+    );
+    assert!(!out.contains("iPXE"), "no iPXE in the chain");
+    // The SecureBoot variable's value (after 4 attribute bytes) is 1.
+    let sb: Vec<&str> = check(&out, "secureboot").split_whitespace().collect();
+    assert_eq!(sb.last(), Some(&"1"), "SecureBoot: {sb:?}");
+    let lockdown = check(&out, "lockdown");
+    assert!(
+        lockdown.contains("[integrity]") || lockdown.contains("[confidentiality]"),
+        "lockdown: {lockdown}"
+    );
+    // The kernel runs the UKI's own command line, with the root hash pinned.
+    let cmdline = check(&out, "cmdline");
+    assert_eq!(cmdline, check(&out, "uki-cmdline"));
+    assert!(cmdline.contains(" ltsp.verity="), "{cmdline}");
+    assert!(cmdline.contains(" nbdroot=192.0.2.1/root"), "{cmdline}");
     assert_eq!(check(&out, "lower"), "squashfs /dev/dm-0", "{}", tail(&out));
+    assert_eq!(check(&out, "verity"), "ltsp-root /dev/dm-0 over nbd0 0 corrupt");
     assert!(
         out.contains("verity: /dev/nbd0 verified through /dev/dm-0 against ltsp.verity="),
         "{}",
         tail(&out)
     );
+    assert!(
+        check(&out, "signature").contains("lts.conf: signature verified"),
+        "{}",
+        tail(&out)
+    );
+    // Debian's signed modules, stored decompressed in the initramfs, load under lockdown.
+    let modules = check(&out, "modules");
+    for m in ["nbd:live", "dm_verity:live"] {
+        assert!(modules.split(' ').any(|x| x == m), "{m} not loaded: {modules}");
+    }
+    assert_eq!(check(&out, "unsigned"), "0", "a module was refused or unsigned");
+    assert_eq!(check(&out, "state"), "running", "{}", tail(&out));
 }
