@@ -348,7 +348,10 @@ fn a_signed_uki_boots_under_secure_boot_with_lockdown_and_a_verity_root() {
     assert!(cmdline.contains(" ltsp.verity="), "{cmdline}");
     assert!(cmdline.contains(" nbdroot=192.0.2.1/root"), "{cmdline}");
     assert_eq!(check(&out, "lower"), "squashfs /dev/dm-0", "{}", tail(&out));
-    assert_eq!(check(&out, "verity"), "ltsp-root /dev/dm-0 over nbd0 0 corrupt");
+    assert_eq!(
+        check(&out, "verity"),
+        "ltsp-root /dev/dm-0 over nbd0 0 corrupt"
+    );
     assert!(
         out.contains("verity: /dev/nbd0 verified through /dev/dm-0 against ltsp.verity="),
         "{}",
@@ -362,8 +365,15 @@ fn a_signed_uki_boots_under_secure_boot_with_lockdown_and_a_verity_root() {
     // Debian's signed modules, stored decompressed in the initramfs, load under lockdown.
     let modules = check(&out, "modules");
     for m in ["nbd:live", "dm_verity:live"] {
-        assert!(modules.split(' ').any(|x| x == m), "{m} not loaded: {modules}");
+        assert!(
+            modules.split(' ').any(|x| x == m),
+            "{m} not loaded: {modules}"
+        );
     }
-    assert_eq!(check(&out, "unsigned"), "0", "a module was refused or unsigned");
+    assert_eq!(
+        check(&out, "unsigned"),
+        "0",
+        "a module was refused or unsigned"
+    );
     assert_eq!(check(&out, "state"), "running", "{}", tail(&out));
 }
