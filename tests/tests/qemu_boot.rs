@@ -333,7 +333,10 @@ fn a_signed_uki_boots_under_secure_boot_with_lockdown_and_a_verity_root() {
         "{}",
         tail(&out)
     );
-    assert!(!out.contains("iPXE"), "no iPXE in the chain");
+    // No iPXE in the chain: nothing asked as iPXE, no script sent.
+    assert!(!out.contains("(Ipxe):"), "{}", tail(&out));
+    assert!(!out.contains("sent \"boot.ipxe\""), "{}", tail(&out));
+    assert!(out.contains("EFI stub: UEFI Secure Boot is enabled."));
     // The SecureBoot variable's value (after 4 attribute bytes) is 1.
     let sb: Vec<&str> = check(&out, "secureboot").split_whitespace().collect();
     assert_eq!(sb.last(), Some(&"1"), "SecureBoot: {sb:?}");
