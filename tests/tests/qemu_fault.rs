@@ -274,6 +274,7 @@ fn a_tampered_uki_is_refused_by_the_firmware_and_no_kernel_runs() {
         fault_lines(&out).join("\n")
     );
     has(&out, "downloaded the whole UKI");
+    has(&out, "sbverify accepted it before, refuses it after");
     has(&out, "tamper-uki: refused by the firmware, no kernel line");
     assert!(!out.contains("Linux version"), "a kernel ran");
 }
