@@ -828,6 +828,15 @@ impl DhcpServer {
             }
             if client != Client::NotPxe && file.is_some() {
                 o.insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
+                // PXE discovery control 8: take the file named here. Without it UEFI
+                // firmware (edk2) reads the offer as BINL and asks port 4011 for the
+                // file, which nothing answers in this mode.
+                o.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
+                if let Some(DhcpOption::ClientMachineIdentifier(uuid)) =
+                    m.opts().get(OptionCode::ClientMachineIdentifier)
+                {
+                    o.insert(DhcpOption::ClientMachineIdentifier(uuid.clone()));
+                }
             }
         }
         Some(r)
@@ -1029,6 +1038,7 @@ mod tests {
             vec![
                 DhcpOption::ClassIdentifier(format!("PXEClient:Arch:{arch:05}:UNDI:003016").into()),
                 DhcpOption::ClientSystemArchitecture(arch.into()),
+                DhcpOption::ClientMachineIdentifier(vec![0, 7, 7, 7]),
             ]
         };
         for (n, arch) in [7u16, 9].into_iter().enumerate() {
@@ -1039,6 +1049,16 @@ mod tests {
             assert!(
                 offer.fname().unwrap().starts_with(b"ltsp/amd64/ltsp.efi\0"),
                 "arch {arch}"
+            );
+            // A PXE offer edk2 boots from without asking port 4011: PXEClient, discovery
+            // control 8 (no boot server discovery), the client's UUID echoed.
+            assert!(matches!(offer.opts().get(OptionCode::ClassIdentifier),
+                Some(DhcpOption::ClassIdentifier(c)) if c == b"PXEClient"));
+            assert!(matches!(offer.opts().get(OptionCode::VendorExtensions),
+                Some(DhcpOption::VendorExtensions(v)) if v == &[6, 1, 8, 255]));
+            assert!(
+                matches!(offer.opts().get(OptionCode::ClientMachineIdentifier),
+                Some(DhcpOption::ClientMachineIdentifier(u)) if u == &[0, 7, 7, 7])
             );
             let mut opts = pxe(arch);
             opts.push(DhcpOption::RequestedIpAddress(offer.yiaddr()));
