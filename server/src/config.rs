@@ -62,7 +62,8 @@ pub struct ProxyDhcpFile {
     pub interface: Option<String>,
     /// Boot file for BIOS firmware PXE (client architecture 0).
     pub bios: Option<String>,
-    /// Boot file for UEFI x86-64 firmware PXE (architectures 7 and 9).
+    /// Boot file for UEFI x86-64 firmware PXE (architectures 7 and 9), in proxyDHCP and
+    /// DHCP server modes alike: ipxe.efi, or a signed UKI (deploy/build-uki) for Secure Boot.
     pub uefi: Option<String>,
     /// What iPXE itself is given.
     pub ipxe_script: Option<String>,
@@ -408,6 +409,8 @@ pub struct Overrides {
     pub dhcp_server: Option<String>,
     pub dhcp_range: Option<String>,
     pub dhcp_lease_file: Option<PathBuf>,
+    /// The UEFI boot file ([proxy_dhcp] uefi).
+    pub pxe_uefi: Option<String>,
 }
 
 pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
@@ -638,7 +641,11 @@ impl Config {
         let pxe_files = ProxyDhcpConfig {
             interface: String::new(),
             bios: pd.bios.unwrap_or_else(|| "undionly.kpxe".into()),
-            uefi: pd.uefi.unwrap_or_else(|| "ipxe.efi".into()),
+            uefi: o
+                .pxe_uefi
+                .clone()
+                .or(pd.uefi)
+                .unwrap_or_else(|| "ipxe.efi".into()),
             ipxe_script: pd.ipxe_script.unwrap_or_else(|| "boot.ipxe".into()),
         };
         for (key, name) in [
@@ -646,9 +653,9 @@ impl Config {
             ("uefi", &pxe_files.uefi),
             ("ipxe_script", &pxe_files.ipxe_script),
         ] {
-            if name.len() > MAX_BOOT_FILE || name.contains('\0') {
+            if name.is_empty() || name.len() > MAX_BOOT_FILE || name.contains('\0') {
                 return Err(ConfigError::Invalid(format!(
-                    "[proxy_dhcp] {key} = {name:?}: a boot file name has at most \
+                    "[proxy_dhcp] {key} = {name:?}: a boot file name has 1 to \
                      {MAX_BOOT_FILE} bytes and no NUL (the BOOTP file field)"
                 )));
             }
@@ -847,6 +854,43 @@ mod tests {
         ));
     }
 
+    /// `[proxy_dhcp] uefi` (or --pxe-uefi) is the UEFI boot file of both DHCP modes.
+    #[test]
+    fn the_uefi_boot_file_serves_both_dhcp_modes() {
+        let f = |text: &str| parse_file(Path::new("c.toml"), text).unwrap();
+        let base = "[tftp]\nroot = \"/srv/tftp\"\n[nbd]\nenabled = false\n";
+        let uki = "ltsp/amd64/ltsp.efi";
+        let c = Config::build(
+            f(&format!(
+                "{base}[proxy_dhcp]\ninterface = \"br0\"\nuefi = \"{uki}\"\n"
+            )),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.proxy_dhcp.unwrap().uefi, uki);
+        assert_eq!(c.pxe_files.uefi, uki);
+        assert_eq!(c.pxe_files.bios, "undionly.kpxe");
+        let o = Overrides {
+            dhcp_server: Some("br0".into()),
+            dhcp_range: Some("192.0.2.100-192.0.2.199".into()),
+            pxe_uefi: Some(uki.into()),
+            ..Default::default()
+        };
+        let c = Config::build(f(base), &o).unwrap();
+        assert!(c.dhcp_server.is_some());
+        assert_eq!(c.pxe_files.uefi, uki, "the DHCP server gives pxe_files");
+        let c = Config::build(f(base), &Overrides::default()).unwrap();
+        assert_eq!(c.pxe_files.uefi, "ipxe.efi");
+        for bad in ["", &"x".repeat(MAX_BOOT_FILE + 1)] {
+            let o = Overrides {
+                pxe_uefi: Some(bad.to_string()),
+                ..Default::default()
+            };
+            let e = Config::build(f(base), &o).unwrap_err().to_string();
+            assert!(e.contains("[proxy_dhcp] uefi"), "{e}");
+        }
+    }
+
     #[test]
     fn tftp_limits_from_file_flags_and_defaults() {
         let dir = tempfile::tempdir().unwrap();
@@ -1003,7 +1047,7 @@ mod tests {
         assert_eq!(b16.dhcp_server.unwrap().max_leases, MAX_LEASES_DEFAULT_CAP);
         // set_fname_str() panics past 128 bytes: such a name is refused at start instead.
         let e = build(&format!("[proxy_dhcp]\nbios = \"{}\"\n", "a".repeat(128))).unwrap_err();
-        assert!(e.to_string().contains("at most 127 bytes"), "{e}");
+        assert!(e.to_string().contains("1 to 127 bytes"), "{e}");
         assert!(build(&format!("[proxy_dhcp]\nbios = \"{}\"\n", "a".repeat(127))).is_ok());
     }
 

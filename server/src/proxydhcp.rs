@@ -392,6 +392,51 @@ mod tests {
         assert_eq!(file(&discover(ipxe)).as_deref(), Some("boot.ipxe"));
     }
 
+    /// With a signed UKI as the UEFI boot file, UEFI firmware PXE (architectures 7 and 9)
+    /// gets it in the proxy OFFER on 67 and the ACK on 4011; iPXE and BIOS are unchanged.
+    #[test]
+    fn uefi_firmware_gets_the_uki() {
+        let p = ProxyDhcp::new(
+            ProxyDhcpConfig {
+                uefi: "ltsp/amd64/ltsp.efi".into(),
+                ..cfg()
+            },
+            Ipv4Addr::new(192, 0, 2, 1),
+            crate::status::Status::new([]),
+        );
+        let now = Instant::now();
+        for arch in [7, 9] {
+            let r = p
+                .handle(&discover(pxe(arch)).to_vec().unwrap(), 67, peer(), now)
+                .unwrap();
+            assert_eq!(
+                r.file.as_deref(),
+                Some("ltsp/amd64/ltsp.efi"),
+                "arch {arch}"
+            );
+            let m = Message::decode(&mut Decoder::new(&r.bytes)).unwrap();
+            assert_eq!(m.siaddr(), Ipv4Addr::new(192, 0, 2, 1));
+            assert!(m.fname().unwrap().starts_with(b"ltsp/amd64/ltsp.efi\0"));
+            let mut q = discover(pxe(arch));
+            q.opts_mut()
+                .insert(DhcpOption::MessageType(MessageType::Request));
+            let r = p.handle(&q.to_vec().unwrap(), 4011, peer(), now).unwrap();
+            let m = Message::decode(&mut Decoder::new(&r.bytes)).unwrap();
+            assert_eq!(m.opts().msg_type(), Some(MessageType::Ack));
+            assert!(m.fname().unwrap().starts_with(b"ltsp/amd64/ltsp.efi\0"));
+        }
+        let r = p
+            .handle(&discover(pxe(0)).to_vec().unwrap(), 67, peer(), now)
+            .unwrap();
+        assert_eq!(r.file.as_deref(), Some("undionly.kpxe"));
+        let mut ipxe = pxe(9);
+        ipxe.push(DhcpOption::UserClass(b"iPXE".to_vec()));
+        let r = p
+            .handle(&discover(ipxe).to_vec().unwrap(), 67, peer(), now)
+            .unwrap();
+        assert_eq!(r.file.as_deref(), Some("boot.ipxe"));
+    }
+
     #[test]
     fn the_offer_names_server_and_file_but_no_address() {
         let mut opts = pxe(0);
