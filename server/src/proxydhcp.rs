@@ -3,8 +3,8 @@
 //! from the site's server. Port 67 takes the DISCOVER broadcasts, port 4011 the requests
 //! some firmware (EDK2, iPXE) sends to the proxy afterwards.
 //!
-//! Which file: firmware PXE gets an iPXE binary for its architecture (BIOS: option 93 = 0;
-//! UEFI x86-64: 7 or 9); iPXE itself (user class `iPXE` or option 175) gets `boot.ipxe`,
+//! Which file: firmware PXE gets a loader for its architecture (BIOS: option 93 = 0;
+//! UEFI x86-64: 7 or 9, an iPXE binary; UEFI arm64: 11, GRUB by default); iPXE itself (user class `iPXE` or option 175) gets `boot.ipxe`,
 //! so the chain ends there instead of looping.
 //!
 //! Both DHCP modes (this one and `dhcpd`) run the one receive loop here, [`serve`], around
@@ -151,7 +151,8 @@ pub fn boot_file(c: Client, cfg: &ProxyDhcpConfig) -> Option<String> {
         Client::Ipxe => Some(cfg.ipxe_script.clone()),
         Client::Firmware(0) => Some(cfg.bios.clone()),
         Client::Firmware(6 | 7 | 9) => Some(cfg.uefi.clone()),
-        // ARM, Itanium, HTTP-boot clients...: not served; say so once per request.
+        Client::Firmware(11) => Some(cfg.arm64.clone()),
+        // 32-bit ARM, Itanium, HTTP-boot clients...: not served; say so once per request.
         Client::Firmware(other) => {
             log::debug!("proxy-dhcp: client architecture {other} is not served");
             None
@@ -275,10 +276,11 @@ impl ProxyDhcp {
         let s67 = bind(&cfg.interface, 67)?;
         let s4011 = bind(&cfg.interface, 4011)?;
         log::info!(
-            "proxy-dhcp: answering PXE clients on {} as {server} (BIOS {}, UEFI {}, iPXE {})",
+            "proxy-dhcp: answering PXE clients on {} as {server} (BIOS {}, UEFI {}, arm64 {}, iPXE {})",
             cfg.interface,
             cfg.bios,
             cfg.uefi,
+            cfg.arm64,
             cfg.ipxe_script
         );
         Ok((Arc::new(ProxyDhcp::new(cfg, server, status)), s67, s4011))
@@ -345,6 +347,7 @@ mod tests {
             interface: "br0".into(),
             bios: "undionly.kpxe".into(),
             uefi: "ipxe.efi".into(),
+            arm64: "grub/arm64-efi/core.efi".into(),
             ipxe_script: "boot.ipxe".into(),
         }
     }
@@ -386,7 +389,12 @@ mod tests {
         assert_eq!(file(&discover(pxe(0))).as_deref(), Some("undionly.kpxe"));
         assert_eq!(file(&discover(pxe(7))).as_deref(), Some("ipxe.efi"));
         assert_eq!(file(&discover(pxe(9))).as_deref(), Some("ipxe.efi"));
-        assert_eq!(file(&discover(pxe(11))), None, "ARM64 is not served");
+        assert_eq!(
+            file(&discover(pxe(11))).as_deref(),
+            Some("grub/arm64-efi/core.efi"),
+            "UEFI arm64 gets its own loader"
+        );
+        assert_eq!(file(&discover(pxe(10))), None, "32-bit ARM is not served");
         let mut ipxe = pxe(7);
         ipxe.push(DhcpOption::UserClass(b"iPXE".to_vec()));
         assert_eq!(file(&discover(ipxe)).as_deref(), Some("boot.ipxe"));
