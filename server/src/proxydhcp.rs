@@ -286,6 +286,19 @@ impl ProxyDhcp {
         Ok((Arc::new(ProxyDhcp::new(cfg, server, status)), s67, s4011))
     }
 
+    /// Binds port 4011 alone, beside ltsp-server's DHCP server on that interface: UEFI
+    /// firmware (EDK2) takes an offer that says `PXEClient` as a BINL offer and asks port
+    /// 4011 of the offering server for its boot file before it loads anything.
+    pub fn bind_boot_server(
+        cfg: ProxyDhcpConfig,
+        status: Arc<crate::status::Status>,
+    ) -> Result<(Arc<Self>, UdpSocket), ProxyDhcpError> {
+        let (server, _) = ipv4_of(&cfg.interface)
+            .ok_or_else(|| ProxyDhcpError::NoAddress(cfg.interface.clone()))?;
+        let s4011 = bind(&cfg.interface, 4011)?;
+        Ok((Arc::new(ProxyDhcp::new(cfg, server, status)), s4011))
+    }
+
     /// The logic without sockets (tests and fuzzing build it directly).
     pub fn new(cfg: ProxyDhcpConfig, server: Ipv4Addr, status: Arc<crate::status::Status>) -> Self {
         ProxyDhcp {
@@ -459,6 +472,15 @@ mod tests {
         let m = Message::decode(&mut Decoder::new(&r.bytes)).unwrap();
         assert_eq!(m.opts().msg_type(), Some(MessageType::Ack));
         assert!(p.handle(&q, 67, peer(), now).is_none());
+        // EDK2 on arm64 asks 4011 after a BINL offer (DHCP-server mode binds 4011 for it).
+        let mut q = discover(pxe(11));
+        q.opts_mut()
+            .insert(DhcpOption::MessageType(MessageType::Request));
+        let r = p.handle(&q.to_vec().unwrap(), 4011, peer(), now);
+        assert_eq!(
+            r.expect("an ack").file.as_deref(),
+            Some("grub/arm64-efi/core.efi")
+        );
         // The longest chaddr there is (16 bytes) is still served.
         let mut long = d.clone();
         long[2] = 16;
