@@ -32,26 +32,35 @@ class Fail(Exception):
     pass
 
 
+AGENT_TARGET = {"amd64": "x86_64-unknown-linux-musl", "arm64": "aarch64-unknown-linux-musl"}
+
+
 def build(args):
     """Builds both binaries and the Debian packages (scripts/package), then the test image
-    with the agent installed from its .deb (qemu/prepare), of args.suite (default trixie).
-    Returns (server, artifacts)."""
+    with the agent installed from its .deb (qemu/prepare), of args.suite (default trixie)
+    and args.arch (default amd64; arm64: the agent cross-built, the image under
+    qemu-user-static). Returns (server, artifacts)."""
     env = dict(os.environ)
     env["PATH"] = os.path.expanduser("~/.cargo/bin") + ":" + env.get("PATH", "")
-    agent = os.path.join(TOP, "target/x86_64-unknown-linux-musl/agent/ltsp-agent")
+    arch = getattr(args, "arch", "amd64")
+    agent = os.path.join(TOP, f"target/{AGENT_TARGET[arch]}/agent/ltsp-agent")
     server = os.path.join(TOP, "target/release/ltsp-server")
-    debs = sorted(glob.glob(os.path.join(TOP, "target/debian/ltsp-agent_*_amd64.deb")))
+    debs = sorted(glob.glob(os.path.join(TOP, f"target/debian/ltsp-agent_*_{arch}.deb")))
     deb = debs[-1] if debs else None
-    if not args.no_build or not deb:
+    if not args.no_build or not deb or not os.path.exists(server):
         log("building ltsp-server (release), ltsp-agent (static, musl) and their .deb packages")
         out = subprocess.run([os.path.join(TOP, "scripts/package")], cwd=TOP, env=env, check=True,
                              capture_output=True, text=True).stdout.split()
+        if arch != "amd64":
+            log(f"building ltsp-agent for {arch} and its .deb package")
+            out = subprocess.run([os.path.join(TOP, "scripts/package"), "--agent-arch", arch], cwd=TOP,
+                                 env=env, check=True, capture_output=True, text=True).stdout.split()
         deb = next(p for p in out if "ltsp-agent_" in p)
         deb = deb if os.path.isabs(deb) else os.path.join(TOP, deb)
     suite = getattr(args, "suite", "trixie")
-    sh(os.path.join(HERE, "prepare"), "--suite", suite, deb, agent)
+    sh(os.path.join(HERE, "prepare"), "--suite", suite, "--arch", arch, deb, agent)
     work = os.environ.get("LTSP_QEMU_WORK", os.path.join(HERE, "work"))
-    return server, os.path.join(work, f"artifacts-{suite}")
+    return server, os.path.join(work, f"artifacts-{suite}" + ("" if arch == "amd64" else f"-{arch}"))
 
 
 def read_text(path):
@@ -118,7 +127,9 @@ class BedSettings:
     lts.conf.sig. initrd: another initramfs to serve (one with a trust key). nbd_trace: the
     first ltsp-server writes its NBD request trace there (--nbd-trace). uki: a signed
     Unified Kernel Image (deploy/build-uki), served as UKI_PATH and given to UEFI firmware
-    PXE as its boot file (no iPXE)."""
+    PXE as its boot file (no iPXE). arch: the node's
+    architecture; arm64 boots GRUB (the artifacts' grub/ tree) from UEFI PXE, with
+    its boot files under ltsp/arm64/ and its console on ttyAMA0."""
     artifacts: str
     server_bin: str
     lts_conf: str | None = None
@@ -139,6 +150,7 @@ class BedSettings:
     initrd: str | None = None
     nbd_trace: str | None = None
     uki: str | None = None
+    arch: str = "amd64"
 
 
 UKI_PATH = "ltsp/amd64/ltsp.efi"
@@ -150,7 +162,8 @@ SNAKEOIL_CERT = "/usr/share/ovmf/PkKek-1-snakeoil.pem"
 
 def node_cmdline(s):
     """The kernel command line the node is given (boot.ipxe, or the UKI's)."""
-    cmdline = f"console=ttyS0,115200 root=/dev/nbd0 nbdroot={s.nbdroot} ltsp.on-failure=halt"
+    console = "ttyAMA0" if s.arch == "arm64" else "ttyS0"
+    cmdline = f"console={console},115200 root=/dev/nbd0 nbdroot={s.nbdroot} ltsp.on-failure=halt"
     if s.flavour == "initramfs-tools":
         cmdline += " boot=ltsp"
     if s.stock:
@@ -206,7 +219,7 @@ class Bed:
     def stage_boot_files(self):
         """The TFTP root (kernel, initramfs, lts.conf, iPXE, GRUB) and the image."""
         s = self.settings
-        d = os.path.join(self.tftp, "ltsp/amd64")
+        d = os.path.join(self.tftp, f"ltsp/{s.arch}")
         os.makedirs(d)
         initrd = "initrd-standalone.img" if s.flavour == "standalone" else "initrd-initramfs-tools.img"
         art = s.artifacts
@@ -225,7 +238,11 @@ class Bed:
         # iPXE for firmware PXE, from Debian's ipxe package: BIOS and UEFI x86-64.
         for f in ["undionly.kpxe", "ipxe.efi", "snponly.efi"]:
             shutil.copy(os.path.join("/usr/lib/ipxe", f), os.path.join(self.tftp, f))
-        if s.loader == "grub":
+        if s.arch == "arm64":
+            # UEFI arm64 PXE boots GRUB (Debian packages no arm64 iPXE): grub-mknetdir's
+            # arm64-efi tree, made by qemu/prepare.
+            shutil.copytree(os.path.join(art, "grub"), os.path.join(self.tftp, "grub"))
+        elif s.loader == "grub":
             # GRUB netboot as LTSP set it up: grub-mknetdir's images and modules; grub.cfg
             # is generated by ltsp-server from [boot].
             sh("grub-mknetdir", f"--net-directory={self.tftp}", "--subdir=grub", stdout=subprocess.DEVNULL,
@@ -275,6 +292,10 @@ class Bed:
             pxe = []
         elif s.dhcp == "server":
             pxe = []  # ltsp-server is the DHCP server; dnsmasq only sends IPv6 RAs
+        elif s.arch == "arm64":
+            # UEFI arm64 firmware PXE (client architecture 11) gets GRUB.
+            pxe = ["--dhcp-match=set:arm64,option:client-arch,11",
+                   f"--dhcp-boot=tag:arm64,grub/arm64-efi/core.efi,,{SERVER_IP}"]
         elif s.loader == "grub":
             pxe = [f"--dhcp-boot=grub/i386-pc/core.0,,{SERVER_IP}",
                    "--dhcp-match=set:efi64,option:client-arch,7", "--dhcp-match=set:efi64,option:client-arch,9",
@@ -304,7 +325,7 @@ class Bed:
         nbd = (["--no-nbd"] if s.stock or not s.nbd else
                ["--nbd-listen", f"{SERVER_IP}:10809", "--export", f"root={self.squashfs}"])
         self.server_args = ["serve", "--tftp-root", tftp, "--tftp-listen", f"{SERVER_IP}:69", *nbd,
-                            "--boot-kernel", "ltsp/amd64/vmlinuz", "--boot-initrd", "ltsp/amd64/initrd.img",
+                            "--boot-kernel", f"ltsp/{s.arch}/vmlinuz", "--boot-initrd", f"ltsp/{s.arch}/initrd.img",
                             "--boot-cmdline", cmdline]
         if s.boot_files == "http":
             self.server_args += ["--http-listen", f"{SERVER_IP}:8080", "--boot-http"]
@@ -392,11 +413,24 @@ class Node:
         """machine: q35 (PCIe, like the servers it stands for; UEFI always uses it) or pc
         (i440fx). On pc the kernel interprets QEMU's generated _PRT loop in AML when the
         NIC's driver enables the device: ~85 ms of the boot under TCG, ~10 ms on q35."""
-        cmd = ["ip", "netns", "exec", bed.ns, "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory),
-               "-smp", "1", "-nodefaults", "-vga", "none", "-display", "none", "-no-user-config",
+        arm64 = bed.settings.arch == "arm64"
+        cmd = ["ip", "netns", "exec", bed.ns, "qemu-system-aarch64" if arm64 else "qemu-system-x86_64",
+               "-accel", "tcg", "-m", str(memory),
+               "-smp", "1", "-nodefaults", "-display", "none", "-no-user-config",
+               *([] if arm64 else ["-vga", "none"]),
                "-chardev", "stdio,id=s0,signal=off", "-serial", "chardev:s0",
                "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]
-        if firmware in ("uefi", "uefi-secure-boot"):
+        if arm64:
+            # The virt machine with AAVMF (qemu-efi-aarch64): UEFI's own PXE on virtio-net
+            # loads GRUB. cortex-a72: -cpu max emulates pointer authentication, which
+            # costs TCG much time, and Debian's arm64 kernel needs nothing past ARMv8.0.
+            vars_copy = os.path.join(bed.dir, "AAVMF_VARS.fd")
+            shutil.copy("/usr/share/AAVMF/AAVMF_VARS.fd", vars_copy)
+            cmd += ["-machine", "virt", "-cpu", "cortex-a72",
+                    "-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/AAVMF/AAVMF_CODE.fd",
+                    "-drive", f"if=pflash,format=raw,file={vars_copy}",
+                    "-device", f"virtio-net-pci,netdev=n0,mac={MAC},romfile=,bootindex=1"]
+        elif firmware in ("uefi", "uefi-secure-boot"):
             # OVMF, and its own network stack: no iPXE ROM on the NIC, so the firmware's PXE
             # must chainload ipxe.efi (or a signed UKI) as real UEFI machines do.
             # uefi-secure-boot: OVMF's Secure Boot build (its variable store is guarded by

@@ -65,6 +65,8 @@ pub struct ProxyDhcpFile {
     /// Boot file for UEFI x86-64 firmware PXE (architectures 7 and 9), in proxyDHCP and
     /// DHCP server modes alike: ipxe.efi, or a signed UKI (deploy/build-uki) for Secure Boot.
     pub uefi: Option<String>,
+    /// Boot file for UEFI arm64 firmware PXE (architecture 11).
+    pub arm64: Option<String>,
     /// What iPXE itself is given.
     pub ipxe_script: Option<String>,
 }
@@ -138,6 +140,9 @@ pub struct ProxyDhcpConfig {
     pub interface: String,
     pub bios: String,
     pub uefi: String,
+    /// UEFI arm64 (architecture 11): GRUB's netboot image by default (grub-mknetdir
+    /// with arm64-efi modules); Debian packages no arm64 iPXE.
+    pub arm64: String,
     pub ipxe_script: String,
 }
 
@@ -646,11 +651,13 @@ impl Config {
                 .clone()
                 .or(pd.uefi)
                 .unwrap_or_else(|| "ipxe.efi".into()),
+            arm64: pd.arm64.unwrap_or_else(|| "grub/arm64-efi/core.efi".into()),
             ipxe_script: pd.ipxe_script.unwrap_or_else(|| "boot.ipxe".into()),
         };
         for (key, name) in [
             ("bios", &pxe_files.bios),
             ("uefi", &pxe_files.uefi),
+            ("arm64", &pxe_files.arm64),
             ("ipxe_script", &pxe_files.ipxe_script),
         ] {
             if name.is_empty() || name.len() > MAX_BOOT_FILE || name.contains('\0') {
@@ -1049,6 +1056,16 @@ mod tests {
         let e = build(&format!("[proxy_dhcp]\nbios = \"{}\"\n", "a".repeat(128))).unwrap_err();
         assert!(e.to_string().contains("1 to 127 bytes"), "{e}");
         assert!(build(&format!("[proxy_dhcp]\nbios = \"{}\"\n", "a".repeat(127))).is_ok());
+        // The arm64 loader: GRUB's netboot image unless set, bounded like the others,
+        // and the same for both DHCP modes.
+        let d = build("[proxy_dhcp]\ninterface = \"x\"\n").unwrap();
+        assert_eq!(d.pxe_files.arm64, "grub/arm64-efi/core.efi");
+        assert_eq!(d.proxy_dhcp.unwrap().arm64, "grub/arm64-efi/core.efi");
+        let d = build("[proxy_dhcp]\ninterface = \"x\"\narm64 = \"arm64/snp.efi\"\n").unwrap();
+        assert_eq!(d.pxe_files.arm64, "arm64/snp.efi");
+        assert_eq!(d.proxy_dhcp.unwrap().arm64, "arm64/snp.efi");
+        let e = build(&format!("[proxy_dhcp]\narm64 = \"{}\"\n", "a".repeat(128))).unwrap_err();
+        assert!(e.to_string().contains("[proxy_dhcp] arm64"), "{e}");
     }
 
     #[test]

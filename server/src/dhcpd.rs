@@ -950,6 +950,7 @@ mod tests {
             interface: String::new(),
             bios: "undionly.kpxe".into(),
             uefi: uefi.into(),
+            arm64: "grub/arm64-efi/core.efi".into(),
             ipxe_script: "boot.ipxe".into(),
         };
         DhcpServer::new(
@@ -1087,6 +1088,24 @@ mod tests {
         )
         .unwrap();
         assert!(ipxe.fname().unwrap().starts_with(b"boot.ipxe\0"));
+    }
+
+    #[test]
+    fn an_arm64_uefi_client_gets_the_arm64_loader_with_its_lease() {
+        let s = server(cfg("192.0.2.100", "192.0.2.110", 11));
+        let bytes = msg(
+            MessageType::Discover,
+            &A,
+            vec![
+                DhcpOption::ClassIdentifier(b"PXEClient:Arch:00011:UNDI:003000".to_vec()),
+                DhcpOption::ClientSystemArchitecture(11u16.into()),
+            ],
+        );
+        let out = s.handle(&bytes, 67, peer(), Instant::now()).unwrap();
+        assert_eq!(out.file.as_deref(), Some("grub/arm64-efi/core.efi"));
+        let r = Message::decode(&mut Decoder::new(&out.bytes)).unwrap();
+        assert_eq!(r.yiaddr(), ip("192.0.2.100"));
+        assert!(r.fname().unwrap().starts_with(b"grub/arm64-efi/core.efi\0"));
     }
 
     /// Datagrams that trip dhcproto (hlen past chaddr, option-length assertions), kept

@@ -397,3 +397,46 @@ fn a_signed_uki_boots_under_secure_boot_with_lockdown_and_a_verity_root() {
     );
     assert_eq!(check(&out, "state"), "running", "{}", tail(&out));
 }
+
+/// An arm64 node: qemu-system-aarch64 (virt machine, AAVMF UEFI) PXE-boots as client
+/// architecture 11 on a lab network whose DHCP server is ltsp-server; it gives the node
+/// GRUB's arm64 netboot image, GRUB reads the generated grub.cfg, and the arm64 agent
+/// (cross-built, static musl) mounts the arm64 image's root from ltsp-server's NBD.
+#[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot, binfmt_misc for the arm64 image"]
+fn arm64_node_boots_through_uefi_pxe_and_grub_from_ltsp_servers_dhcp() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let run = Command::new("python3")
+        .arg(workspace_root().join("qemu/boot"))
+        .args(["--arch", "arm64", "--dhcp", "server", "--timeout", "900"])
+        .args(["--run", "uname -m"])
+        .output()
+        .expect("run qemu/boot");
+    let text = String::from_utf8_lossy(&run.stdout).into_owned();
+    let out = text.as_str();
+    assert!(
+        run.status.success(),
+        "qemu/boot --arch arm64 failed:\n{}\n{}",
+        tail(out),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(check(out, "run0"), "aarch64");
+    assert_eq!(check(out, "root"), "overlay overlay");
+    assert_eq!(check(out, "lower"), "squashfs /dev/nbd0");
+    assert_eq!(check(out, "state"), "running", "systemd not degraded");
+    // The firmware asked as UEFI arm64 and got GRUB with its lease; GRUB our grub.cfg.
+    assert!(
+        out.contains("dhcp-server: 52:54:00:12:34:56: Ack 192.0.2.100 grub/arm64-efi/core.efi"),
+        "{}",
+        tail(out)
+    );
+    // The offer says PXEClient with discovery control 8: EDK2 boots from it, and does not
+    // ask port 4011 as it did of an offer without them.
+    assert!(!out.contains("to 192.0.2.100:4011"), "{}", tail(out));
+    assert!(out.contains("sent \"/grub/grub.cfg\""), "{}", tail(out));
+    assert!(
+        out.contains("Welcome to Debian GNU/Linux 13 (trixie)!"),
+        "{}",
+        tail(out)
+    );
+}
