@@ -257,7 +257,13 @@ class Bed:
         sh("ip", "netns", "exec", self.ns, "unshare", "--mount", "--propagation", "private", "sh", "-c",
            'mount --bind /dev/null "$1/null" && mount --rbind "$1" /dev && exec nbd-server -C "$2" -p "$3"',
            "sh", dev, conf, pidfile)
-        # It daemonizes: its pid file is how this bed knows it (and stops it alone).
+        # It daemonizes: its pid file is how this bed knows it (and stops it alone). The
+        # daemon writes it after the command returned, so wait for it.
+        deadline = time.time() + 10
+        while not os.path.exists(pidfile) or not read_text(pidfile).strip():
+            if time.time() > deadline:
+                raise Fail(f"nbd-server wrote no pid file; its log:\n{tail(self.nbd_server_log, 10)}")
+            time.sleep(0.02)
         self.nbd_server_pid = int(read_text(pidfile).strip())
 
     def read_syslog(self):
