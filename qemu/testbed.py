@@ -7,8 +7,10 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -121,7 +123,8 @@ class BedSettings:
     instead of TFTP. versions_dir: the content-addressed store of image versions every
     ltsp-server of the bed shares (--nbd-versions-dir). loader: "ipxe" or "grub". kernel: a directory with another vmlinuz and
     initrd-standalone.img (qemu/prepare-generic). stock: the stock Debian image directory
-    (initramfs-tools + nbd-client, served by nbd-server) instead of ours. dhcp_range: what
+    (initramfs-tools + nbd-client) instead of ours. nbd_server: who serves the root,
+    "ltsp" (ltsp-server) or "nbd-server" (Debian's, ltsp-server then serves TFTP only). dhcp_range: what
     ltsp-server leases as the DHCP server. server_config: TOML settings for the first
     ltsp-server (--config), beside its flags. lts_conf_sig: served beside lts.conf as
     lts.conf.sig. initrd: another initramfs to serve (one with a trust key). nbd_trace: the
@@ -136,6 +139,7 @@ class BedSettings:
     flavour: str = "standalone"
     extra_cmdline: str = ""
     stock: str | None = None
+    nbd_server: str = "ltsp"
     nbdroot: str = ":root"
     dhcp: str = "all"
     nbd: bool = True
@@ -188,6 +192,9 @@ class Bed:
         self.server_log = os.path.join(self.dir, "server.log")
         self.server2_log = os.path.join(self.dir, "server2.log")
         self.dnsmasq_log = os.path.join(self.dir, "dnsmasq.log")
+        self.nbd_server_log = os.path.join(self.dir, "nbd-server.log")
+        self.syslog = None
+        self.syslog_done = threading.Event()
         self.tftp = os.path.join(self.dir, "tftp")
         self.squashfs = os.path.join(self.dir, "root.squashfs")
         self.squashfs2 = os.path.join(self.dir, "root2.squashfs")
@@ -253,25 +260,57 @@ class Bed:
         return node_cmdline(self.settings)
 
     def start_servers(self):
-        """ltsp-server, the second one if asked for, nbd-server for the stock boot."""
+        """ltsp-server, the second one if asked for, Debian's nbd-server if it serves the root."""
         s = self.settings
         self.start_server(self.tftp, self.server_cmdline)
         if s.second_server:
             self.ip("addr", "add", f"{SERVER2_IP}/24", "dev", "br0")
             shutil.copy(self.squashfs, self.squashfs2)
             self.start_server2()
-        if s.stock:
+        if s.nbd_server == "nbd-server":
             self.start_nbd_server()
 
     def start_nbd_server(self):
+        """Debian's nbd-server exporting the image as `root`. It logs only to syslog: it runs
+        in a mount namespace of its own whose /dev holds just null and a log socket this bed
+        reads into nbd_server_log (the host's /dev is untouched)."""
         conf = os.path.join(self.dir, "nbd-server.conf")
         with open(conf, "w") as f:
             f.write(f"[generic]\nlistenaddr = {SERVER_IP}\nport = 10809\nuser = root\ngroup = root\n"
                     f"[root]\nexportname = {self.squashfs}\nreadonly = true\n")
+        dev = os.path.join(self.dir, "nbd-server-dev")
+        os.makedirs(dev)
+        open(os.path.join(dev, "null"), "w").close()
+        self.syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.syslog.bind(os.path.join(dev, "log"))
+        self.syslog.settimeout(0.2)
+        self.syslog_thread = threading.Thread(target=self.read_syslog, daemon=True)
+        self.syslog_thread.start()
         pidfile = os.path.join(self.dir, "nbd-server.pid")
-        sh("ip", "netns", "exec", self.ns, "nbd-server", "-C", conf, "-p", pidfile)
-        # It daemonizes: its pid file is how this bed knows it (and stops it alone).
+        sh("ip", "netns", "exec", self.ns, "unshare", "--mount", "--propagation", "private", "sh", "-c",
+           'mount --bind /dev/null "$1/null" && mount --rbind "$1" /dev && exec nbd-server -C "$2" -p "$3"',
+           "sh", dev, conf, pidfile)
+        # It daemonizes: its pid file is how this bed knows it (and stops it alone). The
+        # daemon writes it after the command returned, so wait for it.
+        deadline = time.time() + 10
+        while not os.path.exists(pidfile) or not read_text(pidfile).strip():
+            if time.time() > deadline:
+                raise Fail(f"nbd-server wrote no pid file; its log:\n{tail(self.nbd_server_log, 10)}")
+            time.sleep(0.02)
         self.nbd_server_pid = int(read_text(pidfile).strip())
+
+    def read_syslog(self):
+        """nbd-server's syslog messages, one a line, until the bed stops."""
+        with open(self.nbd_server_log, "a") as out:
+            while not self.syslog_done.is_set():
+                try:
+                    msg = self.syslog.recv(8192)
+                except TimeoutError:
+                    continue
+                # "<30>Dec  3 16:37:53 nbd_server[10837]: text": the text after the tag.
+                text = msg.decode("utf-8", "replace").rstrip("\n")
+                out.write(re.sub(r"^<\d+>\w{3} [ \d]\d [\d:]{8} ", "", text) + "\n")
+                out.flush()
 
     def start_dhcp(self):
         """dnsmasq as the site's DHCP server (in its own namespace for "proxy"), and IPv6 RAs."""
@@ -322,7 +361,7 @@ class Bed:
 
     def start_server(self, tftp, cmdline):
         s = self.settings
-        nbd = (["--no-nbd"] if s.stock or not s.nbd else
+        nbd = (["--no-nbd"] if s.nbd_server != "ltsp" or not s.nbd else
                ["--nbd-listen", f"{SERVER_IP}:10809", "--export", f"root={self.squashfs}"])
         self.server_args = ["serve", "--tftp-root", tftp, "--tftp-listen", f"{SERVER_IP}:69", *nbd,
                             "--boot-kernel", f"ltsp/{s.arch}/vmlinuz", "--boot-initrd", f"ltsp/{s.arch}/initrd.img",
@@ -362,7 +401,7 @@ class Bed:
     def restart_server(self):
         """Starts the (killed) first server again with the same settings."""
         s = self.settings
-        ready = "nbd: listening" if s.nbd and not s.stock else "tftp: serving"
+        ready = "nbd: listening" if s.nbd and s.nbd_server == "ltsp" else "tftp: serving"
         self.server = self.launch(self.server_args, self.server_log, ready)
 
     def launch(self, args, logfile, ready):
@@ -389,6 +428,10 @@ class Bed:
             stop_pid(self.nbd_server_pid)
             for pid in served:
                 stop_pid(pid)
+        if self.syslog:
+            self.syslog_done.set()
+            self.syslog_thread.join()
+            self.syslog.close()
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()

@@ -1201,6 +1201,8 @@ mod tests {
         detached: Vec<u32>,
         /// A file that stands for the NBD device, and the identity the server gives.
         image: Option<(PathBuf, String)>,
+        /// The server gives no identity (after `nbd_failures`), and the cmdline refuses that.
+        anonymous: bool,
     }
 
     impl Platform for FakePlatform {
@@ -1259,6 +1261,11 @@ mod tests {
                 return Err(NbdError::DeviceTimeout {
                     device: "x".into(),
                     secs: 0,
+                });
+            }
+            if self.anonymous {
+                return Err(NbdError::Anonymous {
+                    target: t.to_string(),
                 });
             }
             if let Some((path, identity)) = &self.image {
@@ -1776,6 +1783,33 @@ mod tests {
             "the deadline bounds the retries"
         );
         assert!(e.hint().contains("ltsp-server"));
+    }
+
+    #[test]
+    fn a_server_without_identity_fails_the_boot_at_once_unlike_a_transient_error() {
+        let d = tempfile::tempdir().unwrap();
+        let l = layout(
+            d.path(),
+            "root=/dev/nbd0 nbdroot=192.0.2.9/img ltsp.conf=none ltsp.retries=5",
+        );
+        // Two transient failures are retried; the refusal then ends the step at the third
+        // try, not the fifth.
+        let mut p = FakePlatform {
+            nbd_failures: 2,
+            anonymous: true,
+            ..Default::default()
+        };
+        let (e, _) = *boot(&Recorder::default(), &mut p, Mode::Worker, &l)
+            .err()
+            .unwrap();
+        assert_eq!(e.step(), Some(Step::Nbd));
+        assert_eq!(p.attached.len(), 3, "{:?}", p.attached);
+        assert!(
+            e.to_string().contains("gives no image identity")
+                && e.to_string().contains("ltsp.allow-anonymous=1"),
+            "{e}"
+        );
+        assert!(e.hint().contains("ltsp.allow-anonymous=1"), "{}", e.hint());
     }
 
     /// A node whose NBD device holds a 2-block "squashfs" with a verity superblock and one

@@ -41,6 +41,9 @@ impl BootError {
                 "the DHCP server (is it running, does it serve this network?)"
             }
             BootError::Net(_) => "the NIC, its driver in the initramfs, the cable, BOOTIF= and ip=",
+            BootError::Nbd(crate::nbd::attach::NbdError::Anonymous { .. }) => {
+                "the NBD server: it gives no image identity (ltsp-server does); to boot from it anyway, ltsp.allow-anonymous=1 on the kernel command line"
+            }
             BootError::Nbd(_) => {
                 "that ltsp-server runs, the nbdroot= host/port/export, and firewalls on port 10809"
             }

@@ -1,9 +1,11 @@
 //! End to end: a node PXE-boots under QEMU from ltsp-server (TFTP, then NBD) into
 //! systemd, with the lts.conf served by TFTP, and reboots cleanly with nothing kept.
 //! Both initramfs flavours, on the default image (Debian 13, trixie: xz modules under
-//! /usr/lib/modules), and Debian 12 (bookworm) once. Each boot covers what it can beside
-//! its own subject, to keep the suite short. Needs root (network namespace, tap,
-//! chroot). The failure and fault scenarios are in qemu_fault.rs.
+//! /usr/lib/modules), and Debian 12 (bookworm) once. Stock tools on either side: Debian's
+//! initramfs-tools + nbd-client node from ltsp-server, our agent from Debian's nbd-server.
+//! Each boot covers what it can beside its own subject, to keep the suite short. Needs
+//! root (network namespace, tap, chroot). The failure and fault scenarios are in
+//! qemu_fault.rs.
 
 use ltsp_tests::workspace_root;
 use std::process::Command;
@@ -185,13 +187,13 @@ fn initramfs_tools_flavour_boots_into_systemd_and_reboots_clean() {
     );
 }
 
-/// A boot with the given qemu/boot options and no checks beyond reaching multi-user.
-fn boot_with(args: &[&str]) -> String {
+/// qemu/boot with these options; its output, once it succeeded.
+fn qemu_boot(args: &[&str]) -> String {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let out = Command::new("python3")
         .arg(workspace_root().join("qemu/boot"))
         .args(args)
-        .args(["--timeout", "300", "--run", "findmnt -no FSTYPE /"])
+        .args(["--timeout", "300"])
         .output()
         .expect("run qemu/boot");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -201,6 +203,12 @@ fn boot_with(args: &[&str]) -> String {
         tail(&text),
         String::from_utf8_lossy(&out.stderr)
     );
+    text
+}
+
+/// A boot with the given qemu/boot options and no checks beyond reaching multi-user.
+fn boot_with(args: &[&str]) -> String {
+    let text = qemu_boot(&[args, &["--run", "findmnt -no FSTYPE /"]].concat());
     assert_eq!(check(&text, "run0"), "overlay");
     text
 }
@@ -439,4 +447,111 @@ fn arm64_node_boots_through_uefi_pxe_and_grub_from_ltsp_servers_dhcp() {
         "{}",
         tail(out)
     );
+}
+
+/// A console line of the agent: its own (`ltsp-agent [  1.234] ...`) or echoed from kmsg.
+fn agent_console_line(l: &str) -> bool {
+    l.contains("ltsp-agent [") || l.contains("] ltsp-agent: ")
+}
+
+/// Debian's own initramfs-tools + nbd-client node (qemu/prepare-stock), root from
+/// ltsp-server: our server speaks to the stock NBD client.
+#[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
+fn stock_debian_node_boots_with_nbd_client_from_ltsp_server() {
+    let out = qemu_boot(&["--stock", "--nbd-server", "ltsp"]);
+    assert!(
+        out.contains("Welcome to Debian GNU/Linux 13 (trixie)!"),
+        "{}",
+        tail(&out)
+    );
+    // nbd-client's initramfs script attached the root, no agent in sight.
+    assert!(out.contains("Connected /dev/nbd0"), "{}", tail(&out));
+    assert!(!out.lines().any(agent_console_line), "{}", tail(&out));
+    assert_eq!(check(&out, "root"), "squashfs /dev/nbd0", "{}", tail(&out));
+    assert_eq!(check(&out, "state"), "running", "{}", tail(&out));
+    // ltsp-server served it; Debian's nbd-server did not run.
+    assert!(
+        out.lines().any(|l| l.starts_with("SERVER nbd: 192.0.2.")
+            && l.contains(": export \"root\" (")
+            && l.ends_with(" bytes) connected")),
+        "{}",
+        tail(&out)
+    );
+    assert!(!out.contains("NBD-SERVER "), "{}", tail(&out));
+}
+
+/// Our agent with root from Debian's nbd-server, which gives no image identity:
+/// qemu/boot passes ltsp.allow-anonymous=1 and the node boots, checked by size only.
+#[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
+fn agent_boots_from_debians_nbd_server_when_anonymous_is_allowed() {
+    let out = qemu_boot(&["--nbd-server", "nbd-server"]);
+    assert!(
+        out.contains("ltsp.allow-anonymous=1"),
+        "the harness passes it: {}",
+        tail(&out)
+    );
+    assert!(
+        out.contains(
+            "nbd://192.0.2.1:10809/root gives no image identity; accepted, checking the size only"
+        ),
+        "{}",
+        tail(&out)
+    );
+    assert!(
+        out.contains("nbd-watch: watching /dev/nbd0 (no identity)"),
+        "{}",
+        tail(&out)
+    );
+    assert_eq!(check(&out, "root"), "overlay overlay", "{}", tail(&out));
+    assert_eq!(check(&out, "lower"), "squashfs /dev/nbd0", "{}", tail(&out));
+    assert_eq!(check(&out, "state"), "running", "{}", tail(&out));
+    // nbd-server (its syslog) served the node; ltsp-server, with NBD off, did not.
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("NBD-SERVER ") && l.contains("connect from 192.0.2.")),
+        "{}",
+        tail(&out)
+    );
+    assert!(out.contains("Starting to serve"), "{}", tail(&out));
+    assert!(!out.contains("SERVER nbd: "), "{}", tail(&out));
+}
+
+/// The same pairing without ltsp.allow-anonymous=1: the agent reaches nbd-server, refuses
+/// it at the first try with a message naming the option, and halts (ltsp.on-failure=halt).
+#[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
+fn agent_refuses_debians_nbd_server_without_allow_anonymous() {
+    let out = qemu_boot(&[
+        "--nbd-server",
+        "nbd-server",
+        "--cmdline",
+        "ltsp.allow-anonymous=0",
+        "--expect-failure",
+        "nbd",
+    ]);
+    let reported = out
+        .lines()
+        .find_map(|l| l.strip_prefix("FAILURE-REPORTED "))
+        .unwrap_or_else(|| panic!("no failure reported:\n{}", tail(&out)));
+    assert!(
+        reported.contains("nbd://192.0.2.1:10809/root: the server gives no image identity")
+            && reported.contains("refused (ltsp.allow-anonymous=1 accepts it"),
+        "{reported}"
+    );
+    let hint = out
+        .lines()
+        .find_map(|l| l.strip_prefix("FAILURE-HINT "))
+        .unwrap_or_else(|| panic!("no hint:\n{}", tail(&out)));
+    assert!(hint.contains("ltsp.allow-anonymous=1"), "{hint}");
+    // Refused at once: no retries until ltsp.timeout.
+    assert!(!out.contains("nbd: try 1 failed"), "{}", tail(&out));
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("NBD-SERVER ") && l.contains("connect from 192.0.2.")),
+        "the agent reached nbd-server: {}",
+        tail(&out)
+    );
+    assert!(!out.contains("Reached target"), "{}", tail(&out));
 }

@@ -49,8 +49,17 @@ pub fn nbd_index(cmd: &Cmdline) -> u32 {
         .unwrap_or(0)
 }
 
+impl NbdError {
+    /// A refusal that trying again cannot change: the server answered, and what it
+    /// serves is not acceptable under this cmdline.
+    fn is_refusal(&self) -> bool {
+        matches!(self, NbdError::Anonymous { .. })
+    }
+}
+
 /// The first target that attaches, each tried in turn, again until the deadline. Returns
-/// the index of the target in use and the device.
+/// the index of the target in use and the device. When every target refused (see
+/// [`NbdError::is_refusal`]), the boot fails at once instead of retrying until the deadline.
 pub fn attach_any(
     p: &mut dyn Platform,
     cmd: &Cmdline,
@@ -58,19 +67,28 @@ pub fn attach_any(
     index: u32,
     deadline: Instant,
 ) -> Result<(usize, NbdAttached), NbdError> {
-    retry("nbd", deadline, cmd.retries, |_| {
+    // Ok(Err(e)): every target refused, stop retrying.
+    let r = retry("nbd", deadline, cmd.retries, |_| {
         let mut last = None;
+        let mut refused = 0;
         for (i, t) in targets.iter().enumerate() {
             match p.attach_nbd(t, index, cmd) {
-                Ok(a) => return Ok((i, a)),
+                Ok(a) => return Ok(Ok((i, a))),
                 Err(e) => {
                     log::warn!("nbd: {e}");
+                    refused += usize::from(e.is_refusal());
                     last = Some(e);
                 }
             }
         }
-        Err(last.expect("at least one target"))
-    })
+        let e = last.expect("at least one target");
+        if refused == targets.len() {
+            Ok(Err(e))
+        } else {
+            Err(e)
+        }
+    });
+    r.and_then(|x| x)
 }
 
 /// Negotiates with `t` (more connections if the server allows), connects the device over
