@@ -247,6 +247,13 @@ impl fmt::Display for OnFailure {
     }
 }
 
+/// The Debian name of the architecture the agent was built for: `ltsp.arch=`'s default.
+pub const DEFAULT_ARCH: &str = if cfg!(target_arch = "aarch64") {
+    "arm64"
+} else {
+    "amd64"
+};
+
 /// One row of the option table: name, default, meaning. The README's table is built from
 /// the same words; `ltsp-agent options` prints it.
 pub const OPTIONS: &[(&str, &str, &str)] = &[
@@ -257,7 +264,7 @@ pub const OPTIONS: &[(&str, &str, &str)] = &[
     ("init=", "/sbin/init", "program exec'd as PID 1 in the new root"),
     ("ltsp.server=", "(DHCP next-server)", "boot server for TFTP (lts.conf) and for NBD targets without a host"),
     ("ltsp.conf=", "(boot file dir)/lts.conf, /ltsp/<arch>/lts.conf", "path of lts.conf on the TFTP server; `none` uses only /etc/lts.conf of the image"),
-    ("ltsp.arch=", "amd64", "the <arch> in /ltsp/<arch>/lts.conf"),
+    ("ltsp.arch=", "the agent's: amd64 or arm64", "the <arch> in /ltsp/<arch>/lts.conf"),
     ("ltsp.overlay-size=", "50%", "size of the tmpfs that takes the node's writes (tmpfs `size=`)"),
     ("ltsp.timeout=", "120", "seconds, from the agent's start, that the network steps (link, DHCP, NBD) keep retrying before the boot fails"),
     ("ltsp.retries=", "0", "at most this many attempts per network step (0: only the timeout limits)"),
@@ -324,7 +331,7 @@ impl Default for Cmdline {
             bootif: None,
             server: None,
             conf_path: None,
-            arch: "amd64".into(),
+            arch: DEFAULT_ARCH.into(),
             overlay_size: "50%".into(),
             timeout: Duration::from_secs(120),
             retries: 0,

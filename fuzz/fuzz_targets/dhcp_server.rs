@@ -32,6 +32,7 @@ fn server() -> &'static DhcpServer {
             interface: String::new(),
             bios: "undionly.kpxe".into(),
             uefi: "ipxe.efi".into(),
+            arm64: "grub/arm64-efi/core.efi".into(),
             ipxe_script: "boot.ipxe".into(),
         };
         DhcpServer::new(

@@ -17,6 +17,7 @@ fn proxy() -> &'static ProxyDhcp {
             interface: "fuzz0".into(),
             bios: "undionly.kpxe".into(),
             uefi: "ipxe.efi".into(),
+            arm64: "grub/arm64-efi/core.efi".into(),
             ipxe_script: "boot.ipxe".into(),
         };
         ProxyDhcp::new(cfg, "192.0.2.1".parse().unwrap(), Status::new([]))

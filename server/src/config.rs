@@ -62,8 +62,11 @@ pub struct ProxyDhcpFile {
     pub interface: Option<String>,
     /// Boot file for BIOS firmware PXE (client architecture 0).
     pub bios: Option<String>,
-    /// Boot file for UEFI x86-64 firmware PXE (architectures 7 and 9).
+    /// Boot file for UEFI x86-64 firmware PXE (architectures 7 and 9), in proxyDHCP and
+    /// DHCP server modes alike: ipxe.efi, or a signed UKI (deploy/build-uki) for Secure Boot.
     pub uefi: Option<String>,
+    /// Boot file for UEFI arm64 firmware PXE (architecture 11).
+    pub arm64: Option<String>,
     /// What iPXE itself is given.
     pub ipxe_script: Option<String>,
 }
@@ -137,6 +140,9 @@ pub struct ProxyDhcpConfig {
     pub interface: String,
     pub bios: String,
     pub uefi: String,
+    /// UEFI arm64 (architecture 11): GRUB's netboot image by default (grub-mknetdir
+    /// with arm64-efi modules); Debian packages no arm64 iPXE.
+    pub arm64: String,
     pub ipxe_script: String,
 }
 
@@ -408,6 +414,8 @@ pub struct Overrides {
     pub dhcp_server: Option<String>,
     pub dhcp_range: Option<String>,
     pub dhcp_lease_file: Option<PathBuf>,
+    /// The UEFI boot file ([proxy_dhcp] uefi).
+    pub pxe_uefi: Option<String>,
 }
 
 pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
@@ -638,17 +646,23 @@ impl Config {
         let pxe_files = ProxyDhcpConfig {
             interface: String::new(),
             bios: pd.bios.unwrap_or_else(|| "undionly.kpxe".into()),
-            uefi: pd.uefi.unwrap_or_else(|| "ipxe.efi".into()),
+            uefi: o
+                .pxe_uefi
+                .clone()
+                .or(pd.uefi)
+                .unwrap_or_else(|| "ipxe.efi".into()),
+            arm64: pd.arm64.unwrap_or_else(|| "grub/arm64-efi/core.efi".into()),
             ipxe_script: pd.ipxe_script.unwrap_or_else(|| "boot.ipxe".into()),
         };
         for (key, name) in [
             ("bios", &pxe_files.bios),
             ("uefi", &pxe_files.uefi),
+            ("arm64", &pxe_files.arm64),
             ("ipxe_script", &pxe_files.ipxe_script),
         ] {
-            if name.len() > MAX_BOOT_FILE || name.contains('\0') {
+            if name.is_empty() || name.len() > MAX_BOOT_FILE || name.contains('\0') {
                 return Err(ConfigError::Invalid(format!(
-                    "[proxy_dhcp] {key} = {name:?}: a boot file name has at most \
+                    "[proxy_dhcp] {key} = {name:?}: a boot file name has 1 to \
                      {MAX_BOOT_FILE} bytes and no NUL (the BOOTP file field)"
                 )));
             }
@@ -847,6 +861,43 @@ mod tests {
         ));
     }
 
+    /// `[proxy_dhcp] uefi` (or --pxe-uefi) is the UEFI boot file of both DHCP modes.
+    #[test]
+    fn the_uefi_boot_file_serves_both_dhcp_modes() {
+        let f = |text: &str| parse_file(Path::new("c.toml"), text).unwrap();
+        let base = "[tftp]\nroot = \"/srv/tftp\"\n[nbd]\nenabled = false\n";
+        let uki = "ltsp/amd64/ltsp.efi";
+        let c = Config::build(
+            f(&format!(
+                "{base}[proxy_dhcp]\ninterface = \"br0\"\nuefi = \"{uki}\"\n"
+            )),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.proxy_dhcp.unwrap().uefi, uki);
+        assert_eq!(c.pxe_files.uefi, uki);
+        assert_eq!(c.pxe_files.bios, "undionly.kpxe");
+        let o = Overrides {
+            dhcp_server: Some("br0".into()),
+            dhcp_range: Some("192.0.2.100-192.0.2.199".into()),
+            pxe_uefi: Some(uki.into()),
+            ..Default::default()
+        };
+        let c = Config::build(f(base), &o).unwrap();
+        assert!(c.dhcp_server.is_some());
+        assert_eq!(c.pxe_files.uefi, uki, "the DHCP server gives pxe_files");
+        let c = Config::build(f(base), &Overrides::default()).unwrap();
+        assert_eq!(c.pxe_files.uefi, "ipxe.efi");
+        for bad in ["", &"x".repeat(MAX_BOOT_FILE + 1)] {
+            let o = Overrides {
+                pxe_uefi: Some(bad.to_string()),
+                ..Default::default()
+            };
+            let e = Config::build(f(base), &o).unwrap_err().to_string();
+            assert!(e.contains("[proxy_dhcp] uefi"), "{e}");
+        }
+    }
+
     #[test]
     fn tftp_limits_from_file_flags_and_defaults() {
         let dir = tempfile::tempdir().unwrap();
@@ -1003,8 +1054,18 @@ mod tests {
         assert_eq!(b16.dhcp_server.unwrap().max_leases, MAX_LEASES_DEFAULT_CAP);
         // set_fname_str() panics past 128 bytes: such a name is refused at start instead.
         let e = build(&format!("[proxy_dhcp]\nbios = \"{}\"\n", "a".repeat(128))).unwrap_err();
-        assert!(e.to_string().contains("at most 127 bytes"), "{e}");
+        assert!(e.to_string().contains("1 to 127 bytes"), "{e}");
         assert!(build(&format!("[proxy_dhcp]\nbios = \"{}\"\n", "a".repeat(127))).is_ok());
+        // The arm64 loader: GRUB's netboot image unless set, bounded like the others,
+        // and the same for both DHCP modes.
+        let d = build("[proxy_dhcp]\ninterface = \"x\"\n").unwrap();
+        assert_eq!(d.pxe_files.arm64, "grub/arm64-efi/core.efi");
+        assert_eq!(d.proxy_dhcp.unwrap().arm64, "grub/arm64-efi/core.efi");
+        let d = build("[proxy_dhcp]\ninterface = \"x\"\narm64 = \"arm64/snp.efi\"\n").unwrap();
+        assert_eq!(d.pxe_files.arm64, "arm64/snp.efi");
+        assert_eq!(d.proxy_dhcp.unwrap().arm64, "arm64/snp.efi");
+        let e = build(&format!("[proxy_dhcp]\narm64 = \"{}\"\n", "a".repeat(128))).unwrap_err();
+        assert!(e.to_string().contains("[proxy_dhcp] arm64"), "{e}");
     }
 
     #[test]

@@ -828,6 +828,15 @@ impl DhcpServer {
             }
             if client != Client::NotPxe && file.is_some() {
                 o.insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
+                // PXE discovery control 8: take the file named here. Without it UEFI
+                // firmware (edk2) reads the offer as BINL and asks port 4011 for the
+                // file, which nothing answers in this mode.
+                o.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
+                if let Some(DhcpOption::ClientMachineIdentifier(uuid)) =
+                    m.opts().get(OptionCode::ClientMachineIdentifier)
+                {
+                    o.insert(DhcpOption::ClientMachineIdentifier(uuid.clone()));
+                }
             }
         }
         Some(r)
@@ -933,10 +942,15 @@ mod tests {
     }
 
     fn server(c: DhcpServerConfig) -> DhcpServer {
+        server_with_uefi(c, "ipxe.efi")
+    }
+
+    fn server_with_uefi(c: DhcpServerConfig, uefi: &str) -> DhcpServer {
         let files = ProxyDhcpConfig {
             interface: String::new(),
             bios: "undionly.kpxe".into(),
-            uefi: "ipxe.efi".into(),
+            uefi: uefi.into(),
+            arm64: "grub/arm64-efi/core.efi".into(),
             ipxe_script: "boot.ipxe".into(),
         };
         DhcpServer::new(
@@ -1011,6 +1025,87 @@ mod tests {
             let _ = s.handle(&bytes[..n], 67, peer(), now);
         }
         assert!(s.handle(b"not dhcp at all", 67, peer(), now).is_none());
+    }
+
+    /// UEFI firmware PXE (architectures 7 and 9) is offered the configured UEFI file (a
+    /// signed UKI here) in the OFFER and the ACK, with this server as next-server; BIOS
+    /// and iPXE still get theirs.
+    #[test]
+    fn uefi_firmware_gets_the_uki_in_offer_and_ack() {
+        let uki = "ltsp/amd64/ltsp.efi";
+        let s = server_with_uefi(cfg("192.0.2.100", "192.0.2.110", 11), uki);
+        let now = Instant::now();
+        let pxe = |arch: u16| {
+            vec![
+                DhcpOption::ClassIdentifier(format!("PXEClient:Arch:{arch:05}:UNDI:003016").into()),
+                DhcpOption::ClientSystemArchitecture(arch.into()),
+                DhcpOption::ClientMachineIdentifier(vec![0, 7, 7, 7]),
+            ]
+        };
+        for (n, arch) in [7u16, 9].into_iter().enumerate() {
+            let mac = [0x52, 0x54, 0, 0, 0, n as u8 + 1];
+            let offer = reply(&s, &msg(MessageType::Discover, &mac, pxe(arch)), now).unwrap();
+            assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+            assert_eq!(offer.siaddr(), ip("192.0.2.1"), "arch {arch}");
+            assert!(
+                offer.fname().unwrap().starts_with(b"ltsp/amd64/ltsp.efi\0"),
+                "arch {arch}"
+            );
+            // A PXE offer edk2 boots from without asking port 4011: PXEClient, discovery
+            // control 8 (no boot server discovery), the client's UUID echoed.
+            assert!(matches!(offer.opts().get(OptionCode::ClassIdentifier),
+                Some(DhcpOption::ClassIdentifier(c)) if c == b"PXEClient"));
+            assert!(matches!(offer.opts().get(OptionCode::VendorExtensions),
+                Some(DhcpOption::VendorExtensions(v)) if v == &[6, 1, 8, 255]));
+            assert!(
+                matches!(offer.opts().get(OptionCode::ClientMachineIdentifier),
+                Some(DhcpOption::ClientMachineIdentifier(u)) if u == &[0, 7, 7, 7])
+            );
+            let mut opts = pxe(arch);
+            opts.push(DhcpOption::RequestedIpAddress(offer.yiaddr()));
+            opts.push(DhcpOption::ServerIdentifier(ip("192.0.2.1")));
+            let ack = reply(&s, &msg(MessageType::Request, &mac, opts), now).unwrap();
+            assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+            assert_eq!(ack.yiaddr(), offer.yiaddr());
+            assert!(
+                ack.fname().unwrap().starts_with(b"ltsp/amd64/ltsp.efi\0"),
+                "arch {arch}"
+            );
+        }
+        let bios = reply(
+            &s,
+            &msg(MessageType::Discover, &[2, 0, 0, 0, 0, 9], pxe(0)),
+            now,
+        )
+        .unwrap();
+        assert!(bios.fname().unwrap().starts_with(b"undionly.kpxe\0"));
+        let mut ipxe = pxe(7);
+        ipxe.push(DhcpOption::UserClass(b"iPXE".to_vec()));
+        let ipxe = reply(
+            &s,
+            &msg(MessageType::Discover, &[2, 0, 0, 0, 0, 8], ipxe),
+            now,
+        )
+        .unwrap();
+        assert!(ipxe.fname().unwrap().starts_with(b"boot.ipxe\0"));
+    }
+
+    #[test]
+    fn an_arm64_uefi_client_gets_the_arm64_loader_with_its_lease() {
+        let s = server(cfg("192.0.2.100", "192.0.2.110", 11));
+        let bytes = msg(
+            MessageType::Discover,
+            &A,
+            vec![
+                DhcpOption::ClassIdentifier(b"PXEClient:Arch:00011:UNDI:003000".to_vec()),
+                DhcpOption::ClientSystemArchitecture(11u16.into()),
+            ],
+        );
+        let out = s.handle(&bytes, 67, peer(), Instant::now()).unwrap();
+        assert_eq!(out.file.as_deref(), Some("grub/arm64-efi/core.efi"));
+        let r = Message::decode(&mut Decoder::new(&out.bytes)).unwrap();
+        assert_eq!(r.yiaddr(), ip("192.0.2.100"));
+        assert!(r.fname().unwrap().starts_with(b"grub/arm64-efi/core.efi\0"));
     }
 
     /// Datagrams that trip dhcproto (hlen past chaddr, option-length assertions), kept

@@ -166,6 +166,11 @@ struct ServeArgs {
     /// default /var/lib/ltsp/dhcp-leases).
     #[arg(long, value_name = "FILE")]
     dhcp_lease_file: Option<PathBuf>,
+    /// The boot file UEFI x86-64 firmware PXE gets from proxyDHCP or the DHCP server
+    /// ([proxy_dhcp] uefi; default ipxe.efi): a signed UKI (deploy/build-uki) boots
+    /// under Secure Boot with no iPXE in the chain.
+    #[arg(long, value_name = "PATH")]
+    pxe_uefi: Option<String>,
     /// Address for /healthz, /metrics and /nodes over HTTP (default: off).
     #[arg(long, value_name = "ADDR:PORT")]
     http_listen: Option<SocketAddr>,
@@ -244,6 +249,7 @@ impl ServeArgs {
             dhcp_server: self.dhcp_server.clone(),
             dhcp_range: self.dhcp_range.clone(),
             dhcp_lease_file: self.dhcp_lease_file.clone(),
+            pxe_uefi: self.pxe_uefi.clone(),
         };
         Config::load(self.config.as_deref(), &o)
     }

@@ -3,8 +3,8 @@
 //! from the site's server. Port 67 takes the DISCOVER broadcasts, port 4011 the requests
 //! some firmware (EDK2, iPXE) sends to the proxy afterwards.
 //!
-//! Which file: firmware PXE gets an iPXE binary for its architecture (BIOS: option 93 = 0;
-//! UEFI x86-64: 7 or 9); iPXE itself (user class `iPXE` or option 175) gets `boot.ipxe`,
+//! Which file: firmware PXE gets a loader for its architecture (BIOS: option 93 = 0;
+//! UEFI x86-64: 7 or 9, an iPXE binary; UEFI arm64: 11, GRUB by default); iPXE itself (user class `iPXE` or option 175) gets `boot.ipxe`,
 //! so the chain ends there instead of looping.
 //!
 //! Both DHCP modes (this one and `dhcpd`) run the one receive loop here, [`serve`], around
@@ -151,7 +151,8 @@ pub fn boot_file(c: Client, cfg: &ProxyDhcpConfig) -> Option<String> {
         Client::Ipxe => Some(cfg.ipxe_script.clone()),
         Client::Firmware(0) => Some(cfg.bios.clone()),
         Client::Firmware(6 | 7 | 9) => Some(cfg.uefi.clone()),
-        // ARM, Itanium, HTTP-boot clients...: not served; say so once per request.
+        Client::Firmware(11) => Some(cfg.arm64.clone()),
+        // 32-bit ARM, Itanium, HTTP-boot clients...: not served; say so once per request.
         Client::Firmware(other) => {
             log::debug!("proxy-dhcp: client architecture {other} is not served");
             None
@@ -275,13 +276,27 @@ impl ProxyDhcp {
         let s67 = bind(&cfg.interface, 67)?;
         let s4011 = bind(&cfg.interface, 4011)?;
         log::info!(
-            "proxy-dhcp: answering PXE clients on {} as {server} (BIOS {}, UEFI {}, iPXE {})",
+            "proxy-dhcp: answering PXE clients on {} as {server} (BIOS {}, UEFI {}, arm64 {}, iPXE {})",
             cfg.interface,
             cfg.bios,
             cfg.uefi,
+            cfg.arm64,
             cfg.ipxe_script
         );
         Ok((Arc::new(ProxyDhcp::new(cfg, server, status)), s67, s4011))
+    }
+
+    /// Binds port 4011 alone, beside ltsp-server's DHCP server on that interface: UEFI
+    /// firmware (EDK2) takes an offer that says `PXEClient` as a BINL offer and asks port
+    /// 4011 of the offering server for its boot file before it loads anything.
+    pub fn bind_boot_server(
+        cfg: ProxyDhcpConfig,
+        status: Arc<crate::status::Status>,
+    ) -> Result<(Arc<Self>, UdpSocket), ProxyDhcpError> {
+        let (server, _) = ipv4_of(&cfg.interface)
+            .ok_or_else(|| ProxyDhcpError::NoAddress(cfg.interface.clone()))?;
+        let s4011 = bind(&cfg.interface, 4011)?;
+        Ok((Arc::new(ProxyDhcp::new(cfg, server, status)), s4011))
     }
 
     /// The logic without sockets (tests and fuzzing build it directly).
@@ -345,6 +360,7 @@ mod tests {
             interface: "br0".into(),
             bios: "undionly.kpxe".into(),
             uefi: "ipxe.efi".into(),
+            arm64: "grub/arm64-efi/core.efi".into(),
             ipxe_script: "boot.ipxe".into(),
         }
     }
@@ -386,10 +402,60 @@ mod tests {
         assert_eq!(file(&discover(pxe(0))).as_deref(), Some("undionly.kpxe"));
         assert_eq!(file(&discover(pxe(7))).as_deref(), Some("ipxe.efi"));
         assert_eq!(file(&discover(pxe(9))).as_deref(), Some("ipxe.efi"));
-        assert_eq!(file(&discover(pxe(11))), None, "ARM64 is not served");
+        assert_eq!(
+            file(&discover(pxe(11))).as_deref(),
+            Some("grub/arm64-efi/core.efi"),
+            "UEFI arm64 gets its own loader"
+        );
+        assert_eq!(file(&discover(pxe(10))), None, "32-bit ARM is not served");
         let mut ipxe = pxe(7);
         ipxe.push(DhcpOption::UserClass(b"iPXE".to_vec()));
         assert_eq!(file(&discover(ipxe)).as_deref(), Some("boot.ipxe"));
+    }
+
+    /// With a signed UKI as the UEFI boot file, UEFI firmware PXE (architectures 7 and 9)
+    /// gets it in the proxy OFFER on 67 and the ACK on 4011; iPXE and BIOS are unchanged.
+    #[test]
+    fn uefi_firmware_gets_the_uki() {
+        let p = ProxyDhcp::new(
+            ProxyDhcpConfig {
+                uefi: "ltsp/amd64/ltsp.efi".into(),
+                ..cfg()
+            },
+            Ipv4Addr::new(192, 0, 2, 1),
+            crate::status::Status::new([]),
+        );
+        let now = Instant::now();
+        for arch in [7, 9] {
+            let r = p
+                .handle(&discover(pxe(arch)).to_vec().unwrap(), 67, peer(), now)
+                .unwrap();
+            assert_eq!(
+                r.file.as_deref(),
+                Some("ltsp/amd64/ltsp.efi"),
+                "arch {arch}"
+            );
+            let m = Message::decode(&mut Decoder::new(&r.bytes)).unwrap();
+            assert_eq!(m.siaddr(), Ipv4Addr::new(192, 0, 2, 1));
+            assert!(m.fname().unwrap().starts_with(b"ltsp/amd64/ltsp.efi\0"));
+            let mut q = discover(pxe(arch));
+            q.opts_mut()
+                .insert(DhcpOption::MessageType(MessageType::Request));
+            let r = p.handle(&q.to_vec().unwrap(), 4011, peer(), now).unwrap();
+            let m = Message::decode(&mut Decoder::new(&r.bytes)).unwrap();
+            assert_eq!(m.opts().msg_type(), Some(MessageType::Ack));
+            assert!(m.fname().unwrap().starts_with(b"ltsp/amd64/ltsp.efi\0"));
+        }
+        let r = p
+            .handle(&discover(pxe(0)).to_vec().unwrap(), 67, peer(), now)
+            .unwrap();
+        assert_eq!(r.file.as_deref(), Some("undionly.kpxe"));
+        let mut ipxe = pxe(9);
+        ipxe.push(DhcpOption::UserClass(b"iPXE".to_vec()));
+        let r = p
+            .handle(&discover(ipxe).to_vec().unwrap(), 67, peer(), now)
+            .unwrap();
+        assert_eq!(r.file.as_deref(), Some("boot.ipxe"));
     }
 
     #[test]
@@ -451,6 +517,15 @@ mod tests {
         let m = Message::decode(&mut Decoder::new(&r.bytes)).unwrap();
         assert_eq!(m.opts().msg_type(), Some(MessageType::Ack));
         assert!(p.handle(&q, 67, peer(), now).is_none());
+        // EDK2 on arm64 asks 4011 after a BINL offer (DHCP-server mode binds 4011 for it).
+        let mut q = discover(pxe(11));
+        q.opts_mut()
+            .insert(DhcpOption::MessageType(MessageType::Request));
+        let r = p.handle(&q.to_vec().unwrap(), 4011, peer(), now);
+        assert_eq!(
+            r.expect("an ack").file.as_deref(),
+            Some("grub/arm64-efi/core.efi")
+        );
         // The longest chaddr there is (16 bytes) is still served.
         let mut long = d.clone();
         long[2] = 16;

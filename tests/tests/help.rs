@@ -76,6 +76,9 @@ fn scripts() {
         ("qemu/boot", "--flavour"),
         ("qemu/boot", "--suite"),
         ("qemu/fault", "server-restart"),
+        ("qemu/fault", "tamper-uki"),
+        ("qemu/boot", "--secure-boot"),
+        ("deploy/build-uki", "--roothash"),
     ] {
         help(&mut Command::new(root.join(path)), path, &[must]);
     }

@@ -329,16 +329,115 @@ fn nodes_with_e1000_and_e1000e_nics_find_their_driver_by_modalias() {
     }
 }
 
+/// The whole chain under Secure Boot: OVMF enforcing with the snakeoil key in db, its own
+/// PXE given the signed UKI by ltsp-server as the DHCP server (no iPXE; proxyDHCP gives
+/// the same file, unit-tested, and UEFI through proxyDHCP is booted above), the UKI's
+/// pinned command line, lockdown, the lts.conf signature, the root through dm-verity,
+/// Debian's signed modules.
 #[test]
 #[ignore = "needs root and QEMU: network namespace, tap, chroot"]
-fn a_node_with_the_root_hash_pinned_boots_from_dm_verity() {
-    let out = boot_with(&["--verity"]);
-    // The squashfs is mounted from the dm-verity device, not from /dev/nbd0.
+fn a_signed_uki_boots_under_secure_boot_with_lockdown_and_a_verity_root() {
+    let out = boot_with(&["--secure-boot", "--dhcp", "server"]);
+    // Firmware PXE fetched the UKI itself, offered by ltsp-server's DHCP server.
+    assert!(
+        out.contains("NBP filename is ltsp/amd64/ltsp.efi"),
+        "{}",
+        tail(&out)
+    );
+    assert!(
+        out.contains("dhcp-server: 52:54:00:12:34:56: Ack 192.0.2.100 ltsp/amd64/ltsp.efi"),
+        "{}",
+        tail(&out)
+    );
+    // No iPXE in the chain: neither iPXE nor its script offered or sent, none ran.
+    for no in ["boot.ipxe", "sent \"ipxe.efi\"", "iPXE initialising"] {
+        assert!(!out.contains(no), "{no}: {}", tail(&out));
+    }
+    assert!(out.contains("EFI stub: UEFI Secure Boot is enabled."));
+    // The SecureBoot variable's value (after 4 attribute bytes) is 1.
+    let sb: Vec<&str> = check(&out, "secureboot").split_whitespace().collect();
+    assert_eq!(sb.last(), Some(&"1"), "SecureBoot: {sb:?}");
+    let lockdown = check(&out, "lockdown");
+    assert!(
+        lockdown.contains("[integrity]") || lockdown.contains("[confidentiality]"),
+        "lockdown: {lockdown}"
+    );
+    // The kernel runs the UKI's own command line, with the root hash pinned.
+    let cmdline = check(&out, "cmdline");
+    assert_eq!(cmdline, check(&out, "uki-cmdline"));
+    assert!(cmdline.contains(" ltsp.verity="), "{cmdline}");
+    assert!(cmdline.contains(" nbdroot=192.0.2.1/root"), "{cmdline}");
     assert_eq!(check(&out, "lower"), "squashfs /dev/dm-0", "{}", tail(&out));
+    assert_eq!(
+        check(&out, "verity"),
+        "ltsp-root /dev/dm-0 over nbd0 0 corrupt"
+    );
     assert!(
         out.contains("verity: /dev/nbd0 verified through /dev/dm-0 against ltsp.verity="),
         "{}",
         tail(&out)
+    );
+    assert!(
+        check(&out, "signature").contains("lts.conf: signature verified"),
+        "{}",
+        tail(&out)
+    );
+    // Debian's signed modules, stored decompressed in the initramfs, load under lockdown.
+    let modules = check(&out, "modules");
+    for m in ["nbd:live", "dm_verity:live"] {
+        assert!(
+            modules.split(' ').any(|x| x == m),
+            "{m} not loaded: {modules}"
+        );
+    }
+    assert_eq!(
+        check(&out, "unsigned"),
+        "0",
+        "a module was refused or unsigned"
+    );
+    assert_eq!(check(&out, "state"), "running", "{}", tail(&out));
+}
+
+/// An arm64 node: qemu-system-aarch64 (virt machine, AAVMF UEFI) PXE-boots as client
+/// architecture 11 on a lab network whose DHCP server is ltsp-server; it gives the node
+/// GRUB's arm64 netboot image, GRUB reads the generated grub.cfg, and the arm64 agent
+/// (cross-built, static musl) mounts the arm64 image's root from ltsp-server's NBD.
+#[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot, binfmt_misc for the arm64 image"]
+fn arm64_node_boots_through_uefi_pxe_and_grub_from_ltsp_servers_dhcp() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let run = Command::new("python3")
+        .arg(workspace_root().join("qemu/boot"))
+        .args(["--arch", "arm64", "--dhcp", "server", "--timeout", "900"])
+        .args(["--run", "uname -m"])
+        .output()
+        .expect("run qemu/boot");
+    let text = String::from_utf8_lossy(&run.stdout).into_owned();
+    let out = text.as_str();
+    assert!(
+        run.status.success(),
+        "qemu/boot --arch arm64 failed:\n{}\n{}",
+        tail(out),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(check(out, "run0"), "aarch64");
+    assert_eq!(check(out, "root"), "overlay overlay");
+    assert_eq!(check(out, "lower"), "squashfs /dev/nbd0");
+    assert_eq!(check(out, "state"), "running", "systemd not degraded");
+    // The firmware asked as UEFI arm64 and got GRUB with its lease; GRUB our grub.cfg.
+    assert!(
+        out.contains("dhcp-server: 52:54:00:12:34:56: Ack 192.0.2.100 grub/arm64-efi/core.efi"),
+        "{}",
+        tail(out)
+    );
+    // The offer says PXEClient with discovery control 8: EDK2 boots from it, and does not
+    // ask port 4011 as it did of an offer without them.
+    assert!(!out.contains("to 192.0.2.100:4011"), "{}", tail(out));
+    assert!(out.contains("sent \"/grub/grub.cfg\""), "{}", tail(out));
+    assert!(
+        out.contains("Welcome to Debian GNU/Linux 13 (trixie)!"),
+        "{}",
+        tail(out)
     );
 }
 

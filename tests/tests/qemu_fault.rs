@@ -1,7 +1,8 @@
 //! Fault scenarios on the QEMU test bed (`qemu/fault`): a node survives its server
 //! restarting, fails over to a second one, is untouched by an image update, keeps its
 //! DHCP lease, refuses an lts.conf changed after signing, reads a tampered verity root as
-//! EIO, and reports boot failures with their cause and does what `ltsp.on-failure` says.
+//! EIO (both under Secure Boot), never runs a UKI changed after signing, and reports boot
+//! failures with their cause and does what `ltsp.on-failure` says.
 //! Needs root.
 
 use ltsp_tests::workspace_root;
@@ -13,10 +14,16 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Runs a scenario; returns its output once it passed.
 fn fault(scenario: &str) -> String {
+    fault_with(scenario, &[])
+}
+
+/// Runs a scenario with more options (`--secure-boot`); returns its output once it passed.
+fn fault_with(scenario: &str, opts: &[&str]) -> String {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let out = Command::new("python3")
         .arg(workspace_root().join("qemu/fault"))
         .args([scenario, "--timeout", "420"])
+        .args(opts)
         .output()
         .expect("run qemu/fault");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -203,7 +210,8 @@ fn a_node_in_ram_runs_on_with_every_server_gone() {
 #[test]
 #[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn a_tampered_lts_conf_is_refused_and_the_signed_one_applies() {
-    let out = fault("tamper-ltsconf");
+    let out = fault_with("tamper-ltsconf", &["--secure-boot"]);
+    assert_secure_boot(&out);
     has(&out, "REFUSED: the signature does not match");
     has(&out, "refused, none of its commands ran, multi-user");
     has(&out, "lts.conf for the tamper-ltsconf scenario");
@@ -216,7 +224,8 @@ fn a_tampered_lts_conf_is_refused_and_the_signed_one_applies() {
 #[test]
 #[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn a_tampered_block_of_a_verity_root_reads_as_eio_and_names_verity() {
-    let out = fault("tamper-image");
+    let out = fault_with("tamper-image", &["--secure-boot"]);
+    assert_secure_boot(&out);
     has(&out, "/rofs on /dev/dm-0, dm-0 is 'ltsp-root' over nbd0");
     has(
         &out,
@@ -243,4 +252,29 @@ fn a_wrong_verity_root_hash_stops_the_boot_naming_verity() {
         "check: that ltsp.verity= is the root.squashfs.roothash",
     );
     has(&out, "reboot: System halted");
+}
+
+/// The node booted the signed UKI by firmware PXE, and ran under Secure Boot with lockdown.
+fn assert_secure_boot(out: &str) {
+    assert!(out.contains("NBP filename is ltsp/amd64/ltsp.efi"));
+    has(out, "secure boot: SecureBoot=1 lockdown=");
+}
+
+#[test]
+#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
+fn a_tampered_uki_is_refused_by_the_firmware_and_no_kernel_runs() {
+    let out = fault("tamper-uki");
+    assert!(out.contains("NBP filename is ltsp/amd64/ltsp.efi"));
+    has(out.as_str(), "firmware at ");
+    assert!(
+        fault_lines(&out)
+            .iter()
+            .any(|l| l.contains("Access Denied") || l.contains("Security Violation")),
+        "{}",
+        fault_lines(&out).join("\n")
+    );
+    has(&out, "downloaded the whole UKI");
+    has(&out, "sbverify accepted it before, refuses it after");
+    has(&out, "tamper-uki: refused by the firmware, no kernel line");
+    assert!(!out.contains("Linux version"), "a kernel ran");
 }
