@@ -41,7 +41,19 @@ def build(args):
     """Builds both binaries and the Debian packages (scripts/package), then the test image
     with the agent installed from its .deb (qemu/prepare), of args.suite (default trixie)
     and args.arch (default amd64; arm64: the agent cross-built, the image under
-    qemu-user-static). Returns (server, artifacts)."""
+    qemu-user-static). With args.image "docker": deploy/Dockerfile built by podman
+    (qemu/build-docker-image), the server binary and what it serves taken from the image.
+    Returns (server, artifacts)."""
+    suite = getattr(args, "suite", "trixie")
+    if getattr(args, "image", "test") == "docker":
+        work = os.environ.get("LTSP_QEMU_WORK", os.path.join(HERE, "work"))
+        art = os.path.join(work, f"docker-{suite}")
+        # --no-build: what the last build produced (the tests build it before taking the
+        # QEMU lock); otherwise build or confirm it is up to date.
+        if not (args.no_build and os.path.exists(os.path.join(art, "KEY"))):
+            art = subprocess.run([os.path.join(HERE, "build-docker-image"), "--suite", suite], check=True,
+                                 stdout=subprocess.PIPE, text=True).stdout.strip()
+        return os.path.join(art, "ltsp-server"), art
     env = dict(os.environ)
     env["PATH"] = os.path.expanduser("~/.cargo/bin") + ":" + env.get("PATH", "")
     arch = getattr(args, "arch", "amd64")
@@ -59,7 +71,6 @@ def build(args):
                                  env=env, check=True, capture_output=True, text=True).stdout.split()
         deb = next(p for p in out if "ltsp-agent_" in p)
         deb = deb if os.path.isabs(deb) else os.path.join(TOP, deb)
-    suite = getattr(args, "suite", "trixie")
     sh(os.path.join(HERE, "prepare"), "--suite", suite, "--arch", arch, deb, agent)
     work = os.environ.get("LTSP_QEMU_WORK", os.path.join(HERE, "work"))
     return server, os.path.join(work, f"artifacts-{suite}" + ("" if arch == "amd64" else f"-{arch}"))

@@ -1,6 +1,6 @@
 //! deploy/: the Dockerfile's stages and the Kubernetes manifests, checked for the
-//! structure a fleet relies on (no Docker engine or cluster runs here; the same build
-//! steps run for real in qemu/prepare through deploy/build-image).
+//! structure a fleet relies on (no cluster runs here; the Dockerfile is built for real by
+//! podman in qemu_boot.rs, and the same steps run in qemu/prepare through deploy/build-image).
 
 use ltsp_tests::workspace_root;
 use yaml_rust2::{Yaml, YamlLoader};
@@ -58,6 +58,36 @@ fn dockerfile_has_the_stages_and_uses_the_shared_steps() {
     );
     assert!(d.contains("ENTRYPOINT [\"/usr/sbin/ltsp-server\", \"serve\""));
     assert!(d.contains("EXPOSE 69/udp 10809/tcp 8080/tcp"));
+}
+
+#[test]
+fn dockerfile_base_images_are_build_args_and_the_context_is_small() {
+    let d = read("deploy/Dockerfile");
+    // A site points the build at its registry's mirrors with these.
+    for arg in [
+        "ARG DEBIAN=debian:${SUITE}",
+        "ARG DEBIAN_SLIM=${DEBIAN}-slim",
+        "ARG RUST_IMAGE=rust:1-${SUITE}",
+    ] {
+        assert!(d.contains(arg), "Dockerfile: {arg}");
+    }
+    for from in d.lines().filter(|l| l.starts_with("FROM ")) {
+        let image = from.split_whitespace().nth(1).unwrap();
+        assert!(
+            image.starts_with("${") || image == "base",
+            "{from}: a base image not chosen by a build ARG"
+        );
+    }
+    // Build output and the QEMU caches (gigabytes) stay out of the build context.
+    let ignore = read(".dockerignore");
+    for dir in ["target", "qemu/cache", "qemu/work", "fuzz/corpus"] {
+        assert!(
+            ignore
+                .lines()
+                .any(|l| l == dir || dir.starts_with(&format!("{l}/"))),
+            ".dockerignore: {dir}"
+        );
+    }
 }
 
 #[test]

@@ -555,3 +555,87 @@ fn agent_refuses_debians_nbd_server_without_allow_anonymous() {
     );
     assert!(!out.contains("Reached target"), "{}", tail(&out));
 }
+
+/// deploy/Dockerfile built by a real engine (podman, qemu/build-docker-image: no registry,
+/// base images from mmdebstrap, selected by the build ARGs), then a node booted from what
+/// the image holds: its ltsp-server, kernel, initramfs-tools initramfs and squashfs, with
+/// its root hash pinned. The build (a Rust compile inside, minutes) runs before taking the
+/// QEMU lock, beside the other boots: its name sorts first so the test harness starts it
+/// first, and it runs niced so that the boots keep their core.
+#[test]
+#[ignore = "needs root: podman build (chroot isolation), network namespace, tap, QEMU"]
+fn a_container_build_of_the_dockerfile_boots_a_node_from_its_server_image() {
+    let built = Command::new("nice")
+        .args(["-n", "10"])
+        .arg(workspace_root().join("qemu/build-docker-image"))
+        .output()
+        .expect("run qemu/build-docker-image");
+    assert!(
+        built.status.success(),
+        "qemu/build-docker-image failed:\n{}",
+        tail(&String::from_utf8_lossy(&built.stderr))
+    );
+    let dir = std::path::PathBuf::from(String::from_utf8_lossy(&built.stdout).trim());
+    let roothash = std::fs::read_to_string(dir.join("root.squashfs.roothash"))
+        .expect("the image's root.squashfs.roothash");
+    let roothash = roothash.trim();
+    assert!(
+        roothash.len() == 64 && roothash.bytes().all(|b| b.is_ascii_hexdigit()),
+        "root hash {roothash:?}"
+    );
+    let out = {
+        let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        Command::new("python3")
+            .arg(workspace_root().join("qemu/boot"))
+            .args([
+                "--image",
+                "docker",
+                "--no-build",
+                "--verity",
+                "--timeout",
+                "300",
+            ])
+            .args(["--run", "dpkg-query -W -f='${Status}' ltsp-agent"])
+            .args(["--run", ". /etc/os-release; echo $VERSION_CODENAME"])
+            .output()
+            .expect("run qemu/boot --image docker")
+    };
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "qemu/boot --image docker failed:\n{}\n{}",
+        tail(&text),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The image's own ltsp-server served the image's kernel and initramfs...
+    assert!(text.contains("Linux version 6.12."), "{}", tail(&text));
+    assert!(
+        text.contains("] handover") || text.contains("ltsp-agent: handover"),
+        "the initramfs-tools worker path: {}",
+        tail(&text)
+    );
+    // ...and its squashfs, verified against the root hash the build published.
+    assert!(
+        text.contains(&format!(
+            "verity: /dev/nbd0 verified through /dev/dm-0 against ltsp.verity={roothash}"
+        )),
+        "{}",
+        tail(&text)
+    );
+    assert_eq!(
+        check(&text, "lower"),
+        "squashfs /dev/dm-0",
+        "{}",
+        tail(&text)
+    );
+    assert_eq!(check(&text, "root"), "overlay overlay");
+    assert_eq!(
+        check(&text, "hostname"),
+        "docker-node-1",
+        "lts.conf applied"
+    );
+    assert_eq!(check(&text, "state"), "running", "systemd not degraded");
+    assert_eq!(check(&text, "run0"), "install ok installed");
+    assert_eq!(check(&text, "run1"), "trixie");
+    assert!(text.contains("LTSP-DOCKER-RCFILE ran on docker-node-1"));
+}
