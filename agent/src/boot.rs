@@ -1258,6 +1258,13 @@ mod tests {
             self.attached.push(t.to_string());
             if self.nbd_failures > 0 {
                 self.nbd_failures -= 1;
+                if self.anonymous {
+                    // ltsp-server whose hashing failed: no identity yet, unlike a refusal.
+                    return Err(NbdError::NoIdentityYet {
+                        target: t.to_string(),
+                        description: "ltsp-rs image img size=16384".into(),
+                    });
+                }
                 return Err(NbdError::DeviceTimeout {
                     device: "x".into(),
                     secs: 0,
@@ -1792,8 +1799,8 @@ mod tests {
             d.path(),
             "root=/dev/nbd0 nbdroot=192.0.2.9/img ltsp.conf=none ltsp.retries=5",
         );
-        // Two transient failures are retried; the refusal then ends the step at the third
-        // try, not the fifth.
+        // Two transient failures (ltsp-server without an identity yet, as when its hashing
+        // failed) are retried; the refusal then ends the step at the third try, not the fifth.
         let mut p = FakePlatform {
             nbd_failures: 2,
             anonymous: true,

@@ -189,9 +189,29 @@ fn command_lines_and_initramfs_that_leave_a_hole_are_refused() {
         "initrd-key.img",
         "root=/dev/nbd0 nbdroot=:root",
         &[],
-        "nbdroot=:EXPORT",
+        ":EXPORT takes it from DHCP",
     );
     refused("initrd-key.img", "root=/dev/nbd0", &[], "no nbdroot=");
+    for bad in [
+        "nbdroot=dhcp",
+        "nbdroot=/root",
+        "nbdroot=nbd:,root",
+        "nbdroot=192.0.2.1/root nbdroot=:root",
+    ] {
+        refused(
+            "initrd-key.img",
+            &format!("root=/dev/nbd0 {bad}"),
+            &[],
+            "name it",
+        );
+    }
+    // What follows `--` goes to init, past every check.
+    refused(
+        "initrd-key.img",
+        &format!("{CMDLINE} -- init=/bin/sh"),
+        &[],
+        "goes to init",
+    );
     // No lts.conf key: a forged lts.conf would run as root.
     refused("initrd-nokey.img", CMDLINE, &[], "etc/ltsp/trust.pub");
     // Two root hashes, or a root hash file that is not one.
@@ -213,6 +233,33 @@ fn command_lines_and_initramfs_that_leave_a_hole_are_refused() {
         &["--key", "db.key"],
         "--key and --cert go together",
     );
+    // A systemd-stub that appends SMBIOS kernel-cmdline-extra to the signed command line
+    // (254 and later), unless the site says it trusts its machines' SMBIOS.
+    sh(
+        &format!(
+            "cp {STUB} new.stub && printf '#### LoaderInfo: systemd-stub 257.9-1~deb13u1 ####' >magic \
+             && objcopy --update-section .sdmagic=magic new.stub"
+        ),
+        dir,
+    );
+    refused(
+        "initrd-key.img",
+        CMDLINE,
+        &["--stub", "new.stub"],
+        "appends SMBIOS io.systemd.stub.kernel-cmdline-extra",
+    );
+    let out = build_uki(
+        dir,
+        "initrd-key.img",
+        CMDLINE,
+        &["--stub", "new.stub", "--allow-smbios-cmdline"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(dir.join("ltsp.efi")).unwrap();
     // Accepted without a key when asked, with the warnings, and left unsigned.
     let out = build_uki(dir, "initrd-nokey.img", CMDLINE, &["--allow-no-trust-key"]);
     let err = String::from_utf8_lossy(&out.stderr);

@@ -38,6 +38,8 @@ pub enum NbdError {
     DeviceTimeout { device: String, secs: u64 },
     #[error("{target}: the server gives no image identity, so a reconnect could not tell its bytes from others: refused (ltsp.allow-anonymous=1 accepts it, checked by size only)")]
     Anonymous { target: String },
+    #[error("{target}: ltsp-server has no identity for this image yet (it could not hash it: {description:?}); trying again")]
+    NoIdentityYet { target: String, description: String },
 }
 
 /// The device the root is on: N of `root=/dev/nbdN`, 0 by default.
@@ -110,6 +112,19 @@ pub fn attach(
     );
     let identity = info.identity().map(str::to_string);
     if identity.is_none() {
+        // ltsp-server always gives an identity once it hashed the image; without one its
+        // hashing failed (an I/O error, the file changed meanwhile): that can pass, so it
+        // is retried, not refused, and never a reason to allow anonymous servers.
+        if let Some(d) = info
+            .description
+            .as_deref()
+            .filter(|d| d.starts_with(ltsp_common::nbd::LTSP_DESCRIPTION))
+        {
+            return Err(NbdError::NoIdentityYet {
+                target: t.to_string(),
+                description: d.chars().take(200).collect(),
+            });
+        }
         if !cmd.allow_anonymous {
             return Err(NbdError::Anonymous {
                 target: t.to_string(),
