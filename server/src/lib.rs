@@ -78,14 +78,10 @@ pub async fn serve(
         tasks.spawn(http.run(listener));
     }
     if let Some(d) = cfg.dhcp_server {
-        let boot = config::ProxyDhcpConfig {
-            interface: d.interface.clone(),
-            ..cfg.pxe_files.clone()
-        };
+        // No port 4011 here: the offers carry PXE discovery control 8, so firmware takes
+        // its boot file from them and asks no boot server.
         let (srv, sock) = dhcpd::DhcpServer::bind(d, cfg.pxe_files.clone(), status.clone())?;
         tasks.spawn(srv.run(sock));
-        let (bs, s4011) = proxydhcp::ProxyDhcp::bind_boot_server(boot, status.clone())?;
-        tasks.spawn(bs.run(s4011, 4011));
     }
     if let Some(p) = cfg.proxy_dhcp {
         let (proxy, s67, s4011) = proxydhcp::ProxyDhcp::bind(p, status.clone())?;

@@ -286,19 +286,6 @@ impl ProxyDhcp {
         Ok((Arc::new(ProxyDhcp::new(cfg, server, status)), s67, s4011))
     }
 
-    /// Binds port 4011 alone, beside ltsp-server's DHCP server on that interface: UEFI
-    /// firmware (EDK2) takes an offer that says `PXEClient` as a BINL offer and asks port
-    /// 4011 of the offering server for its boot file before it loads anything.
-    pub fn bind_boot_server(
-        cfg: ProxyDhcpConfig,
-        status: Arc<crate::status::Status>,
-    ) -> Result<(Arc<Self>, UdpSocket), ProxyDhcpError> {
-        let (server, _) = ipv4_of(&cfg.interface)
-            .ok_or_else(|| ProxyDhcpError::NoAddress(cfg.interface.clone()))?;
-        let s4011 = bind(&cfg.interface, 4011)?;
-        Ok((Arc::new(ProxyDhcp::new(cfg, server, status)), s4011))
-    }
-
     /// The logic without sockets (tests and fuzzing build it directly).
     pub fn new(cfg: ProxyDhcpConfig, server: Ipv4Addr, status: Arc<crate::status::Status>) -> Self {
         ProxyDhcp {
@@ -517,7 +504,7 @@ mod tests {
         let m = Message::decode(&mut Decoder::new(&r.bytes)).unwrap();
         assert_eq!(m.opts().msg_type(), Some(MessageType::Ack));
         assert!(p.handle(&q, 67, peer(), now).is_none());
-        // EDK2 on arm64 asks 4011 after a BINL offer (DHCP-server mode binds 4011 for it).
+        // A proxyDHCP REQUEST on 4011 from UEFI arm64 gets the arm64 loader.
         let mut q = discover(pxe(11));
         q.opts_mut()
             .insert(DhcpOption::MessageType(MessageType::Request));

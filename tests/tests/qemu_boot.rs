@@ -459,8 +459,8 @@ fn arm64_node_boots_through_uefi_pxe_and_grub_from_ltsp_servers_dhcp() {
         "{}",
         tail(out)
     );
-    // The offer says PXEClient with discovery control 8: EDK2 boots from it, and does not
-    // ask port 4011 as it did of an offer without them.
+    // The offer says PXEClient with discovery control 8: EDK2 boots from it (this mode
+    // does not serve port 4011, which EDK2 asked of offers without it).
     assert!(!out.contains("to 192.0.2.100:4011"), "{}", tail(out));
     assert!(out.contains("sent \"/grub/grub.cfg\""), "{}", tail(out));
     assert!(
