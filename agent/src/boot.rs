@@ -1785,8 +1785,10 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(e.step(), Some(Step::Nbd));
+        // Without the deadline 100 failures would be retried with back-off for minutes; the
+        // bound is loose so that a loaded machine cannot fail it.
         assert!(
-            t0.elapsed() < Duration::from_secs(3),
+            t0.elapsed() < Duration::from_secs(30),
             "the deadline bounds the retries"
         );
         assert!(e.hint().contains("ltsp-server"));

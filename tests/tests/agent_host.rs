@@ -285,5 +285,6 @@ fn a_server_that_accepts_and_says_nothing_is_named_hung() {
         "{e}"
     );
     assert!(e.to_string().contains("hung or overloaded"));
-    assert!(t0.elapsed() < Duration::from_secs(3));
+    // Loose: without the deadline it would wait for a greeting forever.
+    assert!(t0.elapsed() < Duration::from_secs(30));
 }

@@ -383,8 +383,16 @@ fn hostile_clients_do_not_hurt_a_good_one() {
         .write_all(&w::option_header(w::OPT_GO, 20)[..10])
         .unwrap();
     let t0 = Instant::now();
-    assert!(half.closed());
-    assert!(t0.elapsed() >= Duration::from_secs(1) && t0.elapsed() < Duration::from_secs(8));
+    // Closed by the server (EOF or reset), not our 10 s read timeout, and not before the
+    // handshake timeout.
+    let mut b = [0u8; 1];
+    let r = half.s.read(&mut b);
+    assert!(
+        matches!(r, Ok(0))
+            || matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{r:?}"
+    );
+    assert!(t0.elapsed() >= Duration::from_secs(1));
     // 1,000 idle connections (past the handshake timeout they are gone; during it they
     // hold slots): a real client still gets through meanwhile.
     let idle: Vec<TcpStream> = (0..1000).map(|_| TcpStream::connect(a).unwrap()).collect();
