@@ -20,6 +20,9 @@ SERVER_IP = "192.0.2.1"
 SERVER2_IP = "192.0.2.2"
 MAC = "52:54:00:12:34:56"
 KMSG = re.compile(r"\[\s*\d+\.\d{6}\] ")
+# A kernel message that landed in the middle of a command's output line: the rest of the
+# line is the kernel's (its own newline ends it), not the command's.
+KMSG_INSIDE = re.compile(r"\[\s*\d+\.\d{6}\] .*$")
 
 
 def log(msg):
@@ -583,7 +586,7 @@ class Node:
                 # modules after multi-user): they are not the command's output.
                 kmsg = KMSG.match(line)
                 if inside and not echoed and not kmsg:
-                    out.append(line)
+                    out.append(KMSG_INSIDE.sub("", line))
                 if line.rstrip().endswith(f"{tag}-B") and not echoed:
                     inside = True
             left = deadline - time.time()
