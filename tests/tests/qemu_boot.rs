@@ -61,6 +61,11 @@ fn tail(s: &str) -> String {
     lines[lines.len().saturating_sub(80)..].join("\n")
 }
 
+/// `what` is in the boot's output; else the test fails showing the output's tail.
+fn has(out: &str, what: &str) {
+    assert!(out.contains(what), "{what:?} not found:\n{}", tail(out));
+}
+
 fn check<'a>(out: &'a str, name: &str) -> &'a str {
     let key = format!("CHECK {name}=");
     out.lines()
@@ -75,12 +80,8 @@ fn pos(out: &str, marker: &str) -> usize {
 
 fn assert_node(out: &str, rebooted: bool) {
     // The default image is Debian 13 with its 6.12 kernel.
-    assert!(
-        out.contains("Welcome to Debian GNU/Linux 13 (trixie)!"),
-        "{}",
-        tail(out)
-    );
-    assert!(out.contains("Linux version 6.12."), "{}", tail(out));
+    has(out, "Welcome to Debian GNU/Linux 13 (trixie)!");
+    has(out, "Linux version 6.12.");
     assert_eq!(check(out, "root"), "overlay overlay", "/ is an overlay");
     assert_eq!(
         check(out, "lower"),
@@ -218,10 +219,9 @@ fn boot_with(args: &[&str]) -> String {
 fn bios_node_boots_through_proxy_dhcp_next_to_a_dhcp_server_that_knows_no_pxe() {
     let out = boot_with(&["--dhcp", "proxy"]);
     // The NIC's iPXE ROM asked as iPXE and got the script, from our proxy.
-    assert!(
-        out.contains("SERVER proxy-dhcp: 52:54:00:12:34:56 (Ipxe): Offer with \"boot.ipxe\""),
-        "{}",
-        tail(&out)
+    has(
+        &out,
+        "SERVER proxy-dhcp: 52:54:00:12:34:56 (Ipxe): Offer with \"boot.ipxe\"",
     );
 }
 
@@ -237,17 +237,9 @@ fn uefi_firmware_pxe_chainloads_ipxe_through_proxy_dhcp_and_fetches_by_http() {
         "http",
     ]);
     // OVMF's own PXE (arch 7) got ipxe.efi; iPXE then got boot.ipxe: one hop, no loop.
-    assert!(out.contains("NBP filename is ipxe.efi"), "{}", tail(&out));
-    assert!(
-        out.contains("(Firmware(7)): Offer with \"ipxe.efi\""),
-        "{}",
-        tail(&out)
-    );
-    assert!(
-        out.contains("(Ipxe): Offer with \"boot.ipxe\""),
-        "{}",
-        tail(&out)
-    );
+    has(&out, "NBP filename is ipxe.efi");
+    has(&out, "(Firmware(7)): Offer with \"ipxe.efi\"");
+    has(&out, "(Ipxe): Offer with \"boot.ipxe\"");
     assert_eq!(
         out.matches("NBP filename is").count(),
         1,
@@ -263,10 +255,9 @@ fn uefi_firmware_pxe_chainloads_ipxe_through_proxy_dhcp_and_fetches_by_http() {
 fn a_lab_with_no_dhcp_server_boots_from_ltsp_servers_own() {
     let out = boot_with(&["--dhcp", "server"]);
     // iPXE (the NIC's ROM) got an address and boot.ipxe from us; then the agent its lease.
-    assert!(
-        out.contains("dhcp-server: 52:54:00:12:34:56: Ack 192.0.2.100 boot.ipxe"),
-        "{}",
-        tail(&out)
+    has(
+        &out,
+        "dhcp-server: 52:54:00:12:34:56: Ack 192.0.2.100 boot.ipxe",
     );
     assert!(
         out.matches("dhcp-server: 52:54:00:12:34:56: Ack 192.0.2.100")
@@ -290,29 +281,13 @@ fn bookworm_image_boots_through_grub_netboot_with_the_generated_grub_cfg() {
         "--loader",
         "grub",
     ]);
-    assert!(
-        out.contains("Welcome to Debian GNU/Linux 12 (bookworm)!"),
-        "{}",
-        tail(&out)
-    );
-    assert!(out.contains("Linux version 6.1.0-"), "{}", tail(&out));
-    assert!(
-        out.contains("ltsp-agent: modules: loaded nbd squashfs overlay"),
-        "{}",
-        tail(&out)
-    );
+    has(&out, "Welcome to Debian GNU/Linux 12 (bookworm)!");
+    has(&out, "Linux version 6.1.0-");
+    has(&out, "ltsp-agent: modules: loaded nbd squashfs overlay");
     // grub-mknetdir's core image, then the grub.cfg ltsp-server generated from [boot].
-    assert!(
-        out.contains("sent \"grub/i386-pc/core.0\""),
-        "{}",
-        tail(&out)
-    );
-    assert!(out.contains("sent \"/grub/grub.cfg\""), "{}", tail(&out));
-    assert!(
-        out.contains("BOOTIF=01-52:54:00:12:34:56 ltsp.server=192.0.2.1"),
-        "{}",
-        tail(&out)
-    );
+    has(&out, "sent \"grub/i386-pc/core.0\"");
+    has(&out, "sent \"/grub/grub.cfg\"");
+    has(&out, "BOOTIF=01-52:54:00:12:34:56 ltsp.server=192.0.2.1");
 }
 
 /// Intel NICs: the agent finds e1000 and e1000e through the devices' modalias and
@@ -347,15 +322,10 @@ fn nodes_with_e1000_and_e1000e_nics_find_their_driver_by_modalias() {
 fn a_signed_uki_boots_under_secure_boot_with_lockdown_and_a_verity_root() {
     let out = boot_with(&["--secure-boot", "--dhcp", "server"]);
     // Firmware PXE fetched the UKI itself, offered by ltsp-server's DHCP server.
-    assert!(
-        out.contains("NBP filename is ltsp/amd64/ltsp.efi"),
-        "{}",
-        tail(&out)
-    );
-    assert!(
-        out.contains("dhcp-server: 52:54:00:12:34:56: Ack 192.0.2.100 ltsp/amd64/ltsp.efi"),
-        "{}",
-        tail(&out)
+    has(&out, "NBP filename is ltsp/amd64/ltsp.efi");
+    has(
+        &out,
+        "dhcp-server: 52:54:00:12:34:56: Ack 192.0.2.100 ltsp/amd64/ltsp.efi",
     );
     // No iPXE in the chain: neither iPXE nor its script offered or sent, none ran.
     for no in ["boot.ipxe", "sent \"ipxe.efi\"", "iPXE initialising"] {
@@ -380,10 +350,9 @@ fn a_signed_uki_boots_under_secure_boot_with_lockdown_and_a_verity_root() {
         check(&out, "verity"),
         "ltsp-root /dev/dm-0 over nbd0 0 corrupt"
     );
-    assert!(
-        out.contains("verity: /dev/nbd0 verified through /dev/dm-0 against ltsp.verity="),
-        "{}",
-        tail(&out)
+    has(
+        &out,
+        "verity: /dev/nbd0 verified through /dev/dm-0 against ltsp.verity=",
     );
     assert!(
         check(&out, "signature").contains("lts.conf: signature verified"),
@@ -454,20 +423,15 @@ fn arm64_node_boots_through_uefi_pxe_and_grub_from_ltsp_servers_dhcp() {
     assert_eq!(check(out, "lower"), "squashfs /dev/nbd0");
     assert_eq!(check(out, "state"), "running", "systemd not degraded");
     // The firmware asked as UEFI arm64 and got GRUB with its lease; GRUB our grub.cfg.
-    assert!(
-        out.contains("dhcp-server: 52:54:00:12:34:56: Ack 192.0.2.100 grub/arm64-efi/core.efi"),
-        "{}",
-        tail(out)
+    has(
+        out,
+        "dhcp-server: 52:54:00:12:34:56: Ack 192.0.2.100 grub/arm64-efi/core.efi",
     );
     // The offer says PXEClient with discovery control 8: EDK2 boots from it (this mode
     // does not serve port 4011, which EDK2 asked of offers without it).
     assert!(!out.contains("to 192.0.2.100:4011"), "{}", tail(out));
-    assert!(out.contains("sent \"/grub/grub.cfg\""), "{}", tail(out));
-    assert!(
-        out.contains("Welcome to Debian GNU/Linux 13 (trixie)!"),
-        "{}",
-        tail(out)
-    );
+    has(out, "sent \"/grub/grub.cfg\"");
+    has(out, "Welcome to Debian GNU/Linux 13 (trixie)!");
 }
 
 /// A console line of the agent: its own (`ltsp-agent [  1.234] ...`) or echoed from kmsg.
@@ -481,13 +445,9 @@ fn agent_console_line(l: &str) -> bool {
 #[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn stock_debian_node_boots_with_nbd_client_from_ltsp_server() {
     let out = qemu_boot(&["--stock", "--nbd-server", "ltsp"]);
-    assert!(
-        out.contains("Welcome to Debian GNU/Linux 13 (trixie)!"),
-        "{}",
-        tail(&out)
-    );
+    has(&out, "Welcome to Debian GNU/Linux 13 (trixie)!");
     // nbd-client's initramfs script attached the root, no agent in sight.
-    assert!(out.contains("Connected /dev/nbd0"), "{}", tail(&out));
+    has(&out, "Connected /dev/nbd0");
     assert!(!out.lines().any(agent_console_line), "{}", tail(&out));
     assert_eq!(check(&out, "root"), "squashfs /dev/nbd0", "{}", tail(&out));
     assert_eq!(check(&out, "state"), "running", "{}", tail(&out));
@@ -520,11 +480,7 @@ fn agent_boots_from_debians_nbd_server_when_anonymous_is_allowed() {
         "{}",
         tail(&out)
     );
-    assert!(
-        out.contains("nbd-watch: watching /dev/nbd0 (no identity)"),
-        "{}",
-        tail(&out)
-    );
+    has(&out, "nbd-watch: watching /dev/nbd0 (no identity)");
     assert_eq!(check(&out, "root"), "overlay overlay", "{}", tail(&out));
     assert_eq!(check(&out, "lower"), "squashfs /dev/nbd0", "{}", tail(&out));
     assert_eq!(check(&out, "state"), "running", "{}", tail(&out));
@@ -535,7 +491,7 @@ fn agent_boots_from_debians_nbd_server_when_anonymous_is_allowed() {
         "{}",
         tail(&out)
     );
-    assert!(out.contains("Starting to serve"), "{}", tail(&out));
+    has(&out, "Starting to serve");
     assert!(!out.contains("SERVER nbd: "), "{}", tail(&out));
 }
 
@@ -629,7 +585,7 @@ fn a_container_build_of_the_dockerfile_boots_a_node_from_its_server_image() {
         String::from_utf8_lossy(&out.stderr)
     );
     // The image's own ltsp-server served the image's kernel and initramfs...
-    assert!(text.contains("Linux version 6.12."), "{}", tail(&text));
+    has(&text, "Linux version 6.12.");
     assert!(
         text.contains("] handover") || text.contains("ltsp-agent: handover"),
         "the initramfs-tools worker path: {}",
