@@ -38,8 +38,9 @@ pub const EXPORT_FLAGS: u16 = w::TFLAG_HAS_FLAGS | w::TFLAG_READ_ONLY | w::TFLAG
 /// Requests a connection may have in flight before the server stops reading more. The
 /// kernel's NBD client has at most 128 per socket; each slot is fixed memory per connection.
 const MAX_IN_FLIGHT: usize = 64;
-/// Replies gathered into one writev.
+/// Replies gathered into one writev (at most half of those in flight).
 const BATCH: usize = 32;
+const _: () = assert!(BATCH < MAX_IN_FLIGHT);
 /// Buffer the request reader keeps per connection: 18 request headers per read(2).
 const READ_BUF: usize = 512;
 /// Info requests a GO/INFO may carry and still be read (real clients send 1 to 4).
@@ -608,9 +609,11 @@ struct Reply {
     len: u32,
     offset: u64,
     buf: Option<Box<Buffered>>,
-    /// The request as the trace records it, when tracing.
-    traced: Option<Traced>,
+    /// The request as the trace records it, when tracing. Boxed: a Reply waits in every
+    /// connection's queue, and thousands of connections' queues are the server's memory.
+    traced: Option<Box<Traced>>,
 }
+const _: () = assert!(std::mem::size_of::<Reply>() <= 40);
 
 /// A connection's place in the request trace.
 #[derive(Clone)]
@@ -644,8 +647,8 @@ impl Trace {
     fn written(&self, replies: &[Reply]) {
         let done = self.tracer.now();
         for r in replies {
-            if let Some(t) = r.traced {
-                self.record(t, r.error, done);
+            if let Some(t) = &r.traced {
+                self.record(**t, r.error, done);
             }
         }
     }
@@ -659,7 +662,7 @@ struct Buffered {
 }
 
 impl Reply {
-    fn header_only(error: u32, cookie: u64, traced: Option<Traced>) -> Reply {
+    fn header_only(error: u32, cookie: u64, traced: Option<Box<Traced>>) -> Reply {
         Reply {
             cookie,
             error,
@@ -674,6 +677,18 @@ impl Reply {
 /// READs at least this large go page cache -> socket with sendfile (one copy less);
 /// smaller ones are read into pooled buffers and batched into one writev.
 const SENDFILE_MIN: u32 = 64 * 1024;
+
+/// The smallest buffer a READ holds: tiny READs must not slip under the budget in numbers.
+const MIN_CLASS: usize = 4096;
+/// Buffer size classes, powers of two from MIN_CLASS up to SENDFILE_MIN.
+const CLASSES: usize = (SENDFILE_MIN as usize / MIN_CLASS).trailing_zeros() as usize + 1;
+
+/// The bytes a buffered READ of `len` holds and is charged for: its size class. A pooled
+/// buffer serves only READs of its own class, so a small READ never keeps a large buffer
+/// that the budget counted as small.
+fn class_of(len: u32) -> usize {
+    (len as usize).max(MIN_CLASS).next_power_of_two()
+}
 
 fn writer_ended() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer ended")
@@ -690,7 +705,8 @@ where
     R: AsyncBufReadUnpin,
     W: ReplySink,
 {
-    let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
+    // The writer's batch holds replies taken off the channel: both together are in flight.
+    let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT - BATCH);
     let per_conn = srv.cfg.max_reply_bytes_per_connection;
     let conn = Arc::new(Semaphore::new(per_conn.min(Semaphore::MAX_PERMITS)));
     let mut writer = tokio::spawn(write_replies(
@@ -756,11 +772,13 @@ async fn read_requests<R: AsyncBufReadUnpin>(
             Err(e) => return Err(e.into()),
         }
         let req = w::parse_request(&hdr)?;
-        let traced = trace.map(|tr| Traced {
-            t: tr.tracer.now(),
-            kind: req.kind,
-            offset: req.offset,
-            len: req.len,
+        let traced = trace.map(|tr| {
+            Box::new(Traced {
+                t: tr.tracer.now(),
+                kind: req.kind,
+                offset: req.offset,
+                len: req.len,
+            })
         });
         let error = match req.kind {
             w::CMD_READ => {
@@ -795,7 +813,7 @@ async fn read_requests<R: AsyncBufReadUnpin>(
                     // From the page cache (the common case) the read is done here, at once.
                     // A cache miss would block: that READ goes to its own task and its reply
                     // overtakes nothing it should not, while later READs go on.
-                    let mut data = srv.pool.get(req.len as usize);
+                    let mut data = srv.pool.get(req.len);
                     if read_cached(&img.file, &mut data, req.offset) {
                         permit.send(Reply {
                             buf: Some(Box::new(Buffered {
@@ -813,7 +831,7 @@ async fn read_requests<R: AsyncBufReadUnpin>(
                     // A thread of the (capped) blocking pool: a disk read must not stall
                     // the event loop every other client is served from.
                     tokio::task::spawn_blocking(move || {
-                        let mut data = pool.get(req.len as usize);
+                        let mut data = pool.get(req.len);
                         let reply = match img.file.read_exact_at(&mut data, req.offset) {
                             Ok(()) => Reply {
                                 buf: Some(Box::new(Buffered {
@@ -826,7 +844,7 @@ async fn read_requests<R: AsyncBufReadUnpin>(
                             Err(e) => {
                                 log::error!("nbd: read {}+{}: {e}", req.offset, req.len);
                                 pool.put(data);
-                                Reply::header_only(w::EIO, req.cookie, traced)
+                                Reply::header_only(w::EIO, req.cookie, by_file.traced)
                             }
                         };
                         permit.send(reply);
@@ -852,7 +870,7 @@ async fn read_requests<R: AsyncBufReadUnpin>(
             w::CMD_DISC => {
                 // It has no reply: recorded as done when read.
                 if let (Some(tr), Some(t)) = (trace, traced) {
-                    tr.record(t, 0, t.t);
+                    tr.record(*t, 0, t.t);
                 }
                 return Ok(());
             }
@@ -872,7 +890,7 @@ async fn charge(
     conn: &Arc<Semaphore>,
     len: u32,
 ) -> Option<(OwnedSemaphorePermit, Charge)> {
-    if len.max(4096) as usize
+    if class_of(len)
         > srv
             .cfg
             .max_reply_bytes_per_connection
@@ -880,8 +898,7 @@ async fn charge(
     {
         return None;
     }
-    // A READ costs at least a page: tiny ones must not slip under the budget in numbers.
-    let cost = len.max(4096);
+    let cost = u32::try_from(class_of(len)).ok()?;
     let p = conn.clone().acquire_many_owned(cost).await.ok()?;
     let all = srv.budget.try_take(cost as u64)?;
     Some((p, all))
@@ -1107,8 +1124,8 @@ async fn send_file(
 /// be zero-filled and faulted in again), keeping at most `max` bytes.
 struct Pool {
     max: usize,
-    /// The buffers and the sum of their capacities.
-    inner: std::sync::Mutex<(Vec<Vec<u8>>, usize)>,
+    /// The buffers of each size class ([`class_of`]) and the sum of their capacities.
+    inner: std::sync::Mutex<([Vec<Vec<u8>>; CLASSES], usize)>,
 }
 
 impl Pool {
@@ -1119,32 +1136,37 @@ impl Pool {
         }
     }
 
-    fn get(&self, len: usize) -> Vec<u8> {
-        let mut b = {
+    /// The slot of a buffer of `capacity` bytes: only an exact class is pooled.
+    fn slot(capacity: usize) -> Option<usize> {
+        let i = (capacity / MIN_CLASS).trailing_zeros() as usize;
+        (capacity.is_power_of_two() && capacity >= MIN_CLASS && i < CLASSES).then_some(i)
+    }
+
+    /// A buffer of `len` bytes whose capacity is `len`'s class.
+    fn get(&self, len: u32) -> Vec<u8> {
+        let class = class_of(len);
+        let pooled = Self::slot(class).and_then(|i| {
             let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            match g.0.pop() {
-                Some(b) => {
-                    g.1 -= b.capacity();
-                    b
-                }
-                None => Vec::new(),
-            }
-        };
-        // Shrinking is free; only growth is zero-filled. The read overwrites all `len`
-        // bytes before any is sent.
-        b.resize(len, 0);
+            let b = g.0[i].pop()?;
+            g.1 -= b.capacity();
+            Some(b)
+        });
+        let mut b = pooled.unwrap_or_else(|| Vec::with_capacity(class));
+        // Within the capacity: no reallocation. Only growth is zero-filled; the read
+        // overwrites all `len` bytes before any is sent.
+        b.resize(len as usize, 0);
         b
     }
 
     fn put(&self, b: Vec<u8>) {
         let c = b.capacity();
-        if c == 0 {
+        let Some(i) = Self::slot(c) else {
             return;
-        }
+        };
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if g.1 + c <= self.max {
             g.1 += c;
-            g.0.push(b);
+            g.0[i].push(b);
         }
     }
 
@@ -1231,9 +1253,32 @@ mod tests {
         assert!(p.bytes() <= 10_000 && p.bytes() >= 8192, "{}", p.bytes());
         let b = p.get(100);
         assert_eq!(b.len(), 100);
-        assert!(b.capacity() >= 4096, "a pooled buffer is reused");
+        assert_eq!(b.capacity(), 4096, "a pooled buffer is reused");
         p.put(b);
         assert!(p.bytes() <= 10_000);
+    }
+
+    /// What a READ is charged is what its buffer holds: a small READ after large ones
+    /// never gets a large pooled buffer.
+    #[test]
+    fn a_buffer_holds_no_more_than_its_charge() {
+        let p = Pool::new(1 << 20);
+        let big: Vec<_> = (0..4).map(|_| p.get(SENDFILE_MIN - 1)).collect();
+        for b in big {
+            assert_eq!(b.capacity(), class_of(SENDFILE_MIN - 1));
+            p.put(b);
+        }
+        for len in [1, 512, 4096, 4097, 12_000, 40_000, SENDFILE_MIN - 1] {
+            let b = p.get(len);
+            assert_eq!(b.len(), len as usize);
+            assert_eq!(b.capacity(), class_of(len), "READ of {len}");
+            assert!(b.capacity() < 2 * (len as usize).max(MIN_CLASS));
+            p.put(b);
+        }
+        // A buffer of no class (grown elsewhere) is not kept.
+        let before = p.bytes();
+        p.put(Vec::with_capacity(5000));
+        assert_eq!(p.bytes(), before);
     }
 
     struct Session {

@@ -22,16 +22,22 @@ fn fault_with(scenario: &str, opts: &[&str]) -> String {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let out = Command::new("python3")
         .arg(workspace_root().join("qemu/fault"))
-        .args([scenario, "--timeout", "420"])
+        // Two vCPUs, as in qemu_boot.rs: the host's other core is mostly free by now.
+        .args([scenario, "--timeout", "420", "--cpus", "2"])
         .args(opts)
         .output()
         .expect("run qemu/fault");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let lines: Vec<&str> = text.lines().collect();
     let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+    // The RESULT line first: it says why, and the logs after it may be cut.
+    let result = lines
+        .iter()
+        .find(|l| l.starts_with("RESULT"))
+        .unwrap_or(&"no RESULT line");
     assert!(
         out.status.success() && text.contains(&format!("RESULT ok: {scenario}")),
-        "qemu/fault {scenario} failed:\n{tail}\n{}",
+        "qemu/fault {scenario} failed: {result}\n{tail}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     text
