@@ -634,7 +634,7 @@ def shell_ready(node, deadline, fails=()):
     # Wait for the line this prints, not for a prompt: the old prompt is still in the
     # buffer, and a command typed before `stty -echo` ran would be echoed into its output.
     node.type("export TERM=dumb PS1='root@node:~# '; stty -echo cols 200; echo @@shell-''ready\n")
-    node.wait_for(r"@@shell-ready\s*$", deadline)
+    node.wait_for(r"@@shell-ready", deadline, fails)
 
 
 def agent_line(line):

@@ -1164,7 +1164,10 @@ impl Pool {
             return;
         };
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if g.1 + c <= self.max {
+        // Each class keeps its share: one class filling the pool would leave every READ
+        // of another class a fresh, zero-filled buffer.
+        let share = self.max / CLASSES;
+        if g.1 + c <= self.max && (g.0[i].len() + 1) * c <= share {
             g.1 += c;
             g.0[i].push(b);
         }
@@ -1245,17 +1248,78 @@ mod tests {
 
     #[test]
     fn the_pool_keeps_at_most_its_bytes() {
-        let p = Pool::new(10_000);
+        let p = Pool::new(CLASSES * 10_000);
         let bufs: Vec<_> = (0..5).map(|_| p.get(4096)).collect();
         for b in bufs {
             p.put(b);
         }
         assert!(p.bytes() <= 10_000 && p.bytes() >= 8192, "{}", p.bytes());
+        let before = p.bytes();
         let b = p.get(100);
         assert_eq!(b.len(), 100);
-        assert_eq!(b.capacity(), 4096, "a pooled buffer is reused");
+        assert_eq!(p.bytes(), before - 4096, "a pooled buffer is reused");
         p.put(b);
-        assert!(p.bytes() <= 10_000);
+        assert_eq!(p.bytes(), before);
+    }
+
+    #[test]
+    fn size_classes_are_powers_of_two_from_a_page() {
+        for len in [
+            1,
+            100,
+            4095,
+            4096,
+            4097,
+            8192,
+            8193,
+            40_000,
+            SENDFILE_MIN - 1,
+        ] {
+            let c = class_of(len);
+            assert!(
+                c.is_power_of_two() && c >= 4096 && c >= len as usize,
+                "{len} -> {c}"
+            );
+            assert!(
+                c == 4096 || c < 2 * len as usize,
+                "{len} -> {c}: not the smallest"
+            );
+            assert!(Pool::slot(c).is_some(), "{len} -> {c}: no slot");
+        }
+        assert_eq!(Pool::slot(4095), None);
+        assert_eq!(Pool::slot(6000), None);
+        assert_eq!(Pool::slot(2 * SENDFILE_MIN as usize), None);
+    }
+
+    /// A READ holds its class's bytes of the server's budget while it is in flight.
+    #[tokio::test]
+    async fn a_read_is_charged_its_class() {
+        let s = session(1 << 20, 1 << 20);
+        let (conn_permit, all) = charge(&s.srv, &Arc::new(Semaphore::new(1 << 20)), 4097)
+            .await
+            .expect("charged");
+        assert_eq!(s.srv.budget.used(), 8192);
+        drop((conn_permit, all));
+        assert_eq!(s.srv.budget.used(), 0);
+        // A per-connection budget below the class: not buffered (it goes by sendfile).
+        let small = session(6000, 1 << 20);
+        assert!(charge(&small.srv, &Arc::new(Semaphore::new(6000)), 4097)
+            .await
+            .is_none());
+    }
+
+    /// One class filling its share leaves room for the others.
+    #[test]
+    fn every_class_keeps_its_share_of_the_pool() {
+        let p = Pool::new(CLASSES * 64 * 1024);
+        let big: Vec<_> = (0..8).map(|_| p.get(SENDFILE_MIN - 1)).collect();
+        for b in big {
+            p.put(b);
+        }
+        assert_eq!(p.bytes(), 64 * 1024, "the 64 KiB class kept its share only");
+        let b = p.get(10);
+        p.put(b);
+        assert_eq!(p.bytes(), 64 * 1024 + 4096, "a 4 KiB buffer is still kept");
     }
 
     /// What a READ is charged is what its buffer holds: a small READ after large ones
@@ -1272,7 +1336,6 @@ mod tests {
             let b = p.get(len);
             assert_eq!(b.len(), len as usize);
             assert_eq!(b.capacity(), class_of(len), "READ of {len}");
-            assert!(b.capacity() < 2 * (len as usize).max(MIN_CLASS));
             p.put(b);
         }
         // A buffer of no class (grown elsewhere) is not kept.

@@ -18,11 +18,12 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// (the host tests end early), and cost nothing measurable when it has not.
 const NODE_CPUS: [&str; 2] = ["--cpus", "2"];
 
-fn boot(flavour: &str, reboot: bool) -> String {
+/// `cpus`: the node's vCPUs; the agent opens one NBD connection on one CPU, two on more.
+fn boot(flavour: &str, reboot: bool, cpus: &str) -> String {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let out = Command::new("python3")
         .arg(workspace_root().join("qemu/boot"))
-        .args(NODE_CPUS)
+        .args(["--cpus", cpus])
         .args(["--flavour", flavour, "--timeout", "300"])
         .args(reboot.then_some("--reboot"))
         .args([
@@ -59,6 +60,17 @@ fn boot(flavour: &str, reboot: bool) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     text
+}
+
+/// NBD connections ltsp-server accepted for the root export, from its log.
+fn nbd_connections(out: &str) -> usize {
+    out.lines()
+        .filter(|l| {
+            l.starts_with("SERVER nbd: ")
+                && l.contains("export \"root\"")
+                && l.ends_with(" connected")
+        })
+        .count()
 }
 
 /// The RESULT line (why it failed), then the output's last lines.
@@ -173,8 +185,10 @@ fn assert_node(out: &str, rebooted: bool) {
 #[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn standalone_initramfs_boots_into_systemd() {
     // Its reboots: qemu_fault's a_node_reboots_twice_cleanly.
-    let out = boot("standalone", false);
+    // One vCPU, so one NBD connection: the path every other boot (two vCPUs) does not take.
+    let out = boot("standalone", false, "1");
     assert_node(&out, false);
+    assert_eq!(nbd_connections(&out), 1, "{}", tail(&out));
     assert!(
         out.lines().any(
             |l| (l.contains("ltsp-agent [") && l.ends_with("] exec-init"))
@@ -192,7 +206,7 @@ fn standalone_initramfs_boots_into_systemd() {
 #[test]
 #[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn initramfs_tools_flavour_boots_into_systemd_and_reboots_clean() {
-    let out = boot("initramfs-tools", true);
+    let out = boot("initramfs-tools", true, "2");
     assert_node(&out, true);
     assert!(
         // Written by the agent, or echoed from kmsg by the kernel.
@@ -268,6 +282,8 @@ fn uefi_firmware_pxe_chainloads_ipxe_through_proxy_dhcp_and_fetches_by_http() {
 #[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn a_lab_with_no_dhcp_server_boots_from_ltsp_servers_own() {
     let out = boot_with(&["--dhcp", "server"]);
+    // Two vCPUs: two NBD connections to the export (it allows multi-conn).
+    assert_eq!(nbd_connections(&out), 2, "{}", tail(&out));
     // iPXE (the NIC's ROM) got an address and boot.ipxe from us; then the agent its lease.
     has(
         &out,
