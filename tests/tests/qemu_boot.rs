@@ -14,9 +14,8 @@ use std::sync::Mutex;
 /// One QEMU at a time: they share the prepared artifacts and two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Two vCPUs: under TCG they halve systemd's start when the host has its other core free
-/// (the host tests end early), and cost nothing measurable when it has not.
-const NODE_CPUS: [&str; 2] = ["--cpus", "2"];
+/// One vCPU: the image builds (arm64, podman) take the other core while these boots run.
+const NODE_CPUS: [&str; 2] = ["--cpus", "1"];
 
 /// `cpus`: the node's vCPUs; the agent opens one NBD connection on one CPU, two on more.
 fn boot(flavour: &str, reboot: bool, cpus: &str) -> String {
@@ -185,7 +184,7 @@ fn assert_node(out: &str, rebooted: bool) {
 #[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn standalone_initramfs_boots_into_systemd() {
     // Its reboots: qemu_fault's a_node_reboots_twice_cleanly.
-    // One vCPU, so one NBD connection: the path every other boot (two vCPUs) does not take.
+    // One vCPU, so one NBD connection (two vCPUs, two: a_lab_with_no_dhcp_server...).
     let out = boot("standalone", false, "1");
     assert_node(&out, false);
     assert_eq!(nbd_connections(&out), 1, "{}", tail(&out));
@@ -281,7 +280,7 @@ fn uefi_firmware_pxe_chainloads_ipxe_through_proxy_dhcp_and_fetches_by_http() {
 #[test]
 #[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn a_lab_with_no_dhcp_server_boots_from_ltsp_servers_own() {
-    let out = boot_with(&["--dhcp", "server"]);
+    let out = boot_with(&["--dhcp", "server", "--cpus", "2"]);
     // Two vCPUs: two NBD connections to the export (it allows multi-conn).
     assert_eq!(nbd_connections(&out), 2, "{}", tail(&out));
     // iPXE (the NIC's ROM) got an address and boot.ipxe from us; then the agent its lease.
