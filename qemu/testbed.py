@@ -472,7 +472,7 @@ class Node:
         (i440fx). On pc the kernel interprets QEMU's generated _PRT loop in AML when the
         NIC's driver enables the device: ~85 ms of the boot under TCG, ~10 ms on q35.
         cpus: vCPUs, each a host thread under TCG (MTTCG): 2 halve systemd's start when
-        the host has a core free, and cost nothing measurable when it has none."""
+        the host has a core free, and take that core from anything else running."""
         arm64 = bed.settings.arch == "arm64"
         cmd = ["ip", "netns", "exec", bed.ns, "qemu-system-aarch64" if arm64 else "qemu-system-x86_64",
                "-accel", "tcg", "-m", str(memory),

@@ -890,7 +890,8 @@ async fn charge(
     conn: &Arc<Semaphore>,
     len: u32,
 ) -> Option<(OwnedSemaphorePermit, Charge)> {
-    if class_of(len)
+    let class = class_of(len);
+    if class
         > srv
             .cfg
             .max_reply_bytes_per_connection
@@ -898,7 +899,7 @@ async fn charge(
     {
         return None;
     }
-    let cost = u32::try_from(class_of(len)).ok()?;
+    let cost = u32::try_from(class).ok()?;
     let p = conn.clone().acquire_many_owned(cost).await.ok()?;
     let all = srv.budget.try_take(cost as u64)?;
     Some((p, all))

@@ -14,15 +14,13 @@ use std::sync::Mutex;
 /// One QEMU at a time: they share the prepared artifacts and two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// One vCPU: the image builds (arm64, podman) take the other core while these boots run.
-const NODE_CPUS: [&str; 2] = ["--cpus", "1"];
+// Nodes have qemu/boot's one vCPU: the image builds (arm64, podman) take the other core
+// while these boots run.
 
-/// `cpus`: the node's vCPUs; the agent opens one NBD connection on one CPU, two on more.
-fn boot(flavour: &str, reboot: bool, cpus: &str) -> String {
+fn boot(flavour: &str, reboot: bool) -> String {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let out = Command::new("python3")
         .arg(workspace_root().join("qemu/boot"))
-        .args(["--cpus", cpus])
         .args(["--flavour", flavour, "--timeout", "300"])
         .args(reboot.then_some("--reboot"))
         .args([
@@ -185,7 +183,7 @@ fn assert_node(out: &str, rebooted: bool) {
 fn standalone_initramfs_boots_into_systemd() {
     // Its reboots: qemu_fault's a_node_reboots_twice_cleanly.
     // One vCPU, so one NBD connection (two vCPUs, two: a_lab_with_no_dhcp_server...).
-    let out = boot("standalone", false, "1");
+    let out = boot("standalone", false);
     assert_node(&out, false);
     assert_eq!(nbd_connections(&out), 1, "{}", tail(&out));
     assert!(
@@ -205,7 +203,7 @@ fn standalone_initramfs_boots_into_systemd() {
 #[test]
 #[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn initramfs_tools_flavour_boots_into_systemd_and_reboots_clean() {
-    let out = boot("initramfs-tools", true, "2");
+    let out = boot("initramfs-tools", true);
     assert_node(&out, true);
     assert!(
         // Written by the agent, or echoed from kmsg by the kernel.
@@ -219,7 +217,6 @@ fn qemu_boot(args: &[&str]) -> String {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let out = Command::new("python3")
         .arg(workspace_root().join("qemu/boot"))
-        .args(NODE_CPUS)
         .args(args)
         .args(["--timeout", "300"])
         .output()
@@ -416,7 +413,6 @@ fn arm64_node_boots_through_uefi_pxe_and_grub_from_ltsp_servers_dhcp() {
     let built = Command::new("nice")
         .args(["-n", "10", "python3"])
         .arg(workspace_root().join("qemu/boot"))
-        .args(NODE_CPUS)
         .args(["--arch", "arm64", "--build-only"])
         .output()
         .expect("run qemu/boot --build-only");
@@ -428,7 +424,6 @@ fn arm64_node_boots_through_uefi_pxe_and_grub_from_ltsp_servers_dhcp() {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let run = Command::new("python3")
         .arg(workspace_root().join("qemu/boot"))
-        .args(NODE_CPUS)
         .args([
             "--arch",
             "arm64",
@@ -595,7 +590,6 @@ fn a_container_build_of_the_dockerfile_boots_a_node_from_its_server_image() {
         let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         Command::new("python3")
             .arg(workspace_root().join("qemu/boot"))
-            .args(NODE_CPUS)
             .args([
                 "--image",
                 "docker",

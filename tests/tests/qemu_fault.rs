@@ -22,7 +22,7 @@ fn fault_with(scenario: &str, opts: &[&str]) -> String {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let out = Command::new("python3")
         .arg(workspace_root().join("qemu/fault"))
-        // Two vCPUs, as in qemu_boot.rs: the host's other core is mostly free by now.
+        // Two vCPUs (two NBD connections): the image builds are done when these run.
         .args([scenario, "--timeout", "420", "--cpus", "2"])
         .args(opts)
         .output()
