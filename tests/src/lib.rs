@@ -2,6 +2,9 @@
 //! real peers (curl, atftp, tftp-hpa, nbdinfo, nbdcopy, qemu-io, dnsmasq, QEMU).
 
 pub mod ltsconf_gen;
+pub mod qemu_slot;
+
+pub use qemu_slot::qemu_slot;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

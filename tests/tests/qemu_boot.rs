@@ -7,18 +7,14 @@
 //! root (network namespace, tap, chroot). The failure and fault scenarios are in
 //! qemu_fault.rs.
 
-use ltsp_tests::workspace_root;
+use ltsp_tests::{qemu_slot, workspace_root};
 use std::process::Command;
-use std::sync::Mutex;
 
-/// One QEMU at a time: they share the prepared artifacts and two cores.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-// Nodes have qemu/boot's one vCPU: the image builds (arm64, podman) take the other core
-// while these boots run.
+// Each node holds a QEMU slot (ltsp_tests::qemu_slot) while it runs; nodes have
+// qemu/boot's one vCPU, so a slot is a core.
 
 fn boot(flavour: &str, reboot: bool) -> String {
-    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _slot = qemu_slot();
     let out = Command::new("python3")
         .arg(workspace_root().join("qemu/boot"))
         .args(["--flavour", flavour, "--timeout", "300"])
@@ -214,7 +210,7 @@ fn initramfs_tools_flavour_boots_into_systemd_and_reboots_clean() {
 
 /// qemu/boot with these options; its output, once it succeeded.
 fn qemu_boot(args: &[&str]) -> String {
-    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _slot = qemu_slot();
     let out = Command::new("python3")
         .arg(workspace_root().join("qemu/boot"))
         .args(args)
@@ -409,7 +405,7 @@ fn a_signed_uki_boots_under_secure_boot_with_lockdown_and_a_verity_root() {
 #[ignore = "needs root and QEMU: network namespace, tap, chroot, binfmt_misc for the arm64 image"]
 fn arm64_node_boots_through_uefi_pxe_and_grub_from_ltsp_servers_dhcp() {
     // The arm64 image (minutes under qemu-user-static when not cached) is prepared before
-    // taking the lock, beside the other boots, niced so that they keep their core.
+    // taking a QEMU slot, beside the other boots, niced so that they keep their cores.
     let built = Command::new("nice")
         .args(["-n", "10", "python3"])
         .arg(workspace_root().join("qemu/boot"))
@@ -421,7 +417,7 @@ fn arm64_node_boots_through_uefi_pxe_and_grub_from_ltsp_servers_dhcp() {
         "preparing the arm64 image failed:\n{}",
         tail(&String::from_utf8_lossy(&built.stderr))
     );
-    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _slot = qemu_slot();
     let run = Command::new("python3")
         .arg(workspace_root().join("qemu/boot"))
         .args([
@@ -562,9 +558,9 @@ fn agent_refuses_debians_nbd_server_without_allow_anonymous() {
 /// deploy/Dockerfile built by a real engine (podman, qemu/build-docker-image: no registry,
 /// base images from mmdebstrap, selected by the build ARGs), then a node booted from what
 /// the image holds: its ltsp-server, kernel, initramfs-tools initramfs and squashfs, with
-/// its root hash pinned. The build (a Rust compile inside, minutes) runs before taking the
-/// QEMU lock, beside the other boots: its name sorts first so the test harness starts it
-/// first, and it runs niced so that the boots keep their core.
+/// its root hash pinned. The build (a Rust compile inside, minutes) runs before taking a
+/// QEMU slot, beside the other boots: its name sorts first so the test harness starts it
+/// first, and it runs niced so that the boots keep their cores.
 #[test]
 #[ignore = "needs root: podman build (chroot isolation), network namespace, tap, QEMU"]
 fn a_container_build_of_the_dockerfile_boots_a_node_from_its_server_image() {
@@ -587,7 +583,7 @@ fn a_container_build_of_the_dockerfile_boots_a_node_from_its_server_image() {
         "root hash {roothash:?}"
     );
     let out = {
-        let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let _slot = qemu_slot();
         Command::new("python3")
             .arg(workspace_root().join("qemu/boot"))
             .args([

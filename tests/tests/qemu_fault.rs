@@ -5,12 +5,8 @@
 //! failures with their cause and does what `ltsp.on-failure` says.
 //! Needs root.
 
-use ltsp_tests::workspace_root;
+use ltsp_tests::{qemu_slot, workspace_root};
 use std::process::Command;
-use std::sync::Mutex;
-
-/// One QEMU at a time: they share the prepared artifacts and two cores.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Runs a scenario; returns its output once it passed.
 fn fault(scenario: &str) -> String {
@@ -19,7 +15,7 @@ fn fault(scenario: &str) -> String {
 
 /// Runs a scenario with more options (`--secure-boot`); returns its output once it passed.
 fn fault_with(scenario: &str, opts: &[&str]) -> String {
-    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _slot = qemu_slot();
     let out = Command::new("python3")
         .arg(workspace_root().join("qemu/fault"))
         // Two vCPUs (two NBD connections): the image builds are done when these run.
