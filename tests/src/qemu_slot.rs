@@ -17,10 +17,12 @@ pub struct Slots {
     count: usize,
 }
 
-/// A slot held until dropped. With `LTSP_QEMU_TIMELINE` set, the drop appends one line to
-/// that file: when the node ran, for how long, and how long it waited for the slot.
+/// A slot held until dropped. With a timeline file (`qemu_slot` takes it from
+/// `LTSP_QEMU_TIMELINE`), the drop appends one line to it: when the node ran, for how
+/// long, and how long it waited for the slot.
 pub struct Slot {
     _lock: File,
+    timeline: Option<PathBuf>,
     index: usize,
     label: String,
     waited: Duration,
@@ -64,6 +66,7 @@ impl Slots {
                 Ok(()) => {
                     return Some(Slot {
                         _lock: f,
+                        timeline: None,
                         index,
                         label: label.to_string(),
                         waited: Duration::ZERO,
@@ -99,12 +102,14 @@ pub fn qemu_slot() -> Slot {
         .filter(|n| *n != "main")
         .unwrap_or("a QEMU test")
         .to_string();
-    Slots::from_env().take(&label)
+    let mut slot = Slots::from_env().take(&label);
+    slot.timeline = std::env::var_os("LTSP_QEMU_TIMELINE").map(PathBuf::from);
+    slot
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let Some(path) = std::env::var_os("LTSP_QEMU_TIMELINE") else {
+        let Some(path) = &self.timeline else {
             return;
         };
         let clock = |t: SystemTime| {
@@ -125,10 +130,10 @@ impl Drop for Slot {
         let written = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&path)
+            .open(path)
             .and_then(|mut f| f.write_all(line.as_bytes()));
         if let Err(e) = written {
-            eprintln!("QEMU timeline {}: {e}", PathBuf::from(path).display());
+            eprintln!("QEMU timeline {}: {e}", path.display());
         }
     }
 }
@@ -161,6 +166,21 @@ mod tests {
         assert!(slots.try_take("x").is_none());
         drop(other);
         assert!(slots.try_take("x").is_some());
+    }
+
+    #[test]
+    fn a_slot_with_a_timeline_writes_its_line_when_freed_and_one_without_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let timeline = dir.path().join("timeline");
+        let slots = Slots::new(dir.path().join("slots"), 2);
+        drop(slots.try_take("untimed").unwrap());
+        assert!(!timeline.exists());
+        let mut s = slots.try_take("some_boot").unwrap();
+        s.timeline = Some(timeline.clone());
+        drop(s);
+        let text = std::fs::read_to_string(&timeline).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("slot 0") && text.ends_with("some_boot\n"), "{text}");
     }
 
     #[test]
