@@ -471,11 +471,12 @@ class Node:
         """machine: q35 (PCIe, like the servers it stands for; UEFI always uses it) or pc
         (i440fx). On pc the kernel interprets QEMU's generated _PRT loop in AML when the
         NIC's driver enables the device: ~85 ms of the boot under TCG, ~10 ms on q35.
-        cpus: vCPUs, each a host thread under TCG (MTTCG): 2 halve systemd's start when
-        the host has a core free, and take that core from anything else running."""
+        cpus: vCPUs, all run by one host thread (single-threaded TCG), so a node takes one
+        core whatever its vCPUs. Multi-threaded TCG crashed a 2-vCPU guest while its kernel
+        patched its own code under another vCPU (inet_ehashfn, at the first TCP connects)."""
         arm64 = bed.settings.arch == "arm64"
         cmd = ["ip", "netns", "exec", bed.ns, "qemu-system-aarch64" if arm64 else "qemu-system-x86_64",
-               "-accel", "tcg", "-m", str(memory),
+               "-accel", "tcg" if cpus == 1 else "tcg,thread=single", "-m", str(memory),
                "-smp", str(cpus), "-nodefaults", "-display", "none", "-no-user-config",
                *([] if arm64 else ["-vga", "none"]),
                "-chardev", "stdio,id=s0,signal=off", "-serial", "chardev:s0",
@@ -666,9 +667,11 @@ def shell_ready(node, deadline, fails=()):
     node.wait_for(PROMPT, deadline, fails, partial=True)
     # Wait for the line this prints, not for a prompt: the old prompt is still in the
     # buffer, and a command typed before `stty -echo` ran would be echoed into its output.
+    # The new prompt does not look like a login shell's (PROMPT): after a reboot, the old
+    # one left in the buffer must not pass for the next boot's.
     # Typed again if no answer comes: the getty flushes what arrives before it is set up.
     while True:
-        node.type("export TERM=dumb PS1='root@node:~# '; stty -echo cols 200; echo @@shell-''ready\n")
+        node.type("export TERM=dumb PS1='ltsp-bed# '; stty -echo cols 200; echo @@shell-''ready\n")
         try:
             node.wait_for(r"@@shell-ready", min(deadline, time.time() + 15), fails)
             node.quiet = True

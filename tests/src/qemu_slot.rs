@@ -180,7 +180,10 @@ mod tests {
         drop(s);
         let text = std::fs::read_to_string(&timeline).unwrap();
         assert_eq!(text.lines().count(), 1, "{text}");
-        assert!(text.contains("slot 0") && text.ends_with("some_boot\n"), "{text}");
+        assert!(
+            text.contains("slot 0") && text.ends_with("some_boot\n"),
+            "{text}"
+        );
     }
 
     #[test]

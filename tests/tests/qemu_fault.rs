@@ -18,7 +18,7 @@ fn fault_with(scenario: &str, opts: &[&str]) -> String {
     let _slot = qemu_slot();
     let out = Command::new("python3")
         .arg(workspace_root().join("qemu/fault"))
-        // Two vCPUs (two NBD connections): the image builds are done when these run.
+        // Two vCPUs: two NBD connections to cut and restore (one host thread: qemu/testbed.py).
         .args([scenario, "--timeout", "420", "--cpus", "2"])
         .args(opts)
         .output()
