@@ -6,10 +6,7 @@
 //!
 //! A hostile client cannot hold what others need. Connections are capped in total, per
 //! client address, and by the descriptors NBD does not keep in reserve: over a cap a
-//! connection gets a 503 and is closed at accept. One case waits instead: every slot is
-//! taken by addresses within their share (a boot storm, not a flood), and a connection
-//! then queues for a slot, up to `QUEUE_PER_SLOT` per slot and `QUEUE_WAIT` long, holding
-//! its per-client and descriptor slots meanwhile. A request header must
+//! connection gets a 503 and is closed at accept, never waited for. A request header must
 //! arrive whole within `header_timeout` (which also bounds a kept-alive connection's idle
 //! time: hyper starts that timer as soon as it waits for the next request) and within
 //! `max_header_bytes` (else 431). A response that makes no progress for `write_timeout`
@@ -279,21 +276,6 @@ impl Cap {
     }
 }
 
-/// Connections that may queue for a slot, per slot of `max_connections`: 256 slots queue
-/// 1,024 more, so a fleet of 1,280 booting at once is served in turns, none refused.
-const QUEUE_PER_SLOT: usize = 4;
-/// How long a queued connection waits for a slot before its 503: the kernel and initramfs
-/// of a thousand nodes take about 10 s at 10 Gbit/s, 100 s at 1 Gbit/s.
-const QUEUE_WAIT: Duration = Duration::from_secs(120);
-
-/// A connection waiting for a slot of the total: its place in the queue, and its slots
-/// of the other caps.
-struct Queued {
-    _place: OwnedSemaphorePermit,
-    client: Slot,
-    fd: FdSlot,
-}
-
 /// Sent to a connection over a cap, if its socket takes it at once; then it is closed.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
 Content-Length: 20\r\nRetry-After: 1\r\nConnection: close\r\n\r\nbusy: retry shortly\n";
@@ -305,8 +287,6 @@ pub struct Http {
     /// The TFTP root and `[boot]`, shared with TFTP.
     files: Option<Arc<BootFiles>>,
     total: Arc<Semaphore>,
-    /// Places in the queue for a slot of `total` (see the module's comment).
-    queue: Arc<Semaphore>,
     per_client: Arc<PerClient>,
     fds: Arc<Descriptors>,
     started: Instant,
@@ -333,9 +313,6 @@ impl Http {
     ) -> Arc<Http> {
         Arc::new(Http {
             total: Arc::new(Semaphore::new(cfg.max_connections)),
-            queue: Arc::new(Semaphore::new(
-                cfg.max_connections.saturating_mul(QUEUE_PER_SLOT),
-            )),
             per_client: PerClient::new(cfg.max_connections_per_client),
             cfg,
             status,
@@ -421,41 +398,6 @@ impl Http {
         drop(admitted);
     }
 
-    /// A place in the queue for a slot of the total, with the per-client and descriptor
-    /// slots, or the cap that was met.
-    fn queue_for_slot(&self, peer: SocketAddr) -> Result<Queued, Cap> {
-        let place = self
-            .queue
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Cap::Total)?;
-        let client = self
-            .per_client
-            .try_acquire(peer.ip())
-            .ok_or(Cap::PerClient)?;
-        let fd = self.fds.try_acquire().ok_or(Cap::Descriptors)?;
-        Ok(Queued {
-            _place: place,
-            client,
-            fd,
-        })
-    }
-
-    /// A queued connection's slot, in the order they queued (tokio's semaphore is fair),
-    /// within `wait`.
-    async fn admit_queued(&self, q: Queued, wait: Duration) -> Result<Admitted, Cap> {
-        let total = tokio::time::timeout(wait, self.total.clone().acquire_owned())
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-            .ok_or(Cap::Total)?;
-        Ok(Admitted {
-            _total: total,
-            _client: q.client,
-            _fd: q.fd,
-        })
-    }
-
     /// One slot of every cap, or the cap that was met.
     fn admit(&self, peer: SocketAddr) -> Result<Admitted, Cap> {
         let total = self
@@ -520,18 +462,6 @@ impl Http {
                         }
                     });
                 }
-                // Every slot is taken by addresses within their share: a storm. Wait.
-                Err(Cap::Total) => match self.queue_for_slot(peer) {
-                    Ok(q) => {
-                        tokio::spawn(async move {
-                            match me.admit_queued(q, QUEUE_WAIT).await {
-                                Ok(a) => me.serve_admitted(stream, peer, local, a).await,
-                                Err(cap) => me.refuse(&stream, peer, cap),
-                            }
-                        });
-                    }
-                    Err(cap) => self.refuse(&stream, peer, cap),
-                },
                 Err(cap) => self.refuse(&stream, peer, cap),
             }
         }
@@ -928,52 +858,6 @@ mod tests {
         // .10 now holds two: a client holding one already is no fairer with a second.
         assert!(!h.evict_for("192.0.2.11".parse().unwrap()));
         assert!(h.evict_for("192.0.2.12".parse().unwrap()));
-    }
-
-    #[test]
-    fn in_a_storm_a_connection_queues_for_a_slot_in_turn_and_the_queue_is_bounded() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let h = http_with(None, 1000);
-            let addr =
-                |i: usize| -> SocketAddr { format!("192.0.2.{}:1", 10 + i).parse().unwrap() };
-            // Four addresses, one connection each: every slot taken, none over its share.
-            let mut held: Vec<_> = (0..4).map(|i| h.admit(addr(i)).ok().unwrap()).collect();
-            assert!(matches!(h.admit(addr(4)), Err(Cap::Total)));
-            // A queued connection holds a slot of its address's cap (2) while it waits.
-            let mut queued = vec![
-                h.queue_for_slot(addr(4)).ok().unwrap(),
-                h.queue_for_slot(addr(4)).ok().unwrap(),
-            ];
-            assert!(matches!(h.queue_for_slot(addr(4)), Err(Cap::PerClient)));
-            // Four queue places per slot: sixteen wait, the seventeenth is refused.
-            queued.extend((5..19).map(|i| h.queue_for_slot(addr(i)).ok().unwrap()));
-            assert!(matches!(h.queue_for_slot(addr(19)), Err(Cap::Total)));
-            let mut queued = queued.into_iter();
-            let first = queued.next().unwrap();
-            let waiting = {
-                let h = h.clone();
-                tokio::spawn(async move { h.admit_queued(first, Duration::from_secs(60)).await })
-            };
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            assert!(!waiting.is_finished(), "admitted with every slot taken");
-            // A slot given back goes to the connection that queued.
-            held.pop();
-            let admitted = tokio::time::timeout(Duration::from_secs(10), waiting)
-                .await
-                .expect("the queued connection got the freed slot")
-                .unwrap();
-            assert!(admitted.is_ok());
-            // Waiting is bounded: with every slot taken, the next gets its 503 in time.
-            let second = queued.next().unwrap();
-            assert!(matches!(
-                h.admit_queued(second, Duration::from_millis(20)).await,
-                Err(Cap::Total)
-            ));
-        });
     }
 
     #[test]
