@@ -641,7 +641,8 @@ def multi_user(node, deadline, fails=()):
     t, line = node.wait_for(f"{MULTI_USER}|{PROMPT}", deadline, fails, partial=True)
     if re.search(MULTI_USER, line):
         return t
-    shell_ready(node, deadline, fails)
+    # The prompt is here (that wait may have passed its line): set the shell up now.
+    shell_ready(node, deadline, fails, prompt_seen=True)
     while True:
         out = node.run("systemctl is-active multi-user.target; cut -d' ' -f1 /proc/uptime; "
                        "systemctl show -P ActiveEnterTimestampMonotonic multi-user.target", deadline)
@@ -660,11 +661,13 @@ def multi_user(node, deadline, fails=()):
         time.sleep(1)
 
 
-def shell_ready(node, deadline, fails=()):
-    """Waits for the serial root shell's prompt, then makes it quiet for `run`."""
+def shell_ready(node, deadline, fails=(), prompt_seen=False):
+    """Waits for the serial root shell's prompt (unless the caller saw it), then makes the
+    shell quiet for `run`."""
     if node.quiet:
         return
-    node.wait_for(PROMPT, deadline, fails, partial=True)
+    if not prompt_seen:
+        node.wait_for(PROMPT, deadline, fails, partial=True)
     # Wait for the line this prints, not for a prompt: the old prompt is still in the
     # buffer, and a command typed before `stty -echo` ran would be echoed into its output.
     # The new prompt does not look like a login shell's (PROMPT): after a reboot, the old

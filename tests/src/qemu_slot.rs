@@ -82,13 +82,24 @@ impl Slots {
     }
 
     /// The first slot that is free, polled every quarter second (a node holds its slot
-    /// for a minute or more, so the poll costs nothing measurable).
+    /// for a minute or more, so the poll costs nothing measurable). Says every ten
+    /// minutes that it still waits, and where: a slot held by a leftover process shows.
     pub fn take(&self, label: &str) -> Slot {
         let t0 = Instant::now();
+        let mut said = t0;
         loop {
             if let Some(mut s) = self.try_take(label) {
                 s.waited = t0.elapsed();
                 return s;
+            }
+            if said.elapsed() >= Duration::from_secs(600) {
+                said = Instant::now();
+                eprintln!(
+                    "{label}: waiting {} s for one of {} QEMU slots in {} (`fuser` names the holders)",
+                    t0.elapsed().as_secs(),
+                    self.count,
+                    self.dir.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(250));
         }
