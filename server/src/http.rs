@@ -6,7 +6,12 @@
 //!
 //! A hostile client cannot hold what others need. Connections are capped in total, per
 //! client address, and by the descriptors NBD does not keep in reserve: over a cap a
-//! connection gets a 503 and is closed at accept, never waited for. A request header must
+//! connection gets a 503 and is closed at accept. When every slot of the total is taken,
+//! the address holding the most gives up its oldest connection, and its slot passes to the
+//! newcomer directly: a flood from a few addresses cannot lock a node out. When no address
+//! holds more than its share (a boot storm, not a flood), the newcomer waits its turn
+//! instead: up to `QUEUE_PER_SLOT` per slot, `QUEUE_WAIT` long, in order, holding its
+//! per-client and descriptor slots meanwhile. A request header must
 //! arrive whole within `header_timeout` (which also bounds a kept-alive connection's idle
 //! time: hyper starts that timer as soon as it waits for the next request) and within
 //! `max_header_bytes` (else 431). A response that makes no progress for `write_timeout`
@@ -243,11 +248,27 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<IO> {
     }
 }
 
-/// What a connection holds while open: one of each cap.
+/// What a connection holds while open: one of each cap. Once served, its slot of the
+/// total moves into `Http::open`, whence an eviction can hand it to a newcomer.
 struct Admitted {
-    _total: OwnedSemaphorePermit,
+    total: OwnedSemaphorePermit,
     _client: Slot,
     _fd: FdSlot,
+}
+
+/// Connections that may queue for a slot, per slot of `max_connections`: 256 slots queue
+/// 1,024 more, so a fleet of 1,280 booting at once is served in turns, none refused.
+const QUEUE_PER_SLOT: usize = 4;
+/// How long a queued connection waits for a slot before its 503: the kernels and
+/// initramfs images of a thousand nodes take about 10 s at 10 Gbit/s, 100 s at 1 Gbit/s.
+const QUEUE_WAIT: Duration = Duration::from_secs(120);
+
+/// A connection waiting for a slot of the total: its place in the queue, and its slots
+/// of the other caps.
+struct Queued {
+    _place: OwnedSemaphorePermit,
+    client: Slot,
+    fd: FdSlot,
 }
 
 /// The cap a refused connection met.
@@ -276,6 +297,16 @@ impl Cap {
     }
 }
 
+/// Returns when a queued client has closed its end (or the socket failed); pends while it
+/// waits, whether or not its request has arrived.
+async fn gone(stream: &tokio::net::TcpStream) {
+    let mut b = [0u8; 1];
+    match stream.peek(&mut b).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
 /// Sent to a connection over a cap, if its socket takes it at once; then it is closed.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
 Content-Length: 20\r\nRetry-After: 1\r\nConnection: close\r\n\r\nbusy: retry shortly\n";
@@ -287,6 +318,8 @@ pub struct Http {
     /// The TFTP root and `[boot]`, shared with TFTP.
     files: Option<Arc<BootFiles>>,
     total: Arc<Semaphore>,
+    /// Places in the queue for a slot of `total` (see the module's comment).
+    queue: Arc<Semaphore>,
     per_client: Arc<PerClient>,
     fds: Arc<Descriptors>,
     started: Instant,
@@ -296,11 +329,14 @@ pub struct Http {
     next_id: AtomicU64,
 }
 
-/// An open connection: its client, when it opened, and how to close it.
+/// An open connection: its client, when it opened, how to close it, and its slot of the
+/// total. Whoever takes it out of `Http::open` owns the slot: the connection's own task,
+/// which gives it back when done, or an eviction, which hands it to the newcomer.
 struct Open {
     ip: IpAddr,
     since: Instant,
     close: oneshot::Sender<()>,
+    slot: OwnedSemaphorePermit,
 }
 
 impl Http {
@@ -313,6 +349,9 @@ impl Http {
     ) -> Arc<Http> {
         Arc::new(Http {
             total: Arc::new(Semaphore::new(cfg.max_connections)),
+            queue: Arc::new(Semaphore::new(
+                cfg.max_connections.saturating_mul(QUEUE_PER_SLOT),
+            )),
             per_client: PerClient::new(cfg.max_connections_per_client),
             cfg,
             status,
@@ -325,45 +364,64 @@ impl Http {
     }
 
     /// All connections are taken: closes the oldest connection of the address that holds
-    /// the most, if that is more than `ip` would hold with this one. The scan is of the open
-    /// connections only (at most `max_connections`).
-    fn evict_for(&self, ip: IpAddr) -> bool {
+    /// the most, if that is more than `ip` would hold with this one, and returns its slot
+    /// for `ip`'s connection. The scan is of the open connections only (at most
+    /// `max_connections`).
+    fn evict_for(&self, ip: IpAddr) -> Option<OwnedSemaphorePermit> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let mut counts: HashMap<IpAddr, usize> = HashMap::new();
         for c in open.values() {
             *counts.entry(c.ip).or_default() += 1;
         }
         let mine = counts.get(&ip).copied().unwrap_or(0);
-        let Some((top, n)) = counts.into_iter().max_by_key(|(_, n)| *n) else {
-            return false;
-        };
+        let (top, n) = counts.into_iter().max_by_key(|(_, n)| *n)?;
         if n <= mine + 1 {
-            return false;
+            return None;
         }
         let victim = open
             .iter()
             .filter(|(_, c)| c.ip == top)
             .min_by_key(|(_, c)| c.since)
             .map(|(id, _)| *id);
-        match victim.and_then(|id| open.remove(&id)) {
-            Some(c) => {
-                log::debug!("http: closed a connection of {top} ({n} open) for {ip}");
-                let _ = c.close.send(());
-                true
-            }
-            None => false,
-        }
+        let c = victim.and_then(|id| open.remove(&id))?;
+        log::debug!("http: closed a connection of {top} ({n} open) for {ip}");
+        let _ = c.close.send(());
+        Some(c.slot)
     }
 
-    /// After an eviction: the slot it frees, within a second.
-    async fn admit_after_eviction(&self, peer: SocketAddr) -> Result<Admitted, Cap> {
-        let total =
-            tokio::time::timeout(Duration::from_secs(1), self.total.clone().acquire_owned())
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .ok_or(Cap::Total)?;
-        self.admit_with(total, peer)
+    /// A place in the queue for a slot of the total, with the per-client and descriptor
+    /// slots, or the cap that was met.
+    fn queue_for_slot(&self, peer: SocketAddr) -> Result<Queued, Cap> {
+        let place = self
+            .queue
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Cap::Total)?;
+        let client = self
+            .per_client
+            .try_acquire(peer.ip())
+            .ok_or(Cap::PerClient)?;
+        let fd = self.fds.try_acquire().ok_or(Cap::Descriptors)?;
+        Ok(Queued {
+            _place: place,
+            client,
+            fd,
+        })
+    }
+
+    /// A queued connection's slot, in the order they queued (tokio's semaphore is fair),
+    /// within `wait`.
+    async fn admit_queued(&self, q: Queued, wait: Duration) -> Result<Admitted, Cap> {
+        let total = tokio::time::timeout(wait, self.total.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .ok_or(Cap::Total)?;
+        Ok(Admitted {
+            total,
+            _client: q.client,
+            _fd: q.fd,
+        })
     }
 
     /// Serves an admitted connection, registered so that it can be closed to make room.
@@ -374,6 +432,11 @@ impl Http {
         local: SocketAddr,
         admitted: Admitted,
     ) {
+        let Admitted {
+            total,
+            _client,
+            _fd,
+        } = admitted;
         let id = self.next_id.fetch_add(1, Relaxed);
         let (close, closed) = oneshot::channel();
         self.open.lock().unwrap_or_else(|p| p.into_inner()).insert(
@@ -382,6 +445,7 @@ impl Http {
                 ip: peer.ip(),
                 since: Instant::now(),
                 close,
+                slot: total,
             },
         );
         self.status.http_connections.fetch_add(1, Relaxed);
@@ -391,11 +455,14 @@ impl Http {
             _ = closed => {}
         }
         self.status.http_open.fetch_sub(1, Relaxed);
-        self.open
+        // Still there: the slot is ours to give back. Gone: an eviction handed it on.
+        let mine = self
+            .open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
-        drop(admitted);
+        drop(mine);
+        drop((_client, _fd));
     }
 
     /// One slot of every cap, or the cap that was met.
@@ -416,14 +483,14 @@ impl Http {
             .ok_or(Cap::PerClient)?;
         let fd = self.fds.try_acquire().ok_or(Cap::Descriptors)?;
         Ok(Admitted {
-            _total: total,
+            total,
             _client: client,
             _fd: fd,
         })
     }
 
-    /// Accepts and serves connections until the task is dropped. Never waits for a slot:
-    /// a connection over a cap is closed at once.
+    /// Accepts and serves connections until the task is dropped. Over a cap a connection
+    /// is closed at once, but for the eviction and the queue of the module's comment.
     pub async fn run(self: Arc<Self>, listener: tokio::net::TcpListener) {
         log::info!(
             "http: at most {} connections, {} per client address; header {} bytes within {}s; write timeout {}s",
@@ -453,15 +520,31 @@ impl Http {
                 Ok(a) => {
                     tokio::spawn(me.serve_admitted(stream, peer, local, a));
                 }
-                // Another address holds more than its share: one of its connections goes.
-                Err(Cap::Total) if self.evict_for(peer.ip()) => {
-                    tokio::spawn(async move {
-                        match me.admit_after_eviction(peer).await {
-                            Ok(a) => me.serve_admitted(stream, peer, local, a).await,
-                            Err(cap) => me.refuse(&stream, peer, cap),
+                Err(Cap::Total) => match self.evict_for(peer.ip()) {
+                    // Another address held more than its share: its slot is this one's.
+                    Some(slot) => match self.admit_with(slot, peer) {
+                        Ok(a) => {
+                            tokio::spawn(me.serve_admitted(stream, peer, local, a));
                         }
-                    });
-                }
+                        Err(cap) => self.refuse(&stream, peer, cap),
+                    },
+                    // Every slot is taken by addresses within their share: a storm. Wait.
+                    None => match self.queue_for_slot(peer) {
+                        Ok(q) => {
+                            tokio::spawn(async move {
+                                let admitted = tokio::select! {
+                                    a = me.admit_queued(q, QUEUE_WAIT) => a,
+                                    () = gone(&stream) => return,
+                                };
+                                match admitted {
+                                    Ok(a) => me.serve_admitted(stream, peer, local, a).await,
+                                    Err(cap) => me.refuse(&stream, peer, cap),
+                                }
+                            });
+                        }
+                        Err(cap) => self.refuse(&stream, peer, cap),
+                    },
+                },
                 Err(cap) => self.refuse(&stream, peer, cap),
             }
         }
@@ -838,6 +921,7 @@ mod tests {
                     ip: ip.parse().unwrap(),
                     since: t0 - Duration::from_secs(age),
                     close,
+                    slot: h.total.clone().try_acquire_owned().unwrap(),
                 },
             );
             rx.push((ip.to_string(), age, closed));
@@ -847,7 +931,7 @@ mod tests {
         }
         open("192.0.2.11", 20);
         // A newcomer: the oldest connection of .10 (three open) goes, not .11's older one.
-        assert!(h.evict_for("192.0.2.99".parse().unwrap()));
+        assert!(h.evict_for("192.0.2.99".parse().unwrap()).is_some());
         let mut gone = Vec::new();
         for (ip, age, c) in rx.iter_mut() {
             if c.try_recv().is_ok() {
@@ -856,8 +940,124 @@ mod tests {
         }
         assert_eq!(gone, [("192.0.2.10".to_string(), 9)]);
         // .10 now holds two: a client holding one already is no fairer with a second.
-        assert!(!h.evict_for("192.0.2.11".parse().unwrap()));
-        assert!(h.evict_for("192.0.2.12".parse().unwrap()));
+        assert!(h.evict_for("192.0.2.11".parse().unwrap()).is_none());
+        assert!(h.evict_for("192.0.2.12".parse().unwrap()).is_some());
+    }
+
+    fn storm_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
+    fn addr(i: usize) -> SocketAddr {
+        format!("192.0.2.{}:1", 10 + i).parse().unwrap()
+    }
+
+    /// Registers an open connection from `peer` as `serve_admitted` does; returns the
+    /// receiver its eviction would fire.
+    fn open_from(h: &Http, peer: SocketAddr) -> (Admitted, oneshot::Receiver<()>) {
+        let Admitted {
+            total,
+            _client,
+            _fd,
+        } = h.admit(peer).ok().unwrap();
+        let (close, closed) = oneshot::channel();
+        let id = h.next_id.fetch_add(1, Relaxed);
+        h.open.lock().unwrap().insert(
+            id,
+            Open {
+                ip: peer.ip(),
+                since: Instant::now(),
+                close,
+                slot: total,
+            },
+        );
+        // The slot is in the map; a permit of a semaphore of its own stands in for it.
+        let held = Admitted {
+            total: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+            _client,
+            _fd,
+        };
+        (held, closed)
+    }
+
+    #[test]
+    fn in_a_storm_a_connection_queues_for_a_slot_in_turn_and_the_queue_is_bounded() {
+        storm_runtime().block_on(async {
+            let h = http_with(None, 1000);
+            // Four addresses, one connection each: every slot taken, none over its share.
+            let mut held: Vec<_> = (0..4).map(|i| h.admit(addr(i)).ok().unwrap()).collect();
+            assert!(matches!(h.admit(addr(4)), Err(Cap::Total)));
+            assert!(h.evict_for(addr(4).ip()).is_none());
+            // A queued connection holds a slot of its address's cap (2) while it waits.
+            let mut queued = vec![
+                h.queue_for_slot(addr(4)).ok().unwrap(),
+                h.queue_for_slot(addr(4)).ok().unwrap(),
+            ];
+            assert!(matches!(h.queue_for_slot(addr(4)), Err(Cap::PerClient)));
+            // Four queue places per slot: sixteen wait, the seventeenth is refused.
+            queued.extend((5..19).map(|i| h.queue_for_slot(addr(i)).ok().unwrap()));
+            assert!(matches!(h.queue_for_slot(addr(19)), Err(Cap::Total)));
+            let mut queued = queued.into_iter();
+            let first = queued.next().unwrap();
+            let waiting = {
+                let h = h.clone();
+                tokio::spawn(async move { h.admit_queued(first, Duration::from_secs(60)).await })
+            };
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(!waiting.is_finished(), "admitted with every slot taken");
+            // A slot given back goes to the connection that queued.
+            held.pop();
+            let admitted = tokio::time::timeout(Duration::from_secs(10), waiting)
+                .await
+                .expect("the queued connection got the freed slot")
+                .unwrap();
+            assert!(admitted.is_ok());
+            // Waiting is bounded: with every slot taken, the next gets its 503 in time.
+            let second = queued.next().unwrap();
+            assert!(matches!(
+                h.admit_queued(second, Duration::from_millis(20)).await,
+                Err(Cap::Total)
+            ));
+        });
+    }
+
+    /// The slot an eviction frees is the newcomer's, not the head of the storm queue's:
+    /// else a flood spread over many addresses, queued, would defeat the eviction.
+    #[test]
+    fn an_evicted_slot_goes_to_the_newcomer_it_was_taken_for_not_to_the_queue() {
+        storm_runtime().block_on(async {
+            let h = http_with(None, 1000);
+            // .10 holds two of the four slots; .11 and .12 one each.
+            let (_a1, mut a1_closed) = open_from(&h, addr(0));
+            let (_a2, mut a2_closed) = open_from(&h, addr(0));
+            let (_b, _) = open_from(&h, addr(1));
+            let (_c, _) = open_from(&h, addr(2));
+            assert!(matches!(h.admit(addr(3)), Err(Cap::Total)));
+            // A storm waits in the queue.
+            let q = h.queue_for_slot(addr(5)).ok().unwrap();
+            let waiting = {
+                let h = h.clone();
+                tokio::spawn(async move { h.admit_queued(q, Duration::from_secs(60)).await })
+            };
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            // A newcomer: .10's oldest connection goes, and its slot is the newcomer's.
+            let slot = h.evict_for(addr(3).ip()).expect("an eviction");
+            let newcomer = h.admit_with(slot, addr(3)).ok().unwrap();
+            assert!(a1_closed.try_recv().is_ok() ^ a2_closed.try_recv().is_ok());
+            assert_eq!(h.open.lock().unwrap().len(), 3);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(!waiting.is_finished(), "the queue took the evicted slot");
+            // The newcomer done, its slot goes back to the semaphore: the queue's turn.
+            drop(newcomer);
+            let admitted = tokio::time::timeout(Duration::from_secs(10), waiting)
+                .await
+                .expect("the queued connection got the slot given back")
+                .unwrap();
+            assert!(admitted.is_ok());
+        });
     }
 
     #[test]

@@ -174,7 +174,8 @@ struct ServeArgs {
     /// Address for /healthz, /metrics and /nodes over HTTP (default: off).
     #[arg(long, value_name = "ADDR:PORT")]
     http_listen: Option<SocketAddr>,
-    /// HTTP connections at once; more are closed at accept (default 256).
+    /// HTTP connections served at once (default 256); more wait for a slot in a storm
+    /// (up to 4 per slot, 120 s), or get a 503 when an address holds more than its share.
     #[arg(long, value_name = "N")]
     http_max_connections: Option<usize>,
     /// HTTP connections one client address may have open; 0: no limit (default 8).

@@ -120,6 +120,41 @@ fn the_ninth_connection_from_one_address_is_refused_while_another_is_served() {
     });
 }
 
+/// A boot storm: every slot is taken, each address within its share. A new client is not
+/// refused: it waits its turn and is served when a slot is given back.
+#[test]
+fn with_every_slot_taken_by_distinct_addresses_curl_waits_its_turn_instead_of_a_503() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("vmlinuz"), vec![b'k'; 1 << 20]).unwrap();
+    let (s, h) = start_http(
+        dir.path(),
+        &[
+            "--http-max-connections",
+            "2",
+            "--http-header-timeout",
+            "3600",
+        ],
+    );
+    let held: Vec<TcpStream> = ["127.0.0.1", "127.0.0.2"]
+        .iter()
+        .map(|a| connect_from(ip(a), h).unwrap())
+        .collect();
+    // Accepted in order: the two held ones take both slots before curl comes.
+    std::thread::sleep(Duration::from_millis(300));
+    let url = format!("http://{h}/files/vmlinuz");
+    let waiting = std::thread::spawn(move || curl_from("127.0.0.3", &url));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !waiting.is_finished(),
+        "curl was answered with every slot taken"
+    );
+    drop(held);
+    let (code, body) = waiting.join().unwrap().expect("curl got a reply");
+    assert_eq!(code, "200");
+    assert_eq!(body.len(), 1 << 20);
+    assert!(!s.log().contains("refused"), "{}", s.log());
+}
+
 #[test]
 fn a_half_sent_header_and_an_idle_keepalive_are_closed_while_curl_is_served() {
     let dir = tempfile::tempdir().unwrap();
