@@ -68,9 +68,8 @@ pub async fn serve(
     let mut http_port = None;
     if let Some(h) = cfg.http.clone() {
         let addr = h.listen;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServeError::HttpBind { addr, source })?;
+        let listener =
+            limits::listen(addr).map_err(|source| ServeError::HttpBind { addr, source })?;
         let local = listener.local_addr().unwrap_or(addr);
         log::info!("http: /healthz /metrics /nodes /boot.ipxe /files/ on {local}");
         http_port = Some(local.port());
@@ -103,9 +102,8 @@ pub async fn serve(
     }
     if let Some(n) = cfg.nbd {
         let addr = n.listen;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServeError::NbdBind { addr, source })?;
+        let listener =
+            limits::listen(addr).map_err(|source| ServeError::NbdBind { addr, source })?;
         for e in &n.exports {
             log::info!("nbd: export {:?} = {}", e.name, e.path.display());
         }

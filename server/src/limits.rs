@@ -277,6 +277,24 @@ pub fn bound_kernel_queues(stream: &tokio::net::TcpStream, what: &str, write_tim
     }
 }
 
+/// Asked of `listen(2)`; the kernel caps it at `net.core.somaxconn` (4,096 on current
+/// kernels). tokio's `TcpListener::bind` asks 1,024: a fleet of 1,000 booting at once
+/// opens up to 2,000 NBD connections within a second, and connections past the backlog
+/// wait for SYN retransmits (1 s, 3 s, 7 s...) or fail.
+pub const LISTEN_BACKLOG: i32 = 65_535;
+
+/// A listening TCP socket on `addr` with the longest backlog the host allows, as tokio's
+/// `bind` would make it otherwise (SO_REUSEADDR, non-blocking).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(LISTEN_BACKLOG)?;
+    tokio::net::TcpListener::from_std(s.into())
+}
+
 /// Closes with a reset instead of a FIN: the kernel then frees the connection's queued
 /// bytes at once, instead of retransmitting them to a client that takes nothing.
 pub fn reset_on_close(stream: &tokio::net::TcpStream) {
@@ -286,6 +304,37 @@ pub fn reset_on_close(stream: &tokio::net::TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every connection of a burst larger than tokio's backlog (1,024) completes its
+    /// handshake at once while nothing accepts: the kernel holds them all.
+    #[tokio::test]
+    async fn the_listen_backlog_holds_a_fleets_burst_of_connections() {
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let burst = 1_500;
+        assert!(
+            somaxconn > burst,
+            "net.core.somaxconn is {somaxconn}: this host caps every listen backlog below a fleet's burst"
+        );
+        // Two descriptors per connection in this process (the held end, then the accepted).
+        let _ = raise_nofile();
+        let l = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut held = Vec::new();
+        for i in 0..burst {
+            let c =
+                tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+                    .await;
+            match c {
+                Ok(Ok(c)) => held.push(c),
+                _ => panic!("connection {i} of {burst} did not complete while none was accepted"),
+            }
+        }
+        let (first, _) = l.accept().await.unwrap();
+        assert_eq!(first.peer_addr().unwrap(), held[0].local_addr().unwrap());
+    }
 
     #[tokio::test]
     async fn accepted_sockets_get_the_kernel_queue_bounds() {
