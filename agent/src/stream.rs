@@ -28,6 +28,9 @@ pub const DM_NAME: &str = "ltsp-ram";
 /// in flight on the NBD device, which a live server answers in milliseconds.
 pub const SWITCH_DEADLINE: Duration = Duration::from_secs(30);
 
+/// How long NBD_CMD_DISCONNECT may take.
+pub const DISCONNECT_DEADLINE: Duration = Duration::from_secs(10);
+
 /// How long the reconnect helper has to go after SIGTERM, and again after SIGKILL.
 pub const HELPER_GRACE: Duration = Duration::from_secs(2);
 
@@ -237,9 +240,22 @@ pub fn run(c: &Copier) -> Result<(), StreamError> {
         log::warn!("to-ram: leaving the idle class: {e}");
     }
     switch(sys, c, &lo, SWITCH_DEADLINE, &mut |index| {
-        crate::nbd::netlink::Genl::open()
-            .and_then(|mut g| g.disconnect(index))
-            .map_err(|e| e.to_string())
+        // In a thread: the kernel shuts the connections down before it answers, and the
+        // copier must still say it is done if that hangs.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("to-ram-disconnect".into())
+            .spawn(move || {
+                let r = crate::nbd::netlink::Genl::open().and_then(|mut g| g.disconnect(index));
+                let _ = tx.send(r.map_err(|e| e.to_string()));
+            })
+            .map_err(|e| e.to_string())?;
+        rx.recv_timeout(DISCONNECT_DEADLINE).unwrap_or_else(|_| {
+            Err(format!(
+                "not done within {} s",
+                DISCONNECT_DEADLINE.as_secs()
+            ))
+        })
     })?;
     log::info!("in-ram");
     toram::mark_in_ram(&c.run);
