@@ -11,7 +11,9 @@
 //! newcomer directly: a flood from a few addresses cannot lock a node out. When no address
 //! holds more than its share (a boot storm, not a flood), the newcomer waits its turn
 //! instead: up to `QUEUE_PER_SLOT` per slot, `QUEUE_WAIT` long, in order, holding its
-//! per-client and descriptor slots meanwhile. A request header must
+//! per-client and descriptor slots meanwhile (the queue takes at most half the descriptors
+//! HTTP shares with TFTP). A queued connection must send its first request byte within
+//! `header_timeout`, and leaves the queue when it hangs up. A request header must
 //! arrive whole within `header_timeout` (which also bounds a kept-alive connection's idle
 //! time: hyper starts that timer as soon as it waits for the next request) and within
 //! `max_header_bytes` (else 431). A response that makes no progress for `write_timeout`
@@ -297,13 +299,26 @@ impl Cap {
     }
 }
 
-/// Returns when a queued client has closed its end (or the socket failed); pends while it
-/// waits, whether or not its request has arrived.
-async fn gone(stream: &tokio::net::TcpStream) {
+/// How often a queued connection whose request has arrived is checked for a hang-up.
+const QUEUED_CHECK: Duration = Duration::from_secs(1);
+
+/// Returns when a queued connection is to be dropped: it sent no request byte within
+/// `header_timeout` (as an admitted one would be closed), it hung up (before or after its
+/// request), or its socket failed. Pends while a live client waits with its request sent.
+async fn gone(stream: &tokio::net::TcpStream, header_timeout: Duration) {
     let mut b = [0u8; 1];
-    match stream.peek(&mut b).await {
-        Ok(0) | Err(_) => {}
-        Ok(_) => std::future::pending().await,
+    match tokio::time::timeout(header_timeout, stream.peek(&mut b)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return,
+    }
+    // The request's bytes stay unread until the slot comes: a hang-up shows as the
+    // read side closed (EPOLLRDHUP) beside them, not as a read of 0.
+    loop {
+        match stream.ready(tokio::io::Interest::READABLE).await {
+            Ok(r) if !r.is_read_closed() && !r.is_error() => {}
+            _ => return,
+        }
+        tokio::time::sleep(QUEUED_CHECK).await;
     }
 }
 
@@ -350,7 +365,9 @@ impl Http {
         Arc::new(Http {
             total: Arc::new(Semaphore::new(cfg.max_connections)),
             queue: Arc::new(Semaphore::new(
-                cfg.max_connections.saturating_mul(QUEUE_PER_SLOT),
+                cfg.max_connections
+                    .saturating_mul(QUEUE_PER_SLOT)
+                    .min(Semaphore::MAX_PERMITS),
             )),
             per_client: PerClient::new(cfg.max_connections_per_client),
             cfg,
@@ -392,6 +409,11 @@ impl Http {
     /// A place in the queue for a slot of the total, with the per-client and descriptor
     /// slots, or the cap that was met.
     fn queue_for_slot(&self, peer: SocketAddr) -> Result<Queued, Cap> {
+        // The queue takes at most half the descriptors HTTP shares with TFTP: a storm's
+        // queue must not turn away the TFTP transfers of the same storm.
+        if self.fds.in_use() >= self.fds.max() / 2 {
+            return Err(Cap::Descriptors);
+        }
         let place = self
             .queue
             .clone()
@@ -534,7 +556,7 @@ impl Http {
                             tokio::spawn(async move {
                                 let admitted = tokio::select! {
                                     a = me.admit_queued(q, QUEUE_WAIT) => a,
-                                    () = gone(&stream) => return,
+                                    () = gone(&stream, me.cfg.header_timeout) => return,
                                 };
                                 match admitted {
                                     Ok(a) => me.serve_admitted(stream, peer, local, a).await,
@@ -1022,6 +1044,66 @@ mod tests {
                 Err(Cap::Total)
             ));
         });
+    }
+
+    /// A queued connection leaves the queue when it hangs up, before or after sending its
+    /// request, and when it sends nothing within the header timeout; a live one stays.
+    #[tokio::test]
+    async fn a_queued_connection_that_hangs_up_or_stays_silent_leaves_the_queue() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let header = Duration::from_secs(2);
+        // What gone() does for a client that acts as `client` does, within 5 s.
+        async fn left<F, Fut>(
+            l: &tokio::net::TcpListener,
+            addr: SocketAddr,
+            header: Duration,
+            client: F,
+        ) -> bool
+        where
+            F: FnOnce(tokio::net::TcpStream) -> Fut,
+            Fut: Future<Output = Option<tokio::net::TcpStream>>,
+        {
+            let c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (s, _) = l.accept().await.unwrap();
+            let held = client(c).await;
+            let r = tokio::time::timeout(Duration::from_secs(5), gone(&s, header))
+                .await
+                .is_ok();
+            drop(held);
+            r
+        }
+        let request = b"GET /files/vmlinuz HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(
+            left(&l, addr, header, |mut c| async move {
+                c.write_all(request).await.unwrap();
+                drop(c);
+                None
+            })
+            .await,
+            "a client that sent its request and hung up stayed queued"
+        );
+        assert!(
+            left(&l, addr, header, |c| async move {
+                drop(c);
+                None
+            })
+            .await,
+            "a client that hung up at once stayed queued"
+        );
+        assert!(
+            left(&l, addr, header, |c| async move { Some(c) }).await,
+            "a silent client stayed queued past the header timeout"
+        );
+        assert!(
+            !left(&l, addr, header, |mut c| async move {
+                c.write_all(request).await.unwrap();
+                Some(c)
+            })
+            .await,
+            "a client waiting with its request sent was dropped"
+        );
     }
 
     /// The slot an eviction frees is the newcomer's, not the head of the storm queue's:
