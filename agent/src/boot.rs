@@ -11,8 +11,8 @@ use crate::nbd::netlink;
 use crate::net::{self, NetInfo};
 use crate::system::{Limit, Outcome, System};
 use crate::trust::{self, Trust};
-use crate::{log as blog, rootfs, stream, switch_root, tftp, toram, verity};
-use ltsp_common::cmdline::{Cmdline, NbdTarget, OnFailure, ToRamMode};
+use crate::{log as blog, rootfs, switch_root, tftp, toram, verity};
+use ltsp_common::cmdline::{Cmdline, NbdTarget, OnFailure};
 use ltsp_common::ltsconf::Identity;
 pub use ltsp_common::step::{Mark, Step};
 use nix::mount::MsFlags;
@@ -237,10 +237,8 @@ pub fn boot(
     let nbd = nbd_step(&r, sys, p, &net, &mut tl).map_err(fail)?;
     // Before a copy into RAM too: a server lost during the copy is then replaced.
     let helper = keep_connected(&r, sys, p, &nbd);
-    let (root_dev, copier) = ram_step(&r, sys, p, &nbd, helper.as_ref(), &mut tl).map_err(fail)?;
-    // The helper frees the initramfs only if it runs for the node's life: not when the
-    // root goes to RAM (the copier of a streamed copy stops it too).
-    let freer = match root_dev == nbd.attached.device && copier.is_none() {
+    let root_dev = ram_step(&r, sys, p, &nbd, helper.as_ref(), &mut tl).map_err(fail)?;
+    let freer = match root_dev == nbd.attached.device {
         true => helper.and_then(|h| h.freer),
         false => None,
     };
@@ -267,7 +265,7 @@ pub fn boot(
     match mode {
         Mode::Worker => Ok(hand_over(sys, booted, &preinit, &env, kmsg_limit, l)),
         Mode::Pid1 => {
-            let e = switch_and_exec(sys, booted, freer, copier, &preinit, &env, kmsg_limit, l);
+            let e = switch_and_exec(sys, booted, freer, &preinit, &env, kmsg_limit, l);
             Err(fail(e))
         }
     }
@@ -414,8 +412,7 @@ fn keep_connected(
 /// `ltsp.to-ram=1`: the image copied into RAM ([`toram`]), then NBD disconnected.
 /// Returns the device the root is mounted from: the loop device, or the NBD device when
 /// the copy could not be made (a warning; only bytes that differ from the image's
-/// identity stop the boot). `ltsp.to-ram=stream` ([`stream`]): the linear device over
-/// NBD, and the copier to start before init.
+/// identity stop the boot).
 fn ram_step(
     r: &Run,
     sys: &dyn System,
@@ -423,27 +420,17 @@ fn ram_step(
     nbd: &NbdStep,
     helper: Option<&nbd::Helper>,
     tl: &mut Timeline,
-) -> Result<(String, Option<stream::Copier>), BootError> {
-    let Run { cmd, l, mode, .. } = *r;
+) -> Result<String, BootError> {
+    let Run { cmd, l, .. } = *r;
     let dev = nbd.attached.device.clone();
     if !cmd.to_ram {
-        return Ok((dev, None));
+        return Ok(dev);
     }
     pause_at(cmd, Step::ToRam);
     tl.mark(Mark::Begin(Step::ToRam));
     let meminfo =
         std::fs::read_to_string(l.proc_cmdline.with_file_name("meminfo")).unwrap_or_default();
     let a = &nbd.attached;
-    if cmd.to_ram_mode == ToRamMode::Stream {
-        if mode == Mode::Pid1 {
-            return Ok(stream_step(r, sys, nbd, helper, &meminfo));
-        }
-        // The copier must outlive this process, and initramfs-tools switches root after
-        // the worker returns: only PID 1 knows when to start it in the new root.
-        log::warn!(
-            "to-ram: ltsp.to-ram=stream needs the standalone initramfs (the agent as /init); copying first"
-        );
-    }
     let deadline = Instant::now() + cmd.timeout;
     match toram::to_ram(
         sys,
@@ -467,61 +454,17 @@ fn ram_step(
                 );
             }
             tl.mark(Mark::Done(Step::ToRam));
-            toram::mark_in_ram(&l.run);
             log::info!(
                 "to-ram: the root is on {ram}; {dev} disconnected, no server is needed from now on"
             );
-            Ok((ram, None))
+            Ok(ram)
         }
         Err(e @ toram::ToRamError::Mismatch { .. }) => Err(BootError::ToRam(e)),
         Err(e) => {
             log::warn!("to-ram: {e}; the root stays on the network ({dev})");
-            Ok((dev, None))
+            Ok(dev)
         }
     }
-}
-
-/// `ltsp.to-ram=stream`: room made, the root device a linear mapping of the NBD device,
-/// and the copier's orders. Anything short of that leaves the root on the NBD device.
-fn stream_step(
-    r: &Run,
-    sys: &dyn System,
-    nbd: &NbdStep,
-    helper: Option<&nbd::Helper>,
-    meminfo: &str,
-) -> (String, Option<stream::Copier>) {
-    let Run { cmd, l, .. } = *r;
-    let a = &nbd.attached;
-    let dev = a.device.clone();
-    if let Err(e) = toram::make_room(sys, &l.run, a.size, meminfo) {
-        log::warn!("to-ram: {e}; the root stays on the network ({dev})");
-        return (dev, None);
-    }
-    let mapped = match stream::map(sys, &dev, a.size) {
-        Ok(m) => m,
-        Err(e) => {
-            toram::give_back(sys, &l.run);
-            log::warn!("to-ram: {e}; the root stays on the network ({dev})");
-            return (dev, None);
-        }
-    };
-    log::info!(
-        "to-ram: the root is mounted from {mapped} (linear over {dev}); the image is copied into RAM behind the boot and the root switched to the copy once it is checked"
-    );
-    let (console_fd, kmsg_fd) = blog::raw_fds();
-    let copier = stream::Copier {
-        device: dev,
-        index: nbd.index,
-        size: a.size,
-        identity: a.identity.clone(),
-        run: l.run.clone(),
-        dm: stream::DM_NAME.into(),
-        helper: helper.map(|h| h.pid),
-        timeout: cmd.timeout,
-        console_fd,
-        kmsg_fd,
-    };
-    (mapped, Some(copier))
 }
 
 /// `ltsp.verity=HASH`: the root device behind dm-verity; returns the device to mount.
@@ -689,12 +632,10 @@ fn hand_over(
 }
 
 /// PID 1: switch root, run PREINIT, exec init. Returns only what went wrong.
-#[allow(clippy::too_many_arguments)]
 fn switch_and_exec(
     sys: &dyn System,
     mut booted: Booted,
     freer: Option<std::fs::File>,
-    copier: Option<stream::Copier>,
     preinit: &Preinit,
     env: &[(String, String)],
     kmsg_limit: Option<String>,
@@ -707,15 +648,6 @@ fn switch_and_exec(
         return e.into();
     }
     tl.mark(Mark::Done(Step::Switch));
-    // In the new root, where the copier's paths are: it outlives the exec of init.
-    if let Some(c) = copier {
-        match stream::start(sys, &c) {
-            Ok(pid) => log::info!("to-ram: copier started (pid {pid})"),
-            Err(e) => {
-                log::warn!("to-ram: {e}; the root stays on the network ({})", c.device)
-            }
-        }
-    }
     pause_at(cmd, Step::Preinit);
     preinit.run(sys, None, env);
     pause_at(cmd, Step::Init);
@@ -838,13 +770,11 @@ fn load_storage_modules(sys: &dyn System, m: Option<Modules>, cmd: &Cmdline) {
     m.set_params("nbd", &format!("nbds_max={}", nbd_index(cmd) + 1));
     let mut loaded = Vec::new();
     let to_ram = cmd.to_ram.then(|| "loop".to_string());
-    let stream = (cmd.to_ram && cmd.to_ram_mode == ToRamMode::Stream).then(|| "dm-mod".to_string());
     let verity = cmd.verity.is_some().then(|| "dm-verity".to_string());
     for name in ["nbd", "squashfs", "overlay"]
         .into_iter()
         .map(str::to_string)
         .chain(to_ram)
-        .chain(stream)
         .chain(verity)
         .chain(cmd.modules.iter().cloned())
     {
@@ -1983,27 +1913,16 @@ mod tests {
     /// A node with `ltsp.to-ram=1`: (the layout, the fake server over an image file, the
     /// image's bytes). `avail` is the RAM /proc/meminfo shows.
     fn to_ram_node(d: &Path, avail_kib: u64, identity: Option<&str>) -> (Layout, FakePlatform) {
-        to_ram_node_with(d, avail_kib, identity, "1", 300_032)
-    }
-
-    /// [`to_ram_node`] with `ltsp.to-ram=VALUE` and an image of `len` bytes.
-    fn to_ram_node_with(
-        d: &Path,
-        avail_kib: u64,
-        identity: Option<&str>,
-        value: &str,
-        len: u32,
-    ) -> (Layout, FakePlatform) {
         let l = layout(
             d,
-            &format!("root=/dev/nbd0 nbdroot=192.0.2.9/img ltsp.conf=none ltsp.to-ram={value}"),
+            "root=/dev/nbd0 nbdroot=192.0.2.9/img ltsp.conf=none ltsp.to-ram=1",
         );
         std::fs::write(
             d.join("meminfo"),
             format!("MemTotal: 4000000 kB\nMemAvailable: {avail_kib} kB\n"),
         )
         .unwrap();
-        let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
         let img = d.join("nbd-device");
         std::fs::write(&img, &data).unwrap();
         let right = format!("blake3:{}", blake3::hash(&data).to_hex());
@@ -2055,12 +1974,6 @@ mod tests {
             "{}",
             b.timeline.render()
         );
-        let at: f64 = std::fs::read_to_string(format!("{run}/ltsp/in-ram"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert!(at > 0.0);
     }
 
     #[test]
@@ -2110,93 +2023,6 @@ mod tests {
         assert!(
             !calls.iter().any(|c| c.contains("squashfs")),
             "nothing mounted: {calls:?}"
-        );
-    }
-
-    #[test]
-    fn to_ram_stream_mounts_a_linear_device_and_starts_the_copier_in_the_new_root() {
-        let d = tempfile::tempdir().unwrap();
-        let (l, mut p) = to_ram_node_with(d.path(), 2_000_000, None, "stream", 300_032);
-        let sys = Recorder::default();
-        let (e, _) = *boot(&sys, &mut p, Mode::Pid1, &l).err().unwrap();
-        assert!(matches!(e, BootError::Exec { .. }), "{e}");
-        let (run, calls) = (&l.run, sys.calls());
-        let dev = d.path().join("nbd-device").display().to_string();
-        let at = |p: &str| calls.iter().position(|c| c.starts_with(p));
-        assert!(
-            at(&format!("mount tmpfs {run}/ltsp/ram tmpfs")).is_some(),
-            "{calls:?}"
-        );
-        let linear = at(&format!("linear ltsp-ram {dev} 586"));
-        // The Recorder's linear device is the backing file itself.
-        let mounted = at(&format!("mount {dev} {run}/rootfs/lower squashfs"));
-        let switched = at("chroot .");
-        let spawned = at("spawn @ltsp-to-ram to-ram-stream ");
-        let exec = at("exec ");
-        assert!(
-            linear.is_some()
-                && linear < mounted
-                && mounted < switched
-                && switched < spawned
-                && spawned < exec,
-            "{calls:#?}"
-        );
-        let copier = &calls[spawned.unwrap()];
-        for want in [
-            format!("--device={dev}"),
-            "--size=300032".into(),
-            "--helper=4242".into(),
-            "--identity=blake3:".into(),
-        ] {
-            assert!(copier.contains(&want), "{want}: {copier}");
-        }
-        // Nothing copied, stopped or disconnected by the boot itself; the boot frees the
-        // initramfs (the helper is stopped once the copy is in use).
-        assert!(at("loop ").is_none() && at("stop ").is_none(), "{calls:?}");
-        assert!(p.detached.is_empty());
-        assert!(at("free_initramfs").is_some(), "{calls:?}");
-    }
-
-    #[test]
-    fn to_ram_stream_as_initramfs_tools_worker_copies_first() {
-        let d = tempfile::tempdir().unwrap();
-        let (l, mut p) = to_ram_node_with(d.path(), 2_000_000, None, "stream", 300_032);
-        let sys = Recorder::default();
-        boot(&sys, &mut p, Mode::Worker, &l).unwrap_or_else(|e| panic!("{:?}", e.0));
-        let calls = sys.calls();
-        assert!(calls.iter().any(|c| c.starts_with("loop ")), "{calls:?}");
-        assert!(!calls.iter().any(|c| c.starts_with("linear ")), "{calls:?}");
-        assert_eq!(p.detached, vec![0]);
-    }
-
-    #[test]
-    fn to_ram_stream_of_an_unmappable_image_stays_on_the_network_root() {
-        let d = tempfile::tempdir().unwrap();
-        // Not whole sectors: device-mapper cannot map the tail.
-        let (l, mut p) = to_ram_node_with(d.path(), 2_000_000, None, "stream", 300_000);
-        let sys = Recorder::default();
-        let (e, _) = *boot(&sys, &mut p, Mode::Pid1, &l).err().unwrap();
-        assert!(matches!(e, BootError::Exec { .. }), "{e}");
-        let calls = sys.calls();
-        let dev = d.path().join("nbd-device").display().to_string();
-        assert!(
-            calls.contains(&format!("umount {}/ltsp/ram", l.run)),
-            "RAM given back: {calls:?}"
-        );
-        assert!(
-            calls
-                .iter()
-                .any(|c| c.starts_with(&format!("mount {dev} {}/rootfs/lower", l.run))),
-            "{calls:?}"
-        );
-        assert!(
-            !calls.iter().any(|c| c.contains("@ltsp-to-ram")),
-            "{calls:?}"
-        );
-        // The helper keeps the network root, and frees the initramfs as usual.
-        assert!(
-            !calls.iter().any(|c| c.starts_with("free_initramfs")),
-            "{calls:?}"
         );
     }
 }

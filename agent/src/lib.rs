@@ -11,7 +11,6 @@ pub mod modules;
 pub mod nbd;
 pub mod net;
 pub mod rootfs;
-pub mod stream;
 pub mod switch_root;
 pub mod system;
 pub mod tftp;

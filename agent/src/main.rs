@@ -137,38 +137,6 @@ enum Command {
         #[arg(long)]
         initramfs_fd: Option<i32>,
     },
-    /// `ltsp.to-ram=stream`: copy the image into RAM behind the running system, check it,
-    /// and switch the root's linear device to a loop device over the copy; then stop the
-    /// reconnect helper and disconnect NBD. The boot starts it just before init.
-    ToRamStream {
-        /// The NBD device the image is read from.
-        #[arg(long)]
-        device: String,
-        /// N of /dev/nbdN, for the disconnect.
-        #[arg(long, default_value_t = 0)]
-        index: u32,
-        #[arg(long)]
-        size: u64,
-        /// The image identity the server gave; the copy must hash to it.
-        #[arg(long)]
-        identity: Option<String>,
-        /// Where the copy's tmpfs is mounted, under RUN/ltsp/ram.
-        #[arg(long, default_value = "/run")]
-        run: String,
-        /// The device-mapper name of the root's linear device.
-        #[arg(long, default_value = ltsp_agent::stream::DM_NAME)]
-        dm: String,
-        /// The reconnect helper's pid.
-        #[arg(long)]
-        helper: Option<u32>,
-        /// Seconds the copy may take.
-        #[arg(long, default_value_t = 120)]
-        timeout: u64,
-        #[arg(long)]
-        console_fd: Option<i32>,
-        #[arg(long)]
-        kmsg_fd: Option<i32>,
-    },
 }
 
 fn parse_target(s: &str) -> Result<ltsp_common::cmdline::NbdTarget, String> {
@@ -328,43 +296,6 @@ fn main() -> ExitCode {
             match ltsp_agent::nbd::reconnect::run(w) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("nbd-watch: {e}")),
-            }
-        }
-        Command::ToRamStream {
-            device,
-            index,
-            size,
-            identity,
-            run,
-            dm,
-            helper,
-            timeout,
-            console_fd,
-            kmsg_fd,
-        } => {
-            if console_fd.is_some() || kmsg_fd.is_some() {
-                ltsp_agent::log::init_inherited(console_fd, kmsg_fd);
-            } else {
-                ltsp_agent::log::init_stderr(false);
-            }
-            let c = ltsp_agent::stream::Copier {
-                device,
-                index,
-                size,
-                identity,
-                run,
-                dm,
-                helper,
-                timeout: Duration::from_secs(timeout),
-                console_fd,
-                kmsg_fd,
-            };
-            match ltsp_agent::stream::run(&c) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    log::error!("to-ram: {e}; the root stays on the network ({})", c.device);
-                    ExitCode::from(1)
-                }
             }
         }
         Command::LeaseKeep {

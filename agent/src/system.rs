@@ -59,24 +59,6 @@ pub trait System {
         name: &str,
         table: &crate::verity::VerityTable,
     ) -> Result<String, crate::verity::DmError>;
-    /// A read-only device-mapper device `name`, linear over `sectors` of `device`; returns
-    /// its path (/dev/dm-N).
-    fn map_linear(
-        &self,
-        name: &str,
-        device: &str,
-        sectors: u64,
-    ) -> Result<String, crate::verity::DmError>;
-    /// Points the linear device `name` at `device` instead (load, suspend, resume).
-    fn remap_linear(
-        &self,
-        name: &str,
-        device: &str,
-        sectors: u64,
-    ) -> Result<(), crate::verity::DmError>;
-    /// Stops a process this one did not start (its parent reaps it): SIGTERM, SIGKILL
-    /// after `grace`; returns once it is gone (or a zombie).
-    fn stop_other(&self, pid: u32, grace: Duration) -> io::Result<()>;
 }
 
 pub struct Real;
@@ -419,62 +401,6 @@ impl System for Real {
     ) -> Result<String, crate::verity::DmError> {
         crate::verity::dm::create_verity(name, table)
     }
-
-    fn map_linear(
-        &self,
-        name: &str,
-        device: &str,
-        sectors: u64,
-    ) -> Result<String, crate::verity::DmError> {
-        crate::verity::dm::create_linear(name, device, sectors)
-    }
-
-    fn remap_linear(
-        &self,
-        name: &str,
-        device: &str,
-        sectors: u64,
-    ) -> Result<(), crate::verity::DmError> {
-        crate::verity::dm::reload_linear(name, device, sectors)
-    }
-
-    fn stop_other(&self, pid: u32, grace: Duration) -> io::Result<()> {
-        use nix::sys::signal::{kill, Signal};
-        let p = nix::unistd::Pid::from_raw(pid as i32);
-        // Gone, or a zombie its parent has not reaped yet: either way it runs no more.
-        let gone = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(stat) => stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
-            Err(_) => true,
-        };
-        kill(p, Signal::SIGTERM)?;
-        let until = Instant::now() + grace;
-        while Instant::now() < until {
-            if gone() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        match kill(p, Signal::SIGKILL) {
-            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let until = Instant::now() + grace;
-        while !gone() {
-            if Instant::now() >= until {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "pid {pid} still runs {} s after SIGKILL",
-                        grace.as_secs_f64()
-                    ),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(())
-    }
 }
 
 /// The loop-device ioctls, from <linux/loop.h>: four calls did not justify a crate that
@@ -718,18 +644,10 @@ pub struct Recorder {
     pub probes: Vec<(String, std::path::PathBuf, String)>,
     /// Copies of the descriptors a spawned helper would have kept, for the test to read.
     pub kept: Mutex<Vec<std::os::fd::OwnedFd>>,
-    /// Calls whose text contains one of these take [`STALL`] (a kernel call that blocks).
-    pub stalls: Vec<String>,
 }
-
-/// How long a stalled [`Recorder`] call takes.
-pub const STALL: Duration = Duration::from_secs(3);
 
 impl Recorder {
     fn record(&self, call: String) -> io::Result<()> {
-        if self.stalls.iter().any(|s| call.contains(s.as_str())) {
-            std::thread::sleep(STALL);
-        }
         let fail = self.failures.iter().any(|f| call.contains(f.as_str()));
         self.calls.lock().unwrap().push(call);
         if fail {
@@ -853,29 +771,6 @@ impl System for Recorder {
         self.record(format!("verity {name} {}", table.params()))
             .map(|_| format!("{}.dm", table.device))
             .map_err(crate::verity::DmError::Load)
-    }
-    fn map_linear(
-        &self,
-        name: &str,
-        device: &str,
-        sectors: u64,
-    ) -> Result<String, crate::verity::DmError> {
-        // The "mapped device" is the backing one itself: reads through it give its bytes.
-        self.record(format!("linear {name} {device} {sectors}"))
-            .map(|_| device.to_string())
-            .map_err(crate::verity::DmError::Load)
-    }
-    fn remap_linear(
-        &self,
-        name: &str,
-        device: &str,
-        sectors: u64,
-    ) -> Result<(), crate::verity::DmError> {
-        self.record(format!("remap {name} {device} {sectors}"))
-            .map_err(crate::verity::DmError::Suspend)
-    }
-    fn stop_other(&self, pid: u32, _grace: Duration) -> io::Result<()> {
-        self.record(format!("stop-other {pid}"))
     }
 }
 

@@ -231,21 +231,6 @@ pub fn to_ram(
     meminfo: &str,
     deadline: Instant,
 ) -> Result<String, ToRamError> {
-    let file = make_room(sys, run, size, meminfo)?;
-    let r = copy_checked(sys, device, &file, size, identity, deadline);
-    if r.is_err() {
-        give_back(sys, run);
-    }
-    r
-}
-
-/// Room checked and the tmpfs for the copy mounted; returns the path the copy goes to.
-pub fn make_room(
-    sys: &dyn System,
-    run: &str,
-    size: u64,
-    meminfo: &str,
-) -> Result<String, ToRamError> {
     let available = mem_available(meminfo).ok_or_else(|| {
         ToRamError::Meminfo(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -272,30 +257,18 @@ pub fn make_room(
         target: dir.clone(),
         source,
     })?;
-    Ok(format!("{dir}/image"))
-}
-
-/// `RUN/ltsp/in-ram`: the uptime (seconds since the kernel started) at which the root
-/// went onto the copy in RAM, for scripts and measurements: from then on the node needs
-/// no server.
-pub fn mark_in_ram(run: &str) {
-    let path = format!("{run}/ltsp/in-ram");
-    if let Err(e) = std::fs::write(&path, format!("{:.3}\n", crate::log::uptime())) {
-        log::warn!("to-ram: writing {path}: {e}");
+    let file = format!("{dir}/image");
+    let r = copy_checked(sys, device, &file, size, identity, deadline);
+    if r.is_err() {
+        // The RAM goes back before the boot goes on from the network root.
+        if let Err(e) = sys.umount(&dir) {
+            log::warn!("to-ram: umount {dir}: {e}");
+        }
     }
+    r
 }
 
-/// The copy's tmpfs unmounted: its RAM goes back before the node goes on from the network.
-pub fn give_back(sys: &dyn System, run: &str) {
-    let dir = ram_dir(run);
-    if let Err(e) = sys.umount(&dir) {
-        log::warn!("to-ram: umount {dir}: {e}");
-    }
-}
-
-/// The copy made ([`copy_by_deadline`]), its hash checked against `identity`, and a
-/// read-only loop device attached over it; returns the loop device.
-pub fn copy_checked(
+fn copy_checked(
     sys: &dyn System,
     device: &str,
     file: &str,

@@ -61,8 +61,6 @@ pub enum DmError {
     Create(std::io::Error),
     #[error("DM_TABLE_LOAD: {0}")]
     Load(std::io::Error),
-    #[error("DM_DEV_SUSPEND (suspend): {0}")]
-    Suspend(std::io::Error),
     #[error("DM_DEV_SUSPEND (resume): {0}")]
     Resume(std::io::Error),
     #[error("{path} did not appear: {source}")]
@@ -295,7 +293,6 @@ pub mod dm {
     const DM_UUID_LEN: usize = 129;
     const DM_MAX_TYPE_NAME: usize = 16;
     const DM_READONLY_FLAG: u32 = 1 << 0;
-    const DM_SUSPEND_FLAG: u32 = 1 << 1;
 
     /// `struct dm_ioctl`.
     #[repr(C)]
@@ -380,33 +377,21 @@ pub mod dm {
 
     /// One `struct dm_target_spec` for the whole device and its parameters, padded to 8.
     pub fn verity_target(t: &VerityTable) -> Vec<u8> {
-        target("verity", t.sectors(), &t.params())
-    }
-
-    /// A `linear` target: `sectors` of `device` from its start.
-    pub fn linear_target(device: &str, sectors: u64) -> Vec<u8> {
-        target("linear", sectors, &format!("{device} 0"))
-    }
-
-    fn target(kind: &str, sectors: u64, params: &str) -> Vec<u8> {
+        let params = t.params();
         let spec = size_of::<DmTargetSpec>();
         let len = (spec + params.len() + 1).next_multiple_of(8);
         let mut b = vec![0u8; len];
         put(
             &mut b,
             offset_of!(DmTargetSpec, length),
-            &sectors.to_ne_bytes(),
+            &t.sectors().to_ne_bytes(),
         );
         put(
             &mut b,
             offset_of!(DmTargetSpec, next),
             &(len as u32).to_ne_bytes(),
         );
-        put(
-            &mut b,
-            offset_of!(DmTargetSpec, target_type),
-            kind.as_bytes(),
-        );
+        put(&mut b, offset_of!(DmTargetSpec, target_type), b"verity");
         put(&mut b, spec, params.as_bytes());
         b
     }
@@ -441,21 +426,13 @@ pub mod dm {
     /// Creates `name` read-only with the verity table and resumes it; returns /dev/dm-N.
     /// A device left half made is removed.
     pub fn create_verity(name: &str, t: &VerityTable) -> Result<String, DmError> {
-        create(name, &verity_target(t))
-    }
-
-    /// Creates `name` read-only, linear over `sectors` of `device`; returns /dev/dm-N.
-    pub fn create_linear(name: &str, device: &str, sectors: u64) -> Result<String, DmError> {
-        create(name, &linear_target(device, sectors))
-    }
-
-    fn create(name: &str, target: &[u8]) -> Result<String, DmError> {
         let ctl = control()?;
         let mut create = request(name, 0, 0, &[]).map_err(DmError::Create)?;
         call(&ctl, DM_DEV_CREATE, &mut create).map_err(DmError::Create)?;
         let path = format!("/dev/dm-{}", minor_of(&create));
         let made = (|| {
-            let mut load = request(name, DM_READONLY_FLAG, 1, target).map_err(DmError::Load)?;
+            let mut load =
+                request(name, DM_READONLY_FLAG, 1, &verity_target(t)).map_err(DmError::Load)?;
             call(&ctl, DM_TABLE_LOAD, &mut load).map_err(DmError::Load)?;
             // DM_DEV_SUSPEND without DM_SUSPEND_FLAG resumes: the loaded table goes live.
             let mut resume = request(name, 0, 0, &[]).map_err(DmError::Resume)?;
@@ -466,25 +443,6 @@ pub mod dm {
             let _ = remove(name);
         }
         made.map(|()| path)
-    }
-
-    /// Replaces the live table of `name` by a linear one over `sectors` of `device`, as
-    /// `dmsetup reload; suspend; resume`: loaded inactive first (nothing stops if that
-    /// fails), then the suspend waits for the I/O in flight on the old table, and the
-    /// resume makes the new one live. A failed suspend leaves the old table live.
-    pub fn reload_linear(name: &str, device: &str, sectors: u64) -> Result<(), DmError> {
-        let ctl = control()?;
-        let mut load = request(name, DM_READONLY_FLAG, 1, &linear_target(device, sectors))
-            .map_err(DmError::Load)?;
-        call(&ctl, DM_TABLE_LOAD, &mut load).map_err(DmError::Load)?;
-        let mut suspend = request(name, DM_SUSPEND_FLAG, 0, &[]).map_err(DmError::Suspend)?;
-        call(&ctl, DM_DEV_SUSPEND, &mut suspend).map_err(DmError::Suspend)?;
-        let resume = || {
-            let mut b = request(name, 0, 0, &[])?;
-            call(&ctl, DM_DEV_SUSPEND, &mut b)
-        };
-        // A device left suspended holds every read of the root: tried again once.
-        resume().or_else(|_| resume()).map_err(DmError::Resume)
     }
 
     /// devtmpfs makes the node as the disk is added; a short wait covers a slow one.

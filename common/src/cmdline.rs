@@ -276,26 +276,12 @@ pub const OPTIONS: &[(&str, &str, &str)] = &[
     ("ltsp.nbd-timeout=", "10", "seconds an NBD request may take before the kernel marks its connection dead and resends it (a killed server's unanswered requests wait this long)"),
     ("ltsp.dead-timeout=", "300", "seconds the kernel holds I/O while a dead NBD connection is being replaced"),
     ("ltsp.allow-anonymous=", "0", "1: accept an NBD server that gives no image identity (checked by size only)"),
-    ("ltsp.to-ram=", "0", "`1` or `copy`: copy the image into RAM, check it against its identity, mount it from a loop device and disconnect NBD before the root is mounted: the node then needs no server (falls back to the network root when RAM is short or the copy cannot finish within `ltsp.timeout`). `stream`: mount the root at once through a device-mapper linear device over NBD; a copier makes and checks the copy behind the running system and switches that device to it (standalone initramfs only; initramfs-tools copies first)"),
+    ("ltsp.to-ram=", "0", "`1`: copy the image into RAM, check it against its identity, mount it from a loop device and disconnect NBD: the node then needs no server (falls back to the network root when RAM is short or the copy cannot finish within `ltsp.timeout`)"),
     ("ltsp.verity=", "(none)", "the image's dm-verity root hash (`root.squashfs.roothash` from deploy/build-image): every block of the root is checked against the hash tree appended to the squashfs, and a block that does not match reads as an I/O error; a value that is not 40 to 128 hex digits, or an image without the tree, fails the boot"),
     ("ltsp.modules=", "(none)", "extra kernel modules to load, comma separated"),
     ("ltsp.preinit-timeout=", "60", "seconds the PREINIT_* commands may run, all together, before they are killed and the boot goes on (lts.conf's PREINIT_TIMEOUT; this wins)"),
     ("ltsp.KEY=", "", "any other name overrides lts.conf's KEY (upper-cased); `NONE` unsets it"),
 ];
-
-/// `ltsp.to-ram=copy`: the image copied into RAM before the root is mounted;
-/// `ltsp.to-ram=stream`: the root mounted at once through a device-mapper device over NBD,
-/// switched to the copy in RAM once it is made and checked. `1` is [`ToRamMode::DEFAULT`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ToRamMode {
-    Copy,
-    Stream,
-}
-
-impl ToRamMode {
-    /// What `ltsp.to-ram=1` does: measured in docs/benchmarks.md ("Image to RAM").
-    pub const DEFAULT: ToRamMode = ToRamMode::Copy;
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cmdline {
@@ -317,10 +303,8 @@ pub struct Cmdline {
     pub reconnect: bool,
     /// Accept an NBD server that gives no image identity (then only the size is checked).
     pub allow_anonymous: bool,
-    /// Run from a copy of the image in RAM (`ltsp.to-ram=1`, `copy` or `stream`).
+    /// Run from a copy of the image in RAM (`ltsp.to-ram=1`).
     pub to_ram: bool,
-    /// How the copy is made: before the root is mounted, or behind the running system.
-    pub to_ram_mode: ToRamMode,
     /// The pinned dm-verity root hash, as given (checked by the agent's `verity` step, so
     /// a malformed one fails the boot instead of booting unverified).
     pub verity: Option<String>,
@@ -356,7 +340,6 @@ impl Default for Cmdline {
             reconnect: true,
             allow_anonymous: false,
             to_ram: false,
-            to_ram_mode: ToRamMode::DEFAULT,
             verity: None,
             breaks: Vec::new(),
             nbd_connections: 0,
@@ -528,14 +511,7 @@ impl Cmdline {
             "allow-anonymous" => {
                 self.allow_anonymous = !matches!(val, "0" | "no" | "false" | "off")
             }
-            "to-ram" => {
-                self.to_ram = !matches!(val, "0" | "no" | "false" | "off");
-                self.to_ram_mode = match val {
-                    "copy" => ToRamMode::Copy,
-                    "stream" => ToRamMode::Stream,
-                    _ => ToRamMode::DEFAULT,
-                };
-            }
+            "to-ram" => self.to_ram = !matches!(val, "0" | "no" | "false" | "off"),
             "verity" => self.verity = Some(val.to_string()),
             "break" => {
                 for b in val.split(',').filter(|b| !b.is_empty()) {
@@ -785,19 +761,5 @@ mod tests {
             c.warnings
         );
         assert!(c.verity.is_none());
-    }
-
-    #[test]
-    fn to_ram_takes_a_mode() {
-        for (v, on, mode) in [
-            ("1", true, ToRamMode::DEFAULT),
-            ("copy", true, ToRamMode::Copy),
-            ("stream", true, ToRamMode::Stream),
-            ("0", false, ToRamMode::DEFAULT),
-        ] {
-            let c = Cmdline::parse(&format!("ltsp.to-ram={v}"));
-            assert_eq!((c.to_ram, c.to_ram_mode), (on, mode), "{v}");
-        }
-        assert!(!Cmdline::parse("root=/dev/nbd0").to_ram);
     }
 }

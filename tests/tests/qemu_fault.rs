@@ -211,20 +211,6 @@ fn a_node_in_ram_runs_on_with_every_server_gone() {
 
 #[test]
 #[ignore = "needs root and QEMU: network namespace, tap, chroot"]
-fn a_node_streamed_into_ram_runs_on_with_every_server_gone() {
-    let out = fault("to-ram-stream-server-gone");
-    has(&out, "bytes copied in");
-    has(&out, ", identity blake3:");
-    has(&out, "to-ram: the root is on /dev/loop");
-    has(&out, "(switched under ltsp-ram from /dev/nbd0)");
-    has(&out, "/rofs is on /dev/dm-");
-    has(&out, "to-ram-stream-server-gone: ");
-    has(&out, "checksums equal");
-    has(&out, "kernel I/O errors 0");
-}
-
-#[test]
-#[ignore = "needs root and QEMU: network namespace, tap, chroot"]
 fn a_tampered_lts_conf_is_refused_and_the_signed_one_applies() {
     let out = fault_with("tamper-ltsconf", &["--secure-boot"]);
     assert_secure_boot(&out);
