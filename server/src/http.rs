@@ -419,11 +419,7 @@ impl Http {
             .clone()
             .try_acquire_owned()
             .map_err(|_| Cap::Total)?;
-        let client = self
-            .per_client
-            .try_acquire(peer.ip())
-            .ok_or(Cap::PerClient)?;
-        let fd = self.fds.try_acquire().ok_or(Cap::Descriptors)?;
+        let (client, fd) = self.client_and_fd(peer)?;
         Ok(Queued {
             _place: place,
             client,
@@ -497,13 +493,19 @@ impl Http {
         self.admit_with(total, peer)
     }
 
-    /// The per-client and descriptor slots, once a slot of the total is held.
-    fn admit_with(&self, total: OwnedSemaphorePermit, peer: SocketAddr) -> Result<Admitted, Cap> {
+    /// A slot of `peer`'s address and a descriptor slot, or the cap that was met.
+    fn client_and_fd(&self, peer: SocketAddr) -> Result<(Slot, FdSlot), Cap> {
         let client = self
             .per_client
             .try_acquire(peer.ip())
             .ok_or(Cap::PerClient)?;
         let fd = self.fds.try_acquire().ok_or(Cap::Descriptors)?;
+        Ok((client, fd))
+    }
+
+    /// The per-client and descriptor slots, once a slot of the total is held.
+    fn admit_with(&self, total: OwnedSemaphorePermit, peer: SocketAddr) -> Result<Admitted, Cap> {
+        let (client, fd) = self.client_and_fd(peer)?;
         Ok(Admitted {
             total,
             _client: client,
