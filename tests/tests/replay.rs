@@ -211,7 +211,8 @@ fn other_bytes_and_a_closed_port_are_errors() {
 }
 
 /// A short storm, for correctness only: 50 replayed boots at once, each from its own
-/// loopback address (so per-client limits apply as in a fleet), every READ verified.
+/// loopback address (so per-client limits apply as in a fleet), every READ verified. The
+/// boots run as the bench runs them: several to a process, 10 in each of 5.
 #[test]
 fn a_storm_of_50_boots_from_50_addresses_is_served_without_error() {
     let im = Images::new();
@@ -224,12 +225,15 @@ fn a_storm_of_50_boots_from_50_addresses_is_served_without_error() {
         .unwrap()
         .as_secs_f64()
         + 2.0;
-    let kids: Vec<Child> = (1..=50)
-        .map(|i| {
+    let kids: Vec<Child> = (0..5)
+        .map(|p| {
+            let sources: Vec<String> = (1..=10)
+                .map(|b| format!("127.5.0.{}", p * 10 + b))
+                .collect();
             Command::new(env!("CARGO_BIN_EXE_ltsp-replay"))
                 .args(["--trace", fixture().to_str().unwrap(), "--server", &addr])
                 .args(["--think-scale", "0", "--verify", &img])
-                .args(["--source", &format!("127.5.0.{i}")])
+                .args(["--source", &sources.join(",")])
                 .args(["--start-at", &format!("{start:.6}")])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -238,16 +242,34 @@ fn a_storm_of_50_boots_from_50_addresses_is_served_without_error() {
         })
         .collect();
     let rs = reads(&im.trace);
-    for (i, k) in kids.into_iter().enumerate() {
+    let mut seen = Vec::new();
+    for (p, k) in kids.into_iter().enumerate() {
         let out = k.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "boot {i}: {text}\n{err}");
-        assert!(
-            text.contains(&format!("requests={} ", rs.len())) && text.contains(" errors=0 "),
-            "boot {i}: {text}"
-        );
+        assert!(out.status.success(), "process {p}: {text}\n{err}");
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("REPLAY ")).collect();
+        assert_eq!(lines.len(), 10, "one line per boot: {text}");
+        for l in lines {
+            assert!(
+                l.contains(&format!("requests={} ", rs.len())) && l.contains(" errors=0 "),
+                "process {p}: {l}"
+            );
+            seen.push(
+                l.split(' ')
+                    .find_map(|f| f.strip_prefix("source="))
+                    .unwrap()
+                    .to_string(),
+            );
+        }
     }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(
+        seen.len(),
+        50,
+        "every boot its own line and address: {seen:?}"
+    );
     // Every boot came from its own address.
     let log = s.log();
     for i in 1..=50 {
@@ -256,4 +278,48 @@ fn a_storm_of_50_boots_from_50_addresses_is_served_without_error() {
             "127.5.0.{i}: {log}"
         );
     }
+}
+
+/// Boots that share a process fail on their own: one from an address this host does not
+/// have cannot connect, and only its line says so (the exit code says that one failed).
+#[test]
+fn a_failed_boot_among_several_in_one_process_is_reported_alone() {
+    let im = Images::new();
+    let img = im.path("root.img");
+    let export = format!("root={img}");
+    let s = ServerProc::start(&["--no-tftp", "--export", &export]);
+    let addr = s.nbd.unwrap().to_string();
+    // 192.0.2.1 (TEST-NET-1) is no address of this host: bind(2) refuses it, no packet is sent.
+    let (ok, out, err) = run(Command::new(env!("CARGO_BIN_EXE_ltsp-replay"))
+        .args(["--trace", fixture().to_str().unwrap(), "--server", &addr])
+        .args([
+            "--think-scale",
+            "0",
+            "--verify",
+            &img,
+            "--connect-timeout",
+            "5",
+        ])
+        .args(["--source", "127.5.1.1,192.0.2.1,127.5.1.2"]));
+    assert!(!ok, "one boot failed, so the exit code fails: {out}");
+    let line = |src: &str| -> BTreeMap<String, String> {
+        out.lines()
+            .find(|l| l.starts_with("REPLAY ") && l.contains(&format!(" source={src} ")))
+            .unwrap_or_else(|| panic!("no line for {src}: {out}"))
+            .split(' ')
+            .skip(1)
+            .filter_map(|f| f.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    for good in ["127.5.1.1", "127.5.1.2"] {
+        let kv = line(good);
+        assert_eq!(kv["errors"], "0", "{good}: {kv:?}\n{err}");
+        assert_eq!(kv["unanswered"], "0", "{good}: {kv:?}");
+        assert_eq!(kv["requests"], reads(&im.trace).len().to_string());
+    }
+    let bad = line("192.0.2.1");
+    assert_eq!(bad["errors"], "1", "{bad:?}");
+    assert_eq!(bad["requests"], "0");
+    assert!(err.contains("192.0.2.1: connection"), "{err}");
 }

@@ -30,17 +30,21 @@ usage: ltsp-replay --trace FILE --server HOST:PORT [options]
   --think-scale F      recorded think times and connection starts times F (1); 0: none,
                        the server is the limit
   --verify IMAGE       compare every READ's data with IMAGE at the same offset
-  --source IP          bind every connection to this local address
+  --source IP[,IP...]  bind every connection to this local address; with several, one
+                       boot per address, all at once in this process (a storm needs
+                       no process per node, whose wakeups would take the servers' CPU)
   --connect-timeout S  seconds for a connection and its handshake (10)
   --reply-timeout S    seconds for each reply once requested (30)
   --start-at T         wait until T (Unix seconds) before starting: many replays started
                        one by one then begin together (at most an hour ahead)
-Prints one line: REPLAY time_s=T connections=C requests=R bytes=B errors=E ...
-(time_s: from the start, the trace's time 0 scaled, to the last reply).
-Exit 0 only when every request got its reply and no error was seen.";
+Prints one line per boot: REPLAY source=S time_s=T connections=C requests=R bytes=B
+errors=E ... (time_s: from the start, the trace's time 0 scaled, to that boot's last
+reply). Exit 0 only when every request of every boot got its reply and no error was seen.";
 
-/// Error messages printed in full; the rest are only counted.
+/// Error messages printed in full, per boot; the rest are only counted.
 const SHOWN_ERRORS: u64 = 20;
+/// Boots one process replays at once (each holds a socket per recorded connection).
+const MAX_BOOTS: usize = 4096;
 
 struct Opts {
     trace: String,
@@ -48,7 +52,8 @@ struct Opts {
     export: Option<String>,
     scale: f64,
     verify: Option<String>,
-    source: Option<IpAddr>,
+    /// One boot per address; none: one boot from any address.
+    sources: Vec<IpAddr>,
     connect_timeout: Duration,
     reply_timeout: Duration,
     start_at: Option<f64>,
@@ -64,7 +69,7 @@ fn parse_args() -> Result<Opts, String> {
         export: None,
         scale: 1.0,
         verify: None,
-        source: None,
+        sources: Vec::new(),
         connect_timeout: Duration::from_secs(10),
         reply_timeout: Duration::from_secs(30),
         start_at: None,
@@ -102,7 +107,15 @@ fn parse_args() -> Result<Opts, String> {
                     .ok_or_else(|| format!("--think-scale {v}: a number from 0 to 1000"))?
             }
             "--verify" => o.verify = Some(v),
-            "--source" => o.source = Some(v.parse().map_err(|e| format!("--source {v}: {e}"))?),
+            "--source" => {
+                for ip in v.split(',') {
+                    o.sources
+                        .push(ip.parse().map_err(|e| format!("--source {ip}: {e}"))?);
+                }
+                if o.sources.len() > MAX_BOOTS {
+                    return Err(format!("--source: more than {MAX_BOOTS} addresses"));
+                }
+            }
             "--connect-timeout" => o.connect_timeout = secs(v)?,
             "--reply-timeout" => o.reply_timeout = secs(v)?,
             "--start-at" => {
@@ -133,7 +146,7 @@ struct Req {
 }
 
 /// One recorded connection: when it began, what it asked for, its requests by send time.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Conn {
     id: u64,
     t: u64,
@@ -273,10 +286,22 @@ struct Counts {
     last_reply_us: AtomicU64,
 }
 
-impl Counts {
+struct Ctx {
+    o: Arc<Opts>,
+    start: Instant,
+    /// This boot's local address.
+    source: Option<IpAddr>,
+    counts: Counts,
+    image: Option<Arc<std::fs::File>>,
+}
+
+impl Ctx {
     fn error(&self, what: String) {
-        if self.errors.fetch_add(1, Relaxed) < SHOWN_ERRORS {
-            eprintln!("ltsp-replay: {what}");
+        if self.counts.errors.fetch_add(1, Relaxed) < SHOWN_ERRORS {
+            match self.source {
+                Some(ip) => eprintln!("ltsp-replay: {ip}: {what}"),
+                None => eprintln!("ltsp-replay: {what}"),
+            }
         }
     }
 }
@@ -292,13 +317,6 @@ struct State {
     all_sent: bool,
     /// The connection failed: nothing more is sent or read.
     failed: bool,
-}
-
-struct Ctx {
-    o: Opts,
-    start: Instant,
-    counts: Counts,
-    image: Option<std::fs::File>,
 }
 
 async fn handshake<S>(s: &mut S, export: &str) -> Result<u64, String>
@@ -371,7 +389,7 @@ async fn connect(ctx: &Ctx) -> std::io::Result<tokio::net::TcpStream> {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    if let Some(ip) = ctx.o.source {
+    if let Some(ip) = ctx.source {
         sock.bind(SocketAddr::new(ip, 0))?;
     }
     let s = sock.connect(ctx.o.server).await?;
@@ -396,12 +414,12 @@ async fn replay_conn(ctx: Arc<Ctx>, c: Conn) {
     let (stream, size) = match opened {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
-            ctx.counts.error(format!("connection {}: {e}", c.id));
+            ctx.error(format!("connection {}: {e}", c.id));
             ctx.counts.unanswered.fetch_add(n, Relaxed);
             return;
         }
         Err(_) => {
-            ctx.counts.error(format!(
+            ctx.error(format!(
                 "connection {}: no connection and handshake within {:?}",
                 c.id, ctx.o.connect_timeout
             ));
@@ -418,7 +436,7 @@ async fn replay_conn(ctx: Arc<Ctx>, c: Conn) {
                 .checked_add(r.len as u64)
                 .is_none_or(|end| end > size)
     }) {
-        ctx.counts.error(format!(
+        ctx.error(format!(
             "connection {}: export is {size} bytes, the trace reads {}+{}",
             c.id, r.offset, r.len
         ));
@@ -493,14 +511,12 @@ async fn replay_conn(ctx: Arc<Ctx>, c: Conn) {
         match timeout(ctx.o.reply_timeout, wr.write_all(&b)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                ctx.counts
-                    .error(format!("connection {}: send request: {e}", c.id));
+                ctx.error(format!("connection {}: send request: {e}", c.id));
                 tx.send_modify(|s| s.failed = true);
                 break;
             }
             Err(_) => {
-                ctx.counts
-                    .error(format!("connection {}: request not taken in time", c.id));
+                ctx.error(format!("connection {}: request not taken in time", c.id));
                 tx.send_modify(|s| s.failed = true);
                 break;
             }
@@ -551,7 +567,7 @@ async fn read_replies<R: tokio::io::AsyncRead + Unpin>(
     let mut data = Vec::new();
     let mut expect = Vec::new();
     let fail = |why: String| {
-        ctx.counts.error(format!("connection {conn}: {why}"));
+        ctx.error(format!("connection {conn}: {why}"));
         tx.send_modify(|s| s.failed = true);
     };
     loop {
@@ -593,11 +609,11 @@ async fn read_replies<R: tokio::io::AsyncRead + Unpin>(
                 expect.resize(r.len as usize, 0);
                 match img.read_exact_at(&mut expect, r.offset) {
                     Ok(()) if expect == data => {}
-                    Ok(()) => ctx.counts.error(format!(
+                    Ok(()) => ctx.error(format!(
                         "connection {conn}: READ {}+{}: data differs from the image",
                         r.offset, r.len
                     )),
-                    Err(e) => ctx.counts.error(format!(
+                    Err(e) => ctx.error(format!(
                         "connection {conn}: READ {}+{}: image: {e}",
                         r.offset, r.len
                     )),
@@ -605,7 +621,7 @@ async fn read_replies<R: tokio::io::AsyncRead + Unpin>(
             }
         }
         if error != r.error {
-            ctx.counts.error(format!(
+            ctx.error(format!(
                 "connection {conn}: {} {}+{}: error {error}, recorded {}",
                 if r.kind == w::CMD_READ {
                     "READ"
@@ -656,7 +672,7 @@ fn main() -> std::process::ExitCode {
     }
     let image = match &o.verify {
         Some(p) => match std::fs::File::open(p) {
-            Ok(f) => Some(f),
+            Ok(f) => Some(Arc::new(f)),
             Err(e) => {
                 eprintln!("ltsp-replay: --verify {p}: {e}");
                 return std::process::ExitCode::from(2);
@@ -664,6 +680,8 @@ fn main() -> std::process::ExitCode {
         },
         None => None,
     };
+    // A socket per boot and connection: more than the usual soft limit of 1,024.
+    raise_nofile();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -689,39 +707,70 @@ fn main() -> std::process::ExitCode {
     }
     let server = o.server;
     let n_conns = conns.len();
-    let ctx = Arc::new(Ctx {
-        o,
-        start: Instant::now(),
-        counts: Counts::default(),
-        image,
-    });
+    let o = Arc::new(o);
+    let start = Instant::now();
+    let sources: Vec<Option<IpAddr>> = if o.sources.is_empty() {
+        vec![None]
+    } else {
+        o.sources.iter().copied().map(Some).collect()
+    };
+    let boots: Vec<Arc<Ctx>> = sources
+        .into_iter()
+        .map(|source| {
+            Arc::new(Ctx {
+                o: o.clone(),
+                start,
+                source,
+                counts: Counts::default(),
+                image: image.clone(),
+            })
+        })
+        .collect();
     rt.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
-        for c in conns {
-            tasks.spawn(replay_conn(ctx.clone(), c));
-        }
-        while let Some(r) = tasks.join_next().await {
-            if let Err(e) = r {
-                ctx.counts.error(format!("a connection's task failed: {e}"));
+        for ctx in &boots {
+            for c in &conns {
+                let ctx = ctx.clone();
+                let c = c.clone();
+                tasks.spawn(async move {
+                    // A panic is counted against its own boot.
+                    let r = tokio::spawn(replay_conn(ctx.clone(), c)).await;
+                    if let Err(e) = r {
+                        ctx.error(format!("a connection's task failed: {e}"));
+                    }
+                });
             }
         }
+        while tasks.join_next().await.is_some() {}
     });
-    let c = &ctx.counts;
-    let errors = c.errors.load(Relaxed);
-    let unanswered = c.unanswered.load(Relaxed);
-    println!(
-        "REPLAY server={server} time_s={:.6} connections={}/{n_conns} requests={} bytes={} errors={errors} unanswered={unanswered} skipped={} think_scale={}",
-        c.last_reply_us.load(Relaxed) as f64 / 1e6,
-        c.connections.load(Relaxed),
-        c.requests.load(Relaxed),
-        c.bytes.load(Relaxed),
-        c.skipped.load(Relaxed),
-        ctx.o.scale,
-    );
-    if errors > 0 || unanswered > 0 {
-        std::process::ExitCode::from(1)
-    } else {
+    let mut ok = true;
+    for ctx in &boots {
+        let c = &ctx.counts;
+        let errors = c.errors.load(Relaxed);
+        let unanswered = c.unanswered.load(Relaxed);
+        let source = ctx.source.map_or("any".to_string(), |ip| ip.to_string());
+        println!(
+            "REPLAY server={server} source={source} time_s={:.6} connections={}/{n_conns} requests={} bytes={} errors={errors} unanswered={unanswered} skipped={} think_scale={}",
+            c.last_reply_us.load(Relaxed) as f64 / 1e6,
+            c.connections.load(Relaxed),
+            c.requests.load(Relaxed),
+            c.bytes.load(Relaxed),
+            c.skipped.load(Relaxed),
+            o.scale,
+        );
+        ok &= errors == 0 && unanswered == 0;
+    }
+    if ok {
         std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(1)
+    }
+}
+
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 
