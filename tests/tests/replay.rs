@@ -323,3 +323,19 @@ fn a_failed_boot_among_several_in_one_process_is_reported_alone() {
     assert_eq!(bad["requests"], "0");
     assert!(err.contains("192.0.2.1: connection"), "{err}");
 }
+
+/// One boot per address: an address given twice is refused before anything is sent.
+#[test]
+fn an_address_given_twice_is_refused() {
+    let (ok, out, err) = run(Command::new(env!("CARGO_BIN_EXE_ltsp-replay")).args([
+        "--trace",
+        fixture().to_str().unwrap(),
+        "--server",
+        "127.0.0.1:9",
+        "--source",
+        "127.5.2.1,127.5.2.2,127.5.2.1",
+    ]));
+    assert!(!ok, "{out}");
+    assert!(err.contains("127.5.2.1: given twice"), "{err}");
+    assert!(!out.contains("REPLAY "), "{out}");
+}

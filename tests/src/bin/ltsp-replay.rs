@@ -41,8 +41,10 @@ Prints one line per boot: REPLAY source=S time_s=T connections=C requests=R byte
 errors=E ... (time_s: from the start, the trace's time 0 scaled, to that boot's last
 reply). Exit 0 only when every request of every boot got its reply and no error was seen.";
 
-/// Error messages printed in full, per boot; the rest are only counted.
-const SHOWN_ERRORS: u64 = 20;
+/// Error messages printed in full, for the whole process (a storm of failing boots must
+/// not fill the caller's pipe); every error is counted against its boot all the same.
+const SHOWN_ERRORS: u64 = 50;
+static SHOWN: AtomicU64 = AtomicU64::new(0);
 /// Boots one process replays at once (each holds a socket per recorded connection).
 const MAX_BOOTS: usize = 4096;
 
@@ -109,8 +111,13 @@ fn parse_args() -> Result<Opts, String> {
             "--verify" => o.verify = Some(v),
             "--source" => {
                 for ip in v.split(',') {
-                    o.sources
-                        .push(ip.parse().map_err(|e| format!("--source {ip}: {e}"))?);
+                    let ip: IpAddr = ip.parse().map_err(|e| format!("--source {ip}: {e}"))?;
+                    // A boot per address: two sharing one would share the server's
+                    // per-client limits.
+                    if o.sources.contains(&ip) {
+                        return Err(format!("--source {ip}: given twice"));
+                    }
+                    o.sources.push(ip);
                 }
                 if o.sources.len() > MAX_BOOTS {
                     return Err(format!("--source: more than {MAX_BOOTS} addresses"));
@@ -281,6 +288,8 @@ struct Counts {
     bytes: AtomicU64,
     errors: AtomicU64,
     unanswered: AtomicU64,
+    /// Connections replayed to their end.
+    finished: AtomicU64,
     skipped: AtomicU64,
     /// Microseconds from the start to the last reply.
     last_reply_us: AtomicU64,
@@ -297,7 +306,8 @@ struct Ctx {
 
 impl Ctx {
     fn error(&self, what: String) {
-        if self.counts.errors.fetch_add(1, Relaxed) < SHOWN_ERRORS {
+        self.counts.errors.fetch_add(1, Relaxed);
+        if SHOWN.fetch_add(1, Relaxed) < SHOWN_ERRORS {
             match self.source {
                 Some(ip) => eprintln!("ltsp-replay: {ip}: {what}"),
                 None => eprintln!("ltsp-replay: {what}"),
@@ -398,7 +408,7 @@ async fn connect(ctx: &Ctx) -> std::io::Result<tokio::net::TcpStream> {
 }
 
 /// One connection replayed; errors are counted in `ctx`.
-async fn replay_conn(ctx: Arc<Ctx>, c: Conn) {
+async fn replay_conn(ctx: Arc<Ctx>, c: Arc<Conn>) {
     let at = ctx.start + Duration::from_secs_f64(c.t as f64 * ctx.o.scale / 1e6);
     sleep_until(at).await;
     let export = ctx.o.export.clone().unwrap_or_else(|| c.export.clone());
@@ -428,7 +438,7 @@ async fn replay_conn(ctx: Arc<Ctx>, c: Conn) {
         }
     };
     ctx.counts.connections.fetch_add(1, Relaxed);
-    let reqs: Arc<Vec<Req>> = Arc::new(c.reqs);
+    let reqs = &c.reqs;
     if let Some(r) = reqs.iter().find(|r| {
         r.kind == w::CMD_READ
             && r.error == 0
@@ -441,7 +451,7 @@ async fn replay_conn(ctx: Arc<Ctx>, c: Conn) {
             c.id, r.offset, r.len
         ));
     }
-    let (by_done, need) = dependencies(&reqs);
+    let (by_done, need) = dependencies(reqs);
     let by_done = Arc::new(by_done);
     let (tx, mut rx) = watch::channel(State {
         done: vec![None; reqs.len()],
@@ -453,7 +463,7 @@ async fn replay_conn(ctx: Arc<Ctx>, c: Conn) {
         ctx.clone(),
         c.id,
         BufReader::with_capacity(256 * 1024, rd),
-        reqs.clone(),
+        c.clone(),
         by_done.clone(),
         tx.clone(),
     ));
@@ -559,10 +569,11 @@ async fn read_replies<R: tokio::io::AsyncRead + Unpin>(
     ctx: Arc<Ctx>,
     conn: u64,
     mut rd: R,
-    reqs: Arc<Vec<Req>>,
+    c: Arc<Conn>,
     by_done: Arc<Vec<usize>>,
     tx: Arc<watch::Sender<State>>,
 ) {
+    let reqs = &c.reqs;
     let mut rx = tx.subscribe();
     let mut data = Vec::new();
     let mut expect = Vec::new();
@@ -707,6 +718,20 @@ fn main() -> std::process::ExitCode {
     }
     let server = o.server;
     let n_conns = conns.len();
+    let conns: Vec<Arc<Conn>> = conns.into_iter().map(Arc::new).collect();
+    let boots_n = o.sources.len().max(1);
+    if let Ok((soft, _)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        // A descriptor per boot and connection, and some to spare for the process.
+        let need = (boots_n as u64)
+            .saturating_mul(n_conns as u64)
+            .saturating_add(64);
+        if need > soft {
+            eprintln!("ltsp-replay: {boots_n} boots of {n_conns} connections need {need} descriptors, the limit is {soft}: fewer --source addresses per process");
+            return std::process::ExitCode::from(2);
+        }
+    }
     let o = Arc::new(o);
     let start = Instant::now();
     let sources: Vec<Option<IpAddr>> = if o.sources.is_empty() {
@@ -733,20 +758,20 @@ fn main() -> std::process::ExitCode {
                 let ctx = ctx.clone();
                 let c = c.clone();
                 tasks.spawn(async move {
-                    // A panic is counted against its own boot.
-                    let r = tokio::spawn(replay_conn(ctx.clone(), c)).await;
-                    if let Err(e) = r {
-                        ctx.error(format!("a connection's task failed: {e}"));
-                    }
+                    replay_conn(ctx.clone(), c).await;
+                    ctx.counts.finished.fetch_add(1, Relaxed);
                 });
             }
         }
+        // A task that did not finish (a panic, in a build that unwinds; release builds
+        // abort) is an error of its boot, counted below.
         while tasks.join_next().await.is_some() {}
     });
     let mut ok = true;
     for ctx in &boots {
         let c = &ctx.counts;
-        let errors = c.errors.load(Relaxed);
+        let errors =
+            c.errors.load(Relaxed) + (n_conns as u64).saturating_sub(c.finished.load(Relaxed));
         let unanswered = c.unanswered.load(Relaxed);
         let source = ctx.source.map_or("any".to_string(), |ip| ip.to_string());
         println!(
