@@ -62,7 +62,7 @@ def build(args):
     arch = getattr(args, "arch", "amd64")
     agent = os.path.join(TOP, f"target/{AGENT_TARGET[arch]}/agent/ltsp-agent")
     server = os.path.join(TOP, "target/release/ltsp-server")
-    debs = sorted(glob.glob(os.path.join(TOP, f"target/debian/ltsp-agent_*_{arch}.deb")))
+    debs = sorted(glob.glob(os.path.join(TOP, f"target/packages/ltsp-agent_*_{arch}.deb")))
     deb = debs[-1] if debs else None
     if not args.no_build or not deb or not os.path.exists(server):
         log("building ltsp-server (release), ltsp-agent (static, musl) and their .deb packages")

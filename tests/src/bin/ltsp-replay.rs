@@ -110,17 +110,19 @@ fn parse_args() -> Result<Opts, String> {
             }
             "--verify" => o.verify = Some(v),
             "--source" => {
+                let mut seen: std::collections::HashSet<IpAddr> =
+                    o.sources.iter().copied().collect();
                 for ip in v.split(',') {
+                    if o.sources.len() >= MAX_BOOTS {
+                        return Err(format!("--source: more than {MAX_BOOTS} addresses"));
+                    }
                     let ip: IpAddr = ip.parse().map_err(|e| format!("--source {ip}: {e}"))?;
                     // A boot per address: two sharing one would share the server's
                     // per-client limits.
-                    if o.sources.contains(&ip) {
+                    if !seen.insert(ip) {
                         return Err(format!("--source {ip}: given twice"));
                     }
                     o.sources.push(ip);
-                }
-                if o.sources.len() > MAX_BOOTS {
-                    return Err(format!("--source: more than {MAX_BOOTS} addresses"));
                 }
             }
             "--connect-timeout" => o.connect_timeout = secs(v)?,
@@ -693,6 +695,22 @@ fn main() -> std::process::ExitCode {
     };
     // A socket per boot and connection: more than the usual soft limit of 1,024.
     raise_nofile();
+    let boots_n = o.sources.len().max(1);
+    if let Ok((soft, _)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        // A descriptor per boot and connection, and some to spare for the process.
+        let need = (boots_n as u64)
+            .saturating_mul(conns.len() as u64)
+            .saturating_add(64);
+        if need > soft {
+            eprintln!(
+                "ltsp-replay: {boots_n} boots of {} connections need {need} descriptors, the limit is {soft}: fewer --source addresses per process",
+                conns.len()
+            );
+            return std::process::ExitCode::from(2);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -719,19 +737,6 @@ fn main() -> std::process::ExitCode {
     let server = o.server;
     let n_conns = conns.len();
     let conns: Vec<Arc<Conn>> = conns.into_iter().map(Arc::new).collect();
-    let boots_n = o.sources.len().max(1);
-    if let Ok((soft, _)) =
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-    {
-        // A descriptor per boot and connection, and some to spare for the process.
-        let need = (boots_n as u64)
-            .saturating_mul(n_conns as u64)
-            .saturating_add(64);
-        if need > soft {
-            eprintln!("ltsp-replay: {boots_n} boots of {n_conns} connections need {need} descriptors, the limit is {soft}: fewer --source addresses per process");
-            return std::process::ExitCode::from(2);
-        }
-    }
     let o = Arc::new(o);
     let start = Instant::now();
     let sources: Vec<Option<IpAddr>> = if o.sources.is_empty() {
