@@ -657,8 +657,11 @@ impl Trace {
 /// READ data in user space, with what it is charged to (given back when dropped).
 struct Buffered {
     data: Vec<u8>,
-    _conn: OwnedSemaphorePermit,
+    // Fields drop in this order: the server-wide charge goes back before the connection's
+    // permit, or the connection's next READ could be charged while this one still is, and
+    // the server would hold one READ over its budget.
     _all: Charge,
+    _conn: OwnedSemaphorePermit,
 }
 
 impl Reply {
@@ -843,6 +846,9 @@ async fn read_requests<R: AsyncBufReadUnpin>(
                             },
                             Err(e) => {
                                 log::error!("nbd: read {}+{}: {e}", req.offset, req.len);
+                                // The server-wide charge first, as in `Buffered`.
+                                drop(all);
+                                drop(conn_permit);
                                 pool.put(data);
                                 Reply::header_only(w::EIO, req.cookie, by_file.traced)
                             }
