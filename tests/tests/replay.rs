@@ -78,6 +78,14 @@ impl Images {
     }
 }
 
+/// ltsp-server exporting `img` as "root", NBD only; and its NBD address.
+fn serving(img: &str) -> (ServerProc, String) {
+    let export = format!("root={img}");
+    let s = ServerProc::start(&["--no-tftp", "--export", &export]);
+    let addr = s.nbd.unwrap().to_string();
+    (s, addr)
+}
+
 fn replay(server: &str, args: &[&str]) -> (bool, BTreeMap<String, String>, String) {
     let (ok, out, err) = run(Command::new(env!("CARGO_BIN_EXE_ltsp-replay"))
         .args(["--trace", fixture().to_str().unwrap(), "--server", server])
@@ -193,9 +201,7 @@ fn the_recorded_boot_replays_against_nbdkit() {
 #[test]
 fn other_bytes_and_a_closed_port_are_errors() {
     let im = Images::new();
-    let export = format!("root={}", im.path("other.img"));
-    let s = ServerProc::start(&["--no-tftp", "--export", &export]);
-    let addr = s.nbd.unwrap().to_string();
+    let (s, addr) = serving(&im.path("other.img"));
     let root = im.path("root.img");
     let (ok, kv, err) = replay(&addr, &["--think-scale", "0", "--verify", &root]);
     assert!(!ok, "a mismatch fails the exit code: {kv:?}");
@@ -217,9 +223,7 @@ fn other_bytes_and_a_closed_port_are_errors() {
 fn a_storm_of_50_boots_from_50_addresses_is_served_without_error() {
     let im = Images::new();
     let img = im.path("root.img");
-    let export = format!("root={img}");
-    let s = ServerProc::start(&["--no-tftp", "--export", &export]);
-    let addr = s.nbd.unwrap().to_string();
+    let (s, addr) = serving(&img);
     let start = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -286,9 +290,7 @@ fn a_storm_of_50_boots_from_50_addresses_is_served_without_error() {
 fn a_failed_boot_among_several_in_one_process_is_reported_alone() {
     let im = Images::new();
     let img = im.path("root.img");
-    let export = format!("root={img}");
-    let s = ServerProc::start(&["--no-tftp", "--export", &export]);
-    let addr = s.nbd.unwrap().to_string();
+    let (_server, addr) = serving(&img);
     // 192.0.2.1 (TEST-NET-1) is no address of this host: bind(2) refuses it, no packet is sent.
     let (ok, out, err) = run(Command::new(env!("CARGO_BIN_EXE_ltsp-replay"))
         .args(["--trace", fixture().to_str().unwrap(), "--server", &addr])

@@ -499,13 +499,6 @@ async fn random_udp(o: Arc<Opts>, c: Arc<Counts>, end: Instant) {
     }
 }
 
-fn raise_nofile() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
-}
-
 fn main() -> std::process::ExitCode {
     let o = match parse(std::env::args().skip(1).collect()) {
         Ok(o) => Arc::new(o),
@@ -517,7 +510,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    raise_nofile();
+    ltsp_tests::raise_nofile();
     // One thread: the flood must not take both cores from the server it measures.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -694,7 +694,7 @@ fn main() -> std::process::ExitCode {
         None => None,
     };
     // A socket per boot and connection: more than the usual soft limit of 1,024.
-    raise_nofile();
+    ltsp_tests::raise_nofile();
     let boots_n = o.sources.len().max(1);
     if let Ok((soft, _)) =
         nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
@@ -794,13 +794,6 @@ fn main() -> std::process::ExitCode {
         std::process::ExitCode::SUCCESS
     } else {
         std::process::ExitCode::from(1)
-    }
-}
-
-fn raise_nofile() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 
