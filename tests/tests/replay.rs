@@ -341,3 +341,38 @@ fn an_address_given_twice_is_refused() {
     assert!(err.contains("127.5.2.1: given twice"), "{err}");
     assert!(!out.contains("REPLAY "), "{out}");
 }
+
+/// A storm of failing boots prints 50 error lines, says how many it held back, and still
+/// counts every boot's error on its own line.
+#[test]
+fn error_lines_past_50_are_counted_not_printed() {
+    // 192.0.2.X (TEST-NET-1) is no address of this host: bind(2) fails, nothing is sent.
+    let sources: Vec<String> = (1..=60).map(|i| format!("192.0.2.{i}")).collect();
+    let (ok, out, err) = run(Command::new(env!("CARGO_BIN_EXE_ltsp-replay")).args([
+        "--trace",
+        fixture().to_str().unwrap(),
+        "--server",
+        "127.0.0.1:9",
+        "--think-scale",
+        "0",
+        "--connect-timeout",
+        "5",
+        "--source",
+        &sources.join(","),
+    ]));
+    assert!(!ok, "{out}");
+    let shown = err
+        .lines()
+        .filter(|l| l.starts_with("ltsp-replay: 192.0.2."))
+        .count();
+    assert_eq!(shown, 50, "{err}");
+    assert!(
+        err.contains("ltsp-replay: 10 more error lines not shown"),
+        "{err}"
+    );
+    let failed = out
+        .lines()
+        .filter(|l| l.starts_with("REPLAY ") && l.contains(" errors=1 "))
+        .count();
+    assert_eq!(failed, 60, "{out}");
+}

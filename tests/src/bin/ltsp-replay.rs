@@ -772,6 +772,10 @@ fn main() -> std::process::ExitCode {
         // abort) is an error of its boot, counted below.
         while tasks.join_next().await.is_some() {}
     });
+    let held_back = SHOWN.load(Relaxed).saturating_sub(SHOWN_ERRORS);
+    if held_back > 0 {
+        eprintln!("ltsp-replay: {held_back} more error lines not shown (each boot's count is on its REPLAY line)");
+    }
     let mut ok = true;
     for ctx in &boots {
         let c = &ctx.counts;
