@@ -149,6 +149,7 @@ pub struct Server {
     versions: Arc<Versions>,
     budget: Arc<Budget>,
     pool: Arc<Pool>,
+    pipes: Arc<Pipes>,
     tracer: Option<Arc<Tracer>>,
 }
 
@@ -207,6 +208,7 @@ impl Server {
             versions,
             budget,
             pool,
+            pipes: Arc::new(Pipes::new(PIPES)),
             tracer,
         })
     }
@@ -717,6 +719,7 @@ where
         rx,
         img.clone(),
         srv.pool.clone(),
+        srv.pipes.clone(),
         srv.cfg.write_timeout,
         trace.clone(),
     ));
@@ -955,10 +958,11 @@ async fn write_replies<W: ReplySink>(
     rx: mpsc::Receiver<Reply>,
     img: Arc<Opened>,
     pool: Arc<Pool>,
+    pipes: Arc<Pipes>,
     t: Duration,
     trace: Option<Trace>,
 ) -> std::io::Result<()> {
-    let r = write_all_replies(&mut wr, rx, img, pool, t, trace).await;
+    let r = write_all_replies(&mut wr, rx, img, pool, &pipes, t, trace).await;
     if let (Err(e), Some(sock)) = (&r, wr.socket()) {
         if e.kind() == std::io::ErrorKind::TimedOut {
             // A client that took nothing for the write timeout: what the kernel still
@@ -974,13 +978,14 @@ async fn write_all_replies<W: ReplySink>(
     mut rx: mpsc::Receiver<Reply>,
     img: Arc<Opened>,
     pool: Arc<Pool>,
+    pipes: &Pipes,
     t: Duration,
     trace: Option<Trace>,
 ) -> std::io::Result<()> {
     let mut batch: Vec<Reply> = Vec::new();
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         // Runs of buffered replies go out in one writev (one syscall for many small
-        // replies); a sendfile reply is its header with MSG_MORE, then the file's pages.
+        // replies); a large reply is its header with MSG_MORE, then the file's pages.
         let mut i = 0;
         while i < batch.len() {
             let j = batch[i..]
@@ -999,7 +1004,13 @@ async fn write_all_replies<W: ReplySink>(
                 match wr.socket() {
                     Some(sock) => {
                         send_with_more(sock, &header, t).await?;
-                        send_file(sock, &img.file, r.offset, r.len as usize, t).await?;
+                        let (off, len) = (r.offset, r.len as usize);
+                        match pipes.take() {
+                            Some(mut p) => {
+                                splice_file(sock, &img.file, off, len, t, &mut p).await?
+                            }
+                            None => send_file(sock, &img.file, off, len, t).await?,
+                        }
                     }
                     None => copy_file(wr, &header, &img.file, r.offset, r.len, t).await?,
                 }
@@ -1089,6 +1100,154 @@ async fn send_with_more(sock: &TcpStream, mut b: &[u8], t: Duration) -> std::io:
             .map_err(std::io::Error::from)
         }) {
             Ok(n) => b = &b[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Pipes that large READs are spliced through, file -> pipe -> socket, with no copy.
+/// sendfile(2) does the same through a pipe of 16 pages inside the kernel, so it hands TCP
+/// 64 KiB per step; with many sockets near full that made many small sends, which cost
+/// the server and its clients more than the larger pipe does (docs/benchmarks.md). Shared
+/// by all connections and made on demand up to a cap; a reply that finds none free goes
+/// by sendfile, so a few slow clients holding pipes cannot stall anyone.
+pub struct Pipes {
+    free: std::sync::Mutex<Vec<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>>,
+    made: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+/// Pipes at most: two descriptors each, counted in [`crate::limits::FDS_BASE`].
+pub const PIPES: usize = 32;
+/// Each pipe's capacity: a whole large READ of a to-RAM copy at once. A server not run as
+/// root may be refused it (`/proc/sys/fs/pipe-user-pages-soft`); it then keeps the
+/// default 64 KiB, which still works.
+const PIPE_BYTES: i32 = 1 << 20;
+
+/// A pipe taken from [`Pipes`]: back to the pool when dropped empty; closed (and its
+/// place freed) when dropped with bytes still in it, as after an error or a cancel.
+pub struct PipeLease<'a> {
+    pipes: &'a Pipes,
+    fds: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
+    held: usize,
+}
+
+impl Pipes {
+    pub fn new(max: usize) -> Pipes {
+        Pipes {
+            free: Default::default(),
+            made: Default::default(),
+            max,
+        }
+    }
+
+    /// A free pipe, or a new one under the cap; None: send by sendfile instead.
+    pub fn take(&self) -> Option<PipeLease<'_>> {
+        let free = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let fds = match free {
+            Some(fds) => fds,
+            None => {
+                self.made
+                    .fetch_update(Relaxed, Relaxed, |n| (n < self.max).then_some(n + 1))
+                    .ok()?;
+                match new_pipe() {
+                    Ok(fds) => fds,
+                    Err(e) => {
+                        self.made.fetch_sub(1, Relaxed);
+                        log::debug!("nbd: no pipe for a large READ ({e}): sendfile");
+                        return None;
+                    }
+                }
+            }
+        };
+        Some(PipeLease {
+            pipes: self,
+            fds: Some(fds),
+            held: 0,
+        })
+    }
+
+    /// Pipes made and not closed.
+    #[cfg(test)]
+    fn made(&self) -> usize {
+        self.made.load(Relaxed)
+    }
+}
+
+impl Drop for PipeLease<'_> {
+    fn drop(&mut self) {
+        if let Some(fds) = self.fds.take() {
+            if self.held == 0 {
+                let mut free = self.pipes.free.lock().unwrap_or_else(|p| p.into_inner());
+                free.push(fds);
+            } else {
+                // Bytes of another reply must never reach the next one's socket.
+                drop(fds);
+                self.pipes.made.fetch_sub(1, Relaxed);
+            }
+        }
+    }
+}
+
+fn new_pipe() -> nix::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    if let Err(e) = fcntl(w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_BYTES)) {
+        log::debug!("nbd: pipe of {PIPE_BYTES} bytes refused ({e}): the default size");
+    }
+    Ok((r, w))
+}
+
+/// `len` bytes of `file` from `offset` into the socket by splice(2) through `pipe`: the
+/// file's pages go in, as many as the pipe holds, then out to the socket as it takes them.
+/// The header already promised the data: a short or failed read ends the connection.
+async fn splice_file(
+    sock: &TcpStream,
+    file: &File,
+    offset: u64,
+    len: usize,
+    t: Duration,
+    pipe: &mut PipeLease<'_>,
+) -> std::io::Result<()> {
+    use nix::fcntl::{splice, SpliceFFlags};
+    let Some((pr, pw)) = pipe.fds.as_ref() else {
+        return Err(std::io::Error::other("pipe lease without a pipe"));
+    };
+    let mut off = offset as i64;
+    let mut left = len;
+    while left > 0 || pipe.held > 0 {
+        if pipe.held == 0 {
+            // Page-cache pages go in by reference; an uncached page is read here, as
+            // sendfile would.
+            let n = splice(
+                file,
+                Some(&mut off),
+                pw,
+                None,
+                left,
+                SpliceFFlags::SPLICE_F_MOVE,
+            )
+            .map_err(std::io::Error::from)?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "image shorter than its size",
+                ));
+            }
+            pipe.held = n;
+            left -= n;
+        }
+        progress(t, sock.writable()).await?;
+        let mut flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+        if left > 0 {
+            flags |= SpliceFFlags::SPLICE_F_MORE;
+        }
+        match sock.try_io(Interest::WRITABLE, || {
+            splice(pr, None, sock, None, pipe.held, flags).map_err(std::io::Error::from)
+        }) {
+            Ok(n) => pipe.held -= n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
@@ -1693,5 +1852,94 @@ mod tests {
         let mut d = vec![0u8; h.len as usize];
         crd.read_exact(&mut d).await.unwrap();
         assert_eq!(run.await.unwrap().unwrap().as_deref(), Some("root"));
+    }
+
+    /// splice_file sends exactly the asked range, whether it fits the pipe or not, and
+    /// leaves the pipe empty for the next reply.
+    #[tokio::test]
+    async fn spliced_ranges_arrive_whole_and_in_order() {
+        use std::io::Write;
+        let mut f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..3 * PIPE_BYTES as u32 + 123)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        f.write_all(&data).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (srv, _) = l.accept().await.unwrap();
+        let pipes = Pipes::new(1);
+        let ranges = [
+            (0u64, 4096usize),
+            (5, PIPE_BYTES as usize + 7),
+            (PIPE_BYTES as u64 - 3, 2 * PIPE_BYTES as usize + 11),
+            (data.len() as u64 - 100, 100),
+        ];
+        let total: usize = ranges.iter().map(|r| r.1).sum();
+        let reader = tokio::spawn(async move {
+            let mut c = client;
+            let mut got = vec![0u8; total];
+            c.read_exact(&mut got).await.unwrap();
+            got
+        });
+        for (off, len) in ranges {
+            let mut p = pipes.take().expect("a pipe");
+            splice_file(&srv, &f, off, len, Duration::from_secs(10), &mut p)
+                .await
+                .unwrap();
+            assert_eq!(p.held, 0);
+        }
+        let got = reader.await.unwrap();
+        let mut at = 0;
+        for (off, len) in ranges {
+            assert!(
+                got[at..at + len] == data[off as usize..off as usize + len],
+                "range {off}+{len}"
+            );
+            at += len;
+        }
+        // The one pipe went back each time: it is still the only one made.
+        assert_eq!(pipes.made(), 1);
+    }
+
+    /// A range past the image's end is an error, and the pipe that still holds its first
+    /// bytes is closed, not handed to the next reply.
+    #[tokio::test]
+    async fn a_short_image_ends_the_reply_and_its_pipe_is_not_reused() {
+        use std::io::Write;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[7u8; 4096]).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (srv, _) = l.accept().await.unwrap();
+        let pipes = Pipes::new(2);
+        let mut p = pipes.take().expect("a pipe");
+        let e = splice_file(&srv, &f, 0, 8192, Duration::from_secs(10), &mut p)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+        drop(p);
+        assert_eq!(
+            pipes.made(),
+            1,
+            "the pipe was sent in full before the short read"
+        );
+        // A lease dropped with bytes in its pipe closes it.
+        let mut p = pipes.take().expect("a pipe");
+        p.held = 1;
+        drop(p);
+        assert_eq!(pipes.made(), 0);
+    }
+
+    /// At most `max` pipes exist; past that, take() says "use sendfile".
+    #[test]
+    fn pipes_stop_at_their_cap() {
+        let pipes = Pipes::new(2);
+        let a = pipes.take().expect("first");
+        let b = pipes.take().expect("second");
+        assert!(pipes.take().is_none());
+        drop(a);
+        assert!(pipes.take().is_some(), "a returned pipe is taken again");
+        drop(b);
+        assert_eq!(pipes.made(), 2);
     }
 }
