@@ -232,7 +232,7 @@ pub struct NbdFile {
     /// Reply bytes one connection may hold in memory; past it, it is not read from.
     pub max_reply_bytes_per_connection: Option<usize>,
     /// Reply bytes all connections together may hold in memory; past it, READs go by
-    /// sendfile(2) with no buffer.
+    /// splice(2) or sendfile(2) with no buffer.
     pub max_reply_bytes: Option<usize>,
     /// Seconds a connection's socket may take no reply bytes before it is closed.
     pub write_timeout: Option<u64>,

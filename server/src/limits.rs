@@ -395,7 +395,8 @@ mod tests {
         // 1024 cannot hold 4096 NBD connections: HTTP and TFTP get a share, and it says so.
         let p = FdPlan::new(1024, 4096);
         assert!(!p.covered);
-        assert_eq!(p.slots as u64, (1024 - FDS_BASE) / 2 / 2);
+        assert_eq!(FDS_BASE, 64 + 2 * crate::nbd::PIPES as u64);
+        assert_eq!(p.slots, (1024 - 128) / 2 / 2);
         assert!(p.reserve + p.slots as u64 * FDS_PER_SLOT <= 1024);
         assert!(FdPlan::new(0, 0).slots >= 1);
         assert!(FdPlan::new(u64::MAX, usize::MAX).slots > 0);

@@ -127,7 +127,7 @@ struct ServeArgs {
     #[arg(long, value_name = "BYTES")]
     nbd_max_reply_bytes_per_connection: Option<usize>,
     /// Bytes of NBD replies all connections may hold in memory; past it, READs are sent
-    /// from the page cache by sendfile, without a buffer (default 8388608).
+    /// from the page cache by splice or sendfile, without a buffer (default 8388608).
     #[arg(long, value_name = "BYTES")]
     nbd_max_reply_bytes: Option<usize>,
     /// Seconds an NBD connection's socket may take no reply bytes before the connection

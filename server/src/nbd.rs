@@ -1117,13 +1117,16 @@ pub struct Pipes {
     free: std::sync::Mutex<Vec<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>>,
     made: std::sync::atomic::AtomicUsize,
     max: usize,
+    /// Set when the kernel refused a pipe its full size: from then on, sendfile.
+    refused: std::sync::atomic::AtomicBool,
 }
 
 /// Pipes at most: two descriptors each, counted in [`crate::limits::FDS_BASE`].
 pub const PIPES: usize = 32;
-/// Each pipe's capacity: a whole large READ of a to-RAM copy at once. A server not run as
-/// root may be refused it (`/proc/sys/fs/pipe-user-pages-soft`); it then keeps the
-/// default 64 KiB, which still works.
+/// Each pipe's capacity: a whole large READ of a to-RAM copy at once. A server without
+/// CAP_SYS_RESOURCE may be refused it (`/proc/sys/fs/pipe-user-pages-soft`, shared by
+/// every process of its user); a smaller pipe would be worse than sendfile, so the pool
+/// then stops making pipes.
 const PIPE_BYTES: i32 = 1 << 20;
 
 /// A pipe taken from [`Pipes`]: back to the pool when dropped empty; closed (and its
@@ -1140,6 +1143,7 @@ impl Pipes {
             free: Default::default(),
             made: Default::default(),
             max,
+            refused: Default::default(),
         }
     }
 
@@ -1149,6 +1153,9 @@ impl Pipes {
         let fds = match free {
             Some(fds) => fds,
             None => {
+                if self.refused.load(Relaxed) {
+                    return None;
+                }
                 self.made
                     .fetch_update(Relaxed, Relaxed, |n| (n < self.max).then_some(n + 1))
                     .ok()?;
@@ -1156,7 +1163,14 @@ impl Pipes {
                     Ok(fds) => fds,
                     Err(e) => {
                         self.made.fetch_sub(1, Relaxed);
-                        log::debug!("nbd: no pipe for a large READ ({e}): sendfile");
+                        if e == nix::errno::Errno::EPERM && !self.refused.swap(true, Relaxed) {
+                            log::warn!(
+                                "nbd: the kernel refused a pipe of {PIPE_BYTES} bytes \
+                                 (fs.pipe-user-pages-soft): large READs go by sendfile"
+                            );
+                        } else {
+                            log::debug!("nbd: no pipe for a large READ ({e}): sendfile");
+                        }
                         return None;
                     }
                 }
@@ -1191,11 +1205,14 @@ impl Drop for PipeLease<'_> {
     }
 }
 
+/// A pipe of PIPE_BYTES, or EPERM when the kernel gives less (the pipe is closed).
 fn new_pipe() -> nix::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    if let Err(e) = fcntl(w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_BYTES)) {
-        log::debug!("nbd: pipe of {PIPE_BYTES} bytes refused ({e}): the default size");
+    // Over the user's soft limit the kernel may refuse, or quietly give 2 pages.
+    let size = fcntl(w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_BYTES))?;
+    if size < PIPE_BYTES {
+        return Err(nix::errno::Errno::EPERM);
     }
     Ok((r, w))
 }
@@ -1218,6 +1235,8 @@ async fn splice_file(
     let mut off = offset as i64;
     let mut left = len;
     while left > 0 || pipe.held > 0 {
+        // Wait for room first: the pipe fills only for a socket that takes bytes.
+        progress(t, sock.writable()).await?;
         if pipe.held == 0 {
             // Page-cache pages go in by reference; an uncached page is read here, as
             // sendfile would.
@@ -1239,7 +1258,6 @@ async fn splice_file(
             pipe.held = n;
             left -= n;
         }
-        progress(t, sock.writable()).await?;
         let mut flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
         if left > 0 {
             flags |= SpliceFFlags::SPLICE_F_MORE;
@@ -1247,6 +1265,7 @@ async fn splice_file(
         match sock.try_io(Interest::WRITABLE, || {
             splice(pr, None, sock, None, pipe.held, flags).map_err(std::io::Error::from)
         }) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => pipe.held -= n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
@@ -1904,7 +1923,7 @@ mod tests {
     /// A range past the image's end is an error, and the pipe that still holds its first
     /// bytes is closed, not handed to the next reply.
     #[tokio::test]
-    async fn a_short_image_ends_the_reply_and_its_pipe_is_not_reused() {
+    async fn a_short_image_ends_the_reply_with_an_error() {
         use std::io::Write;
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(&[7u8; 4096]).unwrap();
@@ -1921,13 +1940,55 @@ mod tests {
         assert_eq!(
             pipes.made(),
             1,
-            "the pipe was sent in full before the short read"
+            "the pipe was empty at the short read: kept"
         );
-        // A lease dropped with bytes in its pipe closes it.
+    }
+
+    /// A client that takes nothing: the reply times out with bytes still in the pipe,
+    /// and that pipe is closed, so they can never reach another reply.
+    #[tokio::test]
+    async fn a_pipe_left_holding_bytes_is_closed_not_reused() {
+        use std::io::Write;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&vec![9u8; 16 << 20]).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (srv, _) = l.accept().await.unwrap();
+        let pipes = Pipes::new(1);
         let mut p = pipes.take().expect("a pipe");
-        p.held = 1;
+        let e = splice_file(&srv, &f, 0, 16 << 20, Duration::from_millis(200), &mut p)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert!(
+            p.held > 0,
+            "the socket filled while the pipe still held bytes"
+        );
+        drop(p);
+        assert_eq!(pipes.made(), 0, "closed, not back in the pool");
+        // A cancelled reply (its future dropped mid-way) is the same, on a fresh socket.
+        let _client2 = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (srv2, _) = l.accept().await.unwrap();
+        let mut p = pipes.take().expect("a new pipe");
+        let sent = tokio::time::timeout(
+            Duration::from_millis(100),
+            splice_file(&srv2, &f, 0, 16 << 20, Duration::from_secs(30), &mut p),
+        )
+        .await;
+        assert!(sent.is_err(), "the reply cannot finish: nobody reads");
+        assert!(p.held > 0);
         drop(p);
         assert_eq!(pipes.made(), 0);
+        // The full socket: a reply waits for room before it fills a pipe, so its pipe
+        // goes back empty when it times out.
+        let mut p = pipes.take().expect("a third pipe");
+        let e = splice_file(&srv, &f, 0, 1 << 20, Duration::from_millis(100), &mut p)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert_eq!(p.held, 0);
+        drop(p);
+        assert_eq!(pipes.made(), 1);
     }
 
     /// At most `max` pipes exist; past that, take() says "use sendfile".
