@@ -86,10 +86,15 @@ fn serving(img: &str) -> (ServerProc, String) {
     (s, addr)
 }
 
-fn replay(server: &str, args: &[&str]) -> (bool, BTreeMap<String, String>, String) {
-    let (ok, out, err) = run(Command::new(env!("CARGO_BIN_EXE_ltsp-replay"))
+/// ltsp-replay of the recorded boot against `server`: exit status, stdout, stderr.
+fn run_replay(server: &str, args: &[&str]) -> (bool, String, String) {
+    run(Command::new(env!("CARGO_BIN_EXE_ltsp-replay"))
         .args(["--trace", fixture().to_str().unwrap(), "--server", server])
-        .args(args));
+        .args(args))
+}
+
+fn replay(server: &str, args: &[&str]) -> (bool, BTreeMap<String, String>, String) {
+    let (ok, out, err) = run_replay(server, args);
     let line = out
         .lines()
         .find(|l| l.starts_with("REPLAY "))
@@ -292,17 +297,19 @@ fn a_failed_boot_among_several_in_one_process_is_reported_alone() {
     let img = im.path("root.img");
     let (_server, addr) = serving(&img);
     // 192.0.2.1 (TEST-NET-1) is no address of this host: bind(2) refuses it, no packet is sent.
-    let (ok, out, err) = run(Command::new(env!("CARGO_BIN_EXE_ltsp-replay"))
-        .args(["--trace", fixture().to_str().unwrap(), "--server", &addr])
-        .args([
+    let (ok, out, err) = run_replay(
+        &addr,
+        &[
             "--think-scale",
             "0",
             "--verify",
             &img,
             "--connect-timeout",
             "5",
-        ])
-        .args(["--source", "127.5.1.1,192.0.2.1,127.5.1.2"]));
+            "--source",
+            "127.5.1.1,192.0.2.1,127.5.1.2",
+        ],
+    );
     assert!(!ok, "one boot failed, so the exit code fails: {out}");
     let line = |src: &str| -> BTreeMap<String, String> {
         out.lines()
@@ -330,14 +337,10 @@ fn a_failed_boot_among_several_in_one_process_is_reported_alone() {
 /// One boot per address: an address given twice is refused before anything is sent.
 #[test]
 fn an_address_given_twice_is_refused() {
-    let (ok, out, err) = run(Command::new(env!("CARGO_BIN_EXE_ltsp-replay")).args([
-        "--trace",
-        fixture().to_str().unwrap(),
-        "--server",
+    let (ok, out, err) = run_replay(
         "127.0.0.1:9",
-        "--source",
-        "127.5.2.1,127.5.2.2,127.5.2.1",
-    ]));
+        &["--source", "127.5.2.1,127.5.2.2,127.5.2.1"],
+    );
     assert!(!ok, "{out}");
     assert!(err.contains("127.5.2.1: given twice"), "{err}");
     assert!(!out.contains("REPLAY "), "{out}");
@@ -349,18 +352,17 @@ fn an_address_given_twice_is_refused() {
 fn error_lines_past_50_are_counted_not_printed() {
     // 192.0.2.X (TEST-NET-1) is no address of this host: bind(2) fails, nothing is sent.
     let sources: Vec<String> = (1..=60).map(|i| format!("192.0.2.{i}")).collect();
-    let (ok, out, err) = run(Command::new(env!("CARGO_BIN_EXE_ltsp-replay")).args([
-        "--trace",
-        fixture().to_str().unwrap(),
-        "--server",
+    let (ok, out, err) = run_replay(
         "127.0.0.1:9",
-        "--think-scale",
-        "0",
-        "--connect-timeout",
-        "5",
-        "--source",
-        &sources.join(","),
-    ]));
+        &[
+            "--think-scale",
+            "0",
+            "--connect-timeout",
+            "5",
+            "--source",
+            &sources.join(","),
+        ],
+    );
     assert!(!ok, "{out}");
     let shown = err
         .lines()
