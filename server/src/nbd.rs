@@ -200,6 +200,7 @@ impl Server {
         );
         // Freed buffers kept for reuse: a quarter of the budget on top of it, at most.
         let pool = Arc::new(Pool::new(cfg.max_reply_bytes / 4));
+        let pipes = Arc::new(Pipes::new(PIPES, status.clone()));
         Arc::new(Server {
             cfg,
             status,
@@ -208,7 +209,7 @@ impl Server {
             versions,
             budget,
             pool,
-            pipes: Arc::new(Pipes::new(PIPES)),
+            pipes,
             tracer,
         })
     }
@@ -1009,7 +1010,7 @@ async fn write_all_replies<W: ReplySink>(
                             Some(mut p) => {
                                 splice_file(sock, &img.file, off, len, t, &mut p).await?
                             }
-                            None => send_file(sock, &img.file, off, len, t).await?,
+                            None => send_file(sock, &img.file, off, len, t, &pipes.status).await?,
                         }
                     }
                     None => copy_file(wr, &header, &img.file, r.offset, r.len, t).await?,
@@ -1119,6 +1120,9 @@ pub struct Pipes {
     max: usize,
     /// Set when the kernel refused a pipe its full size: from then on, sendfile.
     refused: std::sync::atomic::AtomicBool,
+    /// Counts the bytes sent each way (`/metrics`): a pool too small for the storm shows
+    /// as sendfile bytes.
+    status: Arc<Status>,
 }
 
 /// Pipes at most: two descriptors each, counted in [`crate::limits::FDS_BASE`].
@@ -1138,12 +1142,13 @@ pub struct PipeLease<'a> {
 }
 
 impl Pipes {
-    pub fn new(max: usize) -> Pipes {
+    pub fn new(max: usize, status: Arc<Status>) -> Pipes {
         Pipes {
             free: Default::default(),
             made: Default::default(),
             max,
             refused: Default::default(),
+            status,
         }
     }
 
@@ -1266,7 +1271,13 @@ async fn splice_file(
             splice(pr, None, sock, None, pipe.held, flags).map_err(std::io::Error::from)
         }) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => pipe.held -= n,
+            Ok(n) => {
+                pipe.held -= n;
+                pipe.pipes
+                    .status
+                    .nbd_spliced_bytes
+                    .fetch_add(n as u64, Relaxed);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
@@ -1282,6 +1293,7 @@ async fn send_file(
     offset: u64,
     len: usize,
     t: Duration,
+    status: &Status,
 ) -> std::io::Result<()> {
     let mut off = offset as i64;
     let mut left = len;
@@ -1297,7 +1309,10 @@ async fn send_file(
                     "image shorter than its size",
                 ))
             }
-            Ok(n) => left -= n,
+            Ok(n) => {
+                left -= n;
+                status.nbd_sendfile_bytes.fetch_add(n as u64, Relaxed);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
@@ -1886,7 +1901,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (srv, _) = l.accept().await.unwrap();
-        let pipes = Pipes::new(1);
+        let pipes = Pipes::new(1, Arc::new(Status::default()));
         let ranges = [
             (0u64, 4096usize),
             (5, PIPE_BYTES as usize + 7),
@@ -1918,6 +1933,37 @@ mod tests {
         }
         // The one pipe went back each time: it is still the only one made.
         assert_eq!(pipes.made(), 1);
+        let spliced = pipes.status.nbd_spliced_bytes.load(Relaxed);
+        assert_eq!(spliced, total as u64, "every byte counted as spliced");
+        assert_eq!(pipes.status.nbd_sendfile_bytes.load(Relaxed), 0);
+    }
+
+    /// A READ that finds no pipe goes by sendfile: whole, in order, and counted so.
+    #[tokio::test]
+    async fn a_range_sent_by_sendfile_arrives_whole_and_is_counted() {
+        use std::io::Write;
+        let mut f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..(3u32 << 20) + 7)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        f.write_all(&data).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (srv, _) = l.accept().await.unwrap();
+        let status = Status::default();
+        let (off, len) = (5u64, data.len() - 5);
+        let reader = tokio::spawn(async move {
+            let mut c = client;
+            let mut got = vec![0u8; len];
+            c.read_exact(&mut got).await.unwrap();
+            got
+        });
+        send_file(&srv, &f, off, len, Duration::from_secs(10), &status)
+            .await
+            .unwrap();
+        assert!(reader.await.unwrap() == data[5..]);
+        assert_eq!(status.nbd_sendfile_bytes.load(Relaxed), len as u64);
+        assert_eq!(status.nbd_spliced_bytes.load(Relaxed), 0);
     }
 
     /// A range past the image's end is an error, and the pipe that still holds its first
@@ -1930,7 +1976,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (srv, _) = l.accept().await.unwrap();
-        let pipes = Pipes::new(2);
+        let pipes = Pipes::new(2, Arc::new(Status::default()));
         let mut p = pipes.take().expect("a pipe");
         let e = splice_file(&srv, &f, 0, 8192, Duration::from_secs(10), &mut p)
             .await
@@ -1954,7 +2000,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (srv, _) = l.accept().await.unwrap();
-        let pipes = Pipes::new(1);
+        let pipes = Pipes::new(1, Arc::new(Status::default()));
         let mut p = pipes.take().expect("a pipe");
         let e = splice_file(&srv, &f, 0, 16 << 20, Duration::from_millis(200), &mut p)
             .await
@@ -1994,7 +2040,7 @@ mod tests {
     /// At most `max` pipes exist; past that, take() says "use sendfile".
     #[test]
     fn pipes_stop_at_their_cap() {
-        let pipes = Pipes::new(2);
+        let pipes = Pipes::new(2, Arc::new(Status::default()));
         let a = pipes.take().expect("first");
         let b = pipes.take().expect("second");
         assert!(pipes.take().is_none());

@@ -38,6 +38,10 @@ pub struct Status {
     pub nbd_reply_bytes: AtomicU64,
     /// NBD trace records dropped because the trace writer was behind.
     pub nbd_trace_dropped: AtomicU64,
+    /// NBD reply bytes spliced through the server's pipes.
+    pub nbd_spliced_bytes: AtomicU64,
+    /// NBD reply bytes sent by sendfile when no pipe was available.
+    pub nbd_sendfile_bytes: AtomicU64,
     pub tftp_sent: AtomicU64,
     pub tftp_failed: AtomicU64,
     pub tftp_bytes: AtomicU64,
@@ -226,6 +230,18 @@ impl Status {
             "NBD trace records dropped because the trace writer was behind",
             "counter",
             self.nbd_trace_dropped.load(Relaxed),
+        );
+        counter(
+            "ltsp_nbd_spliced_bytes_total",
+            "NBD reply bytes spliced from the page cache through the server's pipes",
+            "counter",
+            self.nbd_spliced_bytes.load(Relaxed),
+        );
+        counter(
+            "ltsp_nbd_sendfile_bytes_total",
+            "NBD reply bytes sent by sendfile because no pipe was available",
+            "counter",
+            self.nbd_sendfile_bytes.load(Relaxed),
         );
         counter(
             "ltsp_tftp_evicted_total",
@@ -418,9 +434,13 @@ mod tests {
         s.tftp_done(ip, "nope", 0, false);
         s.nbd_connected(ip, "root", Some("blake3:aa"));
         s.nbd_read(4096);
+        s.nbd_spliced_bytes.fetch_add(3, Relaxed);
+        s.nbd_sendfile_bytes.fetch_add(2, Relaxed);
         let m = s.metrics(5.0);
         for want in [
             "ltsp_nbd_connections_open 1",
+            "ltsp_nbd_spliced_bytes_total 3",
+            "ltsp_nbd_sendfile_bytes_total 2",
             "ltsp_nbd_read_bytes_total 4096",
             "ltsp_tftp_transfers_total 1",
             "ltsp_tftp_transfers_failed_total 1",
