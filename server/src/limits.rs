@@ -59,8 +59,9 @@ impl Drop for Slot {
 }
 
 /// Descriptors for everything but connections: listeners, the runtime, images being
-/// hashed, DHCP sockets, and NBD's pipes for large READs.
-pub const FDS_BASE: u64 = 64 + 2 * crate::nbd::PIPES as u64;
+/// hashed, DHCP sockets, and NBD's pipes for large READs with the /dev/null they empty
+/// into.
+pub const FDS_BASE: u64 = 64 + 2 * crate::nbd::PIPES as u64 + 1;
 /// An NBD connection holds its socket and its own handle on the image.
 pub const FDS_PER_NBD: u64 = 2;
 /// An HTTP connection or a TFTP transfer holds a socket and the file it sends.
@@ -395,8 +396,8 @@ mod tests {
         // 1024 cannot hold 4096 NBD connections: HTTP and TFTP get a share, and it says so.
         let p = FdPlan::new(1024, 4096);
         assert!(!p.covered);
-        assert_eq!(FDS_BASE, 64 + 2 * crate::nbd::PIPES as u64);
-        assert_eq!(p.slots, (1024 - 128) / 2 / 2);
+        assert_eq!(FDS_BASE, 64 + 2 * crate::nbd::PIPES as u64 + 1);
+        assert_eq!(p.slots, (1024 - 129) / 2 / 2);
         assert!(p.reserve + p.slots as u64 * FDS_PER_SLOT <= 1024);
         assert!(FdPlan::new(0, 0).slots >= 1);
         assert!(FdPlan::new(u64::MAX, usize::MAX).slots > 0);

@@ -125,7 +125,7 @@ impl Drop for Charge {
     }
 }
 
-/// Where replies are written: a TCP socket (large replies then go by sendfile(2)) or any
+/// Where replies are written: a TCP socket (large replies then go by splice or sendfile) or any
 /// other byte stream (tests and fuzzing), where they are copied through a small buffer.
 pub trait ReplySink: AsyncWrite + Unpin + Send + 'static {
     fn socket(&self) -> Option<&TcpStream> {
@@ -680,8 +680,8 @@ impl Reply {
     }
 }
 
-/// READs at least this large go page cache -> socket with sendfile (one copy less);
-/// smaller ones are read into pooled buffers and batched into one writev.
+/// READs at least this large go page cache -> socket by splice or sendfile (one copy
+/// less); smaller ones are read into pooled buffers and batched into one writev.
 const SENDFILE_MIN: u32 = 64 * 1024;
 
 /// The smallest buffer a READ holds: tiny READs must not slip under the budget in numbers.
@@ -1006,12 +1006,7 @@ async fn write_all_replies<W: ReplySink>(
                     Some(sock) => {
                         send_with_more(sock, &header, t).await?;
                         let (off, len) = (r.offset, r.len as usize);
-                        match pipes.take() {
-                            Some(mut p) => {
-                                splice_file(sock, &img.file, off, len, t, &mut p).await?
-                            }
-                            None => send_file(sock, &img.file, off, len, t, &pipes.status).await?,
-                        }
+                        send_range(sock, &img.file, off, len, t, pipes).await?;
                     }
                     None => copy_file(wr, &header, &img.file, r.offset, r.len, t).await?,
                 }
@@ -1111,21 +1106,26 @@ async fn send_with_more(sock: &TcpStream, mut b: &[u8], t: Duration) -> std::io:
 /// Pipes that large READs are spliced through, file -> pipe -> socket, with no copy.
 /// sendfile(2) does the same through a pipe of 16 pages inside the kernel, so it hands TCP
 /// 64 KiB per step; with many sockets near full that made many small sends, which cost
-/// the server and its clients more than the larger pipe does (docs/benchmarks.md). Shared
-/// by all connections and made on demand up to a cap; a reply that finds none free goes
-/// by sendfile, so a few slow clients holding pipes cannot stall anyone.
+/// the server and its clients more (docs/benchmarks.md). A pipe hands the socket what it
+/// has room for at once, up to 1 MiB. Shared by all connections and made on demand up
+/// to a cap; a reply takes a pipe for one step and gives it back empty (see
+/// [`send_range`]), so a few pipes serve thousands of connections and no client keeps
+/// one by reading slowly. A step that finds none free goes by sendfile.
 pub struct Pipes {
     free: std::sync::Mutex<Vec<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>>,
     made: std::sync::atomic::AtomicUsize,
     max: usize,
     /// Set when the kernel refused a pipe its full size: from then on, sendfile.
     refused: std::sync::atomic::AtomicBool,
-    /// Counts the bytes sent each way (`/metrics`): a pool too small for the storm shows
-    /// as sendfile bytes.
+    /// Where the bytes a socket refused go, so that the pipe comes back empty; without it
+    /// such a pipe is closed instead.
+    null: Option<File>,
+    /// Counts spliced, sendfile and refused bytes (`/metrics`).
     status: Arc<Status>,
 }
 
-/// Pipes at most: two descriptors each, counted in [`crate::limits::FDS_BASE`].
+/// Pipes at most: two descriptors each, and one for /dev/null, counted in
+/// [`crate::limits::FDS_BASE`].
 pub const PIPES: usize = 32;
 /// Each pipe's capacity: a whole large READ of a to-RAM copy at once. A server without
 /// CAP_SYS_RESOURCE may be refused it (`/proc/sys/fs/pipe-user-pages-soft`, shared by
@@ -1134,7 +1134,7 @@ pub const PIPES: usize = 32;
 const PIPE_BYTES: i32 = 1 << 20;
 
 /// A pipe taken from [`Pipes`]: back to the pool when dropped empty; closed (and its
-/// place freed) when dropped with bytes still in it, as after an error or a cancel.
+/// place freed) when dropped with bytes still in it, as when emptying it failed.
 pub struct PipeLease<'a> {
     pipes: &'a Pipes,
     fds: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
@@ -1148,6 +1148,16 @@ impl Pipes {
             made: Default::default(),
             max,
             refused: Default::default(),
+            null: std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .inspect_err(|e| {
+                    log::warn!(
+                        "nbd: cannot open /dev/null ({e}): a pipe whose socket refused \
+                         bytes is closed instead of emptied"
+                    )
+                })
+                .ok(),
             status,
         }
     }
@@ -1195,6 +1205,34 @@ impl Pipes {
     }
 }
 
+impl PipeLease<'_> {
+    /// Empties the pipe into /dev/null; if that fails the bytes stay, and the pipe is
+    /// closed when dropped.
+    fn drop_held(&mut self) {
+        use nix::fcntl::{splice, SpliceFFlags};
+        let (Some((pr, _)), Some(null)) = (self.fds.as_ref(), self.pipes.null.as_ref()) else {
+            return;
+        };
+        while self.held > 0 {
+            match splice(
+                pr,
+                None,
+                null,
+                None,
+                self.held,
+                SpliceFFlags::SPLICE_F_NONBLOCK,
+            ) {
+                Ok(n) if n > 0 => {
+                    self.held -= n;
+                    let refused = &self.pipes.status.nbd_splice_refused_bytes;
+                    refused.fetch_add(n as u64, Relaxed);
+                }
+                _ => return,
+            }
+        }
+    }
+}
+
 impl Drop for PipeLease<'_> {
     fn drop(&mut self) {
         if let Some(fds) = self.fds.take() {
@@ -1222,62 +1260,84 @@ fn new_pipe() -> nix::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
     Ok((r, w))
 }
 
-/// `len` bytes of `file` from `offset` into the socket by splice(2) through `pipe`: the
-/// file's pages go in, as many as the pipe holds, then out to the socket as it takes them.
-/// The header already promised the data: a short or failed read ends the connection.
-async fn splice_file(
+/// A READ this short goes in one step, without asking the socket what fits.
+const WHOLE: usize = 64 * 1024;
+/// The least a larger step puts in a pipe, whatever the estimate of the socket's room.
+const MIN_STEP: usize = 16 * 1024;
+
+/// `len` bytes of `file` from `offset` into the socket with no copy through user space, a
+/// step each time the socket has room: spliced through a pipe of `pipes` when one is
+/// free, else by sendfile. A splice step fills the pipe with about what the socket has
+/// room for ([`send_room`]); what the socket still refuses is dropped from the pipe and
+/// read again on the next step. So a pipe is never held across a wait: it goes back
+/// empty after each step. The header already promised the data: a short or failed read
+/// ends the connection.
+async fn send_range(
     sock: &TcpStream,
     file: &File,
     offset: u64,
     len: usize,
     t: Duration,
-    pipe: &mut PipeLease<'_>,
+    pipes: &Pipes,
 ) -> std::io::Result<()> {
-    use nix::fcntl::{splice, SpliceFFlags};
-    let Some((pr, pw)) = pipe.fds.as_ref() else {
-        return Err(std::io::Error::other("pipe lease without a pipe"));
-    };
-    let mut off = offset as i64;
+    // Read once a reply: it does not change.
+    let lowat = socket2::SockRef::from(sock)
+        .tcp_notsent_lowat()
+        .map_or(u32::MAX, |l| l.max(1));
+    let room = |s: &TcpStream| send_room(s, lowat);
+    send_range_with(sock, file, offset, len, t, pipes, room).await
+}
+
+/// [`send_range`] with the estimate of the socket's room given (tests overfill with it).
+async fn send_range_with(
+    sock: &TcpStream,
+    file: &File,
+    offset: u64,
+    len: usize,
+    t: Duration,
+    pipes: &Pipes,
+    room: impl Fn(&TcpStream) -> usize,
+) -> std::io::Result<()> {
+    let mut off = offset;
     let mut left = len;
-    while left > 0 || pipe.held > 0 {
-        // Wait for room first: the pipe fills only for a socket that takes bytes.
+    while left > 0 {
         progress(t, sock.writable()).await?;
-        if pipe.held == 0 {
-            // Page-cache pages go in by reference; an uncached page is read here, as
-            // sendfile would.
-            let n = splice(
-                file,
-                Some(&mut off),
-                pw,
-                None,
-                left,
-                SpliceFFlags::SPLICE_F_MOVE,
-            )
-            .map_err(std::io::Error::from)?;
-            if n == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "image shorter than its size",
-                ));
+        let (mut moved, mut by_pipe) = (0, false);
+        let r = sock.try_io(Interest::WRITABLE, || match pipes.take() {
+            Some(mut p) => {
+                by_pipe = true;
+                let want = match left <= WHOLE {
+                    true => left,
+                    false => room(sock).max(MIN_STEP),
+                };
+                let (sent, filled) = splice_step(sock, file, off, left, want, &mut p)?;
+                moved = sent;
+                // A socket that refused bytes is full: wait for it (WouldBlock clears
+                // the readiness tokio caches, as its own writes do after a short one).
+                match sent < filled {
+                    true => Err(std::io::ErrorKind::WouldBlock.into()),
+                    false => Ok(()),
+                }
             }
-            pipe.held = n;
-            left -= n;
-        }
-        let mut flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-        if left > 0 {
-            flags |= SpliceFFlags::SPLICE_F_MORE;
-        }
-        match sock.try_io(Interest::WRITABLE, || {
-            splice(pr, None, sock, None, pipe.held, flags).map_err(std::io::Error::from)
-        }) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                pipe.held -= n;
-                pipe.pipes
-                    .status
-                    .nbd_spliced_bytes
-                    .fetch_add(n as u64, Relaxed);
+            None => {
+                let mut o = off as i64;
+                moved = nix::sys::sendfile::sendfile64(sock, file, Some(&mut o), left)?;
+                match moved {
+                    0 => Err(short_image()),
+                    _ => Ok(()),
+                }
             }
+        });
+        // What the socket took counts on every path, the one that found it full too.
+        off += moved as u64;
+        left -= moved;
+        let count = match by_pipe {
+            true => &pipes.status.nbd_spliced_bytes,
+            false => &pipes.status.nbd_sendfile_bytes,
+        };
+        count.fetch_add(moved as u64, Relaxed);
+        match r {
+            Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
@@ -1285,39 +1345,148 @@ async fn splice_file(
     Ok(())
 }
 
-/// `len` bytes of `file` from `offset` into the socket, without a copy through user space.
-/// The header already promised the data: a short or failed read ends the connection.
-async fn send_file(
+fn short_image() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "image shorter than its size",
+    )
+}
+
+/// One step of [`send_range`] through `pipe`: up to `want` bytes of the `left` at `off`
+/// into the pipe, then into the socket. Returns the bytes the socket took and the bytes
+/// put in the pipe. The pipe is empty on return unless dropping what the socket refused
+/// failed; then the pipe is closed when its lease is dropped.
+fn splice_step(
     sock: &TcpStream,
     file: &File,
-    offset: u64,
-    len: usize,
-    t: Duration,
-    status: &Status,
-) -> std::io::Result<()> {
-    let mut off = offset as i64;
-    let mut left = len;
-    while left > 0 {
-        progress(t, sock.writable()).await?;
-        match sock.try_io(Interest::WRITABLE, || {
-            nix::sys::sendfile::sendfile64(sock, file, Some(&mut off), left)
-                .map_err(std::io::Error::from)
-        }) {
-            Ok(0) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "image shorter than its size",
-                ))
-            }
-            Ok(n) => {
-                left -= n;
-                status.nbd_sendfile_bytes.fetch_add(n as u64, Relaxed);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
+    off: u64,
+    left: usize,
+    want: usize,
+    pipe: &mut PipeLease<'_>,
+) -> std::io::Result<(usize, usize)> {
+    use nix::fcntl::{splice, SpliceFFlags};
+    let Some((pr, pw)) = pipe.fds.as_ref() else {
+        return Err(std::io::Error::other("pipe lease without a pipe"));
+    };
+    let mut o = off as i64;
+    let fill = left.min(want).min(PIPE_BYTES as usize);
+    // Page-cache pages go in by reference; an uncached page is read here, as sendfile
+    // would. A failure here is the image's: never WouldBlock, which would be taken for
+    // the socket's.
+    let n = splice(
+        file,
+        Some(&mut o),
+        pw,
+        None,
+        fill,
+        SpliceFFlags::SPLICE_F_MOVE,
+    )
+    .map_err(|e| std::io::Error::other(format!("reading the image: {e}")))?;
+    if n == 0 {
+        return Err(short_image());
     }
-    Ok(())
+    pipe.held = n;
+    let mut flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    if left > n {
+        flags |= SpliceFFlags::SPLICE_F_MORE;
+    }
+    let sent = match splice(pr, None, sock, None, n, flags) {
+        Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+        Ok(s) => s,
+        Err(nix::errno::Errno::EAGAIN) => 0,
+        Err(e) => return Err(e.into()),
+    };
+    pipe.held -= sent;
+    if pipe.held > 0 {
+        pipe.drop_held();
+    }
+    Ok((sent, n))
+}
+
+/// About what one write to the socket takes now, so that a step fills its pipe with no
+/// more: what may wait unsent (`lowat`, the socket's TCP_NOTSENT_LOWAT) less what does,
+/// plus a segment, plus what leaves during the write, within the send buffer's room.
+/// What leaves is bounded by the congestion and receive windows and by TCP small
+/// queues, which let a socket have only about 1 ms of its pacing rate (2 segments at
+/// least, tcp_limit_output_bytes at most) in the device's queue; that queue's bytes come
+/// from SO_MEMINFO. Estimates that left it out had a shaped link refuse 2-3 times what
+/// it took (docs/benchmarks.md). 0 when the kernel does not say.
+fn send_room(sock: &TcpStream, lowat: u32) -> usize {
+    let Some(i) = tcp_info(sock) else {
+        return 0;
+    };
+    let mss = i.tcpi_snd_mss as usize;
+    let notsent = i.tcpi_notsent_bytes as usize;
+    let unsent = (lowat as usize).saturating_sub(notsent).saturating_add(mss);
+    let Some(m) = meminfo(sock) else {
+        return unsent;
+    };
+    let room = (m[MEM_SNDBUF] as usize).saturating_sub(m[MEM_WMEM_QUEUED] as usize);
+    let in_queue = m[MEM_WMEM_ALLOC] as usize;
+    let pacing = usize::try_from(i.tcpi_pacing_rate >> 10).unwrap_or(usize::MAX);
+    let small_queue = pacing.max(2 * (mss + 1024)).min(4 << 20);
+    let unacked = i.tcpi_unacked as usize;
+    let cwnd_free = (i.tcpi_snd_cwnd as usize).saturating_sub(unacked) * mss;
+    // Segments in flight counted full: an estimate on the safe side. A kernel too old
+    // to report the peer's window (0) leaves only `unsent`.
+    let peer_free = (i.tcpi_snd_wnd as usize).saturating_sub(unacked * mss);
+    let leaves = cwnd_free
+        .min(peer_free)
+        .min(small_queue.saturating_sub(in_queue).saturating_add(mss));
+    room.min(unsent.saturating_add(leaves))
+}
+
+/// Indexes into SO_MEMINFO's counters (linux/sock_diag.h).
+const MEM_WMEM_ALLOC: usize = 2;
+const MEM_SNDBUF: usize = 3;
+const MEM_WMEM_QUEUED: usize = 5;
+
+/// SO_MEMINFO: the socket's memory counters (rmem_alloc, rcvbuf, wmem_alloc, sndbuf,
+/// fwd_alloc, wmem_queued, optmem, backlog, drops).
+fn meminfo(sock: &TcpStream) -> Option<[u32; 9]> {
+    use nix::libc;
+    // The asm-generic value (x86_64, aarch64 and most others); libc does not name it.
+    const SO_MEMINFO: libc::c_int = 55;
+    let mut m = [0u32; 9];
+    let mut len = std::mem::size_of_val(&m) as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes at the pointer, which points at `m`,
+    // that large, alive for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            m.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && len as usize >= 6 * 4).then_some(m)
+}
+
+/// The kernel's TCP state of the socket.
+fn tcp_info(sock: &TcpStream) -> Option<nix::libc::tcp_info> {
+    use nix::libc;
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes at the pointer, which points at a
+    // zeroed tcp_info of that size, alive for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    // The fields read here (up to tcpi_notsent_bytes) date from Linux 4.6.
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_notsent_bytes) + 4;
+    if r != 0 || (len as usize) < needed {
+        return None;
+    }
+    // SAFETY: tcp_info is integers only, so any bytes are a valid value: zeros where the
+    // kernel wrote nothing.
+    Some(unsafe { info.assume_init() })
 }
 
 /// Read buffers reused across requests and connections (a fresh allocation per READ would
@@ -1888,7 +2057,7 @@ mod tests {
         assert_eq!(run.await.unwrap().unwrap().as_deref(), Some("root"));
     }
 
-    /// splice_file sends exactly the asked range, whether it fits the pipe or not, and
+    /// send_range sends exactly the asked range, whether it fits the pipe or not, and
     /// leaves the pipe empty for the next reply.
     #[tokio::test]
     async fn spliced_ranges_arrive_whole_and_in_order() {
@@ -1916,11 +2085,9 @@ mod tests {
             got
         });
         for (off, len) in ranges {
-            let mut p = pipes.take().expect("a pipe");
-            splice_file(&srv, &f, off, len, Duration::from_secs(10), &mut p)
+            send_range(&srv, &f, off, len, Duration::from_secs(10), &pipes)
                 .await
                 .unwrap();
-            assert_eq!(p.held, 0);
         }
         let got = reader.await.unwrap();
         let mut at = 0;
@@ -1934,40 +2101,113 @@ mod tests {
         // The one pipe went back each time: it is still the only one made.
         assert_eq!(pipes.made(), 1);
         let spliced = pipes.status.nbd_spliced_bytes.load(Relaxed);
-        assert_eq!(spliced, total as u64, "every byte counted as spliced");
+        assert_eq!(spliced, total as u64, "every byte through the pipe");
         assert_eq!(pipes.status.nbd_sendfile_bytes.load(Relaxed), 0);
     }
 
-    /// A READ that finds no pipe goes by sendfile: whole, in order, and counted so.
-    #[tokio::test]
-    async fn a_range_sent_by_sendfile_arrives_whole_and_is_counted() {
+    /// A file of `len` patterned bytes, and a connected pair whose client has a small
+    /// receive buffer and whose server has a small send buffer: a socket that fills.
+    async fn small_pair(len: u32) -> (File, Vec<u8>, TcpStream, TcpStream) {
         use std::io::Write;
         let mut f = tempfile::tempfile().unwrap();
-        let data: Vec<u8> = (0..(3u32 << 20) + 7)
+        let data: Vec<u8> = (0..len)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
             .collect();
         f.write_all(&data).unwrap();
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let c = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        c.set_recv_buffer_size(16 << 10).unwrap();
+        c.connect(&l.local_addr().unwrap().into()).unwrap();
+        c.set_nonblocking(true).unwrap();
+        let client = TcpStream::from_std(c.into()).unwrap();
         let (srv, _) = l.accept().await.unwrap();
-        let status = Status::default();
-        let (off, len) = (5u64, data.len() - 5);
-        let reader = tokio::spawn(async move {
-            let mut c = client;
-            let mut got = vec![0u8; len];
-            c.read_exact(&mut got).await.unwrap();
-            got
-        });
-        send_file(&srv, &f, off, len, Duration::from_secs(10), &status)
-            .await
+        socket2::SockRef::from(&srv)
+            .set_send_buffer_size(64 << 10)
             .unwrap();
-        assert!(reader.await.unwrap() == data[5..]);
-        assert_eq!(status.nbd_sendfile_bytes.load(Relaxed), len as u64);
-        assert_eq!(status.nbd_spliced_bytes.load(Relaxed), 0);
+        (f, data, client, srv)
     }
 
-    /// A range past the image's end is an error, and the pipe that still holds its first
-    /// bytes is closed, not handed to the next reply.
+    /// Reads `n` bytes slowly, so that the server's socket fills again and again.
+    fn slow_reader(mut c: TcpStream, n: usize) -> tokio::task::JoinHandle<Vec<u8>> {
+        tokio::spawn(async move {
+            let mut got = vec![0u8; n];
+            for chunk in got.chunks_mut(64 << 10) {
+                c.read_exact(chunk).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            got
+        })
+    }
+
+    /// A step that fills the pipe with more than the socket takes drops the rest from
+    /// the pipe, which comes back empty; the next steps read those bytes again, so the
+    /// client gets every byte once and in order, step after short step.
+    #[tokio::test]
+    async fn bytes_a_full_socket_refused_are_sent_again_not_lost() {
+        let (f, data, client, srv) = small_pair(3 << 20).await;
+        let pipes = Pipes::new(1, Arc::new(Status::default()));
+        let refused = || pipes.status.nbd_splice_refused_bytes.load(Relaxed);
+        let mut p = pipes.take().expect("a pipe");
+        let (took, filled) =
+            splice_step(&srv, &f, 0, data.len(), PIPE_BYTES as usize, &mut p).unwrap();
+        assert_eq!(filled, PIPE_BYTES as usize);
+        assert!(took < filled, "took {took} of {filled}");
+        assert_eq!(p.held, 0, "the refused bytes left the pipe");
+        drop(p);
+        assert_eq!(pipes.made(), 1, "an empty pipe goes back to the pool");
+        assert_eq!(refused(), (filled - took) as u64);
+        // The rest, every step overfilled: each short step must count what it sent.
+        let before = refused();
+        let reader = slow_reader(client, data.len());
+        let rest = data.len() - took;
+        let t = Duration::from_secs(20);
+        send_range_with(&srv, &f, took as u64, rest, t, &pipes, |_| 1 << 20)
+            .await
+            .unwrap();
+        assert!(reader.await.unwrap() == data, "every byte once, in order");
+        assert!(refused() > before, "the steps were short ones");
+        assert_eq!(pipes.status.nbd_spliced_bytes.load(Relaxed), rest as u64);
+        assert_eq!(pipes.made(), 1);
+    }
+
+    /// With no pipe to be had, a reply goes by sendfile, whole and in order; with the
+    /// one pipe taken for a while, a reply goes partly each way.
+    #[tokio::test]
+    async fn without_a_free_pipe_a_reply_goes_by_sendfile() {
+        let (f, data, client, srv) = small_pair(2 << 20).await;
+        let none = Pipes::new(0, Arc::new(Status::default()));
+        let reader = slow_reader(client, data.len());
+        let t = Duration::from_secs(20);
+        send_range(&srv, &f, 0, data.len(), t, &none).await.unwrap();
+        assert!(reader.await.unwrap() == data);
+        let sent = none.status.nbd_sendfile_bytes.load(Relaxed);
+        assert_eq!(sent, data.len() as u64);
+        assert_eq!(none.status.nbd_spliced_bytes.load(Relaxed), 0);
+
+        let (f, data, client, srv) = small_pair(2 << 20).await;
+        let one = Pipes::new(1, Arc::new(Status::default()));
+        let reader = slow_reader(client, data.len());
+        let held = one.take().expect("the pipe");
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(held);
+        };
+        let (r, ()) = tokio::join!(send_range(&srv, &f, 0, data.len(), t, &one), release);
+        r.unwrap();
+        assert!(
+            reader.await.unwrap() == data,
+            "whole and in order across the switch"
+        );
+        let by_file = one.status.nbd_sendfile_bytes.load(Relaxed);
+        let by_pipe = one.status.nbd_spliced_bytes.load(Relaxed);
+        assert!(
+            by_file > 0 && by_pipe > 0,
+            "sendfile {by_file}, spliced {by_pipe}"
+        );
+        assert_eq!(by_file + by_pipe, data.len() as u64);
+    }
+
+    /// A range past the image's end is an error, and the pipe goes back empty.
     #[tokio::test]
     async fn a_short_image_ends_the_reply_with_an_error() {
         use std::io::Write;
@@ -1977,64 +2217,59 @@ mod tests {
         let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (srv, _) = l.accept().await.unwrap();
         let pipes = Pipes::new(2, Arc::new(Status::default()));
-        let mut p = pipes.take().expect("a pipe");
-        let e = splice_file(&srv, &f, 0, 8192, Duration::from_secs(10), &mut p)
+        let e = send_range(&srv, &f, 0, 8192, Duration::from_secs(10), &pipes)
             .await
             .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
-        drop(p);
         assert_eq!(
             pipes.made(),
             1,
             "the pipe was empty at the short read: kept"
         );
+        assert!(pipes.take().is_some());
+        assert_eq!(pipes.made(), 1, "and it is the one taken again");
     }
 
-    /// A client that takes nothing: the reply times out with bytes still in the pipe,
-    /// and that pipe is closed, so they can never reach another reply.
+    /// A client that takes nothing keeps no pipe: while its reply waits for room, and
+    /// after it times out or is cancelled, the pool's one pipe is free for others.
     #[tokio::test]
-    async fn a_pipe_left_holding_bytes_is_closed_not_reused() {
+    async fn a_client_that_stops_reading_keeps_no_pipe() {
         use std::io::Write;
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(&vec![9u8; 16 << 20]).unwrap();
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (srv, _) = l.accept().await.unwrap();
         let pipes = Pipes::new(1, Arc::new(Status::default()));
-        let mut p = pipes.take().expect("a pipe");
-        let e = splice_file(&srv, &f, 0, 16 << 20, Duration::from_millis(200), &mut p)
+        let e = send_range(&srv, &f, 0, 16 << 20, Duration::from_millis(200), &pipes)
             .await
             .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
-        assert!(
-            p.held > 0,
-            "the socket filled while the pipe still held bytes"
-        );
-        drop(p);
-        assert_eq!(pipes.made(), 0, "closed, not back in the pool");
-        // A cancelled reply (its future dropped mid-way) is the same, on a fresh socket.
+        assert_eq!(pipes.made(), 1);
+        // What was counted as sent is exactly what the client can still read.
+        drop(srv);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        let spliced = pipes.status.nbd_spliced_bytes.load(Relaxed);
+        assert_eq!(spliced, got.len() as u64);
+        // A second stalled reply, still waiting: another reply gets the pipe meanwhile
+        // (no second one is made), and cancelling the stalled one closes nothing.
         let _client2 = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (srv2, _) = l.accept().await.unwrap();
-        let mut p = pipes.take().expect("a new pipe");
-        let sent = tokio::time::timeout(
-            Duration::from_millis(100),
-            splice_file(&srv2, &f, 0, 16 << 20, Duration::from_secs(30), &mut p),
-        )
-        .await;
+        let mut stalled = Box::pin(send_range(
+            &srv2,
+            &f,
+            0,
+            16 << 20,
+            Duration::from_secs(30),
+            &pipes,
+        ));
+        let sent = tokio::time::timeout(Duration::from_millis(100), &mut stalled).await;
         assert!(sent.is_err(), "the reply cannot finish: nobody reads");
-        assert!(p.held > 0);
-        drop(p);
-        assert_eq!(pipes.made(), 0);
-        // The full socket: a reply waits for room before it fills a pipe, so its pipe
-        // goes back empty when it times out.
-        let mut p = pipes.take().expect("a third pipe");
-        let e = splice_file(&srv, &f, 0, 1 << 20, Duration::from_millis(100), &mut p)
-            .await
-            .unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
-        assert_eq!(p.held, 0);
-        drop(p);
+        drop(pipes.take().expect("the pipe is free"));
         assert_eq!(pipes.made(), 1);
+        drop(stalled);
+        assert_eq!(pipes.made(), 1, "one pipe, never closed");
     }
 
     /// At most `max` pipes exist; past that, take() says "use sendfile".

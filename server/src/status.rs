@@ -42,6 +42,8 @@ pub struct Status {
     pub nbd_spliced_bytes: AtomicU64,
     /// NBD reply bytes sent by sendfile when no pipe was available.
     pub nbd_sendfile_bytes: AtomicU64,
+    /// Bytes put in a pipe that the socket then had no room for: dropped, read again.
+    pub nbd_splice_refused_bytes: AtomicU64,
     pub tftp_sent: AtomicU64,
     pub tftp_failed: AtomicU64,
     pub tftp_bytes: AtomicU64,
@@ -233,15 +235,21 @@ impl Status {
         );
         counter(
             "ltsp_nbd_spliced_bytes_total",
-            "NBD reply bytes spliced from the page cache through the server's pipes",
+            "NBD READ data bytes spliced from the image through the server's pipes",
             "counter",
             self.nbd_spliced_bytes.load(Relaxed),
         );
         counter(
             "ltsp_nbd_sendfile_bytes_total",
-            "NBD reply bytes sent by sendfile because no pipe was available",
+            "NBD READ data bytes sent from the image by sendfile because no pipe was available",
             "counter",
             self.nbd_sendfile_bytes.load(Relaxed),
+        );
+        counter(
+            "ltsp_nbd_splice_refused_bytes_total",
+            "Bytes put in a pipe that the socket then had no room for (dropped and read again)",
+            "counter",
+            self.nbd_splice_refused_bytes.load(Relaxed),
         );
         counter(
             "ltsp_tftp_evicted_total",
@@ -436,11 +444,13 @@ mod tests {
         s.nbd_read(4096);
         s.nbd_spliced_bytes.fetch_add(3, Relaxed);
         s.nbd_sendfile_bytes.fetch_add(2, Relaxed);
+        s.nbd_splice_refused_bytes.fetch_add(1, Relaxed);
         let m = s.metrics(5.0);
         for want in [
             "ltsp_nbd_connections_open 1",
             "ltsp_nbd_spliced_bytes_total 3",
             "ltsp_nbd_sendfile_bytes_total 2",
+            "ltsp_nbd_splice_refused_bytes_total 1",
             "ltsp_nbd_read_bytes_total 4096",
             "ltsp_tftp_transfers_total 1",
             "ltsp_tftp_transfers_failed_total 1",
