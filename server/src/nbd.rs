@@ -1281,9 +1281,12 @@ async fn send_range(
     pipes: &Pipes,
 ) -> std::io::Result<()> {
     // Read once a reply: it does not change.
+    // 0: never set on this socket, so the (unbounded) sysctl applies.
     let lowat = socket2::SockRef::from(sock)
         .tcp_notsent_lowat()
-        .map_or(u32::MAX, |l| l.max(1));
+        .ok()
+        .filter(|&l| l > 0)
+        .unwrap_or(u32::MAX);
     let room = |s: &TcpStream| send_room(s, lowat);
     send_range_with(sock, file, offset, len, t, pipes, room).await
 }
@@ -1385,6 +1388,7 @@ fn splice_step(
     if n == 0 {
         return Err(short_image());
     }
+    debug_assert_eq!(pipe.held, 0, "a pipe is filled only empty");
     pipe.held = n;
     let mut flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     if left > n {
@@ -1424,12 +1428,16 @@ fn send_room(sock: &TcpStream, lowat: u32) -> usize {
     let room = (m[MEM_SNDBUF] as usize).saturating_sub(m[MEM_WMEM_QUEUED] as usize);
     let in_queue = m[MEM_WMEM_ALLOC] as usize;
     let pacing = usize::try_from(i.tcpi_pacing_rate >> 10).unwrap_or(usize::MAX);
+    // 4 MiB caps it: the kernel's tcp_limit_output_bytes (1 MiB by default) is not
+    // read, so this may say more, never less.
     let small_queue = pacing.max(2 * (mss + 1024)).min(4 << 20);
     let unacked = i.tcpi_unacked as usize;
-    let cwnd_free = (i.tcpi_snd_cwnd as usize).saturating_sub(unacked) * mss;
+    let cwnd_free = (i.tcpi_snd_cwnd as usize)
+        .saturating_sub(unacked)
+        .saturating_mul(mss);
     // Segments in flight counted full: an estimate on the safe side. A kernel too old
     // to report the peer's window (0) leaves only `unsent`.
-    let peer_free = (i.tcpi_snd_wnd as usize).saturating_sub(unacked * mss);
+    let peer_free = (i.tcpi_snd_wnd as usize).saturating_sub(unacked.saturating_mul(mss));
     let leaves = cwnd_free
         .min(peer_free)
         .min(small_queue.saturating_sub(in_queue).saturating_add(mss));
@@ -2207,6 +2215,30 @@ mod tests {
         assert_eq!(by_file + by_pipe, data.len() as u64);
     }
 
+    /// The kernel answers what the estimate reads, and on a socket set up as the server
+    /// sets up its connections the estimate is at least a segment and within the buffer.
+    #[tokio::test]
+    async fn the_room_estimate_reads_the_kernel() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (srv, _) = l.accept().await.unwrap();
+        crate::limits::bound_kernel_queues(&srv, "test", Duration::from_secs(30));
+        let i = tcp_info(&srv).expect("TCP_INFO");
+        let m = meminfo(&srv).expect("SO_MEMINFO");
+        let sndbuf = socket2::SockRef::from(&srv).send_buffer_size().unwrap();
+        assert_eq!(m[MEM_SNDBUF] as usize, sndbuf);
+        let lowat = crate::limits::UNSENT_BYTES;
+        let room = send_room(&srv, lowat);
+        let mss = i.tcpi_snd_mss as usize;
+        assert!(mss > 0);
+        assert!(
+            room >= mss && room <= sndbuf,
+            "room {room}, mss {mss}, sndbuf {sndbuf}"
+        );
+        // Idle and empty: at least the whole unsent allowance.
+        assert!(room >= lowat as usize, "room {room}");
+    }
+
     /// A range past the image's end is an error, and the pipe goes back empty.
     #[tokio::test]
     async fn a_short_image_ends_the_reply_with_an_error() {
@@ -2240,6 +2272,10 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (srv, _) = l.accept().await.unwrap();
+        // A fixed send buffer: 16 MiB can never fit, whatever the host's tcp_wmem.
+        socket2::SockRef::from(&srv)
+            .set_send_buffer_size(1 << 20)
+            .unwrap();
         let pipes = Pipes::new(1, Arc::new(Status::default()));
         let e = send_range(&srv, &f, 0, 16 << 20, Duration::from_millis(200), &pipes)
             .await
