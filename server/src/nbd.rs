@@ -1280,8 +1280,8 @@ async fn send_range(
     t: Duration,
     pipes: &Pipes,
 ) -> std::io::Result<()> {
-    // Read once a reply: it does not change.
-    // 0: never set on this socket, so the (unbounded) sysctl applies.
+    // Read once a reply (it does not change); 0 means never set on this socket, so the
+    // unbounded sysctl applies.
     let lowat = socket2::SockRef::from(sock)
         .tcp_notsent_lowat()
         .ok()
